@@ -64,6 +64,52 @@ def cmd_ingest(args) -> int:
     return 1 if failures else 0
 
 
+# ------------------------------------------------------------------ models
+def cmd_train(args) -> int:
+    from medsim import train
+
+    tcfg = train.TrainConfig(mode=args.mode, preset=args.preset, epochs=args.epochs,
+                             pairs_per_epoch=args.pairs_per_epoch, batch_size=args.batch_size,
+                             lr=args.lr, patience=args.patience, seed=args.seed,
+                             flags=args.datasets, device=args.device)
+    with _connect(args) as conn:
+        try:
+            train.train(conn, tcfg, out_dir=args.out_dir, set_current=not args.no_set_current,
+                        progress=not args.quiet)
+        except (LookupError, ValueError, RuntimeError) as err:
+            raise UserError(err) from err
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from medsim import evaluate
+
+    with _connect(args) as conn:
+        try:
+            r = evaluate.evaluate(conn, args.model, device=args.device)
+        except LookupError as err:
+            raise UserError(err) from err
+    print(evaluate.format_table(r))
+    print(f"stored as medsim.evaluations id {r['evaluation_id']}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from medsim import registry
+
+    with _connect(args) as conn:
+        if args.set_current is not None:
+            try:
+                registry.set_current(conn, args.set_current)
+            except LookupError as err:
+                raise UserError(err) from err
+            print(f"model {args.set_current} is now current")
+        for r in registry.list_models(conn):
+            print(f"{'*' if r[9] else ' '} {r[0]:4d} {r[1]:18s} dim {r[4]:3d} on {','.join(r[5])}  "
+                  f"best epoch {r[6]} val loss {r[7]}  {r[8]}s  {r[10]:%Y-%m-%d %H:%M}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medsim", description=__doc__)
     p.add_argument("--database-url", default=None,
@@ -89,6 +135,34 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-download", action="store_true", help="never try to download missing files")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("train", help="train the Siamese network and register it as the current model")
+    s.add_argument("--mode", choices=["label", "dataset"], default="label",
+                   help="positive pairs: same subset and label (label), or same subset (dataset)")
+    s.add_argument("--preset", default="default", choices=["default", "seed"],
+                   help="network: default (28 px CNN) or seed (the published notebook's, 128 px)")
+    s.add_argument("--epochs", type=int, default=15, help="maximum epochs (early stopping may end sooner)")
+    s.add_argument("--pairs-per-epoch", type=int, default=12000, help="pairs sampled per epoch")
+    s.add_argument("--batch-size", type=int, default=128, help="pairs per optimisation step")
+    s.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    s.add_argument("--patience", type=int, default=4, help="epochs without val improvement before stopping")
+    s.add_argument("--seed", type=int, default=0, help="random seed for pairs, init and augmentation")
+    s.add_argument("--datasets", nargs="+", default=None, metavar="FLAG",
+                   help="subsets to train on (default: every ingested one)")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
+    s.add_argument("--out-dir", default="medsim_out", help="where loss/accuracy curve PNGs go")
+    s.add_argument("--no-set-current", action="store_true", help="register without making it current")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("evaluate", help="pair verification and retrieval metrics, stored in Postgres")
+    s.add_argument("--model", default="current", help="model id or 'current'")
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run the model")
+    s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("models", help="list registered models; --set-current switches")
+    s.add_argument("--set-current", type=int, default=None, metavar="ID", help="make model ID current")
+    s.set_defaults(func=cmd_models)
 
     return p
 

@@ -27,3 +27,71 @@ SELECT d.flag, d.image_size, d.md5_official, i.split, count(*)
 FROM medsim.datasets d JOIN medsim.images i ON i.dataset_id = d.id
 GROUP BY 1, 2, 3, 4
 ORDER BY 1, 2, array_position(ARRAY['train', 'val', 'test'], i.split);
+
+-- ===================================================================== training data
+
+-- name: load_images
+SELECT i.id, i.dataset_id, i.labels, i.pixels, i.height, i.width, i.channels
+FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
+WHERE i.split = ANY(%(splits)s)
+  AND (%(flags)s::text[] IS NULL OR d.flag = ANY(%(flags)s::text[]))
+  AND d.image_size = %(size)s
+ORDER BY i.id;
+
+-- name: dataset_flags
+SELECT id, flag FROM medsim.datasets;
+
+-- ===================================================================== model registry
+
+-- name: insert_model
+INSERT INTO medsim.models (name, preset, mode, config, train_config, datasets, embedding_dim,
+                           checkpoint, checkpoint_sha256, best_epoch, best_val_loss, train_seconds)
+VALUES (%(name)s, %(preset)s, %(mode)s, %(config)s, %(train_config)s, %(datasets)s,
+        %(embedding_dim)s, %(checkpoint)s, %(sha256)s, %(best_epoch)s, %(best_val_loss)s,
+        %(train_seconds)s)
+RETURNING id;
+
+-- name: insert_epoch
+INSERT INTO medsim.training_epochs (model_id, epoch, train_loss, train_acc, val_loss, val_acc,
+                                    val_auc, seconds)
+VALUES (%(model_id)s, %(epoch)s, %(train_loss)s, %(train_acc)s, %(val_loss)s, %(val_acc)s,
+        %(val_auc)s, %(seconds)s);
+
+-- name: current_model
+SELECT id, name, preset, mode, embedding_dim, datasets, config, is_current
+FROM medsim.models WHERE is_current;
+
+-- name: model_by_id
+SELECT id, name, preset, mode, embedding_dim, datasets, config, is_current
+FROM medsim.models WHERE id = %(id)s;
+
+-- name: model_checkpoint
+SELECT checkpoint, checkpoint_sha256 FROM medsim.models WHERE id = %(id)s;
+
+-- name: unset_current
+UPDATE medsim.models SET is_current = false WHERE is_current;
+
+-- name: set_current
+UPDATE medsim.models SET is_current = true WHERE id = %(id)s;
+
+-- name: has_embedding_queue
+SELECT to_regclass('medsim.embedding_queue') IS NOT NULL;
+
+-- name: list_models
+SELECT m.id, m.name, m.preset, m.mode, m.embedding_dim, m.datasets, m.best_epoch,
+       round(m.best_val_loss::numeric, 4), round(m.train_seconds::numeric, 1), m.is_current, m.created_at
+FROM medsim.models m ORDER BY m.id;
+
+-- name: insert_evaluation
+INSERT INTO medsim.evaluations (model_id, seed, results) VALUES (%(model_id)s, %(seed)s, %(results)s)
+RETURNING id;
+
+-- ===================================================================== embedding queue
+
+-- name: enqueue_model
+-- Make every image without an embedding for this model pending for it. Idempotent.
+INSERT INTO medsim.embedding_queue (model_id, image_id)
+SELECT %(model_id)s, i.id FROM medsim.images i
+WHERE NOT EXISTS (SELECT 1 FROM medsim.embeddings e
+                  WHERE e.model_id = %(model_id)s AND e.image_id = i.id)
+ON CONFLICT DO NOTHING;

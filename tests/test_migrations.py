@@ -16,7 +16,7 @@ def test_round_trip_on_empty_database(empty_db_url):
     migrate.upgrade(empty_db_url)
     head = migrate.current(empty_db_url)
     assert head is not None
-    assert EXPECTED_TABLES <= tables(empty_db_url)
+    assert tables(empty_db_url) >= EXPECTED_TABLES
     with psycopg.connect(empty_db_url) as c:
         assert c.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()
     migrate.downgrade(empty_db_url, "base")
@@ -26,7 +26,7 @@ def test_round_trip_on_empty_database(empty_db_url):
         assert c.execute("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone() is None
     migrate.upgrade(empty_db_url)
     assert migrate.current(empty_db_url) == head
-    assert EXPECTED_TABLES <= tables(empty_db_url)
+    assert tables(empty_db_url) >= EXPECTED_TABLES
 
 
 def test_each_revision_downgrades_one_step(empty_db_url):

@@ -1,0 +1,86 @@
+"""Honest evaluation of a registered model; results go to medsim.evaluations.
+
+- Pair verification, in both pair modes: the distance threshold is chosen on
+  validation pairs and applied unchanged to test pairs; ROC AUC on test pairs.
+- Retrieval: test images query the train split (all subsets together), per subset:
+  modality precision@10, label mAP@5, ACC@1, kNN-11 accuracy, next to a raw-pixel
+  cosine baseline computed by the same code.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from medsim import data, metrics, registry
+from medsim import model as M
+from medsim.pairs import sample_pairs
+from medsim.queries import Q
+
+PAIR_SEED_VAL, PAIR_SEED_TEST = 11, 12
+
+
+def pair_verification(z_val, val: data.Split, z_test, test: data.Split, mode: str, n_pairs: int = 4000) -> dict:
+    va, vb, vs = sample_pairs(val.dataset_ids, val.label_keys, n_pairs, mode, PAIR_SEED_VAL)
+    ta, tb, ts = sample_pairs(test.dataset_ids, test.label_keys, n_pairs, mode, PAIR_SEED_TEST)
+    dv = np.linalg.norm(z_val[va] - z_val[vb], axis=1)
+    dt = np.linalg.norm(z_test[ta] - z_test[tb], axis=1)
+    t, val_acc = metrics.best_threshold(dv, vs)
+    return {"threshold": t, "val_acc": val_acc, "test_acc": metrics.pair_accuracy(dt, ts, t),
+            "test_auc": metrics.roc_auc(-dt, ts), "n_pairs": n_pairs}
+
+
+def retrieval(xq, q: data.Split, xb, b: data.Split, metric: str) -> dict:
+    _, I = metrics.knn_search(xq, xb, k=11, metric=metric)
+    out = {}
+    for d in np.unique(q.dataset_ids):
+        m = q.dataset_ids == d
+        out[q.flags[int(d)]] = metrics.retrieval_metrics(I[m], q.dataset_ids[m], q.label_keys[m],
+                                                         b.dataset_ids, b.label_keys)
+    return out
+
+
+def raw_pixels(split: data.Split) -> np.ndarray:
+    return split.images.reshape(len(split), -1).astype(np.float32) / 255.0
+
+
+def evaluate(conn, model_ref="current", device="cpu", store: bool = True) -> dict:
+    row = registry.get(conn, model_ref)
+    net = row.load(conn, device)
+    flags = row.datasets
+    train = data.load_split(conn, ["train"], flags)
+    val = data.load_split(conn, ["val"], flags)
+    test = data.load_split(conn, ["test"], flags)
+    z = {name: M.embed(net, s.images, device=device) for name, s in
+         (("train", train), ("val", val), ("test", test))}
+    results = {
+        "model_id": row.id, "preset": row.preset, "mode": row.mode, "datasets": flags,
+        "pairs": {mode: pair_verification(z["val"], val, z["test"], test, mode)
+                  for mode in ("dataset", "label") if len(np.unique(test.dataset_ids)) > 1 or mode == "label"},
+        "retrieval": retrieval(z["test"], test, z["train"], train, "l2"),
+        "baseline_raw_pixel_cosine": retrieval(raw_pixels(test), test, raw_pixels(train), train, "cosine"),
+    }
+    if store:
+        results["evaluation_id"] = conn.execute(
+            Q.insert_evaluation, {"model_id": row.id, "seed": PAIR_SEED_TEST, "results": json.dumps(results)}
+        ).fetchone()[0]
+        conn.commit()
+    return results
+
+
+def format_table(r: dict) -> str:
+    lines = [f"model {r['model_id']} ({r['preset']}, {r['mode']} mode) on {', '.join(r['datasets'])}", ""]
+    lines.append("pair verification (threshold chosen on val pairs, applied to test pairs)")
+    lines.append(f"  {'pairs':8s} {'threshold':>9s} {'val acc':>8s} {'test acc':>9s} {'test AUC':>9s}")
+    for mode, p in r["pairs"].items():
+        lines.append(f"  {mode:8s} {p['threshold']:9.4f} {p['val_acc']:8.2%} {p['test_acc']:9.2%} {p['test_auc']:9.4f}")
+    lines.append("")
+    lines.append("retrieval: test queries vs train gallery (model | raw-pixel cosine baseline)")
+    hdr = ["modality_p@10", "label_map@5", "acc@1", "knn11_acc"]
+    lines.append(f"  {'subset':16s}" + "".join(f"{h:>22s}" for h in hdr) + f"{'queries':>9s}")
+    for flag, m in r["retrieval"].items():
+        base = r["baseline_raw_pixel_cosine"][flag]
+        cells = "".join(f"{m[h]:>12.2%} |{base[h]:>7.2%}" for h in hdr)
+        lines.append(f"  {flag:16s}{cells}{m['n_queries']:>9d}")
+    return "\n".join(lines)

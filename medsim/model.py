@@ -1,0 +1,149 @@
+"""The Siamese embedding network, its contrastive loss, and checkpoints.
+
+A Siamese network is one embedding CNN applied to both images of a pair (shared
+weights); similarity is the Euclidean distance between the two embeddings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = "default"
+    arch: str = "convnet"  # "convnet" (ours) or "seed" (the published notebook's network)
+    image_size: int = 28  # network input size; other sizes are resized on the way in
+    embedding_dim: int = 64
+    widths: tuple[int, ...] = (16, 32, 64)
+    normalize: bool = True  # L2-normalise embeddings: distances live in [0, 2]
+    margin: float = 1.0  # contrastive margin, in embedding distance units
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        return cls(**{**d, "widths": tuple(d["widths"])})
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # The notebook's network: BatchNorm, two 5x5 conv + tanh + average-pool stages
+    # (16 -> 48 channels), a 1x1 projection to a 16-d tanh embedding, 128 px inputs.
+    "seed": ModelConfig(preset="seed", arch="seed", image_size=128, embedding_dim=16,
+                        widths=(16, 48), normalize=False, margin=1.0),
+    # Ours: native 28 px, three conv stages (two 3x3 conv-BN-ReLU each), global average
+    # pool, linear 64-d head, L2-normalised. Trains in minutes on two CPU cores.
+    "default": ModelConfig(),
+}
+
+
+def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class EmbeddingNet(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.arch == "seed":
+            c1, c2 = cfg.widths
+            self.body = nn.Sequential(
+                nn.BatchNorm2d(3),
+                nn.Conv2d(3, c1, 5), nn.Tanh(), nn.AvgPool2d(2),
+                nn.Conv2d(c1, c2, 5), nn.Tanh(), nn.AvgPool2d(2),
+                nn.Conv2d(c2, cfg.embedding_dim, 1),
+                nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Tanh(),
+            )
+        elif cfg.arch == "convnet":
+            w1, w2, w3 = cfg.widths
+            self.body = nn.Sequential(
+                *_conv_bn_relu(3, w1), *_conv_bn_relu(w1, w1), nn.MaxPool2d(2),
+                *_conv_bn_relu(w1, w2), *_conv_bn_relu(w2, w2), nn.MaxPool2d(2),
+                *_conv_bn_relu(w2, w3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                nn.Linear(w3, cfg.embedding_dim),
+            )
+        else:
+            raise ValueError(f"unknown arch {cfg.arch!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (batch, 3, H, W) float in [-1, 1] -> (batch, embedding_dim)
+        s = self.cfg.image_size
+        if x.shape[-2:] != (s, s):
+            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
+        z = self.body(x)
+        return F.normalize(z, dim=1) if self.cfg.normalize else z
+
+
+def to_input(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W) or (N, H, W, C in {1, 3}) -> float (N, 3, H, W) in [-1, 1].
+
+    Grey images are repeated to 3 channels so every subset shares one network.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    if x.ndim == 3:
+        x = x.unsqueeze(-1)
+    if x.shape[-1] == 1:
+        x = x.expand(*x.shape[:-1], 3)
+    if x.shape[-1] != 3:
+        raise ValueError(f"expected 1 or 3 channels, got {x.shape[-1]}")
+    return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
+def pair_distance(za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
+    # (batch, dim), (batch, dim) -> (batch,); the epsilon keeps the gradient finite at d=0
+    return torch.sqrt(((za - zb) ** 2).sum(1) + 1e-12)
+
+
+def contrastive_loss(d: torch.Tensor, same: torch.Tensor, margin: float) -> torch.Tensor:
+    """Hadsell, Chopra & LeCun (2006): pull similar pairs (same=1) together, push
+    dissimilar ones (same=0) at least `margin` apart; zero once they are."""
+    same = same.float()
+    return (same * d.pow(2) + (1 - same) * F.relu(margin - d).pow(2)).mean() / 2
+
+
+@torch.inference_mode()
+def embed(model: EmbeddingNet, images: np.ndarray, batch_size: int = 512, device="cpu") -> np.ndarray:
+    """uint8 images -> float32 (N, dim) embeddings, in batches, no gradients."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        out.append(model(to_input(images[i : i + batch_size]).to(device)).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, model.cfg.embedding_dim), np.float32)
+
+
+# ------------------------------------------------------------------ checkpoints
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    state_dict: dict
+    extra: dict = field(default_factory=dict)
+
+
+def save_checkpoint(model: EmbeddingNet, extra: dict | None = None) -> tuple[bytes, str]:
+    """-> (bytes, sha256). The config travels inside, so the bytes alone rebuild the model."""
+    buf = io.BytesIO()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"model_config": asdict(model.cfg), "state_dict": state, "extra": extra or {}}, buf)
+    data = buf.getvalue()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def load_checkpoint(data: bytes, expected_sha256: str | None = None, device="cpu") -> EmbeddingNet:
+    if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise ValueError("checkpoint sha256 does not match the registry; refusing to load it")
+    # weights_only: a checkpoint is data, never code
+    ck = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    model = EmbeddingNet(ModelConfig.from_dict(ck["model_config"]))
+    model.load_state_dict(ck["state_dict"])
+    return model.to(device).eval()
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)

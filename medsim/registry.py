@@ -1,0 +1,54 @@
+"""The model registry in Postgres: which models exist, which one is current."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medsim import model as M
+from medsim.queries import Q
+
+
+@dataclass
+class ModelRow:
+    id: int
+    name: str
+    preset: str
+    mode: str
+    embedding_dim: int
+    datasets: list
+    config: M.ModelConfig
+    is_current: bool
+
+    def load(self, conn, device="cpu") -> M.EmbeddingNet:
+        data, sha = conn.execute(Q.model_checkpoint, {"id": self.id}).fetchone()
+        return M.load_checkpoint(bytes(data), expected_sha256=sha, device=device)
+
+
+def get(conn, ref: int | str | None = "current") -> ModelRow:
+    """ref: a model id, 'current' or None (current)."""
+    if ref is None or ref == "current":
+        row = conn.execute(Q.current_model).fetchone()
+        if row is None:
+            raise LookupError("no current model: train one (medsim train) or pick one with --model ID")
+    else:
+        row = conn.execute(Q.model_by_id, {"id": int(ref)}).fetchone()
+        if row is None:
+            raise LookupError(f"no model with id {ref}")
+    mid, name, preset, mode, dim, datasets, config, current = row
+    return ModelRow(mid, name, preset, mode, dim, datasets, M.ModelConfig.from_dict(config), current)
+
+
+def set_current(conn, model_id: int) -> None:
+    """Make model_id the current model, atomically (one transaction; the partial unique
+    index guarantees at most one current row). Its images become pending for it."""
+    with conn.transaction():
+        if conn.execute(Q.model_by_id, {"id": model_id}).fetchone() is None:
+            raise LookupError(f"no model with id {model_id}")
+        conn.execute(Q.unset_current)
+        conn.execute(Q.set_current, {"id": model_id})
+        if conn.execute(Q.has_embedding_queue).fetchone()[0]:
+            conn.execute(Q.enqueue_model, {"model_id": model_id})
+
+
+def list_models(conn) -> list[tuple]:
+    return conn.execute(Q.list_models).fetchall()

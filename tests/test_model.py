@@ -1,0 +1,192 @@
+import numpy as np
+import pytest
+import torch
+
+from medsim import data, evaluate, metrics, registry, train
+from medsim import model as M
+from medsim.pairs import sample_pairs
+
+
+# ------------------------------------------------------------------ loss
+def test_contrastive_loss_cases():
+    m = 1.0
+    d = torch.tensor([0.0, 0.3, 1.0, 1.5, 0.2])
+    same = torch.tensor([1, 1, 0, 0, 0])
+    per = [M.contrastive_loss(d[i : i + 1], same[i : i + 1], m).item() for i in range(5)]
+    assert per[0] == 0.0  # identical similar pair
+    assert per[1] == pytest.approx(0.3**2 / 2)  # similar pair apart: positive
+    assert per[2] == 0.0 and per[3] == 0.0  # dissimilar pair beyond the margin
+    assert per[4] == pytest.approx((1 - 0.2) ** 2 / 2)  # dissimilar pair too close
+    d0 = torch.zeros(3, requires_grad=True)
+    M.contrastive_loss(torch.sqrt(d0 + 1e-12), torch.tensor([0, 0, 0]), m).backward()
+    assert torch.isfinite(d0.grad).all()
+
+
+# ------------------------------------------------------------------ pairs
+@pytest.mark.parametrize("mode", ["dataset", "label"])
+def test_pairs_balanced_deterministic_and_correct(mode):
+    rng = np.random.default_rng(0)
+    ds = np.repeat([1, 2, 3], [50, 200, 20])
+    keys = ds * 10 + rng.integers(0, 3, len(ds))
+    a, b, same = sample_pairs(ds, keys, 1001, mode, seed=5)
+    a2, b2, same2 = sample_pairs(ds, keys, 1001, mode, seed=5)
+    a3, _, _ = sample_pairs(ds, keys, 1001, mode, seed=6)
+    assert np.array_equal(a, a2) and np.array_equal(b, b2) and np.array_equal(same, same2)
+    assert not np.array_equal(a, a3)
+    assert same.sum() == 500 and len(same) == 1001
+    pos, neg = same == 1, same == 0
+    if mode == "dataset":
+        assert (ds[a[pos]] == ds[b[pos]]).all() and (ds[a[neg]] != ds[b[neg]]).all()
+    else:
+        assert (keys[a[pos]] == keys[b[pos]]).all() and (keys[a[neg]] != keys[b[neg]]).all()
+        hard = neg & (ds[a] == ds[b])
+        assert 0.4 < hard.sum() / neg.sum() < 0.6  # half the negatives are same-subset
+    assert (a != b).all()
+    # anchors are spread over subsets, not proportional to their size
+    share = np.bincount(ds[a])[1:] / len(a)
+    assert share.min() > 0.25
+
+
+def test_dataset_mode_needs_two_subsets():
+    with pytest.raises(ValueError, match="two subsets"):
+        sample_pairs(np.ones(10, int), np.arange(10) % 2, 10, "dataset", 0)
+
+
+# ------------------------------------------------------------------ metrics
+def test_roc_auc_hand_cases_with_ties():
+    assert metrics.roc_auc([3, 2, 1, 0], [1, 1, 0, 0]) == 1.0
+    assert metrics.roc_auc([0, 1, 2, 3], [1, 1, 0, 0]) == 0.0
+    assert metrics.roc_auc([1, 1, 1, 1], [1, 0, 1, 0]) == 0.5  # all tied
+    # pos {2, 1}, neg {1, 0}: pairs (2>1)=1, (2>0)=1, (1=1)=.5, (1>0)=1 -> 3.5/4
+    assert metrics.roc_auc([2, 1, 1, 0], [1, 1, 0, 0]) == pytest.approx(0.875)
+
+
+def test_best_threshold_and_accuracy():
+    dist = np.array([0.1, 0.2, 0.8, 0.9, 0.5])
+    same = np.array([1, 1, 0, 0, 1])
+    t, acc = metrics.best_threshold(dist, same)
+    assert acc == 1.0 and 0.5 <= t < 0.8
+    assert metrics.pair_accuracy(dist, same, 0.15) == pytest.approx(0.6)
+    # pairs at distance 0 are handled (the notebook's sigmoid rule was undefined there)
+    t0, acc0 = metrics.best_threshold(np.zeros(4), np.array([1, 1, 0, 0]))
+    assert acc0 == 0.5
+
+
+def test_knn_search_breaks_ties_by_gallery_position():
+    xb = np.array([[1, 0], [0, 1], [-1, 0], [0, -1], [2, 0]], np.float32)
+    D, I = metrics.knn_search(np.zeros((1, 2), np.float32), xb, k=5)
+    assert I[0].tolist() == [0, 1, 2, 3, 4]  # four at distance 1, in id order
+    assert np.allclose(D[0], [1, 1, 1, 1, 2])
+
+
+def test_average_precision_and_vote_hand_cases():
+    # relevant at ranks 1 and 3 of 5; 10 relevant exist -> (1/1 + 2/3) / 5
+    assert metrics.average_precision_at_k(np.array([1, 0, 1, 0, 0]), 5, 10) == pytest.approx((1 + 2 / 3) / 5)
+    # only 2 relevant exist in the gallery: both found at ranks 1 and 2 -> perfect
+    assert metrics.average_precision_at_k(np.array([1, 1, 0, 0, 0]), 5, 2) == 1.0
+    assert metrics.knn_vote(np.array([7, 8, 8, 7])) == 7  # 2-2 tie -> nearest first
+    assert metrics.knn_vote(np.array([7, 8, 8])) == 8
+
+
+def test_retrieval_metrics_hand_case():
+    b_ds = np.array([1, 1, 1, 2, 2])
+    b_key = np.array([10, 10, 11, 20, 20])
+    I = np.array([[0, 3, 2, 1, 4], [3, 4, 0, 1, 2]])
+    r = metrics.retrieval_metrics(I, np.array([1, 2]), np.array([10, 20]), b_ds, b_key,
+                                  k_modality=2, k_map=2, k_vote=3)
+    assert r["modality_p@2"] == pytest.approx((0.5 + 1.0) / 2)
+    # q0: rel [1,0] R=2 -> 1/2 ; q1: rel [1,1] R=2 -> 1
+    assert r["label_map@2"] == pytest.approx(0.75)
+    assert r["acc@1"] == 1.0
+    assert r["knn3_acc"] == 1.0  # q0 votes 10,20,11: three-way tie -> 10, the nearest
+
+
+# ------------------------------------------------------------------ checkpoints and training
+def test_checkpoint_round_trip_identical_embeddings():
+    torch.manual_seed(0)
+    for name in ("default", "seed"):
+        net = M.EmbeddingNet(M.preset(name)).eval()
+        x = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 3), dtype=np.uint8)
+        blob, sha = M.save_checkpoint(net)
+        again = M.load_checkpoint(blob, expected_sha256=sha)
+        assert again.cfg == net.cfg
+        assert np.array_equal(M.embed(net, x), M.embed(again, x))
+        with pytest.raises(ValueError, match="sha256"):
+            M.load_checkpoint(blob, expected_sha256="0" * 64)
+
+
+def test_to_input_grey_and_colour():
+    grey = np.full((2, 28, 28), 255, np.uint8)
+    x = M.to_input(grey)
+    assert x.shape == (2, 3, 28, 28) and float(x.max()) == 1.0
+    assert float(M.to_input(np.zeros((1, 28, 28, 3), np.uint8)).min()) == -1.0
+
+
+@pytest.fixture
+def ingested(conn, synth_dir):
+    from medsim import ingest
+
+    for flag in ("breastmnist", "retinamnist"):
+        ingest.ingest(conn, flag, data_dir=synth_dir, accept_unofficial=True, show_progress=False)
+    return conn
+
+
+def test_few_training_steps_lower_the_loss(ingested):
+    tr = data.load_split(ingested, ["train"])
+    torch.manual_seed(0)
+    net = M.EmbeddingNet(M.preset("default"))
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    x = M.to_input(tr.images)
+    a, b, same = sample_pairs(tr.dataset_ids, tr.label_keys, 256, "label", seed=0)
+    y = torch.as_tensor(same)
+
+    def loss():
+        za, zb = net(torch.cat([x[a], x[b]])).chunk(2)
+        return M.contrastive_loss(M.pair_distance(za, zb), y, 1.0)
+
+    net.train()
+    first = loss().item()
+    for _ in range(15):
+        opt.zero_grad()
+        step = loss()
+        step.backward()
+        opt.step()
+    net.eval()
+    with torch.no_grad():
+        assert loss().item() < first * 0.8
+
+
+def test_train_registers_model_history_and_curves(ingested, tmp_path):
+    tcfg = train.TrainConfig(mode="label", epochs=2, pairs_per_epoch=512, val_pairs=200, batch_size=64)
+    mid = train.train(ingested, tcfg, out_dir=tmp_path, progress=False, log=lambda *a: None)
+    row = registry.get(ingested, "current")
+    assert row.id == mid and row.mode == "label" and row.embedding_dim == 64
+    assert sorted(row.datasets) == ["breastmnist", "retinamnist"]
+    epochs = ingested.execute("SELECT epoch, train_loss, val_auc FROM medsim.training_epochs "
+                              "WHERE model_id = %s ORDER BY epoch", (mid,)).fetchall()
+    assert [e[0] for e in epochs] == [1, 2] and all(0 <= e[2] <= 1 for e in epochs)
+    assert (tmp_path / f"model-{mid}" / "loss.png").stat().st_size > 1000
+    assert (tmp_path / f"model-{mid}" / "accuracy.png").exists()
+    net = row.load(ingested)  # rebuilt from the database alone
+    assert net.cfg.embedding_dim == 64
+
+    r = evaluate.evaluate(ingested, mid)
+    assert set(r["retrieval"]) == {"breastmnist", "retinamnist"}
+    for flag, m in r["retrieval"].items():
+        assert 0 <= m["label_map@5"] <= 1 and m["n_queries"] > 0
+        assert flag in r["baseline_raw_pixel_cosine"]
+    assert 0.5 <= r["pairs"]["dataset"]["test_auc"] <= 1
+    stored = ingested.execute("SELECT results FROM medsim.evaluations WHERE id = %s",
+                              (r["evaluation_id"],)).fetchone()[0]
+    assert stored["model_id"] == mid
+    assert "pair verification" in evaluate.format_table(r)
+
+    mid2 = train.train(ingested, train.TrainConfig(mode="dataset", epochs=1, pairs_per_epoch=256,
+                                                   val_pairs=100), out_dir=tmp_path, progress=False,
+                       set_current=False, log=lambda *a: None)
+    assert registry.get(ingested).id == mid  # not switched
+    registry.set_current(ingested, mid2)
+    assert registry.get(ingested).id == mid2
+    assert ingested.execute("SELECT count(*) FROM medsim.models WHERE is_current").fetchone()[0] == 1
+    with pytest.raises(LookupError):
+        registry.set_current(ingested, 9999)
