@@ -110,6 +110,36 @@ def cmd_models(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ embeddings
+def cmd_status(args) -> int:
+    from medsim.queries import Q
+
+    with _connect(args) as conn:
+        rows = conn.execute(Q.embedding_status, {"model_id": args.model}).fetchall()
+        print(f"{'model':>5s} {'name':18s} {'dataset':16s} {'total':>7s} {'embedded':>9s} "
+              f"{'pending':>8s} {'failed':>7s}  oldest pending")
+        for mid, name, current, flag, total, emb, pend, failed, oldest in rows:
+            since = f"{oldest:%Y-%m-%d %H:%M:%S}" if oldest else "-"
+            print(f"{mid:>4d}{'*' if current else ' '} {name:18s} {flag:16s} {total:7d} {emb:9d} "
+                  f"{pend:8d} {failed:7d}  {since}")
+        if not rows:
+            print("(no models or no images yet)")
+        for mid, image_id, attempts, error, failed_at in conn.execute(Q.failures, {"model_id": args.model}):
+            state = "FAILED" if failed_at else "retrying"
+            print(f"  model {mid} image {image_id}: {state} after {attempts} attempt(s): {error}")
+    return 0
+
+
+def cmd_pgindex(args) -> int:
+    from medsim import hnsw, registry
+
+    with _connect(args) as conn:
+        row = registry.get(conn, args.model)
+        built = hnsw.ensure(conn, row.id, row.embedding_dim, m=args.m, ef_construction=args.ef_construction)
+        print(f"{hnsw.index_name(row.id)}: {'built' if built else 'already exists'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medsim", description=__doc__)
     p.add_argument("--database-url", default=None,
@@ -163,6 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("models", help="list registered models; --set-current switches")
     s.add_argument("--set-current", type=int, default=None, metavar="ID", help="make model ID current")
     s.set_defaults(func=cmd_models)
+
+    s = sub.add_parser("status", help="embedding progress per model and dataset")
+    s.add_argument("--model", type=int, default=None, help="only this model id")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("pgindex", help="build a model's pgvector HNSW index (workers do it after draining)")
+    s.add_argument("--model", default="current", help="model id or 'current'")
+    s.add_argument("--m", type=int, default=16, help="HNSW m (links per node)")
+    s.add_argument("--ef-construction", type=int, default=64, help="HNSW ef_construction")
+    s.set_defaults(func=cmd_pgindex)
 
     return p
 

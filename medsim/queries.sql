@@ -95,3 +95,49 @@ SELECT %(model_id)s, i.id FROM medsim.images i
 WHERE NOT EXISTS (SELECT 1 FROM medsim.embeddings e
                   WHERE e.model_id = %(model_id)s AND e.image_id = i.id)
 ON CONFLICT DO NOTHING;
+
+-- name: claim_batch
+-- Claim, compute and write happen in ONE transaction (see Worker.process_batch):
+-- FOR UPDATE OF q SKIP LOCKED locks only this model's queue rows, so concurrent
+-- workers take disjoint batches and workers of other models are never blocked. If the
+-- worker dies (SIGKILL, lost connection) its transaction rolls back, the locks vanish
+-- and the rows are simply claimable again: no lease or expiry to manage. The price is
+-- a transaction open for one batch's inference (tens of milliseconds).
+SELECT q.image_id, i.pixels, i.height, i.width, i.channels, q.attempts
+FROM medsim.embedding_queue q
+JOIN medsim.images i ON i.id = q.image_id
+WHERE q.model_id = %(model_id)s AND q.failed_at IS NULL AND q.retry_after <= now()
+ORDER BY q.image_id
+LIMIT %(batch_size)s
+FOR UPDATE OF q SKIP LOCKED;
+
+-- name: copy_embeddings
+COPY medsim.embeddings (model_id, image_id, embedding) FROM STDIN WITH (FORMAT BINARY);
+
+-- name: dequeue
+DELETE FROM medsim.embedding_queue WHERE model_id = %(model_id)s AND image_id = ANY(%(ids)s);
+
+-- name: record_failure
+-- Exponential backoff; after max_attempts the row is failed for good (failed_at set)
+-- and no longer claimed. `medsim status` and medsim.embedding_status show it.
+UPDATE medsim.embedding_queue
+SET attempts = attempts + 1,
+    last_error = %(error)s,
+    retry_after = now() + make_interval(secs => %(delay_s)s * power(2, attempts)),
+    failed_at = CASE WHEN attempts + 1 >= %(max_attempts)s THEN now() END
+WHERE model_id = %(model_id)s AND image_id = %(image_id)s;
+
+-- name: pending_count
+SELECT count(*) FROM medsim.embedding_queue
+WHERE model_id = %(model_id)s AND failed_at IS NULL;
+
+-- name: embedding_status
+SELECT model_id, model_name, is_current, dataset, total, embedded, pending, failed, oldest_pending
+FROM medsim.embedding_status
+WHERE (%(model_id)s::int IS NULL OR model_id = %(model_id)s::int)
+ORDER BY model_id, dataset;
+
+-- name: failures
+SELECT model_id, image_id, attempts, last_error, failed_at FROM medsim.embedding_queue
+WHERE last_error IS NOT NULL AND (%(model_id)s::int IS NULL OR model_id = %(model_id)s::int)
+ORDER BY model_id, image_id;

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 
 from medsim import model as M
 from medsim.queries import Q
@@ -36,6 +37,20 @@ def get(conn, ref: int | str | None = "current") -> ModelRow:
             raise LookupError(f"no model with id {ref}")
     mid, name, preset, mode, dim, datasets, config, current = row
     return ModelRow(mid, name, preset, mode, dim, datasets, M.ModelConfig.from_dict(config), current)
+
+
+def register(conn, net: M.EmbeddingNet, *, mode: str, datasets: list, train_config: dict,
+             name: str | None = None, best_epoch=None, best_val_loss=None, train_seconds=None) -> int:
+    """Store a model (config + checkpoint bytes + sha256) and return its id."""
+    cfg = net.cfg
+    blob, sha = M.save_checkpoint(net, extra={"train_config": train_config, "flags": datasets})
+    return conn.execute(Q.insert_model, {
+        "name": name or f"{cfg.preset}-{mode}", "preset": cfg.preset, "mode": mode,
+        "config": json.dumps(asdict(cfg)), "train_config": json.dumps(train_config),
+        "datasets": list(datasets), "embedding_dim": cfg.embedding_dim, "checkpoint": blob,
+        "sha256": sha, "best_epoch": best_epoch, "best_val_loss": best_val_loss,
+        "train_seconds": train_seconds,
+    }).fetchone()[0]
 
 
 def set_current(conn, model_id: int) -> None:

@@ -8,7 +8,6 @@ epoch's history go in one transaction.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -122,14 +121,10 @@ def train(conn, tcfg: TrainConfig, out_dir: Path | str = "medsim_out", set_curre
                 break
     train_seconds = time.perf_counter() - t_start
     net.load_state_dict(best_state)
-    blob, sha = M.save_checkpoint(net.cpu(), extra={"train_config": asdict(tcfg), "flags": flags})
     with conn.transaction():
-        model_id = conn.execute(Q.insert_model, {
-            "name": f"{cfg.preset}-{tcfg.mode}", "preset": cfg.preset, "mode": tcfg.mode,
-            "config": json.dumps(asdict(cfg)), "train_config": json.dumps(asdict(tcfg)),
-            "datasets": flags, "embedding_dim": cfg.embedding_dim, "checkpoint": blob, "sha256": sha,
-            "best_epoch": best["epoch"], "best_val_loss": best["val_loss"], "train_seconds": train_seconds,
-        }).fetchone()[0]
+        model_id = registry.register(conn, net.cpu(), mode=tcfg.mode, datasets=flags,
+                                     train_config=asdict(tcfg), best_epoch=best["epoch"],
+                                     best_val_loss=best["val_loss"], train_seconds=train_seconds)
         for row in history:
             conn.execute(Q.insert_epoch, {"model_id": model_id, **row})
     if set_current:

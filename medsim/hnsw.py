@@ -1,0 +1,45 @@
+"""Per-model pgvector HNSW indexes on the shared embeddings table.
+
+Each model's rows get a partial expression index, so `ORDER BY embedding::vector(N)
+<-> q WHERE model_id = M` can use it while other models' rows (other dimensions) sit
+in the same table.
+"""
+
+from __future__ import annotations
+
+from psycopg import sql
+
+
+def index_name(model_id: int) -> str:
+    return f"embeddings_hnsw_model_{int(model_id)}"
+
+
+def distance_expr(dim: int) -> sql.Composable:
+    """`embedding::vector(dim)`: the expression both the index and queries must use."""
+    return sql.SQL("embedding::vector({})").format(sql.Literal(int(dim)))
+
+
+def exists(conn, model_id: int) -> bool:
+    return conn.execute("SELECT to_regclass(%s) IS NOT NULL",
+                        (f"medsim.{index_name(model_id)}",)).fetchone()[0]
+
+
+def ensure(conn, model_id: int, dim: int, m: int = 16, ef_construction: int = 64) -> bool:
+    """Create the model's HNSW index if missing -> True if it was built now.
+
+    Build after the bulk load (pgvector's advice: much faster than maintaining it row
+    by row). An advisory lock makes concurrent callers (several workers draining at
+    once) build it once; the others wait and then find it there.
+    """
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('medsim.hnsw'), %s)", (int(model_id),))
+        if exists(conn, model_id):
+            return False
+        conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
+        conn.execute(sql.SQL(
+            "CREATE INDEX {name} ON medsim.embeddings USING hnsw (({expr}) vector_l2_ops) "
+            "WITH (m = {m}, ef_construction = {efc}) WHERE model_id = {model_id}"
+        ).format(name=sql.Identifier(index_name(model_id)), expr=distance_expr(dim),
+                 m=sql.Literal(int(m)), efc=sql.Literal(int(ef_construction)),
+                 model_id=sql.Literal(int(model_id))))
+    return True

