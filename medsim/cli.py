@@ -140,6 +140,74 @@ def cmd_pgindex(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ FAISS and recall
+def _params(pairs) -> dict:
+    out = {}
+    for item in pairs or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UserError(f"--param expects KEY=VALUE, got {item!r}")
+        out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+    return out
+
+
+def _ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(sorted({int(k) for k in text.split(",")}))
+    except ValueError as err:
+        raise UserError(f"-k expects comma-separated integers, got {text!r}") from err
+    if not ks or ks[0] < 1:
+        raise UserError("-k values must be positive")
+    return ks
+
+
+def cmd_index(args) -> int:
+    from medsim import index
+
+    with _connect(args) as conn:
+        try:
+            b = index.build(conn, args.model, args.kind, _params(args.param), out=args.out,
+                            splits=tuple(args.splits.split(",")), out_dir=args.out_dir)
+        except (LookupError, ValueError, index.StaleIndex) as err:
+            raise UserError(err) from err
+    m = b.meta
+    print(f"built {m['kind']} index of {m['n_rows']} vectors (model {m['model_id']}, {m['dim']}-d, "
+          f"from {m['source_view']}) in {m['build_seconds']:.2f}s: {b.path} (+ .json, build id {m['build_id']})")
+    return 0
+
+
+def cmd_recall(args) -> int:
+    import json
+
+    from medsim import index, recall
+
+    ks = _ks(args.k)
+    with _connect(args) as conn:
+        try:
+            if args.all_kinds:
+                builds = [index.build(conn, args.model, kind, out_dir=args.out_dir) for kind in index.KINDS]
+            else:
+                path = args.index
+                if args.build_id is not None:
+                    row = conn.execute(index.Q.index_build_path, {"id": args.build_id}).fetchone()
+                    if row is None:
+                        raise UserError(f"no index build with id {args.build_id}")
+                    path = row[0]
+                if path is None:
+                    raise UserError("give --index PATH, --build-id N or --all-kinds")
+                builds = [index.load(conn, path, rebuild_if_stale=args.rebuild)]
+            r = recall.report(conn, builds, ks=ks, query_splits=tuple(args.queries.split(",")))
+        except (LookupError, ValueError, FileNotFoundError, index.StaleIndex) as err:
+            raise UserError(err) from err
+    print(recall.format_table(r))
+    out = args.json or f"{args.out_dir}/recall-model{r['model_id']}-report{r['report_id']}.json"
+    __import__("pathlib").Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(r, f, indent=2)
+    print(f"stored as medsim.recall_reports id {r['report_id']}; JSON: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medsim", description=__doc__)
     p.add_argument("--database-url", default=None,
@@ -203,6 +271,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--m", type=int, default=16, help="HNSW m (links per node)")
     s.add_argument("--ef-construction", type=int, default=64, help="HNSW ef_construction")
     s.set_defaults(func=cmd_pgindex)
+
+    s = sub.add_parser("index", help="FAISS indexes built from the SQL views")
+    isub = s.add_subparsers(dest="index_command", required=True)
+    b = isub.add_parser("build", help="build an index (+ .json metadata + medsim.index_builds row)")
+    b.add_argument("--model", default="current", help="model id or 'current'")
+    b.add_argument("--kind", default="flat", choices=["flat", "hnsw", "ivfflat", "ivfpq", "seed"],
+                   help="index type; seed = the notebook's IVFPQ (nlist 2, M 4, 8 bits, nprobe 10)")
+    b.add_argument("--param", action="append", metavar="KEY=VALUE",
+                   help="override a parameter, e.g. nlist=64, nprobe=16, M=32, efSearch=128 (repeatable)")
+    b.add_argument("--splits", default="train,val", help="gallery splits (default train,val = medsim.gallery)")
+    b.add_argument("--out", default=None, help="index file (default medsim_out/indexes/model<ID>-<kind>.faiss)")
+    b.add_argument("--out-dir", default="medsim_out", help="output directory for default paths")
+    b.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("recall", help="recall@k of FAISS (and pgvector HNSW) vs pgvector exact search")
+    s.add_argument("--index", default=None, help="an index file written by `medsim index build`")
+    s.add_argument("--build-id", type=int, default=None, help="an id from medsim.index_builds")
+    s.add_argument("--all-kinds", action="store_true", help="build flat, hnsw, ivfflat, ivfpq and seed; compare")
+    s.add_argument("--model", default="current", help="model for --all-kinds (id or 'current')")
+    s.add_argument("-k", default="1,10,100", help="comma-separated k values (default 1,10,100)")
+    s.add_argument("--queries", default="test", help="query splits (default test)")
+    s.add_argument("--rebuild", action="store_true", help="rebuild a stale index instead of refusing it")
+    s.add_argument("--json", default=None, help="where to write the JSON report")
+    s.add_argument("--out-dir", default="medsim_out", help="output directory for indexes and reports")
+    s.set_defaults(func=cmd_recall)
 
     return p
 

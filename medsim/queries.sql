@@ -141,3 +141,32 @@ ORDER BY model_id, dataset;
 SELECT model_id, image_id, attempts, last_error, failed_at FROM medsim.embedding_queue
 WHERE last_error IS NOT NULL AND (%(model_id)s::int IS NULL OR model_id = %(model_id)s::int)
 ORDER BY model_id, image_id;
+
+-- ===================================================================== FAISS builds and recall
+
+-- name: embedding_fingerprint
+-- Row count and a digest over (image id, embedding) in id order: any added, removed,
+-- replaced or re-embedded row changes it.
+SELECT count(*), coalesce(md5(string_agg(image_id::text || ':' || md5(embedding::text), ','
+                                         ORDER BY image_id)), 'empty')
+FROM medsim.embedded_images
+WHERE model_id = %(model_id)s AND split = ANY(%(splits)s);
+
+-- name: insert_index_build
+INSERT INTO medsim.index_builds (model_id, kind, params, source_view, splits, dim, metric, n_rows,
+                                 fingerprint, path, build_seconds)
+VALUES (%(model_id)s, %(kind)s, %(params)s, %(source_view)s, %(splits)s, %(dim)s, %(metric)s,
+        %(n_rows)s, %(fingerprint)s, %(path)s, %(build_seconds)s)
+RETURNING id;
+
+-- name: index_build_path
+SELECT path FROM medsim.index_builds WHERE id = %(id)s;
+
+-- name: insert_recall_report
+INSERT INTO medsim.recall_reports (model_id, build_ids, report) VALUES (%(model_id)s, %(build_ids)s, %(report)s)
+RETURNING id;
+
+-- name: query_vectors
+SELECT image_id, embedding FROM medsim.embedded_images
+WHERE model_id = %(model_id)s AND split = ANY(%(splits)s)
+ORDER BY image_id;

@@ -41,3 +41,9 @@ def run_worker(url, *args, timeout=120) -> subprocess.CompletedProcess:
 def start_worker(url, *args) -> subprocess.Popen:
     return subprocess.Popen(worker_cmd(url, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def embed_all(url: str) -> None:
+    from medsim.embed_worker import Worker, WorkerConfig
+
+    Worker(WorkerConfig(once=True, database_url=url, progress=False)).run()

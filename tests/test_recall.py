@@ -1,0 +1,112 @@
+import numpy as np
+import pytest
+
+from medsim import index, recall
+from tests.helpers import embed_all, ingest_synth, register_model
+
+
+@pytest.fixture
+def embedded(conn, synth_dir, db_url):
+    ingest_synth(conn, synth_dir)
+    mid = register_model(conn)
+    embed_all(db_url)
+    return conn, mid
+
+
+def gallery(conn, mid):
+    rows = conn.execute("SELECT image_id, embedding FROM medsim.gallery WHERE model_id = %s ORDER BY image_id",
+                        (mid,)).fetchall()
+    return np.array([r[0] for r in rows]), np.stack([r[1].to_numpy() for r in rows])
+
+
+def test_tie_aware_recall_on_constructed_vectors():
+    # four gallery points at distance 1 from the query, one at distance 2
+    ids = np.array([10, 11, 12, 13, 14])
+    xb = np.array([[1, 0], [0, 1], [-1, 0], [0, -1], [2, 0]], np.float32)
+    xq = np.zeros((1, 2), np.float32)
+    D_gt = np.array([[1.0, 1.0]])  # exact top-2 distances
+    # any two of the four tied points are a perfect answer
+    assert recall.tie_aware_recall(xq, np.array([[13, 12]]), D_gt, ids, xb, 2) == 1.0
+    # the far point does not count; a repeated id counts once; -1 (no result) is a miss
+    assert recall.tie_aware_recall(xq, np.array([[10, 14]]), D_gt, ids, xb, 2) == 0.5
+    assert recall.tie_aware_recall(xq, np.array([[10, 10]]), D_gt, ids, xb, 2) == 0.5
+    assert recall.tie_aware_recall(xq, np.array([[-1, 11]]), D_gt, ids, xb, 2) == 0.5
+
+
+def test_flat_recall_is_exactly_one_and_pgvector_agrees(embedded, tmp_path):
+    conn, mid = embedded
+    b = index.build(conn, mid, "flat", out_dir=tmp_path)
+    assert b.meta["n_rows"] == 546 + 78 + 1080 + 120 and b.meta["source_view"] == "medsim.gallery"
+    assert (tmp_path / "indexes" / f"model{mid}-flat.faiss.json").exists()
+    r = recall.report(conn, [b], ks=(1, 10, 100), ef_searches=(40,))
+    by = {(row["engine"], row["kind"]): row for row in r["rows"]}
+    assert by[("faiss", "flat")]["recall"] == {"1": 1.0, "10": 1.0, "100": 1.0}
+    assert by[("pgvector", "exact")]["recall"]["100"] == 1.0
+    assert 0.9 <= by[("pgvector", "hnsw")]["recall"]["10"] <= 1.0
+    assert r["n_queries"] == 156 + 400
+    stored = conn.execute("SELECT build_ids FROM medsim.recall_reports WHERE id = %s",
+                          (r["report_id"],)).fetchone()[0]
+    assert stored == [b.meta["build_id"]]
+    assert "faiss" in recall.format_table(r)
+
+
+def test_bad_index_recall_is_below_one_and_correct(embedded, tmp_path):
+    conn, mid = embedded
+    b = index.build(conn, mid, "ivfpq", {"nlist": 1, "M": 1, "nbits": 2, "nprobe": 1}, out_dir=tmp_path)
+    r = recall.report(conn, [b], ks=(10,), ef_searches=())
+    got = next(row for row in r["rows"] if row["engine"] == "faiss")["recall"]["10"]
+    assert got < 0.5
+    # the same number, computed independently: plain set intersection with brute force
+    ids, xb = gallery(conn, mid)
+    q = conn.execute("SELECT embedding FROM medsim.query_images WHERE model_id = %s ORDER BY image_id",
+                     (mid,)).fetchall()
+    xq = np.stack([v[0].to_numpy() for v in q])
+    d = ((xq[:, None, :] - xb[None]) ** 2).sum(-1)
+    true = ids[np.argsort(d, axis=1)[:, :10]]
+    _, I = index.search(b.index, xq, 10)
+    expected = np.mean([len(set(t) & set(i)) / 10 for t, i in zip(true, I, strict=True)])
+    assert got == pytest.approx(expected, abs=2e-3)  # only exact float ties could differ
+
+
+def test_stale_index_is_refused_and_says_why(embedded, tmp_path, db_url):
+    conn, mid = embedded
+    b = index.build(conn, mid, "flat", out_dir=tmp_path)
+    index.load(conn, b.path)  # fresh: fine
+    conn.execute("DELETE FROM medsim.images WHERE id = (SELECT min(image_id) FROM medsim.gallery)")
+    with pytest.raises(index.StaleIndex, match=r"database now has 1823 \(-1\)"):
+        index.load(conn, b.path)
+    b = index.build(conn, mid, "flat", out_dir=tmp_path)
+    conn.execute("UPDATE medsim.embeddings SET embedding = embedding WHERE false")
+    conn.execute("UPDATE medsim.embeddings e SET embedding = (SELECT embedding FROM medsim.embeddings "
+                 "WHERE model_id = e.model_id ORDER BY image_id DESC LIMIT 1) "
+                 "WHERE image_id = (SELECT min(image_id) FROM medsim.gallery)")
+    with pytest.raises(index.StaleIndex, match="re-embedded or replaced"):
+        index.load(conn, b.path)
+    rebuilt = index.load(conn, b.path, rebuild_if_stale=True)
+    assert rebuilt.meta["build_id"] > b.meta["build_id"]
+    mid2 = register_model(conn, seed=3)
+    with pytest.raises(index.StaleIndex, match=f"built for model {mid}, not model {mid2}"):
+        index.load(conn, b.path, model_ref=mid2)
+
+
+def test_ids_map_to_images_after_deletes_and_reinserts(embedded, tmp_path, db_url):
+    conn, mid = embedded
+    deleted = [r[0] for r in conn.execute(
+        "SELECT image_id FROM medsim.gallery WHERE model_id = %s ORDER BY image_id LIMIT 50", (mid,))]
+    conn.execute("DELETE FROM medsim.images WHERE id = ANY(%s)", (deleted,))
+    # re-insert copies of five other images under new split indexes: new ids, same pixels
+    conn.execute("INSERT INTO medsim.images (dataset_id, split, split_index, labels, height, width, channels, "
+                 "pixels, sha256) SELECT dataset_id, split, split_index + 100000, labels, height, width, "
+                 "channels, pixels, sha256 FROM medsim.images WHERE split = 'val' ORDER BY id LIMIT 5")
+    embed_all(db_url)
+    b = index.build(conn, mid, "flat", out_dir=tmp_path)
+    ids, xb = gallery(conn, mid)
+    _, I = index.search(b.index, xb, 1)
+    twins = {}  # image id -> ids with byte-identical pixels (the copies and their originals)
+    for (group,) in conn.execute("SELECT array_agg(id) FROM medsim.images GROUP BY sha256 HAVING count(*) > 1"):
+        for i in group:
+            twins[i] = set(group)
+    assert len(twins) == 10
+    for image_id, top in zip(ids, I[:, 0], strict=True):
+        assert top not in deleted
+        assert top in twins.get(image_id, {image_id})  # an image's nearest vector is itself
