@@ -208,6 +208,43 @@ def cmd_recall(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ search
+def cmd_search(args) -> int:
+    import json
+
+    from medsim import index, search
+
+    with _connect(args) as conn:
+        try:
+            results = search.search(conn, image_ids=args.image_id or (), image_files=args.image_file or (),
+                                    k=args.k, dataset=args.dataset, engine=args.engine,
+                                    model_ref=args.model, index_path=args.index)
+            if args.montage:
+                search.montage(conn, results, args.montage)
+        except (search.SearchError, LookupError, FileNotFoundError, index.StaleIndex) as err:
+            raise UserError(err) from err
+    print(json.dumps(search.as_json(results), indent=2) if args.json else search.format_results(results))
+    if args.montage:
+        print(f"montage: {args.montage}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+# ------------------------------------------------------------------ demo
+def cmd_demo(args) -> int:
+    from medsim import demo, train
+
+    tcfg = train.TrainConfig(epochs=args.epochs, pairs_per_epoch=args.pairs_per_epoch, device=args.device)
+    cfg = demo.DemoConfig(flags=tuple(args.flags), data_dir=args.data_dir,
+                          accept_unofficial=args.accept_unofficial, allow_download=not args.no_download,
+                          out_dir=args.out_dir, train=tcfg, database_url=args.database_url,
+                          progress=not args.quiet)
+    try:
+        demo.run(cfg)
+    except RuntimeError as err:
+        raise UserError(err) from err
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medsim", description=__doc__)
     p.add_argument("--database-url", default=None,
@@ -296,6 +333,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", default=None, help="where to write the JSON report")
     s.add_argument("--out-dir", default="medsim_out", help="output directory for indexes and reports")
     s.set_defaults(func=cmd_recall)
+
+    s = sub.add_parser("search", help="find the most similar gallery images to a query image")
+    s.add_argument("--image-id", type=int, action="append", help="a stored image id (repeatable)")
+    s.add_argument("--image-file", action="append", help="a PNG/JPEG/... file of any size (repeatable)")
+    s.add_argument("-k", type=int, default=4, help="neighbours per query (default 4)")
+    s.add_argument("--dataset", default=None, help="only neighbours from this MedMNIST subset")
+    s.add_argument("--engine", default="pgvector", choices=["pgvector", "faiss"],
+                   help="pgvector (HNSW in Postgres) or faiss (the latest index built for the model)")
+    s.add_argument("--index", default=None, help="FAISS index file (default: latest build for the model)")
+    s.add_argument("--model", default="current", help="model id or 'current'")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.add_argument("--montage", default=None, metavar="PNG", help="also write the query/neighbour figure")
+    s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("demo", help="run everything: ingest, train, embed, index, recall, evaluate, montage")
+    s.add_argument("--data-dir", default=None, help="directory with the MedMNIST .npz files (offline use)")
+    s.add_argument("--accept-unofficial", action="store_true",
+                   help="accept files whose md5 differs from the catalogue but whose structure matches")
+    s.add_argument("--no-download", action="store_true", help="never try to download missing files")
+    s.add_argument("--flags", nargs="+", default=["dermamnist", "pneumoniamnist", "retinamnist", "breastmnist"],
+                   metavar="FLAG", help="subsets to use (default: the starting four)")
+    s.add_argument("--epochs", type=int, default=15, help="training epochs (default 15)")
+    s.add_argument("--pairs-per-epoch", type=int, default=12000, help="training pairs per epoch")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
+    s.add_argument("--out-dir", default="medsim_out", help="where figures, indexes and reports go")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_demo)
 
     return p
 

@@ -73,7 +73,8 @@ def format_table(r: dict) -> str:
     lines = [f"model {r['model_id']} ({r['preset']}, {r['mode']} mode) on {', '.join(r['datasets'])}", ""]
     lines.append("pair verification (threshold chosen on val pairs, applied to test pairs)")
     lines.append(f"  {'pairs':8s} {'threshold':>9s} {'val acc':>8s} {'test acc':>9s} {'test AUC':>9s}")
-    for mode, p in r["pairs"].items():
+    for mode in sorted(r["pairs"]):  # jsonb does not keep key order
+        p = r["pairs"][mode]
         lines.append(f"  {mode:8s} {p['threshold']:9.4f} {p['val_acc']:8.2%} {p['test_acc']:9.2%} {p['test_auc']:9.4f}")
     lines.append("")
     lines.append("retrieval: test queries vs train gallery (model | raw-pixel cosine baseline)")

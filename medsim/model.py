@@ -84,7 +84,10 @@ def to_input(images: np.ndarray) -> torch.Tensor:
 
     Grey images are repeated to 3 channels so every subset shares one network.
     """
-    x = torch.from_numpy(np.ascontiguousarray(images))
+    images = np.ascontiguousarray(images)
+    if not images.flags.writeable:  # e.g. np.frombuffer over bytes from Postgres
+        images = images.copy()
+    x = torch.from_numpy(images)
     if x.ndim == 3:
         x = x.unsqueeze(-1)
     if x.shape[-1] == 1:

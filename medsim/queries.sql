@@ -170,3 +170,63 @@ RETURNING id;
 SELECT image_id, embedding FROM medsim.embedded_images
 WHERE model_id = %(model_id)s AND split = ANY(%(splits)s)
 ORDER BY image_id;
+
+-- ===================================================================== search
+
+-- name: image_for_search
+SELECT i.id, i.pixels, i.height, i.width, i.channels, d.flag, i.split,
+       medsim.label_name(i.dataset_id, i.labels), e.embedding
+FROM medsim.images i
+JOIN medsim.datasets d ON d.id = i.dataset_id
+LEFT JOIN medsim.embeddings e ON e.image_id = i.id AND e.model_id = %(model_id)s
+WHERE i.id = %(id)s;
+
+-- name: gallery_images_by_sha256
+SELECT id FROM medsim.images WHERE sha256 = %(sha256)s AND split IN ('train', 'val') ORDER BY id;
+
+-- name: search_by_vector
+SELECT image_id, dataset, split, label_name, distance
+FROM medsim.search_by_vector(%(q)s, %(k)s, %(model_id)s, %(dataset)s, %(exclude)s);
+
+-- name: gallery_count
+SELECT count(*) FROM medsim.gallery
+WHERE model_id = %(model_id)s AND (%(dataset)s::text IS NULL OR dataset = %(dataset)s::text);
+
+-- name: gallery_ids_of_dataset
+SELECT image_id FROM medsim.gallery WHERE model_id = %(model_id)s AND dataset = %(dataset)s;
+
+-- name: image_metadata
+SELECT i.id, d.flag, i.split, medsim.label_name(i.dataset_id, i.labels)
+FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
+WHERE i.id = ANY(%(ids)s);
+
+-- name: image_pixels
+SELECT id, pixels, height, width, channels FROM medsim.images WHERE id = ANY(%(ids)s);
+
+-- name: latest_index_build
+SELECT path FROM medsim.index_builds
+WHERE model_id = %(model_id)s AND splits = ARRAY['train', 'val']
+ORDER BY (kind = 'flat') DESC, id DESC
+LIMIT 1;
+
+-- ===================================================================== demo
+
+-- name: reusable_model
+SELECT id FROM medsim.models
+WHERE preset = %(preset)s AND mode = %(mode)s AND datasets = %(flags)s::text[]
+  AND (train_config->>'epochs')::int = %(epochs)s
+  AND (train_config->>'pairs_per_epoch')::int = %(pairs_per_epoch)s
+  AND (train_config->>'seed')::int = %(seed)s
+ORDER BY id DESC LIMIT 1;
+
+-- name: epoch_history
+SELECT epoch, train_loss, train_acc, val_loss, val_acc FROM medsim.training_epochs
+WHERE model_id = %(model_id)s ORDER BY epoch;
+
+-- name: latest_evaluation
+SELECT results FROM medsim.evaluations WHERE model_id = %(model_id)s ORDER BY id DESC LIMIT 1;
+
+-- name: first_test_image_per_dataset
+SELECT min(i.id) FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
+WHERE i.split = 'test' AND d.flag = ANY(%(flags)s)
+GROUP BY d.flag ORDER BY d.flag;

@@ -1,0 +1,131 @@
+"""`medsim demo`: the whole pipeline, end to end, reusing whatever is already done.
+
+database -> migrate -> ingest -> train -> embed -> FAISS indexes -> recall -> evaluation
+-> curves and a montage with one query per subset.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from medsim import catalog, db, evaluate, index, ingest, migrate, recall, registry, search, train
+from medsim.embed_worker import Worker, WorkerConfig
+from medsim.queries import Q
+
+STARTING_FOUR = ("dermamnist", "pneumoniamnist", "retinamnist", "breastmnist")
+
+
+@dataclass
+class DemoConfig:
+    flags: tuple = STARTING_FOUR
+    data_dir: str | None = None
+    accept_unofficial: bool = False
+    allow_download: bool = True
+    out_dir: str = "medsim_out"
+    train: train.TrainConfig | None = None
+    recall_ks: tuple = (1, 10, 100)
+    database_url: str | None = None
+    progress: bool = True
+
+
+def step(name: str, log):
+    log(f"\n== {name}")
+    return time.perf_counter()
+
+
+def run(cfg: DemoConfig, log=print) -> dict:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    outputs: dict = {}
+    t_all = time.perf_counter()
+
+    step("database", log)
+    url = cfg.database_url or db.database_url()
+    log(f"using {db.source() if cfg.database_url is None else 'the given URL'}")
+    migrate.upgrade(url)
+    log(f"schema at revision {migrate.current(url)}")
+
+    with db.connect(url, autocommit=True) as conn:
+        step("ingest", log)
+        present, missing = [], {}
+        for flag in cfg.flags:
+            try:
+                r = ingest.ingest(conn, flag, data_dir=cfg.data_dir, accept_unofficial=cfg.accept_unofficial,
+                                  allow_download=cfg.allow_download, show_progress=cfg.progress)
+                log(r.line())
+                present.append(flag)
+            except (catalog.DataMissing, catalog.DataRefused) as err:
+                missing[flag] = str(err)
+                log(f"{flag}: SKIPPED: {err}")
+        if not present:
+            raise RuntimeError("none of the subsets could be ingested; see the messages above")
+
+        step("train", log)
+        tcfg = cfg.train or train.TrainConfig()
+        tcfg.flags = sorted(present)
+        model_id = reusable_model(conn, tcfg)
+        if model_id is not None:
+            log(f"reusing model {model_id} ({tcfg.preset}, {tcfg.mode} mode, trained on {', '.join(tcfg.flags)})")
+            registry.set_current(conn, model_id)
+            outputs["curves"] = train.plot_curves(epoch_history(conn, model_id), out / f"model-{model_id}")
+        else:
+            model_id = train.train(conn, tcfg, out_dir=out, progress=cfg.progress, log=log)
+            outputs["curves"] = [out / f"model-{model_id}" / f"{n}.png" for n in ("loss", "accuracy")]
+
+        step("embed (python -m medsim.embed_worker --once)", log)
+        s = Worker(WorkerConfig(model=str(model_id), once=True, database_url=url, progress=cfg.progress)).run()
+        log(f"worker: {s.line()}")
+
+        step("FAISS indexes (from medsim.gallery) and recall vs pgvector exact search", log)
+        builds = []
+        for kind in index.KINDS:
+            path = out / "indexes" / f"model{model_id}-{kind}.faiss"
+            try:
+                b = index.load(conn, path, model_ref=model_id)
+                log(f"{kind}: reusing {path} (fingerprint matches the database)")
+            except (FileNotFoundError, index.StaleIndex):
+                b = index.build(conn, model_id, kind, out=path)
+                log(f"{kind}: built {b.meta['n_rows']} vectors in {b.meta['build_seconds']:.2f}s -> {path}")
+            builds.append(b)
+        rep = recall.report(conn, builds, ks=cfg.recall_ks)
+        log(recall.format_table(rep))
+        outputs["recall_json"] = out / f"recall-model{model_id}.json"
+        outputs["recall_json"].write_text(json.dumps(rep, indent=2))
+
+        step("evaluation (test pairs and test-vs-train retrieval)", log)
+        prior = conn.execute(Q.latest_evaluation, {"model_id": model_id}).fetchone()
+        ev = prior[0] if prior else evaluate.evaluate(conn, model_id)
+        log(("(stored evaluation reused)\n" if prior else "") + evaluate.format_table(ev))
+
+        step("montage: one test query per subset", log)
+        ids = [r[0] for r in conn.execute(Q.first_test_image_per_dataset, {"flags": present})]
+        results = search.search(conn, image_ids=ids, k=4, model_ref=model_id)
+        log(search.format_results(results))
+        outputs["montage"] = search.montage(conn, results, out / f"montage-model{model_id}.png")
+
+    log(f"\n== done in {time.perf_counter() - t_all:.0f}s")
+    if missing:
+        log("not ingested: " + "; ".join(f"{f} ({m.split(';')[0]})" for f, m in missing.items()))
+    log(f"database: {db.source() if cfg.database_url is None else cfg.database_url}")
+    for name, value in outputs.items():
+        for p in value if isinstance(value, list) else [value]:
+            log(f"{name:12s} {Path(p).resolve()}")
+    log(f"{'indexes':12s} {(out / 'indexes').resolve()}")
+    return {"model_id": model_id, "present": present, "missing": missing, "outputs": outputs,
+            "recall": rep, "evaluation": ev}
+
+
+def reusable_model(conn, tcfg: train.TrainConfig) -> int | None:
+    """Latest model trained with this recipe (preset, mode, subsets, epochs, pairs, seed)."""
+    row = conn.execute(Q.reusable_model, {"preset": tcfg.preset, "mode": tcfg.mode, "flags": sorted(tcfg.flags),
+                                          "epochs": tcfg.epochs, "pairs_per_epoch": tcfg.pairs_per_epoch,
+                                          "seed": tcfg.seed}).fetchone()
+    return row[0] if row else None
+
+
+def epoch_history(conn, model_id: int) -> list[dict]:
+    cols = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
+    return [dict(zip(cols, r, strict=True)) for r in conn.execute(Q.epoch_history, {"model_id": model_id})]

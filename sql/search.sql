@@ -1,0 +1,77 @@
+-- The SQL surface for people: current embeddings, similar-image functions, a reader role.
+
+-- Embeddings of the current model with image metadata.
+CREATE OR REPLACE VIEW medsim.current_embeddings AS
+SELECT ei.*
+FROM medsim.embedded_images ei
+JOIN medsim.models m ON m.id = ei.model_id AND m.is_current;
+
+-- k nearest gallery (train + val) images to a given vector, for a model (default: the
+-- current one), optionally within one dataset. Dynamic SQL so the planner sees the
+-- model id and dimension as constants and uses the model's partial HNSW index; run
+-- with `SET hnsw.iterative_scan = strict_order` when filtering by dataset.
+CREATE OR REPLACE FUNCTION medsim.search_by_vector(
+    p_query vector, p_k integer DEFAULT 4, p_model_id integer DEFAULT NULL,
+    p_dataset text DEFAULT NULL, p_exclude_image_id bigint DEFAULT NULL)
+RETURNS TABLE (image_id bigint, dataset text, split text, label_name text, distance double precision)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_model integer := coalesce(p_model_id, (SELECT id FROM medsim.models WHERE is_current));
+    v_dim integer;
+BEGIN
+    SELECT embedding_dim INTO v_dim FROM medsim.models WHERE id = v_model;
+    IF v_dim IS NULL THEN
+        RAISE EXCEPTION 'no such model (id %), and no current model', p_model_id;
+    END IF;
+    IF vector_dims(p_query) <> v_dim THEN
+        RAISE EXCEPTION 'query has % dimensions, model % has %', vector_dims(p_query), v_model, v_dim;
+    END IF;
+    RETURN QUERY EXECUTE format(
+        'SELECT e.image_id, d.flag, i.split, medsim.label_name(i.dataset_id, i.labels),
+                (e.embedding::vector(%1$s) <-> $1::vector(%1$s))::double precision
+         FROM medsim.embeddings e
+         JOIN medsim.images i ON i.id = e.image_id
+         JOIN medsim.datasets d ON d.id = i.dataset_id
+         WHERE e.model_id = %2$s AND i.split IN (''train'', ''val'')
+           AND ($2::text IS NULL OR d.flag = $2) AND ($3::bigint IS NULL OR e.image_id <> $3)
+         ORDER BY e.embedding::vector(%1$s) <-> $1::vector(%1$s)
+         LIMIT $4', v_dim, v_model)
+    USING p_query, p_dataset, p_exclude_image_id, p_k;
+END
+$$;
+
+-- k most similar gallery images to a stored image (never the image itself).
+CREATE OR REPLACE FUNCTION medsim.similar_images(
+    p_image_id bigint, p_k integer DEFAULT 4, p_model_id integer DEFAULT NULL,
+    p_dataset text DEFAULT NULL)
+RETURNS TABLE (image_id bigint, dataset text, split text, label_name text, distance double precision)
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_model integer := coalesce(p_model_id, (SELECT id FROM medsim.models WHERE is_current));
+    v_query vector;
+BEGIN
+    SELECT e.embedding INTO v_query FROM medsim.embeddings e
+    WHERE e.model_id = v_model AND e.image_id = p_image_id;
+    IF v_query IS NULL THEN
+        RAISE EXCEPTION 'image % has no embedding for model % (unknown image, or not embedded yet)',
+            p_image_id, v_model;
+    END IF;
+    RETURN QUERY SELECT * FROM medsim.search_by_vector(v_query, p_k, v_model, p_dataset, p_image_id);
+END
+$$;
+
+-- Read-only access for analysts: SELECT and the functions above, nothing else.
+-- Roles are cluster-wide, so create it only if another database has not already.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'medsim_reader') THEN
+        CREATE ROLE medsim_reader NOLOGIN;
+    END IF;
+END
+$$;
+GRANT USAGE ON SCHEMA medsim TO medsim_reader;
+GRANT SELECT ON ALL TABLES IN SCHEMA medsim TO medsim_reader;
+GRANT EXECUTE ON FUNCTION medsim.search_by_vector(vector, integer, integer, text, bigint),
+                          medsim.similar_images(bigint, integer, integer, text),
+                          medsim.label_name(integer, smallint[]) TO medsim_reader;
+ALTER DEFAULT PRIVILEGES IN SCHEMA medsim GRANT SELECT ON TABLES TO medsim_reader;

@@ -1,0 +1,158 @@
+import json
+
+import numpy as np
+import psycopg
+import pytest
+from PIL import Image
+
+from medsim import cli, demo, index, search, train
+from tests.helpers import embed_all, ingest_synth, register_model
+
+
+@pytest.fixture
+def embedded(conn, synth_dir, db_url):
+    ingest_synth(conn, synth_dir)
+    mid = register_model(conn)
+    embed_all(db_url)
+    return conn, mid
+
+
+def exact(conn, mid, image_id, k, dataset=None):
+    """Brute force in numpy over the gallery view: the reference answer."""
+    rows = conn.execute("SELECT image_id, embedding, dataset FROM medsim.gallery WHERE model_id = %s", (mid,)).fetchall()
+    q = conn.execute("SELECT embedding FROM medsim.embeddings WHERE model_id = %s AND image_id = %s",
+                     (mid, image_id)).fetchone()[0].to_numpy()
+    cands = [(float(np.linalg.norm(r[1].to_numpy() - q)), r[0]) for r in rows
+             if r[0] != image_id and (dataset is None or r[2] == dataset)]
+    return sorted(cands)[:k]
+
+
+def test_search_by_id_excludes_itself_and_matches_exact(embedded, tmp_path):
+    conn, mid = embedded
+    gid = conn.execute("SELECT min(image_id) FROM medsim.gallery").fetchone()[0]
+    for engine in ("pgvector", "faiss"):
+        if engine == "faiss":
+            index.build(conn, mid, "flat", out_dir=tmp_path)
+        [(q, hits)] = search.search(conn, image_ids=[gid], k=5, engine=engine)
+        assert q.in_gallery == [gid] and gid not in [h.image_id for h in hits]
+        ref = exact(conn, mid, gid, 5)
+        assert [h.distance for h in hits] == pytest.approx([d for d, _ in ref], abs=1e-5)
+        assert {h.image_id for h in hits} == {i for _, i in ref}
+        assert all(h.split in ("train", "val") for h in hits)
+    [(q, hits)] = search.search(conn, image_ids=[gid], k=3, dataset="retinamnist")
+    assert {h.dataset for h in hits} == {"retinamnist"}
+    assert [h.image_id for h in hits] == [i for _, i in exact(conn, mid, gid, 3, "retinamnist")]
+
+
+def test_search_by_test_image_is_not_in_gallery(embedded):
+    conn, mid = embedded
+    tid = conn.execute("SELECT min(image_id) FROM medsim.query_images").fetchone()[0]
+    [(q, hits)] = search.search(conn, image_ids=[tid], k=4)
+    assert q.in_gallery == [] and len(hits) == 4 and q.label_name in ("malignant", "normal, benign")
+
+
+def test_search_by_file_of_any_size(embedded, tmp_path):
+    conn, mid = embedded
+    # a gallery image saved at 28 px is recognised as itself
+    gid, pixels = conn.execute("SELECT i.id, i.pixels FROM medsim.images i WHERE split = 'train' "
+                               "ORDER BY id LIMIT 1").fetchone()
+    Image.fromarray(np.frombuffer(pixels, np.uint8).reshape(28, 28)).save(tmp_path / "same.png")
+    [(q, hits)] = search.search(conn, image_files=[tmp_path / "same.png"], k=3)
+    assert q.in_gallery == [gid] and gid not in [h.image_id for h in hits]
+    # a big colour JPEG is converted (resized to 28 px) and searched
+    big = (np.random.default_rng(0).random((300, 200, 3)) * 255).astype(np.uint8)
+    Image.fromarray(big).save(tmp_path / "big.jpg")
+    [(q, hits)] = search.search(conn, image_files=[tmp_path / "big.jpg"], k=2)
+    assert q.pixels.shape == (28, 28, 3) and len(hits) == 2 and q.in_gallery == []
+
+
+def test_clear_errors(embedded, tmp_path, capsys):
+    conn, mid = embedded
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(search.SearchError, match="not a readable image"):
+        search.search(conn, image_files=[tmp_path / "notes.txt"])
+    with pytest.raises(search.SearchError, match="no image with id 999999"):
+        search.search(conn, image_ids=[999999])
+    with pytest.raises(search.SearchError, match="gallery is empty .* dermamnist"):
+        search.search(conn, image_ids=[1], dataset="dermamnist")
+    assert cli.main(["search", "--image-file", str(tmp_path / "notes.txt")]) == 2
+    assert "not a readable image" in capsys.readouterr().err
+
+
+def test_empty_gallery(conn, synth_dir):
+    ingest_synth(conn, synth_dir, flags=("breastmnist",))
+    register_model(conn)  # nothing embedded yet
+    with pytest.raises(search.SearchError, match="gallery is empty"):
+        search.search(conn, image_ids=[1])
+
+
+def test_montage_and_json_via_cli(embedded, tmp_path, capsys):
+    conn, mid = embedded
+    ids = [str(r[0]) for r in conn.execute("SELECT min(image_id) FROM medsim.query_images GROUP BY dataset")]
+    out = tmp_path / "m.png"
+    assert cli.main(["search", "--image-id", ids[0], "--image-id", ids[1], "-k", "3", "--json",
+                     "--montage", str(out)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc) == 2 and len(doc[0]["neighbours"]) == 3
+    with Image.open(out) as img:
+        assert img.size == (2 * 4 * 100, int(2.2 * 2 * 100))  # (k+1) panels x 2 rows
+
+
+def test_sql_functions_equal_exact_search(embedded):
+    conn, mid = embedded
+    gid = conn.execute("SELECT min(image_id) FROM medsim.gallery").fetchone()[0]
+    rows = conn.execute("SELECT image_id, distance FROM medsim.similar_images(%s, 6)", (gid,)).fetchall()
+    ref = exact(conn, mid, gid, 6)
+    assert [r[0] for r in rows] == [i for _, i in ref]
+    assert [r[1] for r in rows] == pytest.approx([d for d, _ in ref], abs=1e-5)
+    q = conn.execute("SELECT embedding FROM medsim.embeddings WHERE image_id = %s", (gid,)).fetchone()[0]
+    with conn.transaction():
+        conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
+        by_vec = conn.execute("SELECT image_id FROM medsim.search_by_vector(%s, 3, NULL, 'retinamnist')",
+                              (q,)).fetchall()
+    assert [r[0] for r in by_vec] == [i for _, i in exact(conn, mid, gid, 3, "retinamnist")]
+    n = conn.execute("SELECT count(*) FROM medsim.current_embeddings").fetchone()[0]
+    assert n == 780 + 1600
+    with pytest.raises(psycopg.errors.RaiseException, match="has no embedding"):
+        conn.execute("SELECT * FROM medsim.similar_images(424242, 3)")
+
+
+def test_reader_role_can_read_but_not_write(embedded):
+    conn, mid = embedded
+    gid = conn.execute("SELECT min(image_id) FROM medsim.gallery").fetchone()[0]
+    conn.execute("SET ROLE medsim_reader")
+    try:
+        assert len(conn.execute("SELECT * FROM medsim.similar_images(%s, 2)", (gid,)).fetchall()) == 2
+        assert conn.execute("SELECT count(*) FROM medsim.images").fetchone()[0] == 2380
+        for stmt in ("INSERT INTO medsim.models (name) VALUES ('x')",
+                     "UPDATE medsim.images SET split = 'test'",
+                     "DELETE FROM medsim.embeddings",
+                     "TRUNCATE medsim.datasets"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                conn.execute(stmt)
+    finally:
+        conn.execute("RESET ROLE")
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_on_synthetic_data(db_url, synth_dir, tmp_path):
+    log = []
+    cfg = demo.DemoConfig(flags=("dermamnist", "breastmnist", "retinamnist"), data_dir=str(synth_dir),
+                          accept_unofficial=True, allow_download=False, out_dir=str(tmp_path),
+                          train=train.TrainConfig(epochs=2, pairs_per_epoch=512, val_pairs=200),
+                          recall_ks=(1, 10), database_url=db_url, progress=False)
+    r = demo.run(cfg, log=log.append)
+    text = "\n".join(map(str, log))
+    assert r["present"] == ["breastmnist", "retinamnist"] and "dermamnist" in r["missing"]
+    assert "dermamnist: SKIPPED" in text and "dermamnist.npz" in text
+    for p in [*r["outputs"]["curves"], r["outputs"]["montage"], r["outputs"]["recall_json"]]:
+        assert p.exists() and p.stat().st_size > 0
+    flat = next(x for x in r["recall"]["rows"] if x["engine"] == "faiss" and x["kind"] == "flat")
+    assert flat["recall"]["10"] == 1.0
+    assert set(r["evaluation"]["retrieval"]) == {"breastmnist", "retinamnist"}
+    # a second run reuses the model, the embeddings and the indexes
+    log.clear()
+    r2 = demo.run(cfg, log=log.append)
+    text = "\n".join(map(str, log))
+    assert r2["model_id"] == r["model_id"] and "reusing model" in text
+    assert "embedded 0," in text and "flat: reusing" in text
