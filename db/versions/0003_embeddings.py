@@ -52,8 +52,16 @@ def upgrade() -> None:
     apply_sql(op, "embeddings.sql")
     op.execute(
         """
-        CREATE TRIGGER embeddings_check_dim BEFORE INSERT OR UPDATE OF embedding, model_id
-        ON medsim.embeddings FOR EACH ROW EXECUTE FUNCTION medsim.check_embedding_dim()
+        CREATE TRIGGER embeddings_check_dim_insert AFTER INSERT ON medsim.embeddings
+        REFERENCING NEW TABLE AS new_embeddings
+        FOR EACH STATEMENT EXECUTE FUNCTION medsim.check_embedding_dim()
+        """
+    )
+    op.execute(
+        """
+        CREATE TRIGGER embeddings_check_dim_update AFTER UPDATE ON medsim.embeddings
+        REFERENCING NEW TABLE AS new_embeddings
+        FOR EACH STATEMENT EXECUTE FUNCTION medsim.check_embedding_dim()
         """
     )
     op.execute(
