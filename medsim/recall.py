@@ -56,6 +56,11 @@ def pgvector_search(conn, model_id: int, dim: int, xq: np.ndarray, k: int, split
             if rows:
                 I[i, : len(rows)] = [r[0] for r in rows]
                 D[i, : len(rows)] = [r[1] for r in rows]
+        # inside an outer transaction this block is only a savepoint, and SET LOCAL would
+        # outlive it: reset explicitly so the next measurement starts clean
+        conn.execute("RESET enable_indexscan")
+        conn.execute("RESET hnsw.ef_search")
+        conn.execute("RESET hnsw.iterative_scan")
     return D, I, lat
 
 

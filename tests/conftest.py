@@ -87,3 +87,14 @@ def synth_dir(tmp_path_factory) -> Path:
     synth.write_npz(d, "breastmnist", seed=1)
     synth.write_npz(d, "retinamnist", seed=2)
     return d
+
+
+@pytest.fixture
+def embedded(conn, synth_dir, db_url):
+    """Synthetic breast + retina ingested, an (untrained) current model, all embedded."""
+    from tests.helpers import embed_all, ingest_synth, register_model
+
+    ingest_synth(conn, synth_dir)
+    mid = register_model(conn)
+    embed_all(db_url)
+    return conn, mid

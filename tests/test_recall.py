@@ -1,16 +1,10 @@
+import json
+
 import numpy as np
 import pytest
 
 from medsim import index, recall
-from tests.helpers import embed_all, ingest_synth, register_model
-
-
-@pytest.fixture
-def embedded(conn, synth_dir, db_url):
-    ingest_synth(conn, synth_dir)
-    mid = register_model(conn)
-    embed_all(db_url)
-    return conn, mid
+from tests.helpers import embed_all, register_model
 
 
 def gallery(conn, mid):
@@ -110,3 +104,33 @@ def test_ids_map_to_images_after_deletes_and_reinserts(embedded, tmp_path, db_ur
     for image_id, top in zip(ids, I[:, 0], strict=True):
         assert top not in deleted
         assert top in twins.get(image_id, {image_id})  # an image's nearest vector is itself
+
+
+def test_exact_search_settings_do_not_leak(embedded, db_url):
+    from medsim import db
+
+    conn, mid = embedded
+    with db.connect(db_url) as c:  # not autocommit: the block below is only a savepoint
+        c.execute("SELECT 1")
+        xq = np.zeros((2, 64), np.float32)
+        recall.pgvector_search(c, mid, 64, xq, 3, ["train", "val"], exact=True)
+        assert c.execute("SHOW enable_indexscan").fetchone()[0] == "on"
+
+
+def test_cli_build_recall_and_stale_refusal(embedded, tmp_path, capsys):
+    from medsim import cli
+
+    conn, mid = embedded
+    path = tmp_path / "ix.faiss"
+    assert cli.main(["index", "build", "--kind", "ivfflat", "--param", "nlist=8", "--out", str(path)]) == 0
+    assert "built ivfflat index of 1824 vectors" in capsys.readouterr().out
+    out_json = tmp_path / "r.json"
+    assert cli.main(["recall", "--index", str(path), "-k", "1,10", "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    assert "faiss     ivfflat" in text and "pgvector  exact" in text
+    assert json.loads(out_json.read_text())["ks"] == [1, 10]
+    conn.execute("DELETE FROM medsim.images WHERE id = (SELECT max(image_id) FROM medsim.gallery)")
+    assert cli.main(["recall", "--index", str(path)]) == 2
+    assert "is stale" in capsys.readouterr().err
+    assert cli.main(["recall", "--index", str(path), "--rebuild", "-k", "5", "--json", str(out_json)]) == 0
+    assert cli.main(["recall", "-k", "0"]) == 2

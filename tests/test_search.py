@@ -6,15 +6,7 @@ import pytest
 from PIL import Image
 
 from medsim import cli, demo, index, search, train
-from tests.helpers import embed_all, ingest_synth, register_model
-
-
-@pytest.fixture
-def embedded(conn, synth_dir, db_url):
-    ingest_synth(conn, synth_dir)
-    mid = register_model(conn)
-    embed_all(db_url)
-    return conn, mid
+from tests.helpers import ingest_synth, register_model
 
 
 def exact(conn, mid, image_id, k, dataset=None):
