@@ -54,8 +54,7 @@ def main() -> None:
                 print(evaluate.format_table(r))
                 line = (f"RESULT preset={preset} mode={mode} epochs={len(secs)} "
                         f"s/epoch={sum(secs) / len(secs):.1f} train_wall_s={wall:.0f} "
-                        f"pair_acc[{mode}]={r['pairs'][mode]['test_acc']:.4f} "
-                        f"pair_acc[dataset]={r['pairs']['dataset']['test_acc']:.4f} "
+                        + "".join(f"pair_acc[{m}]={r['pairs'][m]['test_acc']:.4f} " for m in sorted(r["pairs"]))
                         + " ".join(f"map5[{f}]={m['label_map@5']:.4f}(px {r['baseline_raw_pixel_cosine'][f]['label_map@5']:.4f})"
                                    for f, m in r["retrieval"].items()))
                 print(line)

@@ -21,11 +21,6 @@ class Split:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def subset(self, mask: np.ndarray) -> Split:
-        return Split(self.ids[mask], self.dataset_ids[mask], self.label_keys[mask],
-                     [lab for lab, m in zip(self.labels, mask, strict=True) if m],
-                     self.images[mask], self.flags)
-
 
 def decode(pixels: bytes, h: int, w: int, c: int) -> np.ndarray:
     """Stored bytes -> (h, w, 3) uint8. Raises ValueError on anything inconsistent."""

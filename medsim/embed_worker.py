@@ -84,7 +84,11 @@ class Worker:
         row = registry.get(self.conn, self.cfg.model)
         self.model_row = row
         self.net = row.load(self.conn, self.cfg.device)
-        self.conn.execute(Q.enqueue_model, {"model_id": row.id})  # idempotent
+        self.enqueue()
+
+    def enqueue(self) -> int:
+        """Queue every image this model has not embedded yet (idempotent) -> rows added."""
+        return self.conn.execute(Q.enqueue_model, {"model_id": self.model_row.id}).rowcount
 
     def run(self) -> Summary:
         from tqdm import tqdm
@@ -100,18 +104,26 @@ class Worker:
             while not self.stopping:
                 try:
                     n = self.process_batch()
-                except psycopg.OperationalError as err:
-                    log.warning("lost the database mid-batch (%s); the batch rolled back", err)
-                    self.conn.close()
+                    bar.update(n)
+                    if n:
+                        continue
+                    added = self.enqueue()  # images inserted since we last looked
+                    if added:
+                        bar.total += added
+                        continue
+                    if self.cfg.once:
+                        break
+                    listener = listener or self.listen()
+                    self.wait_for_work(listener)
+                except (psycopg.OperationalError, db.DatabaseUnavailable) as err:
+                    # the open batch (if any) rolled back with the connection; reconnect
+                    # with backoff, or give up with DatabaseUnavailable after db_retries
+                    log.warning("lost the database (%s); reconnecting", err)
+                    for c in (self.conn, listener):
+                        if c is not None:
+                            c.close()
+                    listener = None
                     self.connect()
-                    continue
-                bar.update(n)
-                if n:
-                    continue
-                if self.cfg.once:
-                    break
-                listener = listener or self.listen()
-                self.wait_for_work(listener)
             if not self.stopping and self.cfg.build_index:
                 self.maybe_build_index()
         finally:

@@ -165,13 +165,6 @@ def load(conn, path: Path | str, model_ref=None, rebuild_if_stale: bool = False)
     return Built(faiss.read_index(str(path)), meta, path)
 
 
-def set_search_params(index: faiss.Index, **p) -> None:
-    if "nprobe" in p:
-        faiss.extract_index_ivf(index).nprobe = p["nprobe"]
-    if "efSearch" in p:
-        faiss.downcast_index(index.index).hnsw.efSearch = p["efSearch"]
-
-
 def search(index: faiss.Index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """-> (D, I): L2 distances (not squared) and image ids; -1 ids where fewer than k exist."""
     D, I = index.search(np.ascontiguousarray(xq, np.float32), k)

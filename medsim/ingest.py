@@ -21,7 +21,7 @@ from medsim.queries import Q
 COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
 COPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
 INT2_OID = 21
-CHUNK_ROWS = 8192
+CHUNK_ROWS = 2048
 
 
 @dataclass
@@ -46,7 +46,7 @@ class IngestResult:
 
 
 def copy_rows_dtype(split: str, n_labels: int, n_pixels: int) -> np.dtype:
-    """Binary COPY tuple layout for medsim.images (see COPY_COLUMNS), big-endian."""
+    """Binary COPY tuple layout, in Q.copy_images column order, big-endian."""
     return np.dtype(
         [
             ("nfields", ">i2"),
@@ -66,8 +66,10 @@ def copy_rows_dtype(split: str, n_labels: int, n_pixels: int) -> np.dtype:
     )
 
 
-def encode_copy_rows(dataset_id: int, split: str, images: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """(N, H, W[, C]) uint8 images and (N, L) labels -> structured array of COPY tuples."""
+def encode_copy_rows(dataset_id: int, split: str, images: np.ndarray, labels: np.ndarray,
+                     start: int = 0) -> np.ndarray:
+    """(N, H, W[, C]) uint8 images and (N, L) labels -> structured array of COPY tuples;
+    split indexes run from `start`."""
     n = images.shape[0]
     h, w = images.shape[1:3]
     c = 1 if images.ndim == 3 else images.shape[3]
@@ -77,7 +79,7 @@ def encode_copy_rows(dataset_id: int, split: str, images: np.ndarray, labels: np
     rows["nfields"] = 9
     rows["l_ds"], rows["dataset_id"] = 4, dataset_id
     rows["l_split"], rows["split"] = len(split), split.encode()
-    rows["l_idx"], rows["split_index"] = 4, np.arange(n)
+    rows["l_idx"], rows["split_index"] = 4, np.arange(start, start + n)
     rows["l_labels"] = 20 + 6 * n_labels
     rows["ndim"], rows["oid"], rows["dim"], rows["lbound"] = 1, INT2_OID, n_labels, 1
     rows["labels"]["l"], rows["labels"]["v"] = 2, labels.astype(np.int16)
@@ -85,21 +87,23 @@ def encode_copy_rows(dataset_id: int, split: str, images: np.ndarray, labels: np
     rows["l_c"], rows["channels"] = 2, c
     rows["l_pix"], rows["pixels"] = h * w * c, flat
     rows["l_sha"] = 32
-    rows["sha256"] = np.frombuffer(
-        b"".join(hashlib.sha256(x).digest() for x in flat), dtype=np.uint8
-    ).reshape(n, 32)
+    rows["sha256"] = np.frombuffer(b"".join(hashlib.sha256(x).digest() for x in flat),
+                                   dtype=np.uint8).reshape(n, 32)
     return rows
 
 
-def copy_images(cur: psycopg.Cursor, rows_by_split: list[np.ndarray], progress=None) -> None:
+def copy_images(cur: psycopg.Cursor, dataset_id: int, v: catalog.Verified, progress=None) -> None:
+    """Encode and send in chunks: psycopg ships each chunk from a writer thread while the
+    next one is hashed and encoded, so client and server work side by side."""
     with cur.copy(Q.copy_images) as copy:
         copy.write(COPY_HEADER)
-        for rows in rows_by_split:
-            for start in range(0, len(rows), CHUNK_ROWS):
-                chunk = rows[start : start + CHUNK_ROWS]
-                copy.write(chunk.tobytes())
+        for split in catalog.SPLITS:
+            x, y = v.images[split], v.labels[split]
+            for start in range(0, len(x), CHUNK_ROWS):
+                end = start + CHUNK_ROWS
+                copy.write(encode_copy_rows(dataset_id, split, x[start:end], y[start:end], start).tobytes())
                 if progress is not None:
-                    progress.update(len(chunk))
+                    progress.update(len(x[start:end]))
         copy.write(COPY_TRAILER)
 
 
@@ -126,14 +130,13 @@ def ingest_verified(conn: psycopg.Connection, e: catalog.Entry, v: catalog.Verif
                 "source_md5": v.md5, "official_md5": e.md5, "md5_official": v.official,
             },
         ).fetchone()[0]
-        t0 = time.perf_counter()
-        rows = [encode_copy_rows(ds_id, s, v.images[s], v.labels[s]) for s in catalog.SPLITS]
         from tqdm import tqdm
 
+        t0 = time.perf_counter()
         with conn.cursor() as cur, tqdm(
             total=total, desc=f"COPY {e.flag}", unit="img", disable=not show_progress, leave=False
         ) as bar:
-            copy_images(cur, rows, bar)
+            copy_images(cur, ds_id, v, bar)
         copy_s = time.perf_counter() - t0
     return IngestResult(e.flag, total, total, v.official, v.md5, copy_s=copy_s)
 

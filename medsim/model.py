@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -120,13 +120,6 @@ def embed(model: EmbeddingNet, images: np.ndarray, batch_size: int = 512, device
 
 
 # ------------------------------------------------------------------ checkpoints
-@dataclass
-class Checkpoint:
-    config: ModelConfig
-    state_dict: dict
-    extra: dict = field(default_factory=dict)
-
-
 def save_checkpoint(model: EmbeddingNet, extra: dict | None = None) -> tuple[bytes, str]:
     """-> (bytes, sha256). The config travels inside, so the bytes alone rebuild the model."""
     buf = io.BytesIO()

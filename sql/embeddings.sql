@@ -21,14 +21,11 @@ BEGIN
 END
 $$;
 
--- New images become pending for the current model, and sleeping workers are woken.
--- Statement-level with a transition table, so a COPY of 100k rows costs one INSERT.
-CREATE OR REPLACE FUNCTION medsim.enqueue_new_images() RETURNS trigger
+-- New images wake sleeping workers, which queue them for their model (Q.enqueue_model).
+-- No transition table: capturing every new row (pixels included) cost COPY 10%.
+CREATE OR REPLACE FUNCTION medsim.notify_new_images() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO medsim.embedding_queue (model_id, image_id)
-    SELECT m.id, n.id FROM new_images n CROSS JOIN medsim.models m WHERE m.is_current
-    ON CONFLICT DO NOTHING;
     PERFORM pg_notify('medsim_images', '');
     RETURN NULL;
 END

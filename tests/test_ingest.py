@@ -126,10 +126,10 @@ def test_download_verifies_md5(tmp_path, monkeypatch):
 def test_failure_mid_copy_leaves_no_partial_dataset(conn, synth_dir, monkeypatch):
     real = ingest.encode_copy_rows
 
-    def fail_on_test_split(ds, split, x, y):
+    def fail_on_test_split(ds, split, x, y, start=0):
         if split == "test":
             raise RuntimeError("disk on fire")
-        return real(ds, split, x, y)
+        return real(ds, split, x, y, start)
 
     monkeypatch.setattr(ingest, "encode_copy_rows", fail_on_test_split)
     with pytest.raises(RuntimeError):
@@ -165,3 +165,15 @@ def test_cli_ingest_reports_and_exit_codes(db_url, synth_dir, capsys):
     assert rc == 1 and "not the official" in capsys.readouterr().err
     rc = cli.main(["ingest", "dermamnist", "--data-dir", str(synth_dir), "--no-download", "--quiet"])
     assert rc == 1 and "dermamnist.npz" in capsys.readouterr().err
+
+
+def test_chunked_copy_keeps_split_indexes_and_pixels(conn, synth_dir, monkeypatch):
+    monkeypatch.setattr(ingest, "CHUNK_ROWS", 100)  # many chunks per split
+    ingest.ingest(conn, "retinamnist", data_dir=synth_dir, accept_unofficial=True, show_progress=False)
+    arrays = np.load(synth_dir / "retinamnist.npz")
+    for split in catalog.SPLITS:
+        rows = conn.execute("SELECT split_index, pixels FROM medsim.images WHERE split = %s ORDER BY split_index",
+                            (split,)).fetchall()
+        x = arrays[f"{split}_images"]
+        assert [r[0] for r in rows] == list(range(len(x)))
+        assert all(bytes(r[1]) == x[r[0]].tobytes() for r in rows)

@@ -66,17 +66,16 @@ def upgrade() -> None:
     )
     op.execute(
         """
-        CREATE TRIGGER images_enqueue AFTER INSERT ON medsim.images
-        REFERENCING NEW TABLE AS new_images
-        FOR EACH STATEMENT EXECUTE FUNCTION medsim.enqueue_new_images()
+        CREATE TRIGGER images_notify AFTER INSERT ON medsim.images
+        FOR EACH STATEMENT EXECUTE FUNCTION medsim.notify_new_images()
         """
     )
 
 
 def downgrade() -> None:
-    op.execute("DROP TRIGGER images_enqueue ON medsim.images")
+    op.execute("DROP TRIGGER images_notify ON medsim.images")
     op.execute("DROP VIEW medsim.embedding_status")
     op.execute("DROP TABLE medsim.embedding_queue")
     op.execute("DROP TABLE medsim.embeddings")
-    op.execute("DROP FUNCTION medsim.enqueue_new_images()")
+    op.execute("DROP FUNCTION medsim.notify_new_images()")
     op.execute("DROP FUNCTION medsim.check_embedding_dim()")
