@@ -27,7 +27,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--preset", default="default")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="images the worker claims per transaction")
     p.add_argument("--data-dir", default=str(SHARED))
     p.add_argument("--skip-notebook", action="store_true")
     a = p.parse_args()
@@ -46,13 +46,14 @@ def main() -> None:
         images = data.load_split(conn, ["train", "val", "test"], PRESENT).images
         n = len(images)
         net = net.to(dev)
-        M.embed(net, images[:512], a.batch_size, device=dev)  # warm-up
+        M.embed(net, images[:512], device=dev)  # warm-up
         if dev == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        M.embed(net, images, a.batch_size, device=dev)
+        M.embed(net, images, device=dev)
         fa = n / (time.perf_counter() - t0)
-        print(f"(a) forward alone, batch {a.batch_size}: {n} images, {fa:,.0f} images/s")
+        print(f"(a) forward alone, batch {net.cfg.inference_batch(dev)} (the worker's forward batch): "
+              f"{n} images, {fa:,.0f} images/s")
 
         s = Worker(WorkerConfig(model=str(mid), once=True, batch_size=a.batch_size, build_index=False,
                                 device=dev, database_url=url, progress=False)).run()

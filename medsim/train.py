@@ -51,7 +51,8 @@ def evaluate_pairs(model, x: torch.Tensor, a, b, same, margin: float, device) ->
     """Loss, best-threshold accuracy and ROC AUC of fixed pairs over images x."""
     model.eval()
     with torch.inference_mode():
-        z = torch.cat([model(x[i : i + 512].to(device)) for i in range(0, len(x), 512)])
+        b = model.cfg.inference_batch(str(device))
+        z = torch.cat([model(x[i : i + b].to(device)) for i in range(0, len(x), b)])
         d = M.pair_distance(z[a], z[b])
         loss = M.contrastive_loss(d, torch.as_tensor(same, device=d.device), margin).item()
     d = d.cpu().numpy()

@@ -37,6 +37,7 @@ def test_flat_recall_is_exactly_one_and_pgvector_agrees(embedded, tmp_path):
     assert by[("faiss", "flat")]["recall"] == {"1": 1.0, "10": 1.0, "100": 1.0}
     assert by[("pgvector", "exact")]["recall"]["100"] == 1.0
     assert 0.9 <= by[("pgvector", "hnsw")]["recall"]["10"] <= 1.0
+    assert by[("pgvector", "hnsw")]["plan_uses_hnsw"] is True
     assert r["n_queries"] == 156 + 400
     stored = conn.execute("SELECT build_ids FROM medsim.recall_reports WHERE id = %s",
                           (r["report_id"],)).fetchone()[0]
