@@ -57,6 +57,7 @@ class Worker:
         self.stopping = False
         self.summary = Summary()
         self.conn = None
+        self.model_row = None
         self.url = cfg.database_url or db.database_url()
 
     # -- lifecycle -----------------------------------------------------------------
@@ -95,7 +96,20 @@ class Worker:
 
         t0 = time.perf_counter()
         self.connect()
-        self.load_model()
+        while True:
+            try:
+                self.load_model()
+                break
+            except LookupError as err:
+                # a long-running worker (docker compose) may start before any model is
+                # trained: wait for one; a --once run has nothing to do and says so
+                if self.cfg.once:
+                    raise
+                if self.stopping:
+                    self.conn.close()
+                    return self.summary
+                log.info("%s; waiting", err)
+                time.sleep(self.cfg.poll_interval)
         pending = self.conn.execute(Q.pending_count, {"model_id": self.model_row.id}).fetchone()[0]
         bar = tqdm(total=pending, unit="img", desc=f"model {self.model_row.id}",
                    disable=not self.cfg.progress, leave=False)
@@ -248,7 +262,8 @@ def main(argv=None) -> int:
     except LookupError as err:
         print(f"embed_worker: error: {err}", file=sys.stderr)
         return 2
-    print(f"embed_worker: model {worker.model_row.id}: {summary.line()}")
+    model = worker.model_row.id if worker.model_row else "none"
+    print(f"embed_worker: model {model}: {summary.line()}")
     return 0
 
 

@@ -214,3 +214,15 @@ def test_database_stopped_mid_run(tmp_path, synth_dir):
             assert n_embedded(conn, mid) == N
     finally:
         server.cleanup()
+
+
+def test_worker_without_a_model(conn, synth_dir, db_url):
+    ingest_synth(conn, synth_dir, flags=("breastmnist",))
+    r = run_worker(db_url, "--once")
+    assert r.returncode == 2 and "no current model" in r.stderr
+    p = start_worker(db_url, "--poll-interval", "0.2")  # long-running: waits for a model
+    time.sleep(3)
+    assert p.poll() is None
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 0 and "model none: embedded 0" in out
