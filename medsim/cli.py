@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pairs-per-epoch", type=int, default=12000, help="pairs sampled per epoch")
     s.add_argument("--batch-size", type=int, default=128, help="pairs per optimisation step")
     s.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
-    s.add_argument("--patience", type=int, default=4, help="epochs without val improvement before stopping")
+    s.add_argument("--patience", type=int, default=5, help="epochs without val AUC improvement before stopping")
     s.add_argument("--seed", type=int, default=0, help="random seed for pairs, init and augmentation")
     s.add_argument("--datasets", nargs="+", default=None, metavar="FLAG",
                    help="subsets to train on (default: every ingested one)")
