@@ -179,7 +179,7 @@ def montage(conn, results, out: Path | str) -> Path:
         pix = {i: data.decode(bytes(p), h, w, c) for i, p, h, w, c in
                conn.execute(Q.image_pixels, {"ids": [h.image_id for h in hits]})}
         panels = [(q.pixels, f"QUERY {q.label}\n{q.dataset or ''} {q.label_name or ''}".strip())]
-        panels += [(pix[h.image_id], f"{h.dataset}\n{h.label_name[:22]} d={h.distance:.2f}") for h in hits]
+        panels += [(pix[h.image_id], f"{h.dataset}\n{h.label_name[:22]} d={h.distance:.3f}") for h in hits]
         for c in range(k + 1):
             ax = axes[r, c]
             ax.axis("off")
