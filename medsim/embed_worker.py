@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import psycopg
 
-from medsim import data, db, hnsw, registry
+from medsim import data, db, hnsw, pgcopy, registry
 from medsim import model as M
 from medsim.queries import Q
 
@@ -176,20 +176,20 @@ class Worker:
                                            device=self.cfg.device)
             finite = np.isfinite(vectors).all(axis=1)
             bad += [(i, "non-finite embedding") for i, f in zip(ok_ids, finite, strict=True) if not f]
-            good = [(i, v) for i, v, f in zip(ok_ids, vectors, finite, strict=True) if f]
             if self.cfg.throttle_s:
                 time.sleep(self.cfg.throttle_s)
+            good_ids = [i for i, f in zip(ok_ids, finite, strict=True) if f]
             with self.conn.cursor() as cur, cur.copy(Q.copy_embeddings) as copy:
-                copy.set_types(["int4", "int8", "vector"])
-                for image_id, v in good:
-                    copy.write_row((mid, image_id, v))
-            self.conn.execute(Q.dequeue, {"model_id": mid, "ids": [i for i, _ in good]})
+                copy.write(pgcopy.HEADER)
+                copy.write(pgcopy.embeddings_rows(mid, good_ids, vectors[finite]))
+                copy.write(pgcopy.TRAILER)
+            self.conn.execute(Q.dequeue, {"model_id": mid, "ids": good_ids})
             for image_id, error in bad:
                 self.conn.execute(Q.record_failure, {
                     "model_id": mid, "image_id": image_id, "error": error,
                     "delay_s": self.cfg.retry_delay_s, "max_attempts": self.cfg.max_attempts})
                 log.warning("image %s: %s", image_id, error)
-        self.summary.embedded += len(good)
+        self.summary.embedded += len(good_ids)
         self.summary.failed += len(bad)
         return len(rows)
 

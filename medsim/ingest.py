@@ -15,11 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import psycopg
 
-from medsim import catalog
+from medsim import catalog, pgcopy
 from medsim.queries import Q
 
-COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + (0).to_bytes(4, "big") + (0).to_bytes(4, "big")
-COPY_TRAILER = (-1).to_bytes(2, "big", signed=True)
 INT2_OID = 21
 CHUNK_ROWS = 2048
 
@@ -96,7 +94,7 @@ def copy_images(cur: psycopg.Cursor, dataset_id: int, v: catalog.Verified, progr
     """Encode and send in chunks: psycopg ships each chunk from a writer thread while the
     next one is hashed and encoded, so client and server work side by side."""
     with cur.copy(Q.copy_images) as copy:
-        copy.write(COPY_HEADER)
+        copy.write(pgcopy.HEADER)
         for split in catalog.SPLITS:
             x, y = v.images[split], v.labels[split]
             for start in range(0, len(x), CHUNK_ROWS):
@@ -104,7 +102,7 @@ def copy_images(cur: psycopg.Cursor, dataset_id: int, v: catalog.Verified, progr
                 copy.write(encode_copy_rows(dataset_id, split, x[start:end], y[start:end], start).tobytes())
                 if progress is not None:
                     progress.update(len(x[start:end]))
-        copy.write(COPY_TRAILER)
+        copy.write(pgcopy.TRAILER)
 
 
 def ingest_verified(conn: psycopg.Connection, e: catalog.Entry, v: catalog.Verified, show_progress=True) -> IngestResult:
