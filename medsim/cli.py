@@ -264,7 +264,10 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medsim", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="medsim",
+        description="Medical image similarity search on PostgreSQL + pgvector. New here? Run "
+                    "`medsim demo --help`; the database is the embedded one unless DATABASE_URL is set.")
     p.add_argument("--database-url", default=None,
                    help="postgresql:// URL (default: $DATABASE_URL, then PG* variables, then the embedded server)")
     sub = p.add_subparsers(dest="command", required=True)
