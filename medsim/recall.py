@@ -15,8 +15,8 @@ import time
 import numpy as np
 from psycopg import sql
 
+from medsim import hnsw, registry
 from medsim import index as faiss_index
-from medsim import registry
 from medsim.queries import Q
 
 DEFAULT_KS = (1, 10, 100)
@@ -38,8 +38,6 @@ def pgvector_search(conn, model_id: int, dim: int, xq: np.ndarray, k: int, split
     scans (so the split filter cannot starve the result); sequential scans are disabled
     because on a small gallery the planner rightly prefers one, and we are measuring the
     index. Whether the plan really used it is checked with EXPLAIN and returned."""
-    from medsim import hnsw
-
     q = knn_query(dim)
     D = np.full((len(xq), k), np.inf, np.float32)
     I = np.full((len(xq), k), -1, np.int64)
@@ -130,8 +128,6 @@ def report(conn, builds: list, ks=DEFAULT_KS, query_splits=("test",), ef_searche
     rows = [{"engine": "pgvector", "kind": "exact", "params": {},
              "recall": {str(k): tie_aware_recall(xq, I_gt, D_gt, gallery_ids, xb, k) for k in ks},
              **latency_stats(lat)}]
-    from medsim import hnsw
-
     if hnsw.exists(conn, model_id):
         for ef in ef_searches:
             _, I, lat, used = pgvector_search(conn, model_id, row.embedding_dim, xq, kmax, splits,
