@@ -196,6 +196,7 @@ def cmd_index(args) -> int:
 
 def cmd_recall(args) -> int:
     import json
+    from pathlib import Path
 
     from medsim import index, recall
 
@@ -219,7 +220,7 @@ def cmd_recall(args) -> int:
             raise UserError(err) from err
     print(recall.format_table(r))
     out = args.json or f"{args.out_dir}/recall-model{r['model_id']}-report{r['report_id']}.json"
-    __import__("pathlib").Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
         json.dump(r, f, indent=2)
     print(f"stored as medsim.recall_reports id {r['report_id']}; JSON: {out}")

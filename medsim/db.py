@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -141,12 +140,3 @@ def connect(url: str | None = None, **kwargs) -> psycopg.Connection:
         raise DatabaseUnavailable(f"cannot connect to the database ({source()}): {e}") from e
     register(conn)
     return conn
-
-
-@contextmanager
-def session(url: str | None = None, **kwargs):
-    conn = connect(url, **kwargs)
-    try:
-        yield conn
-    finally:
-        conn.close()

@@ -31,9 +31,8 @@ class DemoConfig:
     progress: bool = True
 
 
-def step(name: str, log):
+def step(name: str, log) -> None:
     log(f"\n== {name}")
-    return time.perf_counter()
 
 
 def run(cfg: DemoConfig, log=print) -> dict:

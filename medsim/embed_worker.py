@@ -158,22 +158,19 @@ class Worker:
             if not rows:
                 return 0
             ok_ids, images, bad = [], [], []
-            for image_id, pixels, h, w, c, _attempts in rows:
+            for image_id, pixels, h, w, c in rows:
                 try:
                     images.append(data.decode(bytes(pixels), h, w, c))
                     ok_ids.append(image_id)
                 except ValueError as err:
                     bad.append((image_id, f"undecodable image: {err}"))
-            vectors = np.zeros((0, self.model_row.embedding_dim), np.float32)
-            if images:
-                # mixed sizes in one batch are embedded group by group
-                shapes = {}
-                for i, x in enumerate(images):
-                    shapes.setdefault(x.shape, []).append(i)
-                vectors = np.zeros((len(images), self.model_row.embedding_dim), np.float32)
-                for idx in shapes.values():
-                    vectors[idx] = M.embed(self.net, np.stack([images[i] for i in idx]),
-                                           device=self.cfg.device)
+            # mixed sizes in one batch are embedded group by group
+            shapes = {}
+            for i, x in enumerate(images):
+                shapes.setdefault(x.shape, []).append(i)
+            vectors = np.zeros((len(images), self.model_row.embedding_dim), np.float32)
+            for idx in shapes.values():
+                vectors[idx] = M.embed(self.net, np.stack([images[i] for i in idx]), device=self.cfg.device)
             finite = np.isfinite(vectors).all(axis=1)
             bad += [(i, "non-finite embedding") for i, f in zip(ok_ids, finite, strict=True) if not f]
             if self.cfg.throttle_s:

@@ -147,9 +147,9 @@ def load(conn, path: Path | str, model_ref=None, rebuild_if_stale: bool = False)
         raise FileNotFoundError(f"{path} (and its .json metadata) not found: build it with `medsim index build`")
     meta = json.loads(meta_path(path).read_text())
     problem = None
-    if model_ref is not None and registry.get(conn, model_ref).id != meta["model_id"]:
-        problem = (f"it was built for model {meta['model_id']}, not model "
-                   f"{registry.get(conn, model_ref).id}")
+    wanted = registry.get(conn, model_ref).id if model_ref is not None else meta["model_id"]
+    if wanted != meta["model_id"]:
+        problem = f"it was built for model {meta['model_id']}, not model {wanted}"
     else:
         n, fp = fingerprint(conn, meta["model_id"], meta["splits"])
         if n != meta["n_rows"]:

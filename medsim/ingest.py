@@ -98,10 +98,10 @@ def copy_images(cur: psycopg.Cursor, dataset_id: int, v: catalog.Verified, progr
         for split in catalog.SPLITS:
             x, y = v.images[split], v.labels[split]
             for start in range(0, len(x), CHUNK_ROWS):
-                end = start + CHUNK_ROWS
-                copy.write(encode_copy_rows(dataset_id, split, x[start:end], y[start:end], start).tobytes())
+                xs, ys = x[start : start + CHUNK_ROWS], y[start : start + CHUNK_ROWS]
+                copy.write(encode_copy_rows(dataset_id, split, xs, ys, start).tobytes())
                 if progress is not None:
-                    progress.update(len(x[start:end]))
+                    progress.update(len(xs))
         copy.write(pgcopy.TRAILER)
 
 

@@ -74,9 +74,6 @@ UPDATE medsim.models SET is_current = false WHERE is_current;
 -- name: set_current
 UPDATE medsim.models SET is_current = true WHERE id = %(id)s;
 
--- name: has_embedding_queue
-SELECT to_regclass('medsim.embedding_queue') IS NOT NULL;
-
 -- name: list_models
 SELECT m.id, m.name, m.preset, m.mode, m.embedding_dim, m.datasets, m.best_epoch,
        round(m.best_val_loss::numeric, 4), round(m.train_seconds::numeric, 1), m.is_current, m.created_at
@@ -106,14 +103,14 @@ ON CONFLICT DO NOTHING;
 -- The queue rows are picked (and locked) on their own before the pixels are joined:
 -- sorting the whole queue together with image bytes cost 15 ms a batch.
 WITH claimed AS (
-    SELECT q.image_id, q.attempts
+    SELECT q.image_id
     FROM medsim.embedding_queue q
     WHERE q.model_id = %(model_id)s AND q.failed_at IS NULL AND q.retry_after <= now()
     ORDER BY q.image_id
     LIMIT %(batch_size)s
     FOR UPDATE SKIP LOCKED
 )
-SELECT c.image_id, i.pixels, i.height, i.width, i.channels, c.attempts
+SELECT c.image_id, i.pixels, i.height, i.width, i.channels
 FROM claimed c JOIN medsim.images i ON i.id = c.image_id
 ORDER BY c.image_id;
 

@@ -111,10 +111,10 @@ def latency_stats(lat: np.ndarray) -> dict:
 def report(conn, builds: list, ks=DEFAULT_KS, query_splits=("test",), ef_searches=DEFAULT_EF,
            model_ref=None, store: bool = True) -> dict:
     """Recall table for the given FAISS builds (same model) plus pgvector exact and HNSW."""
-    model_id = builds[0].meta["model_id"] if builds else registry.get(conn, model_ref).id
+    row = registry.get(conn, builds[0].meta["model_id"] if builds else model_ref)
+    model_id = row.id
     if any(b.meta["model_id"] != model_id for b in builds):
         raise ValueError("all indexes in one report must belong to the same model")
-    row = registry.get(conn, model_id)
     splits = builds[0].meta["splits"] if builds else list(faiss_index.DEFAULT_SPLITS)
     qrows = conn.execute(Q.query_vectors, {"model_id": model_id, "splits": list(query_splits)}).fetchall()
     if not qrows:

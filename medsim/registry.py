@@ -61,8 +61,7 @@ def set_current(conn, model_id: int) -> None:
             raise LookupError(f"no model with id {model_id}")
         conn.execute(Q.unset_current)
         conn.execute(Q.set_current, {"id": model_id})
-        if conn.execute(Q.has_embedding_queue).fetchone()[0]:
-            conn.execute(Q.enqueue_model, {"model_id": model_id})
+        conn.execute(Q.enqueue_model, {"model_id": model_id})
 
 
 def list_models(conn) -> list[tuple]:

@@ -103,9 +103,7 @@ def search_faiss(conn, q: Query, k: int, model_id: int, dataset: str | None, ind
     if dataset is not None:
         ids = np.array([r[0] for r in conn.execute(Q.gallery_ids_of_dataset,
                                                    {"model_id": model_id, "dataset": dataset})], np.int64)
-        params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(ids)) if len(ids) else None
-        if not len(ids):
-            return []
+        params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(ids))
     kk = k + len(q.in_gallery)
     D, I = built.index.search(q.vector[None].astype(np.float32), kk, params=params)
     pairs = [(int(i), float(np.sqrt(max(d, 0)))) for d, i in zip(D[0], I[0], strict=True)
