@@ -33,7 +33,7 @@ class WorkerConfig:
     max_attempts: int = 3  # a bad image is retried this many times, then failed
     retry_delay_s: float = 10.0  # first retry delay; doubles with each attempt
     db_retries: int = 5  # reconnect attempts (exponential backoff) before giving up
-    throttle_s: float = 0.0  # pause inside each batch (load shaping; tests use it)
+    throttle_s: float = 0.0  # pause before each commit (load shaping; tests use it)
     build_index: bool = True  # build the model's HNSW index once nothing is pending
     device: str = "cpu"
     database_url: str | None = None
@@ -89,7 +89,7 @@ class Worker:
 
     def enqueue(self) -> int:
         """Queue every image this model has not embedded yet (idempotent) -> rows added."""
-        return self.conn.execute(Q.enqueue_model, {"model_id": self.model_row.id}).rowcount
+        return registry.enqueue(self.conn, self.model_row.id)
 
     def run(self) -> Summary:
         from tqdm import tqdm
@@ -150,9 +150,25 @@ class Worker:
 
     # -- one batch ------------------------------------------------------------------
     def process_batch(self) -> int:
+        """One batch -> images claimed. A queue row whose embedding already exists makes
+        the COPY fail on the primary key and the whole batch roll back: such rows are
+        dropped and the batch retried once (anything else is raised)."""
+        try:
+            return self._process_batch()
+        except psycopg.errors.UniqueViolation as err:
+            mid = self.model_row.id
+            dropped = self.conn.execute(Q.drop_embedded_from_queue, {"model_id": mid}).rowcount
+            if not dropped:
+                raise
+            log.warning("dropped %d queue rows of model %s that were already embedded (%s)",
+                        dropped, mid, str(err).splitlines()[0])
+            return self._process_batch()
+
+    def _process_batch(self) -> int:
         """Claim -> embed -> COPY -> dequeue, one transaction (see Q.claim_batch)."""
         mid = self.model_row.id
         with self.conn.transaction():
+            self.conn.execute(Q.lock_queue_shared, {"model_id": mid})
             rows = self.conn.execute(Q.claim_batch, {"model_id": mid,
                                                      "batch_size": self.cfg.batch_size}).fetchall()
             if not rows:
@@ -173,8 +189,6 @@ class Worker:
                 vectors[idx] = M.embed(self.net, np.stack([images[i] for i in idx]), device=self.cfg.device)
             finite = np.isfinite(vectors).all(axis=1)
             bad += [(i, "non-finite embedding") for i, f in zip(ok_ids, finite, strict=True) if not f]
-            if self.cfg.throttle_s:
-                time.sleep(self.cfg.throttle_s)
             good_ids = [i for i, f in zip(ok_ids, finite, strict=True) if f]
             with self.conn.cursor() as cur, cur.copy(Q.copy_embeddings) as copy:
                 copy.write(pgcopy.HEADER)
@@ -186,6 +200,9 @@ class Worker:
                     "model_id": mid, "image_id": image_id, "error": error,
                     "delay_s": self.cfg.retry_delay_s, "max_attempts": self.cfg.max_attempts})
                 log.warning("image %s: %s", image_id, error)
+            if self.cfg.throttle_s:
+                # written but not committed: the widest window for a crash or a race
+                time.sleep(self.cfg.throttle_s)
         self.summary.embedded += len(good_ids)
         self.summary.failed += len(bad)
         return len(rows)
@@ -232,7 +249,7 @@ def parse_args(argv=None) -> WorkerConfig:
     p.add_argument("--poll-interval", type=float, default=5.0, help="seconds between polls when idle")
     p.add_argument("--max-attempts", type=int, default=3, help="tries per image before it is marked failed")
     p.add_argument("--db-retries", type=int, default=5, help="reconnect attempts before exiting with an error")
-    p.add_argument("--throttle", type=float, default=0.0, help="seconds to pause inside each batch (load shaping)")
+    p.add_argument("--throttle", type=float, default=0.0, help="seconds to pause before each batch commits (load shaping)")
     p.add_argument("--no-index", action="store_true", help="do not build the HNSW index after draining")
     p.add_argument("--device", default="cpu", help="torch device for inference (cpu, cuda)")
     p.add_argument("--database-url", default=None, help="postgresql:// URL (default: as every medsim command)")

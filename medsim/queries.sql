@@ -85,8 +85,25 @@ RETURNING id;
 
 -- ===================================================================== embedding queue
 
+-- name: lock_queue_shared
+-- Taken first by every batch transaction; lock_queue_exclusive by enqueue_model.
+-- Why: enqueue_model decides "not embedded yet" from its snapshot, which cannot see a
+-- batch still in flight. If that batch has already deleted its queue rows, the INSERT
+-- waits for it (ON CONFLICT on a row being deleted), finds no conflict once it
+-- commits, and queues the just-embedded images again; a worker then COPYs a duplicate
+-- (model_id, image_id) and fails. Shared locks never block one another, so workers
+-- still run in parallel; enqueue waits for the batches in flight, and new batches wait
+-- for the enqueue (one anti-join). Keys: (hashtext('medsim.embedding_queue'), model).
+SELECT pg_advisory_xact_lock_shared(hashtext('medsim.embedding_queue'), %(model_id)s);
+
+-- name: lock_queue_exclusive
+SELECT pg_advisory_xact_lock(hashtext('medsim.embedding_queue'), %(model_id)s);
+
 -- name: enqueue_model
 -- Make every image without an embedding for this model pending for it. Idempotent.
+-- Run only after lock_queue_exclusive, in the same transaction (registry.enqueue):
+-- under READ COMMITTED this statement's snapshot is then taken after every batch in
+-- flight has committed or rolled back.
 INSERT INTO medsim.embedding_queue (model_id, image_id)
 SELECT %(model_id)s, i.id FROM medsim.images i
 WHERE NOT EXISTS (SELECT 1 FROM medsim.embeddings e
@@ -116,6 +133,12 @@ ORDER BY c.image_id;
 
 -- name: copy_embeddings
 COPY medsim.embeddings (model_id, image_id, embedding) FROM STDIN WITH (FORMAT BINARY);
+
+-- name: drop_embedded_from_queue
+-- Queue rows whose embedding already exists (a row added by hand, or by an enqueue
+-- that did not take the queue lock): the worker's COPY would fail on them.
+DELETE FROM medsim.embedding_queue q USING medsim.embeddings e
+WHERE q.model_id = %(model_id)s AND e.model_id = q.model_id AND e.image_id = q.image_id;
 
 -- name: dequeue
 DELETE FROM medsim.embedding_queue WHERE model_id = %(model_id)s AND image_id = ANY(%(ids)s);

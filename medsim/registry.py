@@ -61,7 +61,20 @@ def set_current(conn, model_id: int) -> None:
             raise LookupError(f"no model with id {model_id}")
         conn.execute(Q.unset_current)
         conn.execute(Q.set_current, {"id": model_id})
-        conn.execute(Q.enqueue_model, {"model_id": model_id})
+        enqueue(conn, model_id)
+
+
+def enqueue(conn, model_id: int) -> int:
+    """Queue every image model_id has not embedded yet (idempotent) -> rows added.
+
+    Holds the model's queue lock exclusively so no worker batch is in flight while the
+    "not embedded yet" set is computed (see Q.lock_queue_shared for the race it closes).
+    Inside an outer transaction this is a savepoint: the lock is then held until the
+    outer transaction ends. The outer transaction must be READ COMMITTED (the default).
+    """
+    with conn.transaction():
+        conn.execute(Q.lock_queue_exclusive, {"model_id": model_id})
+        return conn.execute(Q.enqueue_model, {"model_id": model_id}).rowcount
 
 
 def list_models(conn) -> list[tuple]:

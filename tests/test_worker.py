@@ -1,4 +1,5 @@
 import signal
+import threading
 import time
 
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 from medsim import data, db, hnsw, registry
 from medsim import model as M
 from medsim.embed_worker import Worker, WorkerConfig
+from medsim.queries import Q
 from tests.helpers import ingest_synth, register_model, run_worker, start_worker
 
 N = 780 + 1600  # synthetic breast + retina
@@ -66,6 +68,51 @@ def test_four_workers_embed_every_image_exactly_once(ready, db_url):
     missing = conn.execute("SELECT count(*) FROM medsim.images i WHERE NOT EXISTS (SELECT 1 FROM "
                            "medsim.embeddings e WHERE e.model_id = %s AND e.image_id = i.id)", (mid,)).fetchone()[0]
     assert dup == [] and missing == 0 and n_embedded(conn, mid) == N
+    assert conn.execute("SELECT count(*) FROM medsim.embedding_queue").fetchone()[0] == 0
+
+
+def test_enqueue_racing_a_batch_does_not_requeue_its_images(ready, db_url):
+    """Regression (CI, 4 workers): a worker's enqueue ran while another worker's batch had
+    deleted its queue rows but not committed; once it committed, the enqueue re-inserted
+    them and the next COPY failed on the primary key. Now the enqueue waits for the batch."""
+    conn, mid = ready
+    batch = 32
+    w = Worker(WorkerConfig(once=True, batch_size=batch, throttle_s=1.0, database_url=db_url,
+                            progress=False, build_index=False))
+    w.connect()
+    w.load_model()
+    in_batch = threading.Thread(target=w.process_batch)
+    in_batch.start()
+    pid = w.conn.info.backend_pid
+    # the batch has written and dequeued, and sleeps before its commit
+    assert wait_until(lambda: conn.execute(
+        "SELECT state = 'idle in transaction' AND query LIKE 'DELETE FROM medsim.embedding_queue%%' "
+        "FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0], timeout=30)
+    other = db.connect(db_url, autocommit=True)
+    added = []
+    racer = threading.Thread(target=lambda: added.append(registry.enqueue(other, mid)))
+    racer.start()
+    in_batch.join(timeout=60)
+    racer.join(timeout=60)
+    other.close()
+    w.conn.close()
+    assert added == [0]
+    requeued = conn.execute("SELECT count(*) FROM medsim.embedding_queue q JOIN medsim.embeddings e "
+                            "USING (model_id, image_id)").fetchone()[0]
+    assert requeued == 0 and n_embedded(conn, mid) == batch
+    pending = conn.execute(Q.pending_count, {"model_id": mid}).fetchone()[0]
+    assert pending == N - batch
+
+
+def test_queue_rows_already_embedded_are_dropped_not_fatal(ready, db_url):
+    conn, mid = ready
+    assert run_worker(db_url, "--once", "--no-index").returncode == 0
+    # a stale row, as a user (or an older medsim) might add by hand
+    conn.execute("INSERT INTO medsim.embedding_queue (model_id, image_id) "
+                 "SELECT %s, id FROM medsim.images ORDER BY id LIMIT 3", (mid,))
+    summary = Worker(WorkerConfig(once=True, database_url=db_url, progress=False, build_index=False)).run()
+    assert summary.embedded == 0 and summary.failed == 0
+    assert n_embedded(conn, mid) == N
     assert conn.execute("SELECT count(*) FROM medsim.embedding_queue").fetchone()[0] == 0
 
 
