@@ -16,8 +16,45 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PRESENT, SHARED, fresh_database, machine  # noqa: E402
 
-from medsim import db, index, ingest, recall, registry, train  # noqa: E402
+from medsim import db, hnsw, index, ingest, recall, registry, train  # noqa: E402
 from medsim.embed_worker import Worker, WorkerConfig  # noqa: E402
+from medsim.queries import Q  # noqa: E402
+
+SWEEP = ((16, 64), (16, 128), (16, 200), (32, 200))  # (m, ef_construction); pgvector's default first
+
+
+def hnsw_build_sweep(conn, model_id: int, dim: int, builds: int = 4, ef_search: int = 40) -> None:
+    """HNSW graphs differ from build to build: build each (m, ef_construction) several
+    times and print recall at one ef_search, so a default is chosen on its worst build,
+    not on one lucky one. Leaves the index built with medsim's defaults."""
+    import time
+
+    import numpy as np
+
+    splits = list(index.DEFAULT_SPLITS)
+    xq = np.stack([r[1].to_numpy() for r in conn.execute(
+        Q.query_vectors, {"model_id": model_id, "splits": ["test"]})]).astype(np.float32)
+    batches = list(index.read_batches(conn, model_id, splits))
+    gids, xb = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
+    D_gt, _, _, _ = recall.pgvector_search(conn, model_id, dim, xq, 100, splits, exact=True)
+    print(f"pgvector HNSW build sweep: {builds} builds each, ef_search={ef_search}, {len(xq)} queries")
+    for m, efc in SWEEP:
+        secs, r10, r100, qps = [], [], [], []
+        for _ in range(builds):
+            t0 = time.perf_counter()
+            hnsw.ensure(conn, model_id, dim, m=m, ef_construction=efc, replace=True)
+            secs.append(time.perf_counter() - t0)
+            _, I, lat, used = recall.pgvector_search(conn, model_id, dim, xq, 100, splits, exact=False,
+                                                     ef_search=ef_search)
+            assert used, "the plan did not use the HNSW index"
+            r10.append(recall.tie_aware_recall(xq, I, D_gt, gids, xb, 10))
+            r100.append(recall.tie_aware_recall(xq, I, D_gt, gids, xb, 100))
+            qps.append(len(xq) / lat.sum())
+        mark = " (medsim default)" if (m, efc) == (hnsw.DEFAULT_M, hnsw.DEFAULT_EF_CONSTRUCTION) else ""
+        print(f"SWEEP m={m} ef_construction={efc}{mark}: build {np.mean(secs):.2f}s, "
+              f"R@10 min {min(r10):.4f} mean {np.mean(r10):.4f}, R@100 min {min(r100):.4f} "
+              f"mean {np.mean(r100):.4f}, {np.mean(qps):,.0f} q/s")
+    hnsw.ensure(conn, model_id, dim, replace=True)
 
 
 def main() -> None:
@@ -27,6 +64,8 @@ def main() -> None:
     p.add_argument("--seed-model", action="store_true",
                    help="also train the notebook's network (seed preset, 16-d, dataset mode) and "
                         "report the indexes over its embeddings, where the seed IVFPQ belongs")
+    p.add_argument("--hnsw-sweep", action="store_true",
+                   help="first compare pgvector HNSW build parameters over repeated builds")
     a = p.parse_args()
     server = None
     url = a.database_url
@@ -41,6 +80,8 @@ def main() -> None:
             train.train(conn, train.TrainConfig(), out_dir=a.out_dir, progress=False, log=lambda *x: None)
         mid = registry.get(conn).id
         Worker(WorkerConfig(model=str(mid), once=True, database_url=url, progress=False)).run()
+        if a.hnsw_sweep:
+            hnsw_build_sweep(conn, mid, registry.get(conn, mid).embedding_dim)
         builds = [index.build(conn, mid, kind, out_dir=a.out_dir) for kind in index.KINDS]
         r = recall.report(conn, builds)
     print(recall.format_table(r))

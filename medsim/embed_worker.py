@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import psycopg
 
-from medsim import data, db, hnsw, pgcopy, registry
+from medsim import data, db, hnsw, migrate, pgcopy, registry
 from medsim import model as M
 from medsim.queries import Q
 
@@ -82,6 +82,7 @@ class Worker:
                 delay = min(delay * 2, 30)
 
     def load_model(self) -> None:
+        migrate.check(self.conn)
         row = registry.get(self.conn, self.cfg.model)
         self.model_row = row
         self.net = row.load(self.conn, self.cfg.device)
@@ -273,7 +274,7 @@ def main(argv=None) -> int:
     except db.DatabaseUnavailable as err:
         print(f"embed_worker: error: {err}", file=sys.stderr)
         return 1
-    except LookupError as err:
+    except (LookupError, migrate.SchemaNotReady) as err:
         print(f"embed_worker: error: {err}", file=sys.stderr)
         return 2
     model = worker.model_row.id if worker.model_row else "none"

@@ -24,8 +24,18 @@ def exists(conn, model_id: int) -> bool:
                         (f"medsim.{index_name(model_id)}",)).fetchone()[0]
 
 
-def ensure(conn, model_id: int, dim: int, m: int = 16, ef_construction: int = 64) -> bool:
-    """Create the model's HNSW index if missing -> True if it was built now.
+# pgvector's defaults are m=16, ef_construction=64. On medsim's embeddings (L2-normalised,
+# in tight per-subset clusters) that graph left some images reachable only at very large
+# ef_search: four builds gave recall@10 0.9891-0.9975 at ef_search=40, one under 0.99.
+# ef_construction=200 gave 1.0000 in four of four builds for 1.6x the build time
+# (bench/bench_recall.py --hnsw-sweep prints the comparison).
+DEFAULT_M = 16
+DEFAULT_EF_CONSTRUCTION = 200
+
+
+def ensure(conn, model_id: int, dim: int, m: int = DEFAULT_M,
+           ef_construction: int = DEFAULT_EF_CONSTRUCTION, replace: bool = False) -> bool:
+    """Create the model's HNSW index if missing (or replace it) -> True if built now.
 
     Build after the bulk load (pgvector's advice: much faster than maintaining it row
     by row). An advisory lock makes concurrent callers (several workers draining at
@@ -34,7 +44,12 @@ def ensure(conn, model_id: int, dim: int, m: int = 16, ef_construction: int = 64
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('medsim.hnsw'), %s)", (int(model_id),))
         if exists(conn, model_id):
-            return False
+            if not replace:
+                return False
+            # in the build's transaction: DROP INDEX locks medsim.embeddings until the new
+            # index commits, so searches wait for the rebuild (seconds per 100k rows here)
+            # instead of ever running without an index. A rollback keeps the old one.
+            conn.execute(sql.SQL("DROP INDEX medsim.{}").format(sql.Identifier(index_name(model_id))))
         conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
         conn.execute(sql.SQL(
             "CREATE INDEX {name} ON medsim.embeddings USING hnsw (({expr}) vector_l2_ops) "

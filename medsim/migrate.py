@@ -38,6 +38,41 @@ def current(url: str) -> str | None:
     return row[0] if row else None
 
 
+class SchemaNotReady(RuntimeError):
+    """The database is not at the revision this medsim needs."""
+
+
+def head() -> str:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config("")).get_current_head()
+
+
+def check(conn) -> None:
+    """Raise SchemaNotReady unless the database is at this code's head revision.
+
+    Commands call it before touching medsim tables, so an unmigrated (or newer) database
+    gives one clear sentence instead of an UndefinedTable traceback. to_regclass keeps a
+    missing table from being an error (which would abort an open transaction).
+    """
+    found = conn.execute("SELECT to_regclass('public.alembic_version') IS NOT NULL").fetchone()[0]
+    row = conn.execute("SELECT version_num FROM public.alembic_version").fetchone() if found else None
+    have, want = (row[0] if row else None), head()
+    if have == want:
+        return
+    if have is None:
+        raise SchemaNotReady("the database has no medsim schema yet: run `medsim migrate` "
+                             "(or `alembic upgrade head`)")
+    from alembic.script import ScriptDirectory
+
+    known = {r.revision for r in ScriptDirectory.from_config(alembic_config("")).walk_revisions()}
+    if have in known:
+        raise SchemaNotReady(f"the database is at revision {have}, this medsim needs {want}: "
+                             "run `medsim migrate` (or `alembic upgrade head`)")
+    raise SchemaNotReady(f"the database is at revision {have}, which this medsim does not know "
+                         f"(it needs {want}): it was migrated by a newer medsim")
+
+
 def apply_sql(op, name: str) -> None:
     """Execute sql/<name> (CREATE OR REPLACE ...) inside a revision.
 

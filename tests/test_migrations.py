@@ -51,3 +51,40 @@ def test_alembic_command_line_reads_database_url(empty_db_url, monkeypatch):
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert migrate.current(empty_db_url) is not None
+
+
+def test_commands_refuse_a_database_not_at_head(empty_db_url):
+    """An unmigrated, partly migrated or newer database gets one sentence saying what to
+    do, from the CLI and from the worker, never an UndefinedTable traceback."""
+    import subprocess
+    import sys
+
+    from medsim import cli
+    from tests.helpers import run_worker
+
+    def status_error():
+        r = subprocess.run([sys.executable, "-m", "medsim.cli", "--database-url", empty_db_url, "status"],
+                           capture_output=True, text=True, timeout=120)
+        return r.returncode, r.stderr
+
+    code, err = status_error()
+    assert code == 2 and "no medsim schema yet: run `medsim migrate`" in err and "Traceback" not in err
+    r = run_worker(empty_db_url, "--once")
+    assert r.returncode == 2 and "no medsim schema yet" in r.stderr and "Traceback" not in r.stderr
+
+    migrate.upgrade(empty_db_url, "0002")
+    code, err = status_error()
+    assert code == 2 and f"this medsim needs {migrate.head()}" in err
+
+    migrate.upgrade(empty_db_url)
+    with psycopg.connect(empty_db_url, autocommit=True) as c:
+        migrate.check(c)  # at head: no error
+        c.execute("UPDATE alembic_version SET version_num = '9999_future'")
+        try:
+            migrate.check(c)
+            raise AssertionError("a newer schema was accepted")
+        except migrate.SchemaNotReady as err:
+            assert "migrated by a newer medsim" in str(err)
+        c.execute("UPDATE alembic_version SET version_num = %s", (migrate.head(),))
+
+    assert cli.main(["--database-url", empty_db_url, "migrate", "nonsense"]) == 2

@@ -120,7 +120,7 @@ def test_sigkill_mid_batch_leaves_no_partial_rows(ready, db_url):
     conn, mid = ready
     p = start_worker(db_url, "--once", "--batch-size", "100", "--throttle", "0.3", "--no-index")
     assert wait_until(lambda: n_embedded(conn, mid) >= 200)
-    time.sleep(0.15)  # land inside a batch (claimed, computed, not committed)
+    time.sleep(0.15)  # land inside a batch (claimed, written, not committed)
     p.send_signal(signal.SIGKILL)
     p.communicate(timeout=10)
     done = n_embedded(conn, mid)
@@ -212,13 +212,35 @@ def test_hnsw_index_is_used(ready, db_url):
     assert hnsw.index_name(mid) in plan
 
 
+def test_pgindex_rebuild_changes_build_parameters(ready, db_url):
+    from medsim import cli
+
+    conn, mid = ready
+    assert run_worker(db_url, "--once").returncode == 0
+
+    def options():
+        return conn.execute("SELECT reloptions FROM pg_class WHERE oid = to_regclass(%s)",
+                            (f"medsim.{hnsw.index_name(mid)}",)).fetchone()[0]
+
+    assert options() == ["m=16", f"ef_construction={hnsw.DEFAULT_EF_CONSTRUCTION}"]
+    assert cli.main(["--database-url", db_url, "pgindex", "--ef-construction", "40"]) == 0
+    assert options() == ["m=16", f"ef_construction={hnsw.DEFAULT_EF_CONSTRUCTION}"]  # kept without --rebuild
+    assert cli.main(["--database-url", db_url, "pgindex", "--m", "8", "--ef-construction", "40",
+                     "--rebuild"]) == 0
+    assert options() == ["m=8", "ef_construction=40"]
+    ids = conn.execute("SELECT image_id FROM medsim.embeddings WHERE model_id = %s "
+                       "ORDER BY embedding::vector(64) <-> %s::vector(64) LIMIT 3",
+                       (mid, np.ones(64, np.float32) / 8)).fetchall()
+    assert len(ids) == 3
+
+
 def test_waiting_worker_picks_up_new_images(conn, synth_dir, db_url):
     ingest_synth(conn, synth_dir, flags=("breastmnist",))
     mid = register_model(conn)
     p = start_worker(db_url, "--poll-interval", "30", "--no-index")
     try:
         assert wait_until(lambda: n_embedded(conn, mid) == 780)
-        ingest_synth(conn, synth_dir, flags=("retinamnist",))  # trigger enqueues + NOTIFY
+        ingest_synth(conn, synth_dir, flags=("retinamnist",))  # the insert trigger NOTIFYs; the worker queues them
         assert wait_until(lambda: n_embedded(conn, mid) == N, timeout=20)  # well before the poll
     finally:
         p.send_signal(signal.SIGTERM)
