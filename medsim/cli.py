@@ -99,10 +99,13 @@ def cmd_ingest(args) -> int:
 def cmd_train(args) -> int:
     from medsim import train
 
-    tcfg = train.TrainConfig(mode=args.mode, preset=args.preset, epochs=args.epochs,
-                             pairs_per_epoch=args.pairs_per_epoch, batch_size=args.batch_size,
-                             lr=args.lr, patience=args.patience, seed=args.seed,
-                             flags=args.datasets, device=args.device)
+    try:
+        tcfg = train.TrainConfig(mode=args.mode, preset=args.preset, epochs=args.epochs,
+                                 pairs_per_epoch=args.pairs_per_epoch, batch_size=args.batch_size,
+                                 lr=args.lr, patience=args.patience, seed=args.seed,
+                                 flags=args.datasets, device=args.device)
+    except ValueError as err:
+        raise UserError(f"train: {err}") from None
     with _connect(args) as conn:
         try:
             train.train(conn, tcfg, out_dir=args.out_dir, set_current=not args.no_set_current,
@@ -143,9 +146,15 @@ def cmd_models(args) -> int:
 
 # ------------------------------------------------------------------ embeddings
 def cmd_status(args) -> int:
+    from medsim import registry
     from medsim.queries import Q
 
     with _connect(args) as conn:
+        if args.model is not None:
+            try:
+                registry.get(conn, args.model)
+            except LookupError as err:
+                raise UserError(err) from None
         rows = conn.execute(Q.embedding_status, {"model_id": args.model}).fetchall()
         print(f"{'model':>5s} {'name':18s} {'dataset':16s} {'total':>7s} {'embedded':>9s} "
               f"{'pending':>8s} {'failed':>7s}  oldest pending")
@@ -268,7 +277,10 @@ def cmd_search(args) -> int:
 def cmd_demo(args) -> int:
     from medsim import demo, train
 
-    tcfg = train.TrainConfig(epochs=args.epochs, pairs_per_epoch=args.pairs_per_epoch, device=args.device)
+    try:
+        tcfg = train.TrainConfig(epochs=args.epochs, pairs_per_epoch=args.pairs_per_epoch, device=args.device)
+    except ValueError as err:
+        raise UserError(f"demo: {err}") from None
     cfg = demo.DemoConfig(flags=tuple(args.flags), data_dir=args.data_dir,
                           accept_unofficial=args.accept_unofficial, allow_download=not args.no_download,
                           out_dir=args.out_dir, train=tcfg, database_url=args.database_url,

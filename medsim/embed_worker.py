@@ -39,6 +39,18 @@ class WorkerConfig:
     database_url: str | None = None
     progress: bool = True
 
+    def __post_init__(self):
+        # a batch size of 0 would claim nothing and report the queue drained
+        for name in ("batch_size", "max_attempts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("poll_interval", "retry_delay_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("db_retries", "throttle_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+
 
 @dataclass
 class Summary:
@@ -256,10 +268,13 @@ def parse_args(argv=None) -> WorkerConfig:
     p.add_argument("--database-url", default=None, help="postgresql:// URL (default: as every medsim command)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    return WorkerConfig(model=a.model, batch_size=a.batch_size, once=a.once, poll_interval=a.poll_interval,
-                        max_attempts=a.max_attempts, db_retries=a.db_retries, throttle_s=a.throttle,
-                        build_index=not a.no_index, device=a.device, database_url=a.database_url,
-                        progress=not a.quiet)
+    try:
+        return WorkerConfig(model=a.model, batch_size=a.batch_size, once=a.once, poll_interval=a.poll_interval,
+                            max_attempts=a.max_attempts, db_retries=a.db_retries, throttle_s=a.throttle,
+                            build_index=not a.no_index, device=a.device, database_url=a.database_url,
+                            progress=not a.quiet)
+    except ValueError as err:
+        p.error(str(err))  # exits 2 with the usage line
 
 
 def main(argv=None) -> int:

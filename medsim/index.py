@@ -41,6 +41,25 @@ def default_params(kind: str, n: int, dim: int) -> dict:
     }[kind]
 
 
+def check_params(kind: str, p: dict, n: int, given: dict) -> dict:
+    """Refuse unknown or impossible parameters before FAISS does (its C++ assertions end
+    in a RuntimeError several lines long, after the vectors have been read)."""
+    unknown = sorted(set(given) - set(default_params(kind, 1, 2)))
+    if unknown:
+        known = ", ".join(default_params(kind, 1, 2)) or "none"
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for a {kind} index; known: {known}")
+    bad = [f"{k}={v}" for k, v in p.items() if not isinstance(v, int) or v < 1]
+    if bad:
+        raise ValueError(f"{kind} index parameters must be positive integers: {', '.join(bad)}")
+    if "nlist" in p and p["nlist"] > n:
+        raise ValueError(f"nlist={p['nlist']} is more lists than the {n} vectors to cluster; "
+                         f"use at most {n} (default for this gallery: "
+                         f"{default_params(kind, n, 2)['nlist']})")
+    if "nbits" in p and not 1 <= p["nbits"] <= 16:
+        raise ValueError(f"nbits={p['nbits']} must be between 1 and 16")
+    return p
+
+
 def make_index(kind: str, dim: int, p: dict) -> faiss.Index:
     if kind == "flat":
         return faiss.IndexIDMap2(faiss.IndexFlatL2(dim))
@@ -106,7 +125,8 @@ def build(conn, model_ref="current", kind: str = "flat", params: dict | None = N
     if n_before == 0:
         raise LookupError(f"model {row.id} has no embeddings in {source_view(splits)} for splits "
                           f"{', '.join(splits)}: run the embedding worker first")
-    p = {**default_params(kind, n_before, row.embedding_dim), **(params or {})}
+    p = check_params(kind, {**default_params(kind, n_before, row.embedding_dim), **(params or {})},
+                     n_before, params or {})
     index = make_index(kind, row.embedding_dim, p)
     batches = list(read_batches(conn, row.id, splits))
     if not index.is_trained:

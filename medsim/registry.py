@@ -32,7 +32,11 @@ def get(conn, ref: int | str | None = "current") -> ModelRow:
         if row is None:
             raise LookupError("no current model: train one (medsim train) or pick one with --model ID")
     else:
-        row = conn.execute(Q.model_by_id, {"id": int(ref)}).fetchone()
+        try:
+            ref = int(ref)
+        except ValueError:
+            raise LookupError(f"model {ref!r}: expected a model id (see `medsim models`) or 'current'") from None
+        row = conn.execute(Q.model_by_id, {"id": ref}).fetchone()
         if row is None:
             raise LookupError(f"no model with id {ref}")
     mid, name, preset, mode, dim, datasets, config, current = row

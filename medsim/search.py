@@ -52,7 +52,7 @@ def load_image_file(path: Path | str, size: int = 28) -> np.ndarray:
 
     path = Path(path)
     if not path.is_file():
-        raise SearchError(f"{path}: no such file")
+        raise SearchError(f"{path}: {'a directory, not an image file' if path.is_dir() else 'no such file'}")
     try:
         with Image.open(path) as img:
             img.load()

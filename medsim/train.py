@@ -38,6 +38,19 @@ class TrainConfig:
     augment: bool = True  # random horizontal flips
     device: str = "auto"
 
+    def __post_init__(self):
+        # checked here so a bad value fails before any data is read (epochs=0 used to end
+        # in a TypeError while saving a checkpoint that was never made)
+        for name in ("epochs", "pairs_per_epoch", "val_pairs", "batch_size", "patience", "image_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if self.mode not in ("label", "dataset"):
+            raise ValueError(f"mode must be 'label' or 'dataset', got {self.mode!r}")
+        if self.preset not in M.PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {', '.join(M.PRESETS)}")
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":

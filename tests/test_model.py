@@ -131,6 +131,18 @@ def ingested(conn, synth_dir):
     return conn
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("epochs", 0, "epochs must be a positive integer, got 0"),
+    ("batch_size", -4, "batch_size must be a positive integer"),
+    ("lr", 0.0, "lr must be positive"),
+    ("mode", "diagnosis", "mode must be 'label' or 'dataset'"),
+    ("preset", "resnet", "unknown preset 'resnet'"),
+])
+def test_train_config_refuses_bad_values(field, value, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        train.TrainConfig(**{field: value})
+
+
 def test_few_training_steps_lower_the_loss(ingested):
     tr = data.load_split(ingested, ["train"])
     torch.manual_seed(0)
@@ -191,3 +203,13 @@ def test_train_registers_model_history_and_curves(ingested, tmp_path):
     assert ingested.execute("SELECT count(*) FROM medsim.models WHERE is_current").fetchone()[0] == 1
     with pytest.raises(LookupError):
         registry.set_current(ingested, 9999)
+
+
+def test_cli_gives_clear_errors_for_bad_train_and_status_arguments(conn, capsys):
+    from medsim import cli
+
+    assert cli.main(["train", "--epochs", "0"]) == 2
+    assert "train: epochs must be a positive integer, got 0" in capsys.readouterr().err
+    assert cli.main(["status", "--model", "99"]) == 2
+    assert "no model with id 99" in capsys.readouterr().err
+    assert conn.execute("SELECT count(*) FROM medsim.models").fetchone()[0] == 0

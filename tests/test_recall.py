@@ -135,3 +135,22 @@ def test_cli_build_recall_and_stale_refusal(embedded, tmp_path, capsys):
     assert "is stale" in capsys.readouterr().err
     assert cli.main(["recall", "--index", str(path), "--rebuild", "-k", "5", "--json", str(out_json)]) == 0
     assert cli.main(["recall", "-k", "0"]) == 2
+
+
+@pytest.mark.parametrize("kind, params, message", [
+    ("hnsw", {"foo": 1}, "unknown parameter(s) foo for a hnsw index; known: M, efConstruction, efSearch"),
+    ("flat", {"nlist": 4}, "unknown parameter(s) nlist for a flat index; known: none"),
+    ("ivfflat", {"nlist": 5000}, "nlist=5000 is more lists than the 1824 vectors"),
+    ("ivfflat", {"nprobe": 0}, "must be positive integers: nprobe=0"),
+    ("ivfpq", {"nprobe": 1.5}, "must be positive integers: nprobe=1.5"),
+    ("seed", {"nbits": 20}, "nbits=20 must be between 1 and 16"),
+])
+def test_bad_index_parameters_are_refused_before_anything_is_written(embedded, tmp_path, kind, params,
+                                                                     message):
+    conn, mid = embedded
+    before = conn.execute("SELECT count(*) FROM medsim.index_builds").fetchone()[0]
+    with pytest.raises(ValueError) as err:
+        index.build(conn, mid, kind, params=params, out=tmp_path / "x.faiss")
+    assert message in str(err.value)
+    assert not (tmp_path / "x.faiss").exists()
+    assert conn.execute("SELECT count(*) FROM medsim.index_builds").fetchone()[0] == before
