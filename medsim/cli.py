@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from medsim import db, hnsw
@@ -431,6 +432,11 @@ def main(argv=None) -> int:
     except (UserError, db.DatabaseUnavailable) as err:
         print(f"medsim: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # output piped into `head` and the like: not worth a traceback. Point stdout at
+        # devnull so the interpreter's final flush does not fail again (Python docs recipe).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":
