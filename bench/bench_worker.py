@@ -60,6 +60,7 @@ def main() -> None:
         fb = s.embedded / s.seconds
         print(f"(b) worker end to end (connect, load model, claim, decode, forward, COPY, commit): "
               f"{s.line()} -> {fb:,.0f} images/s")
+        print(f"    where (b)'s time went: {s.breakdown()}")
         if not a.skip_notebook:
             conn.execute("CREATE TABLE notebook_embeddings (image_id bigint, embedding float8[])")
             ids = [r[0] for r in conn.execute("SELECT id FROM medsim.images ORDER BY id")]

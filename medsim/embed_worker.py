@@ -12,7 +12,7 @@ import logging
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import psycopg
@@ -57,10 +57,24 @@ class Summary:
     embedded: int = 0
     failed: int = 0
     seconds: float = 0.0
+    # wall seconds per stage, so a slow run says where its time went: start (connect,
+    # load the model, queue), claim, decode, embed (forward incl. device transfers),
+    # copy (binary COPY), dequeue (and failure rows), commit, after (ANALYZE, HNSW build)
+    phases: dict = field(default_factory=dict)
+
+    def add(self, phase: str, since: float) -> float:
+        now = time.perf_counter()
+        self.phases[phase] = self.phases.get(phase, 0.0) + now - since
+        return now
 
     def line(self) -> str:
         rate = self.embedded / self.seconds if self.seconds else 0.0
         return f"embedded {self.embedded}, failed {self.failed}, {rate:,.0f} images/s ({self.seconds:.1f}s)"
+
+    def breakdown(self) -> str:
+        total = self.seconds or sum(self.phases.values()) or 1.0
+        parts = {**self.phases, "other (enqueue, idle)": max(0.0, total - sum(self.phases.values()))}
+        return ", ".join(f"{k} {v:.3f}s ({v / total:.0%})" for k, v in parts.items())
 
 
 class Worker:
@@ -124,6 +138,7 @@ class Worker:
                 log.info("%s; waiting", err)
                 time.sleep(self.cfg.poll_interval)
         pending = self.conn.execute(Q.pending_count, {"model_id": self.model_row.id}).fetchone()[0]
+        self.summary.add("start", t0)
         bar = tqdm(total=pending, unit="img", desc=f"model {self.model_row.id}",
                    disable=not self.cfg.progress, leave=False)
         listener = None
@@ -152,7 +167,9 @@ class Worker:
                     listener = None
                     self.connect()
             if not self.stopping:
+                t = time.perf_counter()
                 self.after_drain()
+                self.summary.add("after", t)
         finally:
             bar.close()
             if listener is not None:
@@ -180,10 +197,12 @@ class Worker:
     def _process_batch(self) -> int:
         """Claim -> embed -> COPY -> dequeue, one transaction (see Q.claim_batch)."""
         mid = self.model_row.id
+        t = time.perf_counter()
         with self.conn.transaction():
             self.conn.execute(Q.lock_queue_shared, {"model_id": mid})
             rows = self.conn.execute(Q.claim_batch, {"model_id": mid,
                                                      "batch_size": self.cfg.batch_size}).fetchall()
+            t = self.summary.add("claim", t)
             if not rows:
                 return 0
             ok_ids, images, bad = [], [], []
@@ -193,6 +212,7 @@ class Worker:
                     ok_ids.append(image_id)
                 except ValueError as err:
                     bad.append((image_id, f"undecodable image: {err}"))
+            t = self.summary.add("decode", t)
             # mixed sizes in one batch are embedded group by group
             shapes = {}
             for i, x in enumerate(images):
@@ -203,19 +223,23 @@ class Worker:
             finite = np.isfinite(vectors).all(axis=1)
             bad += [(i, "non-finite embedding") for i, f in zip(ok_ids, finite, strict=True) if not f]
             good_ids = [i for i, f in zip(ok_ids, finite, strict=True) if f]
+            t = self.summary.add("embed", t)
             with self.conn.cursor() as cur, cur.copy(Q.copy_embeddings) as copy:
                 copy.write(pgcopy.HEADER)
                 copy.write(pgcopy.embeddings_rows(mid, good_ids, vectors[finite]))
                 copy.write(pgcopy.TRAILER)
+            t = self.summary.add("copy", t)
             self.conn.execute(Q.dequeue, {"model_id": mid, "ids": good_ids})
             for image_id, error in bad:
                 self.conn.execute(Q.record_failure, {
                     "model_id": mid, "image_id": image_id, "error": error,
                     "delay_s": self.cfg.retry_delay_s, "max_attempts": self.cfg.max_attempts})
                 log.warning("image %s: %s", image_id, error)
+            t = self.summary.add("dequeue", t)
             if self.cfg.throttle_s:
                 # written but not committed: the widest window for a crash or a race
                 time.sleep(self.cfg.throttle_s)
+        self.summary.add("commit", t)  # (and the --throttle pause, when set)
         self.summary.embedded += len(good_ids)
         self.summary.failed += len(bad)
         return len(rows)
@@ -294,6 +318,8 @@ def main(argv=None) -> int:
         return 2
     model = worker.model_row.id if worker.model_row else "none"
     print(f"embed_worker: model {model}: {summary.line()}")
+    if summary.phases:
+        print(f"embed_worker: time: {summary.breakdown()}")
     return 0
 
 
