@@ -123,20 +123,24 @@ class Worker:
 
         t0 = time.perf_counter()
         self.connect()
-        while True:
-            try:
-                self.load_model()
-                break
-            except LookupError as err:
-                # a long-running worker (docker compose) may start before any model is
-                # trained: wait for one; a --once run has nothing to do and says so
-                if self.cfg.once:
-                    raise
-                if self.stopping:
-                    self.conn.close()
-                    return self.summary
-                log.info("%s; waiting", err)
-                time.sleep(self.cfg.poll_interval)
+        try:
+            while True:
+                try:
+                    self.load_model()
+                    break
+                except LookupError as err:
+                    # a long-running worker (docker compose) may start before any model is
+                    # trained: wait for one; a --once run has nothing to do and says so
+                    if self.cfg.once:
+                        raise
+                    if self.stopping:
+                        self.conn.close()
+                        return self.summary
+                    log.info("%s; waiting", err)
+                    time.sleep(self.cfg.poll_interval)
+        except BaseException:
+            self.conn.close()  # no model, schema not ready, interrupted: no leaked connection
+            raise
         pending = self.conn.execute(Q.pending_count, {"model_id": self.model_row.id}).fetchone()[0]
         self.summary.add("start", t0)
         bar = tqdm(total=pending, unit="img", desc=f"model {self.model_row.id}",

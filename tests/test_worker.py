@@ -297,12 +297,16 @@ def test_worker_without_a_model(conn, synth_dir, db_url):
     assert p.returncode == 0 and "model none: embedded 0" in out
 
 
-def test_worker_refuses_bad_arguments_and_touches_nothing(ready, db_url):
+def test_worker_refuses_bad_arguments_and_touches_nothing(ready, db_url, capsys):
+    from medsim import embed_worker
+
     conn, mid = ready
     for args, message in [(("--batch-size", "0"), "batch_size must be at least 1"),
-                          (("--poll-interval", "-1"), "poll_interval must be positive"),
-                          (("--model", "abc"), "model 'abc': expected a model id")]:
-        r = run_worker(db_url, "--once", *args)
-        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+                          (("--poll-interval", "-1"), "poll_interval must be positive")]:
+        with pytest.raises(SystemExit) as exit_:  # argparse's error: usage line, exit 2
+            embed_worker.main(["--database-url", db_url, "--once", *args])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert embed_worker.main(["--database-url", db_url, "--once", "--model", "abc"]) == 2
+    assert "model 'abc': expected a model id" in capsys.readouterr().err
     assert n_embedded(conn, mid) == 0
     assert conn.execute(Q.pending_count, {"model_id": mid}).fetchone()[0] == N
