@@ -147,15 +147,12 @@ def cmd_models(args) -> int:
 
 # ------------------------------------------------------------------ embeddings
 def cmd_status(args) -> int:
-    from medsim import registry
     from medsim.queries import Q
 
     with _connect(args) as conn:
-        if args.model is not None:
-            try:
-                registry.get(conn, args.model)
-            except LookupError as err:
-                raise UserError(err) from None
+        # the query, not registry.get: that would import torch (1.3 s) for a status line
+        if args.model is not None and conn.execute(Q.model_by_id, {"id": args.model}).fetchone() is None:
+            raise UserError(f"no model with id {args.model}")
         rows = conn.execute(Q.embedding_status, {"model_id": args.model}).fetchall()
         print(f"{'model':>5s} {'name':18s} {'dataset':16s} {'total':>7s} {'embedded':>9s} "
               f"{'pending':>8s} {'failed':>7s}  oldest pending")

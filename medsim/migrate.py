@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-
 ROOT = Path(__file__).resolve().parent.parent
 SQL_DIR = ROOT / "sql"
 
+# The revision this code needs. A constant, so that the check every command makes before
+# touching the database costs no Alembic import (0.2 s of start-up: Alembic loads
+# SQLAlchemy); tests/test_migrations.py asserts it is Alembic's head. Alembic itself is
+# imported only where it runs migrations or explains a mismatch.
+HEAD = "0005"
 
-def alembic_config(url: str) -> Config:
+
+def alembic_config(url: str):
+    from alembic.config import Config
+
     cfg = Config(str(ROOT / "alembic.ini"))
     cfg.set_main_option("script_location", str(ROOT / "db"))
     cfg.attributes["url"] = url
@@ -20,11 +25,22 @@ def alembic_config(url: str) -> Config:
 
 
 def upgrade(url: str, revision: str = "head") -> None:
+    from alembic import command
+
     command.upgrade(alembic_config(url), revision)
 
 
 def downgrade(url: str, revision: str = "base") -> None:
+    from alembic import command
+
     command.downgrade(alembic_config(url), revision)
+
+
+def revisions() -> list[str]:
+    """Every revision in db/versions, head first (from Alembic's script directory)."""
+    from alembic.script import ScriptDirectory
+
+    return [r.revision for r in ScriptDirectory.from_config(alembic_config("")).walk_revisions()]
 
 
 def current(url: str) -> str | None:
@@ -42,12 +58,6 @@ class SchemaNotReady(RuntimeError):
     """The database is not at the revision this medsim needs."""
 
 
-def head() -> str:
-    from alembic.script import ScriptDirectory
-
-    return ScriptDirectory.from_config(alembic_config("")).get_current_head()
-
-
 def check(conn) -> None:
     """Raise SchemaNotReady unless the database is at this code's head revision.
 
@@ -57,20 +67,17 @@ def check(conn) -> None:
     """
     found = conn.execute("SELECT to_regclass('public.alembic_version') IS NOT NULL").fetchone()[0]
     row = conn.execute("SELECT version_num FROM public.alembic_version").fetchone() if found else None
-    have, want = (row[0] if row else None), head()
-    if have == want:
+    have = row[0] if row else None
+    if have == HEAD:
         return
     if have is None:
         raise SchemaNotReady("the database has no medsim schema yet: run `medsim migrate` "
                              "(or `alembic upgrade head`)")
-    from alembic.script import ScriptDirectory
-
-    known = {r.revision for r in ScriptDirectory.from_config(alembic_config("")).walk_revisions()}
-    if have in known:
-        raise SchemaNotReady(f"the database is at revision {have}, this medsim needs {want}: "
+    if have in revisions():
+        raise SchemaNotReady(f"the database is at revision {have}, this medsim needs {HEAD}: "
                              "run `medsim migrate` (or `alembic upgrade head`)")
     raise SchemaNotReady(f"the database is at revision {have}, which this medsim does not know "
-                         f"(it needs {want}): it was migrated by a newer medsim")
+                         f"(it needs {HEAD}): it was migrated by a newer medsim")
 
 
 def apply_sql(op, name: str) -> None:

@@ -29,11 +29,15 @@ def test_round_trip_on_empty_database(empty_db_url):
     assert tables(empty_db_url) >= EXPECTED_TABLES
 
 
-def test_each_revision_downgrades_one_step(empty_db_url):
+def test_head_constant_is_alembics_head():
     from alembic.script import ScriptDirectory
 
-    script = ScriptDirectory.from_config(migrate.alembic_config(empty_db_url))
-    revs = [r.revision for r in reversed(list(script.walk_revisions()))]
+    script = ScriptDirectory.from_config(migrate.alembic_config(""))
+    assert migrate.HEAD == script.get_current_head() == migrate.revisions()[0]
+
+
+def test_each_revision_downgrades_one_step(empty_db_url):
+    revs = list(reversed(migrate.revisions()))
     for rev in revs:
         migrate.upgrade(empty_db_url, rev)
         assert migrate.current(empty_db_url) == rev
@@ -69,7 +73,7 @@ def test_commands_refuse_a_database_not_at_head(empty_db_url, capsys):
 
     migrate.upgrade(empty_db_url, "0002")
     code, err = status_error()
-    assert code == 2 and f"this medsim needs {migrate.head()}" in err
+    assert code == 2 and f"this medsim needs {migrate.HEAD}" in err
 
     migrate.upgrade(empty_db_url)
     with psycopg.connect(empty_db_url, autocommit=True) as c:
@@ -80,6 +84,6 @@ def test_commands_refuse_a_database_not_at_head(empty_db_url, capsys):
             raise AssertionError("a newer schema was accepted")
         except migrate.SchemaNotReady as err:
             assert "migrated by a newer medsim" in str(err)
-        c.execute("UPDATE alembic_version SET version_num = %s", (migrate.head(),))
+        c.execute("UPDATE alembic_version SET version_num = %s", (migrate.HEAD,))
 
     assert cli.main(["--database-url", empty_db_url, "migrate", "nonsense"]) == 2
