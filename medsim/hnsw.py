@@ -26,8 +26,8 @@ def exists(conn, model_id: int) -> bool:
 
 # pgvector's defaults are m=16, ef_construction=64. On medsim's embeddings (L2-normalised,
 # in tight per-subset clusters) that graph left some images reachable only at very large
-# ef_search: four builds gave recall@10 0.9891-0.9975 at ef_search=40, one under 0.99.
-# ef_construction=200 gave 1.0000 in four of four builds for 1.6x the build time
+# ef_search: two sweeps of four builds gave recall@10 as low as 0.9891 and 0.9606 at
+# ef_search=40. ef_construction=200 gave 1.0000 in all eight builds for 1.6x the build time
 # (bench/bench_recall.py --hnsw-sweep prints the comparison).
 DEFAULT_M = 16
 DEFAULT_EF_CONSTRUCTION = 200

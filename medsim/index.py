@@ -44,10 +44,11 @@ def default_params(kind: str, n: int, dim: int) -> dict:
 def check_params(kind: str, p: dict, n: int, given: dict) -> dict:
     """Refuse unknown or impossible parameters before FAISS does (its C++ assertions end
     in a RuntimeError several lines long, after the vectors have been read)."""
-    unknown = sorted(set(given) - set(default_params(kind, 1, 2)))
+    known = default_params(kind, 1, 2)  # only its keys matter here
+    unknown = sorted(set(given) - set(known))
     if unknown:
-        known = ", ".join(default_params(kind, 1, 2)) or "none"
-        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for a {kind} index; known: {known}")
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for a {kind} index; "
+                         f"known: {', '.join(known) or 'none'}")
     bad = [f"{k}={v}" for k, v in p.items() if not isinstance(v, int) or v < 1]
     if bad:
         raise ValueError(f"{kind} index parameters must be positive integers: {', '.join(bad)}")
