@@ -12,7 +12,8 @@ import time
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from common import PRESENT, SHARED, fresh_database, machine  # noqa: E402
 
-from medsim import db, ingest  # noqa: E402
+from medsim import db  # noqa: E402
+from medsim.sources import ingest  # noqa: E402
 
 
 def main() -> None:

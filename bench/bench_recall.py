@@ -1,5 +1,5 @@
 """Side-by-side recall table on real embeddings: FAISS flat/hnsw/ivfflat/ivfpq/seed and
-pgvector HNSW (ef_search sweep) against pgvector exact search.
+pgvector HNSW (ef_search sweep) against pgvector exact similar.
 
 By default: a fresh database, the three present subsets, the default model trained in
 label mode, the embedding worker, then `medsim recall --all-kinds`. With
@@ -16,9 +16,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PRESENT, SHARED, fresh_database, machine  # noqa: E402
 
-from medsim import db, hnsw, index, ingest, recall, registry, train  # noqa: E402
+from medsim import db, registry  # noqa: E402
 from medsim.embed_worker import Worker, WorkerConfig  # noqa: E402
 from medsim.queries import Q  # noqa: E402
+from medsim.search import (
+    faiss_index,  # noqa: E402
+    pgvector_hnsw,  # noqa: E402
+    recall,  # noqa: E402
+)
+from medsim.sources import ingest  # noqa: E402
+from medsim.training import train  # noqa: E402
 
 SWEEP = ((16, 64), (16, 128), (16, 200), (32, 200))  # (m, ef_construction); pgvector's default first
 
@@ -31,10 +38,10 @@ def hnsw_build_sweep(conn, model_id: int, dim: int, builds: int = 4, ef_search: 
 
     import numpy as np
 
-    splits = list(index.DEFAULT_SPLITS)
+    splits = list(faiss_index.DEFAULT_SPLITS)
     xq = np.stack([r[1].to_numpy() for r in conn.execute(
         Q.query_vectors, {"model_id": model_id, "splits": ["test"]})]).astype(np.float32)
-    batches = list(index.read_batches(conn, model_id, splits))
+    batches = list(faiss_index.read_batches(conn, model_id, splits))
     gids, xb = np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches])
     D_gt, _, _, _ = recall.pgvector_search(conn, model_id, dim, xq, 100, splits, exact=True)
     print(f"pgvector HNSW build sweep: {builds} builds each, ef_search={ef_search}, {len(xq)} queries")
@@ -42,7 +49,7 @@ def hnsw_build_sweep(conn, model_id: int, dim: int, builds: int = 4, ef_search: 
         secs, r10, r100, qps = [], [], [], []
         for _ in range(builds):
             t0 = time.perf_counter()
-            hnsw.ensure(conn, model_id, dim, m=m, ef_construction=efc, replace=True)
+            pgvector_hnsw.ensure(conn, model_id, dim, m=m, ef_construction=efc, replace=True)
             secs.append(time.perf_counter() - t0)
             _, I, lat, used = recall.pgvector_search(conn, model_id, dim, xq, 100, splits, exact=False,
                                                      ef_search=ef_search)
@@ -50,11 +57,11 @@ def hnsw_build_sweep(conn, model_id: int, dim: int, builds: int = 4, ef_search: 
             r10.append(recall.tie_aware_recall(xq, I, D_gt, gids, xb, 10))
             r100.append(recall.tie_aware_recall(xq, I, D_gt, gids, xb, 100))
             qps.append(len(xq) / lat.sum())
-        mark = " (medsim default)" if (m, efc) == (hnsw.DEFAULT_M, hnsw.DEFAULT_EF_CONSTRUCTION) else ""
+        mark = " (medsim default)" if (m, efc) == (pgvector_hnsw.DEFAULT_M, pgvector_hnsw.DEFAULT_EF_CONSTRUCTION) else ""
         print(f"SWEEP m={m} ef_construction={efc}{mark}: build {np.mean(secs):.2f}s, "
               f"R@10 min {min(r10):.4f} mean {np.mean(r10):.4f}, R@100 min {min(r100):.4f} "
               f"mean {np.mean(r100):.4f}, {np.mean(qps):,.0f} q/s")
-    hnsw.ensure(conn, model_id, dim, replace=True)
+    pgvector_hnsw.ensure(conn, model_id, dim, replace=True)
 
 
 def main() -> None:
@@ -82,7 +89,7 @@ def main() -> None:
         Worker(WorkerConfig(model=str(mid), once=True, database_url=url, progress=False)).run()
         if a.hnsw_sweep:
             hnsw_build_sweep(conn, mid, registry.get(conn, mid).embedding_dim)
-        builds = [index.build(conn, mid, kind, out_dir=a.out_dir) for kind in index.KINDS]
+        builds = [faiss_index.build(conn, mid, kind, out_dir=a.out_dir) for kind in faiss_index.KINDS]
         r = recall.report(conn, builds)
     print(recall.format_table(r))
     Path(a.out_dir).mkdir(parents=True, exist_ok=True)
@@ -92,7 +99,7 @@ def main() -> None:
             tcfg = train.TrainConfig(preset="seed", mode="dataset", epochs=4, pairs_per_epoch=4000, patience=2)
             sid = train.train(conn, tcfg, out_dir=a.out_dir, progress=False, log=lambda *x: None)
             Worker(WorkerConfig(model=str(sid), once=True, database_url=url, progress=False)).run()
-            builds = [index.build(conn, sid, kind, out_dir=a.out_dir) for kind in ("flat", "ivfflat", "seed")]
+            builds = [faiss_index.build(conn, sid, kind, out_dir=a.out_dir) for kind in ("flat", "ivfflat", "seed")]
             r2 = recall.report(conn, builds, ef_searches=(40,))
         print("\nseed preset model (the notebook's 16-d network):")
         print(recall.format_table(r2))

@@ -16,7 +16,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PRESENT, SHARED, fresh_database, machine  # noqa: E402
 
-from medsim import db, evaluate, ingest, train  # noqa: E402
+from medsim import db  # noqa: E402
+from medsim.sources import ingest  # noqa: E402
+from medsim.training import (
+    evaluate,  # noqa: E402
+    train,  # noqa: E402
+)
 
 
 def main() -> None:

@@ -18,9 +18,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from common import PRESENT, SHARED, fresh_database, machine  # noqa: E402
 
-from medsim import data, db, ingest, registry  # noqa: E402
-from medsim import model as M  # noqa: E402
+from medsim import db, registry  # noqa: E402
 from medsim.embed_worker import Worker, WorkerConfig  # noqa: E402
+from medsim.sources import ingest  # noqa: E402
+from medsim.training import (
+    data,  # noqa: E402
+    network,  # noqa: E402
+)
+from medsim.training.config import preset  # noqa: E402
 
 
 def main() -> None:
@@ -40,17 +45,17 @@ def main() -> None:
             ingest.ingest(conn, flag, data_dir=a.data_dir, accept_unofficial=True, allow_download=False,
                           show_progress=False)
         torch.manual_seed(0)
-        net = M.EmbeddingNet(M.preset(a.preset)).eval()
+        net = network.EmbeddingNet(preset(a.preset)).eval()
         mid = registry.register(conn, net, mode="label", datasets=PRESENT, train_config={"bench": True})
         registry.set_current(conn, mid)
         images = data.load_split(conn, ["train", "val", "test"], PRESENT).images
         n = len(images)
         net = net.to(dev)
-        M.embed(net, images[:512], device=dev)  # warm-up
+        network.embed(net, images[:512], device=dev)  # warm-up
         if dev == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        M.embed(net, images, device=dev)
+        network.embed(net, images, device=dev)
         fa = n / (time.perf_counter() - t0)
         print(f"(a) forward alone, batch {net.cfg.inference_batch(dev)} (the worker's forward batch): "
               f"{n} images, {fa:,.0f} images/s")
@@ -68,7 +73,7 @@ def main() -> None:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 for image_id, x in zip(ids, images, strict=True):
-                    v = net(M.to_input(x[None]).to(dev))[0].cpu().tolist()
+                    v = net(network.to_input(x[None]).to(dev))[0].cpu().tolist()
                     conn.execute(f"INSERT INTO notebook_embeddings VALUES ({image_id}, ARRAY{v})")
             conn.commit()
             fc = n / (time.perf_counter() - t0)
@@ -77,7 +82,7 @@ def main() -> None:
             t0 = time.perf_counter()
             with torch.inference_mode():
                 for x in images:
-                    net(M.to_input(x[None]).to(dev))[0].cpu()
+                    net(network.to_input(x[None]).to(dev))[0].cpu()
             f1 = n / (time.perf_counter() - t0)
             v = [0.0] * net.cfg.embedding_dim
             t0 = time.perf_counter()

@@ -1,11 +1,12 @@
-"""Alembic environment: resolves the database exactly as medsim does."""
+"""Alembic environment: resolves the database exactly as medsim does, runs the revisions,
+then applies the replaceable objects in sql/ once the database is at head."""
 
 from logging.config import fileConfig
 
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from medsim import db
+from medsim import db, migrate
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
@@ -21,14 +22,39 @@ def run_migrations_offline() -> None:
     context.configure(url=db.sqlalchemy_url(url), literal_binds=True, transaction_per_migration=True)
     with context.begin_transaction():
         context.run_migrations()
+    # a script for a DBA: the replaceable objects follow the revisions, verbatim
+    impl = context.get_context().impl
+    impl.static_output(migrate.DROP_VIEWS.strip() + ";")
+    for path in migrate.sql_files():
+        impl.static_output(f"-- {path.name}\n{path.read_text()}")
 
 
 def run_migrations_online() -> None:
     engine = create_engine(db.sqlalchemy_url(url), poolclass=pool.NullPool)
     with engine.connect() as connection:
-        context.configure(connection=connection, transaction_per_migration=True)
-        with context.begin_transaction():
-            context.run_migrations()
+        raw = connection.connection.driver_connection
+        connection.exec_driver_sql(migrate.MIGRATE_LOCK)
+        connection.commit()  # the session lock stays; the revisions get clean transactions
+        try:
+            context.configure(connection=connection, transaction_per_migration=True)
+            if context.get_revision_argument() not in ("head", context.get_head_revision()):
+                # leaving head (a downgrade, or an upgrade that stops short): the views
+                # belong to head, and would block the revisions from dropping their tables
+                with connection.begin():
+                    raw.execute(migrate.DROP_VIEWS)
+            with context.begin_transaction():
+                context.run_migrations()
+            # at head (fresh, upgraded, or already there): views, functions, triggers and
+            # grants as this code defines them, all in one transaction
+            at_head = context.get_context().get_current_revision() == context.get_head_revision()
+            connection.commit()  # the read above began a transaction
+            if at_head:
+                with connection.begin():
+                    migrate.apply_sql(raw)
+        finally:
+            connection.rollback()
+            connection.exec_driver_sql(migrate.MIGRATE_UNLOCK)
+            connection.commit()
     engine.dispose()
 
 

@@ -1,4 +1,9 @@
-"""`medsim` command line: a thin shell over the stage modules, which tests call directly."""
+"""`medsim` command line: a thin shell over the stage modules, which tests call directly.
+
+It runs no SQL of its own, and it imports a stage only inside the command that uses it:
+`medsim status` or `medsim search --image-id` through pgvector never pay for torch (2.7 s
+to import here) or FAISS.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +11,24 @@ import argparse
 import os
 import sys
 
-from medsim import db, hnsw
-
-
-class UserError(Exception):
-    """An error whose message is the whole story for the user (no traceback)."""
+from medsim import db
+from medsim.errors import BadArgument, MedsimError
+from medsim.search import ENGINES
+from medsim.search.index_kinds import KINDS
+from medsim.search.pgvector_hnsw import DEFAULT_EF_CONSTRUCTION, DEFAULT_M
 
 
 def _connect(args):
     from medsim import migrate
 
-    # autocommit: each `with conn.transaction()` in the stage modules is then a real
-    # transaction, never a savepoint whose SET LOCAL would leak into the next step
+    # autocommit: each `with conn.transaction()` below is then a real transaction, never
+    # a savepoint whose SET LOCAL would leak into the next step
     conn = db.connect(getattr(args, "database_url", None), autocommit=True)
     try:
         migrate.check(conn)
-    except migrate.SchemaNotReady as err:
+    except BaseException:
         conn.close()
-        raise UserError(str(err)) from None
+        raise
     return conn
 
 
@@ -46,7 +51,6 @@ def cmd_db(args) -> int:
 def cmd_psql(args) -> int:
     """psql on the database medsim uses (the embedded server's own psql binary)."""
     import importlib.util
-    import os
     import shutil
     from pathlib import Path
 
@@ -55,7 +59,7 @@ def cmd_psql(args) -> int:
     bundled = Path(spec.origin).parent / "pginstall" / "bin" / "psql" if spec else None
     psql = str(bundled) if bundled and bundled.exists() else shutil.which("psql")
     if psql is None:
-        raise UserError("no psql binary found")
+        raise MedsimError("no psql binary found")
     os.execv(psql, [psql, url, *args.extra])
 
 
@@ -68,14 +72,14 @@ def cmd_migrate(args) -> int:
     try:
         migrate.upgrade(url, args.revision)
     except CommandError as err:  # unknown or ambiguous revision
-        raise UserError(f"migrate: {err}") from None
+        raise BadArgument(f"migrate: {err}") from None
     print(f"database at revision {migrate.current(url)}")
     return 0
 
 
 # ------------------------------------------------------------------ ingest
 def cmd_ingest(args) -> int:
-    from medsim import catalog, ingest
+    from medsim.sources import ingest
 
     failures = 0
     with _connect(args) as conn:
@@ -87,43 +91,36 @@ def cmd_ingest(args) -> int:
                     allow_download=not args.no_download, show_progress=not args.quiet,
                 )
                 print(r.line())
-            except (catalog.DataMissing, catalog.DataRefused, ValueError) as err:
+            except MedsimError as err:  # one subset's problem; the others still load
                 failures += 1
                 print(f"{flag}: NOT ingested: {err}", file=sys.stderr)
-        for flag, size, official, split, n in conn.execute(ingest.Q.dataset_summary):
-            if flag in [f.lower() for f in args.flags] and size == args.size:
-                print(f"  {flag:16s} {split:5s} {n:7d}{'' if official else '  (unofficial file)'}")
+        for c in ingest.summary(conn, args.flags, args.size):
+            print(f"  {c.flag:16s} {c.split:5s} {c.n:7d}{'' if c.md5_official else '  (unofficial file)'}")
     return 1 if failures else 0
 
 
 # ------------------------------------------------------------------ models
 def cmd_train(args) -> int:
-    from medsim import train
+    from medsim.training import train
 
     try:
         tcfg = train.TrainConfig(mode=args.mode, preset=args.preset, epochs=args.epochs,
                                  pairs_per_epoch=args.pairs_per_epoch, batch_size=args.batch_size,
                                  lr=args.lr, patience=args.patience, seed=args.seed,
                                  flags=args.datasets, device=args.device)
-    except ValueError as err:
-        raise UserError(f"train: {err}") from None
+    except BadArgument as err:
+        raise BadArgument(f"train: {err}") from None
     with _connect(args) as conn:
-        try:
-            train.train(conn, tcfg, out_dir=args.out_dir, set_current=not args.no_set_current,
-                        progress=not args.quiet)
-        except (LookupError, ValueError, RuntimeError) as err:
-            raise UserError(err) from err
+        train.train(conn, tcfg, out_dir=args.out_dir, set_current=not args.no_set_current,
+                    progress=not args.quiet)
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from medsim import evaluate
+    from medsim.training import evaluate
 
     with _connect(args) as conn:
-        try:
-            r = evaluate.evaluate(conn, args.model, device=args.device)
-        except LookupError as err:
-            raise UserError(err) from err
+        r = evaluate.evaluate(conn, args.model, device=args.device)
     print(evaluate.format_table(r))
     print(f"stored as medsim.evaluations id {r['evaluation_id']}")
     return 0
@@ -134,48 +131,49 @@ def cmd_models(args) -> int:
 
     with _connect(args) as conn:
         if args.set_current is not None:
-            try:
-                registry.set_current(conn, args.set_current)
-            except LookupError as err:
-                raise UserError(err) from err
+            registry.set_current(conn, args.set_current)
             print(f"model {args.set_current} is now current")
-        for r in registry.list_models(conn):
-            print(f"{'*' if r[9] else ' '} {r[0]:4d} {r[1]:18s} dim {r[4]:3d} on {','.join(r[5])}  "
-                  f"best epoch {r[6]} val loss {r[7]}  {r[8]}s  {r[10]:%Y-%m-%d %H:%M}")
+        for m in registry.list_models(conn):
+            loss = "-" if m.best_val_loss is None else f"{m.best_val_loss:.4f}"
+            secs = "-" if m.train_seconds is None else f"{m.train_seconds:.1f}"
+            print(f"{'*' if m.is_current else ' '} {m.id:4d} {m.name:18s} dim {m.embedding_dim:3d} "
+                  f"on {','.join(m.datasets)}  best epoch {m.best_epoch} val loss {loss}  {secs}s  "
+                  f"{m.created_at:%Y-%m-%d %H:%M}")
     return 0
 
 
 # ------------------------------------------------------------------ embeddings
 def cmd_status(args) -> int:
-    from medsim.queries import Q
+    from medsim import queue, registry
 
     with _connect(args) as conn:
-        # the query, not registry.get: that would import torch (1.3 s) for a status line
-        if args.model is not None and conn.execute(Q.model_by_id, {"id": args.model}).fetchone() is None:
-            raise UserError(f"no model with id {args.model}")
-        rows = conn.execute(Q.embedding_status, {"model_id": args.model}).fetchall()
+        if args.model is not None:
+            registry.get(conn, args.model)  # NotFound: "no model with id N"
+        rows = queue.status(conn, args.model)
         print(f"{'model':>5s} {'name':18s} {'dataset':16s} {'total':>7s} {'embedded':>9s} "
               f"{'pending':>8s} {'failed':>7s}  oldest pending")
-        for mid, name, current, flag, total, emb, pend, failed, oldest in rows:
-            since = f"{oldest:%Y-%m-%d %H:%M:%S}" if oldest else "-"
-            print(f"{mid:>4d}{'*' if current else ' '} {name:18s} {flag:16s} {total:7d} {emb:9d} "
-                  f"{pend:8d} {failed:7d}  {since}")
+        for r in rows:
+            since = f"{r.oldest_pending:%Y-%m-%d %H:%M:%S}" if r.oldest_pending else "-"
+            print(f"{r.model_id:>4d}{'*' if r.is_current else ' '} {r.model_name:18s} {r.dataset:16s} "
+                  f"{r.total:7d} {r.embedded:9d} {r.pending:8d} {r.failed:7d}  {since}")
         if not rows:
             print("(no models or no images yet)")
-        for mid, image_id, attempts, error, failed_at in conn.execute(Q.failures, {"model_id": args.model}):
-            state = "FAILED" if failed_at else "retrying"
-            print(f"  model {mid} image {image_id}: {state} after {attempts} attempt(s): {error}")
+        for f in queue.failures(conn, args.model):
+            state = "FAILED" if f.failed_at else "retrying"
+            print(f"  model {f.model_id} image {f.image_id}: {state} after {f.attempts} attempt(s): "
+                  f"{f.last_error}")
     return 0
 
 
 def cmd_pgindex(args) -> int:
     from medsim import registry
+    from medsim.search import pgvector_hnsw
 
     with _connect(args) as conn:
         row = registry.get(conn, args.model)
-        built = hnsw.ensure(conn, row.id, row.embedding_dim, m=args.m, ef_construction=args.ef_construction,
-                            replace=args.rebuild)
-        print(f"{hnsw.index_name(row.id)}: "
+        built = pgvector_hnsw.ensure(conn, row.id, row.embedding_dim, m=args.m,
+                                     ef_construction=args.ef_construction, replace=args.rebuild)
+        print(f"{pgvector_hnsw.index_name(row.id)}: "
               + (f"built (m={args.m}, ef_construction={args.ef_construction})" if built
                  else "already exists (--rebuild to build it again with these parameters)"))
     return 0
@@ -187,30 +185,42 @@ def _params(pairs) -> dict:
     for item in pairs or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise UserError(f"--param expects KEY=VALUE, got {item!r}")
-        out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+            raise BadArgument(f"--param expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            raise BadArgument(f"--param {key} expects a number, got {value!r}") from None
     return out
 
 
 def _ks(text: str) -> tuple[int, ...]:
     try:
         ks = tuple(sorted({int(k) for k in text.split(",")}))
-    except ValueError as err:
-        raise UserError(f"-k expects comma-separated integers, got {text!r}") from err
+    except ValueError:
+        raise BadArgument(f"-k expects comma-separated integers, got {text!r}") from None
     if not ks or ks[0] < 1:
-        raise UserError("-k values must be positive")
+        raise BadArgument("-k values must be positive")
     return ks
 
 
 def cmd_index(args) -> int:
-    from medsim import index
+    from medsim.search import faiss_index
 
     with _connect(args) as conn:
-        try:
-            b = index.build(conn, args.model, args.kind, _params(args.param), out=args.out,
-                            splits=tuple(args.splits.split(",")), out_dir=args.out_dir)
-        except (LookupError, ValueError, index.StaleIndex) as err:
-            raise UserError(err) from err
+        if args.index_command == "list":
+            from medsim import registry
+
+            mid = None if args.model is None else registry.get(conn, args.model).id
+            found = faiss_index.builds(conn, mid)
+            for b in found:
+                print(f"{b.id:5d}  model {b.model_id:<4d} {b.kind:8s} {b.n_rows:9d} rows  "
+                      f"{b.created_at:%Y-%m-%d %H:%M}  {b.path}")
+            if not found:
+                print("(no FAISS index builds yet: medsim index build)")
+            return 0
+        with conn.transaction():
+            b = faiss_index.build(conn, args.model, args.kind, _params(args.param), out=args.out,
+                                  splits=tuple(args.splits.split(",")), out_dir=args.out_dir)
     m = b.meta
     print(f"built {m['kind']} index of {m['n_rows']} vectors (model {m['model_id']}, {m['dim']}-d, "
           f"from {m['source_view']}) in {m['build_seconds']:.2f}s: {b.path} (+ .json, build id {m['build_id']})")
@@ -221,26 +231,20 @@ def cmd_recall(args) -> int:
     import json
     from pathlib import Path
 
-    from medsim import index, recall
+    from medsim.search import faiss_index, recall
 
     ks = _ks(args.k)
     with _connect(args) as conn:
-        try:
-            if args.all_kinds:
-                builds = [index.build(conn, args.model, kind, out_dir=args.out_dir) for kind in index.KINDS]
-            else:
-                path = args.index
-                if args.build_id is not None:
-                    row = conn.execute(index.Q.index_build_path, {"id": args.build_id}).fetchone()
-                    if row is None:
-                        raise UserError(f"no index build with id {args.build_id}")
-                    path = row[0]
-                if path is None:
-                    raise UserError("give --index PATH, --build-id N or --all-kinds")
-                builds = [index.load(conn, path, rebuild_if_stale=args.rebuild)]
+        if args.all_kinds:
+            with conn.transaction():
+                builds = [faiss_index.build(conn, args.model, kind, out_dir=args.out_dir) for kind in KINDS]
+        else:
+            path = faiss_index.build_path(conn, args.build_id) if args.build_id is not None else args.index
+            if path is None:
+                raise BadArgument("give --index PATH, --build-id N or --all-kinds")
+            builds = [faiss_index.load(conn, path, rebuild_if_stale=args.rebuild)]
+        with conn.transaction():
             r = recall.report(conn, builds, ks=ks, query_splits=tuple(args.queries.split(",")))
-        except (LookupError, ValueError, FileNotFoundError, index.StaleIndex) as err:
-            raise UserError(err) from err
     print(recall.format_table(r))
     out = args.json or f"{args.out_dir}/recall-model{r['model_id']}-report{r['report_id']}.json"
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -254,18 +258,15 @@ def cmd_recall(args) -> int:
 def cmd_search(args) -> int:
     import json
 
-    from medsim import index, search
+    from medsim.search import similar
 
     with _connect(args) as conn:
-        try:
-            results = search.search(conn, image_ids=args.image_id or (), image_files=args.image_file or (),
-                                    k=args.k, dataset=args.dataset, engine=args.engine,
-                                    model_ref=args.model, index_path=args.index)
-            if args.montage:
-                search.montage(conn, results, args.montage)
-        except (search.SearchError, LookupError, FileNotFoundError, index.StaleIndex) as err:
-            raise UserError(err) from err
-    print(json.dumps(search.as_json(results), indent=2) if args.json else search.format_results(results))
+        results = similar.search(conn, image_ids=args.image_id or (), image_files=args.image_file or (),
+                                 k=args.k, dataset=args.dataset, engine=args.engine,
+                                 model_ref=args.model, index_path=args.index)
+        if args.montage:
+            similar.montage(conn, results, args.montage)
+    print(json.dumps(similar.as_json(results), indent=2) if args.json else similar.format_results(results))
     if args.montage:
         print(f"montage: {args.montage}", file=sys.stderr if args.json else sys.stdout)
     return 0
@@ -273,20 +274,18 @@ def cmd_search(args) -> int:
 
 # ------------------------------------------------------------------ demo
 def cmd_demo(args) -> int:
-    from medsim import demo, train
+    from medsim import demo
+    from medsim.training import train
 
     try:
         tcfg = train.TrainConfig(epochs=args.epochs, pairs_per_epoch=args.pairs_per_epoch, device=args.device)
-    except ValueError as err:
-        raise UserError(f"demo: {err}") from None
+    except BadArgument as err:
+        raise BadArgument(f"demo: {err}") from None
     cfg = demo.DemoConfig(flags=tuple(args.flags), data_dir=args.data_dir,
                           accept_unofficial=args.accept_unofficial, allow_download=not args.no_download,
                           out_dir=args.out_dir, train=tcfg, database_url=args.database_url,
                           progress=not args.quiet)
-    try:
-        demo.run(cfg)
-    except RuntimeError as err:
-        raise UserError(err) from err
+    demo.run(cfg)
     return 0
 
 
@@ -356,8 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("pgindex", help="build a model's pgvector HNSW index (workers do it after draining)")
     s.add_argument("--model", default="current", help="model id or 'current'")
-    s.add_argument("--m", type=int, default=hnsw.DEFAULT_M, help="HNSW m (links per node)")
-    s.add_argument("--ef-construction", type=int, default=hnsw.DEFAULT_EF_CONSTRUCTION,
+    s.add_argument("--m", type=int, default=DEFAULT_M, help="HNSW m (links per node)")
+    s.add_argument("--ef-construction", type=int, default=DEFAULT_EF_CONSTRUCTION,
                    help="HNSW ef_construction (default %(default)s; pgvector's own default of 64 "
                         "left recall@10 under 0.99 on some builds)")
     s.add_argument("--rebuild", action="store_true", help="drop and build the index again")
@@ -367,19 +366,22 @@ def build_parser() -> argparse.ArgumentParser:
     isub = s.add_subparsers(dest="index_command", required=True)
     b = isub.add_parser("build", help="build an index (+ .json metadata + medsim.index_builds row)")
     b.add_argument("--model", default="current", help="model id or 'current'")
-    b.add_argument("--kind", default="flat", choices=["flat", "hnsw", "ivfflat", "ivfpq", "seed"],
-                   help="index type; seed = the notebook's IVFPQ (nlist 2, M 4, 8 bits, nprobe 10)")
+    b.add_argument("--kind", default="flat", choices=list(KINDS),
+                   help="index type: " + "; ".join(f"{k.name} = {k.about}" for k in KINDS.values()))
     b.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="override a parameter, e.g. nlist=64, nprobe=16, M=32, efSearch=128 (repeatable)")
     b.add_argument("--splits", default="train,val", help="gallery splits (default train,val = medsim.gallery)")
     b.add_argument("--out", default=None, help="index file (default medsim_out/indexes/model<ID>-<kind>.faiss)")
     b.add_argument("--out-dir", default="medsim_out", help="output directory for default paths")
     b.set_defaults(func=cmd_index)
+    b = isub.add_parser("list", help="every FAISS build recorded in medsim.index_builds")
+    b.add_argument("--model", default=None, help="only this model (id or 'current')")
+    b.set_defaults(func=cmd_index)
 
     s = sub.add_parser("recall", help="recall@k of FAISS (and pgvector HNSW) vs pgvector exact search")
     s.add_argument("--index", default=None, help="an index file written by `medsim index build`")
     s.add_argument("--build-id", type=int, default=None, help="an id from medsim.index_builds")
-    s.add_argument("--all-kinds", action="store_true", help="build flat, hnsw, ivfflat, ivfpq and seed; compare")
+    s.add_argument("--all-kinds", action="store_true", help=f"build {', '.join(KINDS)}; compare them")
     s.add_argument("--model", default="current", help="model for --all-kinds (id or 'current')")
     s.add_argument("-k", default="1,10,100", help="comma-separated k values (default 1,10,100)")
     s.add_argument("--queries", default="test", help="query splits (default test)")
@@ -393,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-file", action="append", help="a PNG/JPEG/... file of any size (repeatable)")
     s.add_argument("-k", type=int, default=4, help="neighbours per query (default 4)")
     s.add_argument("--dataset", default=None, help="only neighbours from this MedMNIST subset")
-    s.add_argument("--engine", default="pgvector", choices=["pgvector", "faiss"],
+    s.add_argument("--engine", default="pgvector", choices=ENGINES,
                    help="pgvector (HNSW in Postgres) or faiss (the latest index built for the model)")
     s.add_argument("--index", default=None, help="FAISS index file (default: latest build for the model)")
     s.add_argument("--model", default="current", help="model id or 'current'")
@@ -426,9 +428,11 @@ def main(argv=None) -> int:
     args.extra = extra
     try:
         return args.func(args)
-    except (UserError, db.DatabaseUnavailable) as err:
+    except MedsimError as err:
+        # something the user can fix: one sentence. Anything else is a bug and keeps its
+        # traceback (Python prints it and exits 1).
         print(f"medsim: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
     except BrokenPipeError:
         # output piped into `head` and the like: not worth a traceback. Point stdout at
         # devnull so the interpreter's final flush does not fail again (Python docs recipe).

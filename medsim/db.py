@@ -15,12 +15,10 @@ from pathlib import Path
 
 import psycopg
 
+from medsim.errors import DatabaseUnavailable
+
 EMBEDDED_DBNAME = "medsim"
 LIBPQ_VARS = ("PGHOST", "PGDATABASE", "PGSERVICE")
-
-
-class DatabaseUnavailable(RuntimeError):
-    pass
 
 
 def medsim_home() -> Path:

@@ -11,9 +11,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from medsim import catalog, db, evaluate, index, ingest, migrate, recall, registry, search, train
+from medsim import db, migrate, registry
 from medsim.embed_worker import Worker, WorkerConfig
-from medsim.queries import Q
+from medsim.errors import DataMissing, MedsimError, NotFound, StaleIndex
+from medsim.search import faiss_index, recall, similar
+from medsim.search.index_kinds import KINDS
+from medsim.sources import ingest
+from medsim.training import evaluate, train
 
 STARTING_FOUR = ("dermamnist", "pneumoniamnist", "retinamnist", "breastmnist")
 
@@ -56,20 +60,21 @@ def run(cfg: DemoConfig, log=print) -> dict:
                                   allow_download=cfg.allow_download, show_progress=cfg.progress)
                 log(r.line())
                 present.append(flag)
-            except (catalog.DataMissing, catalog.DataRefused) as err:
+            except MedsimError as err:  # a missing or refused subset is skipped, not fatal
                 missing[flag] = str(err)
                 log(f"{flag}: SKIPPED: {err}")
         if not present:
-            raise RuntimeError("none of the subsets could be ingested; see the messages above")
+            raise DataMissing("none of the subsets could be ingested; see the messages above")
 
         step("train", log)
         tcfg = cfg.train or train.TrainConfig()
         tcfg.flags = sorted(present)
-        model_id = reusable_model(conn, tcfg)
+        model_id = registry.reusable(conn, preset=tcfg.preset, mode=tcfg.mode, flags=tcfg.flags,
+                                     epochs=tcfg.epochs, pairs_per_epoch=tcfg.pairs_per_epoch, seed=tcfg.seed)
         if model_id is not None:
             log(f"reusing model {model_id} ({tcfg.preset}, {tcfg.mode} mode, trained on {', '.join(tcfg.flags)})")
             registry.set_current(conn, model_id)
-            outputs["curves"] = train.plot_curves(epoch_history(conn, model_id), out / f"model-{model_id}")
+            outputs["curves"] = train.plot_curves(registry.epoch_history(conn, model_id), out / f"model-{model_id}")
         else:
             model_id = train.train(conn, tcfg, out_dir=out, progress=cfg.progress, log=log)
             outputs["curves"] = [out / f"model-{model_id}" / f"{n}.png" for n in ("loss", "accuracy")]
@@ -80,13 +85,13 @@ def run(cfg: DemoConfig, log=print) -> dict:
 
         step("FAISS indexes (from medsim.gallery) and recall vs pgvector exact search", log)
         builds = []
-        for kind in index.KINDS:
+        for kind in KINDS:
             path = out / "indexes" / f"model{model_id}-{kind}.faiss"
             try:
-                b = index.load(conn, path, model_ref=model_id)
+                b = faiss_index.load(conn, path, model_ref=model_id)
                 log(f"{kind}: reusing {path} (fingerprint matches the database)")
-            except (FileNotFoundError, index.StaleIndex):
-                b = index.build(conn, model_id, kind, out=path)
+            except (NotFound, StaleIndex):
+                b = faiss_index.build(conn, model_id, kind, out=path)
                 log(f"{kind}: built {b.meta['n_rows']} vectors in {b.meta['build_seconds']:.2f}s -> {path}")
             builds.append(b)
         rep = recall.report(conn, builds, ks=cfg.recall_ks)
@@ -95,15 +100,14 @@ def run(cfg: DemoConfig, log=print) -> dict:
         outputs["recall_json"].write_text(json.dumps(rep, indent=2))
 
         step("evaluation (test pairs and test-vs-train retrieval)", log)
-        prior = conn.execute(Q.latest_evaluation, {"model_id": model_id}).fetchone()
-        ev = prior[0] if prior else evaluate.evaluate(conn, model_id)
+        prior = evaluate.latest(conn, model_id)
+        ev = prior or evaluate.evaluate(conn, model_id)
         log(("(stored evaluation reused)\n" if prior else "") + evaluate.format_table(ev))
 
         step("montage: one test query per subset", log)
-        ids = [r[0] for r in conn.execute(Q.first_test_image_per_dataset, {"flags": present})]
-        results = search.search(conn, image_ids=ids, k=4, model_ref=model_id)
-        log(search.format_results(results))
-        outputs["montage"] = search.montage(conn, results, out / f"montage-model{model_id}.png")
+        results = similar.search(conn, image_ids=similar.example_queries(conn, present), k=4, model_ref=model_id)
+        log(similar.format_results(results))
+        outputs["montage"] = similar.montage(conn, results, out / f"montage-model{model_id}.png")
 
     log(f"\n== done in {time.perf_counter() - t_all:.0f}s")
     if missing:
@@ -115,16 +119,3 @@ def run(cfg: DemoConfig, log=print) -> dict:
     log(f"{'indexes':12s} {(out / 'indexes').resolve()}")
     return {"model_id": model_id, "present": present, "missing": missing, "outputs": outputs,
             "recall": rep, "evaluation": ev}
-
-
-def reusable_model(conn, tcfg: train.TrainConfig) -> int | None:
-    """Latest model trained with this recipe (preset, mode, subsets, epochs, pairs, seed)."""
-    row = conn.execute(Q.reusable_model, {"preset": tcfg.preset, "mode": tcfg.mode, "flags": sorted(tcfg.flags),
-                                          "epochs": tcfg.epochs, "pairs_per_epoch": tcfg.pairs_per_epoch,
-                                          "seed": tcfg.seed}).fetchone()
-    return row[0] if row else None
-
-
-def epoch_history(conn, model_id: int) -> list[dict]:
-    cols = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc")
-    return [dict(zip(cols, r, strict=True)) for r in conn.execute(Q.epoch_history, {"model_id": model_id})]

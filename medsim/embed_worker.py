@@ -17,9 +17,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import psycopg
 
-from medsim import data, db, hnsw, migrate, pgcopy, registry
-from medsim import model as M
+from medsim import db, migrate, pgcopy, queue, registry
+from medsim.errors import BadArgument, DatabaseUnavailable, MedsimError, NotFound
+from medsim.pixels import decode
 from medsim.queries import Q
+from medsim.search import pgvector_hnsw
+from medsim.training import network
 
 log = logging.getLogger("medsim.embed_worker")
 
@@ -43,13 +46,13 @@ class WorkerConfig:
         # a batch size of 0 would claim nothing and report the queue drained
         for name in ("batch_size", "max_attempts"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise BadArgument(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("poll_interval", "retry_delay_s"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise BadArgument(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("db_retries", "throttle_s"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}")
+                raise BadArgument(f"{name} must not be negative, got {getattr(self, name)}")
 
 
 @dataclass
@@ -99,9 +102,9 @@ class Worker:
                 # transaction (not a savepoint inside an implicit one) and commits on exit
                 self.conn = db.connect(self.url, autocommit=True)
                 return
-            except db.DatabaseUnavailable as err:
+            except DatabaseUnavailable as err:
                 if attempt == self.cfg.db_retries or self.stopping:
-                    raise db.DatabaseUnavailable(
+                    raise DatabaseUnavailable(
                         f"database unavailable after {attempt + 1} attempts: {err}") from err
                 log.warning("database unavailable (%s); retrying in %.0fs", err, delay)
                 time.sleep(delay)
@@ -116,7 +119,7 @@ class Worker:
 
     def enqueue(self) -> int:
         """Queue every image this model has not embedded yet (idempotent) -> rows added."""
-        return registry.enqueue(self.conn, self.model_row.id)
+        return queue.enqueue(self.conn, self.model_row.id)
 
     def run(self) -> Summary:
         from tqdm import tqdm
@@ -128,7 +131,7 @@ class Worker:
                 try:
                     self.load_model()
                     break
-                except LookupError as err:
+                except NotFound as err:
                     # a long-running worker (docker compose) may start before any model is
                     # trained: wait for one; a --once run has nothing to do and says so
                     if self.cfg.once:
@@ -141,7 +144,7 @@ class Worker:
         except BaseException:
             self.conn.close()  # no model, schema not ready, interrupted: no leaked connection
             raise
-        pending = self.conn.execute(Q.pending_count, {"model_id": self.model_row.id}).fetchone()[0]
+        pending = queue.pending_count(self.conn, self.model_row.id)
         self.summary.add("start", t0)
         bar = tqdm(total=pending, unit="img", desc=f"model {self.model_row.id}",
                    disable=not self.cfg.progress, leave=False)
@@ -161,7 +164,7 @@ class Worker:
                         break
                     listener = listener or self.listen()
                     self.wait_for_work(listener)
-                except (psycopg.OperationalError, db.DatabaseUnavailable) as err:
+                except (psycopg.OperationalError, DatabaseUnavailable) as err:
                     # the open batch (if any) rolled back with the connection; reconnect
                     # with backoff, or give up with DatabaseUnavailable after db_retries
                     log.warning("lost the database (%s); reconnecting", err)
@@ -212,7 +215,7 @@ class Worker:
             ok_ids, images, bad = [], [], []
             for image_id, pixels, h, w, c in rows:
                 try:
-                    images.append(data.decode(bytes(pixels), h, w, c))
+                    images.append(decode(bytes(pixels), h, w, c))
                     ok_ids.append(image_id)
                 except ValueError as err:
                     bad.append((image_id, f"undecodable image: {err}"))
@@ -223,7 +226,7 @@ class Worker:
                 shapes.setdefault(x.shape, []).append(i)
             vectors = np.zeros((len(images), self.model_row.embedding_dim), np.float32)
             for idx in shapes.values():
-                vectors[idx] = M.embed(self.net, np.stack([images[i] for i in idx]), device=self.cfg.device)
+                vectors[idx] = network.embed(self.net, np.stack([images[i] for i in idx]), device=self.cfg.device)
             finite = np.isfinite(vectors).all(axis=1)
             bad += [(i, "non-finite embedding") for i, f in zip(ok_ids, finite, strict=True) if not f]
             good_ids = [i for i, f in zip(ok_ids, finite, strict=True) if f]
@@ -264,7 +267,7 @@ class Worker:
         if self.cfg.model == "current":
             try:
                 current = registry.get(self.conn, "current").id
-            except LookupError:  # no current model for now: keep serving the one we have
+            except NotFound:  # no current model for now: keep serving the one we have
                 return
             if current != self.model_row.id:
                 log.info("current model changed to %s", current)
@@ -277,9 +280,9 @@ class Worker:
         mid = self.model_row.id
         if self.summary.embedded:
             self.conn.execute("ANALYZE medsim.embeddings")
-        drained = self.conn.execute(Q.pending_count, {"model_id": mid}).fetchone()[0] == 0
-        if self.cfg.build_index and drained and hnsw.ensure(self.conn, mid, self.model_row.embedding_dim):
-            log.info("built HNSW index %s", hnsw.index_name(mid))
+        drained = queue.pending_count(self.conn, mid) == 0
+        if self.cfg.build_index and drained and pgvector_hnsw.ensure(self.conn, mid, self.model_row.embedding_dim):
+            log.info("built HNSW index %s", pgvector_hnsw.index_name(mid))
 
 
 def parse_args(argv=None) -> WorkerConfig:
@@ -301,7 +304,7 @@ def parse_args(argv=None) -> WorkerConfig:
                             max_attempts=a.max_attempts, db_retries=a.db_retries, throttle_s=a.throttle,
                             build_index=not a.no_index, device=a.device, database_url=a.database_url,
                             progress=not a.quiet)
-    except ValueError as err:
+    except BadArgument as err:
         p.error(str(err))  # exits 2 with the usage line
 
 
@@ -314,12 +317,14 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, worker.request_stop)
     try:
         summary = worker.run()
-    except db.DatabaseUnavailable as err:
+    except DatabaseUnavailable as err:
+        # after --db-retries reconnects: for a supervisor (compose, systemd) this is a
+        # failed service to restart, not a usage error
         print(f"embed_worker: error: {err}", file=sys.stderr)
         return 1
-    except (LookupError, migrate.SchemaNotReady) as err:
+    except MedsimError as err:
         print(f"embed_worker: error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
     model = worker.model_row.id if worker.model_row else "none"
     print(f"embed_worker: model {model}: {summary.line()}")
     if summary.phases:

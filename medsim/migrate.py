@@ -1,8 +1,20 @@
-"""Run Alembic from Python (the demo, the tests) and apply the idempotent SQL in sql/."""
+"""Schema management: Alembic revisions, then the replaceable objects in sql/.
+
+Two kinds of schema change, kept apart (pgai's incremental/idempotent split; Alembic's
+"Replaceable Objects" cookbook):
+- ``db/versions/`` (Alembic): tables, columns, indexes. Forward, never edited once landed.
+- ``sql/NNN_*.sql``: views, functions, triggers and grants, written as ``CREATE OR
+  REPLACE``. They describe the current code, so they are applied once, after the
+  revisions, whenever the database reaches head (``db/env.py`` calls ``apply_sql``).
+  A revision never applies them: an old revision running the *current* view text
+  breaks as soon as that view uses a column a later revision adds.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from medsim.errors import SchemaNotReady
 
 ROOT = Path(__file__).resolve().parent.parent
 SQL_DIR = ROOT / "sql"
@@ -11,7 +23,12 @@ SQL_DIR = ROOT / "sql"
 # touching the database costs no Alembic import (0.2 s of start-up: Alembic loads
 # SQLAlchemy); tests/test_migrations.py asserts it is Alembic's head. Alembic itself is
 # imported only where it runs migrations or explains a mismatch.
-HEAD = "0005"
+HEAD = "0006"
+
+# Concurrent `alembic upgrade head` runs (docker compose starts several workers, each
+# migrating first) would race on DDL; they take turns on this session lock instead.
+MIGRATE_LOCK = "SELECT pg_advisory_lock(hashtext('medsim.migrate'))"
+MIGRATE_UNLOCK = "SELECT pg_advisory_unlock(hashtext('medsim.migrate'))"
 
 
 def alembic_config(url: str):
@@ -54,10 +71,6 @@ def current(url: str) -> str | None:
     return row[0] if row else None
 
 
-class SchemaNotReady(RuntimeError):
-    """The database is not at the revision this medsim needs."""
-
-
 def check(conn) -> None:
     """Raise SchemaNotReady unless the database is at this code's head revision.
 
@@ -80,11 +93,36 @@ def check(conn) -> None:
                          f"(it needs {HEAD}): it was migrated by a newer medsim")
 
 
-def apply_sql(op, name: str) -> None:
-    """Execute sql/<name> (CREATE OR REPLACE ...) inside a revision.
+def sql_files() -> list[Path]:
+    """The replaceable objects, in the order their names give (NNN_ prefixes)."""
+    return sorted(SQL_DIR.glob("*.sql"))
 
-    Sent through the raw psycopg connection without parameters, so neither SQLAlchemy's
-    ``:name`` binds nor ``%`` placeholders are interpreted inside function bodies.
+
+# Views are dropped and created again rather than replaced: CREATE OR REPLACE VIEW cannot
+# drop, rename or retype a column, and sql/ must always win. One DROP statement for all of
+# them, so dependencies between medsim's own views need no ordering; a view of someone
+# else's that depends on one of ours makes the migration fail loudly instead of vanishing.
+DROP_VIEWS = """
+DO $$
+DECLARE
+    v_names text;
+BEGIN
+    SELECT string_agg(format('%I.%I', schemaname, viewname), ', ') INTO v_names
+    FROM pg_views WHERE schemaname = 'medsim';
+    IF v_names IS NOT NULL THEN
+        EXECUTE 'DROP VIEW ' || v_names;
+    END IF;
+END
+$$
+"""
+
+
+def apply_sql(raw_conn) -> None:
+    """Apply every sql/ file on a raw psycopg connection, inside the caller's transaction.
+
+    Sent without parameters, so neither SQLAlchemy's ``:name`` binds nor ``%``
+    placeholders are interpreted inside function bodies.
     """
-    raw = op.get_bind().connection.driver_connection
-    raw.execute((SQL_DIR / name).read_text())
+    raw_conn.execute(DROP_VIEWS)
+    for path in sql_files():
+        raw_conn.execute(path.read_text())

@@ -5,7 +5,7 @@
 -- ===================================================================== ingest
 
 -- name: dataset_by_flag
-SELECT d.id, d.source_md5, (SELECT count(*) FROM medsim.images i WHERE i.dataset_id = d.id)
+SELECT d.id, d.source_md5, (SELECT count(*) FROM medsim.images i WHERE i.dataset_id = d.id) AS n_images
 FROM medsim.datasets d
 WHERE d.flag = %(flag)s AND d.image_size = %(size)s;
 
@@ -23,8 +23,9 @@ COPY medsim.images (dataset_id, split, split_index, labels, height, width, chann
 FROM STDIN WITH (FORMAT BINARY);
 
 -- name: dataset_summary
-SELECT d.flag, d.image_size, d.md5_official, i.split, count(*)
+SELECT d.flag, d.image_size, d.md5_official, i.split, count(*) AS n
 FROM medsim.datasets d JOIN medsim.images i ON i.dataset_id = d.id
+WHERE d.flag = ANY(%(flags)s) AND d.image_size = %(size)s
 GROUP BY 1, 2, 3, 4
 ORDER BY 1, 2, array_position(ARRAY['train', 'val', 'test'], i.split);
 
@@ -76,7 +77,7 @@ UPDATE medsim.models SET is_current = true WHERE id = %(id)s;
 
 -- name: list_models
 SELECT m.id, m.name, m.preset, m.mode, m.embedding_dim, m.datasets, m.best_epoch,
-       round(m.best_val_loss::numeric, 4), round(m.train_seconds::numeric, 1), m.is_current, m.created_at
+       m.best_val_loss, m.train_seconds, m.is_current, m.created_at
 FROM medsim.models m ORDER BY m.id;
 
 -- name: insert_evaluation
@@ -178,12 +179,22 @@ SELECT count(*), coalesce(md5(string_agg(image_id::text || ':' || md5(embedding:
 FROM medsim.embedded_images
 WHERE model_id = %(model_id)s AND split = ANY(%(splits)s);
 
+-- name: next_index_build_id
+-- Taken before the files are written, so the .json names its build and the row can be
+-- inserted last (a row never points at a file without metadata).
+SELECT nextval(pg_get_serial_sequence('medsim.index_builds', 'id'));
+
 -- name: insert_index_build
-INSERT INTO medsim.index_builds (model_id, kind, params, source_view, splits, dim, metric, n_rows,
-                                 fingerprint, path, build_seconds)
-VALUES (%(model_id)s, %(kind)s, %(params)s, %(source_view)s, %(splits)s, %(dim)s, %(metric)s,
-        %(n_rows)s, %(fingerprint)s, %(path)s, %(build_seconds)s)
-RETURNING id;
+INSERT INTO medsim.index_builds (id, model_id, kind, params, source_view, splits, dim, metric,
+                                 n_rows, fingerprint, path, build_seconds)
+OVERRIDING SYSTEM VALUE
+VALUES (%(build_id)s, %(model_id)s, %(kind)s, %(params)s, %(source_view)s, %(splits)s, %(dim)s,
+        %(metric)s, %(n_rows)s, %(fingerprint)s, %(path)s, %(build_seconds)s);
+
+-- name: index_builds
+SELECT id, model_id, kind, n_rows, path, created_at FROM medsim.index_builds
+WHERE (%(model_id)s::int IS NULL OR model_id = %(model_id)s::int)
+ORDER BY id;
 
 -- name: index_build_path
 SELECT path FROM medsim.index_builds WHERE id = %(id)s;
@@ -200,15 +211,15 @@ ORDER BY image_id;
 -- ===================================================================== search
 
 -- name: image_for_search
-SELECT i.id, i.pixels, i.height, i.width, i.channels, d.flag, i.split,
-       medsim.label_name(i.dataset_id, i.labels), e.embedding
+SELECT i.id, i.pixels, i.height, i.width, i.channels, d.flag AS dataset, i.split,
+       medsim.label_name(i.dataset_id, i.labels) AS label_name, e.embedding
 FROM medsim.images i
 JOIN medsim.datasets d ON d.id = i.dataset_id
 LEFT JOIN medsim.embeddings e ON e.image_id = i.id AND e.model_id = %(model_id)s
 WHERE i.id = %(id)s;
 
 -- name: gallery_images_by_sha256
-SELECT id FROM medsim.images WHERE sha256 = %(sha256)s AND split IN ('train', 'val') ORDER BY id;
+SELECT id FROM medsim.images WHERE sha256 = %(sha256)s AND split = ANY(%(splits)s) ORDER BY id;
 
 -- name: search_by_vector
 SELECT image_id, dataset, split, label_name, distance
@@ -222,7 +233,7 @@ WHERE model_id = %(model_id)s AND (%(dataset)s::text IS NULL OR dataset = %(data
 SELECT image_id FROM medsim.gallery WHERE model_id = %(model_id)s AND dataset = %(dataset)s;
 
 -- name: image_metadata
-SELECT i.id, d.flag, i.split, medsim.label_name(i.dataset_id, i.labels)
+SELECT i.id, d.flag AS dataset, i.split, medsim.label_name(i.dataset_id, i.labels) AS label_name
 FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
 WHERE i.id = ANY(%(ids)s);
 
@@ -231,7 +242,7 @@ SELECT id, pixels, height, width, channels FROM medsim.images WHERE id = ANY(%(i
 
 -- name: latest_index_build
 SELECT path FROM medsim.index_builds
-WHERE model_id = %(model_id)s AND splits = ARRAY['train', 'val']
+WHERE model_id = %(model_id)s AND splits = %(splits)s::text[]
 ORDER BY (kind = 'flat') DESC, id DESC
 LIMIT 1;
 
@@ -250,7 +261,7 @@ SELECT epoch, train_loss, train_acc, val_loss, val_acc FROM medsim.training_epoc
 WHERE model_id = %(model_id)s ORDER BY epoch;
 
 -- name: latest_evaluation
-SELECT results FROM medsim.evaluations WHERE model_id = %(model_id)s ORDER BY id DESC LIMIT 1;
+SELECT id, results FROM medsim.evaluations WHERE model_id = %(model_id)s ORDER BY id DESC LIMIT 1;
 
 -- name: first_test_image_per_dataset
 SELECT min(i.id) FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id

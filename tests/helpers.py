@@ -8,8 +8,9 @@ import sys
 
 import torch
 
-from medsim import ingest, registry
-from medsim import model as M
+from medsim import registry
+from medsim.sources import ingest
+from medsim.training import config, network
 
 
 def ingest_synth(conn, synth_dir, flags=("breastmnist", "retinamnist")) -> int:
@@ -20,7 +21,7 @@ def ingest_synth(conn, synth_dir, flags=("breastmnist", "retinamnist")) -> int:
 def register_model(conn, preset="default", current=True, seed=0, **overrides) -> int:
     """An untrained but deterministic model: enough to exercise every storage path."""
     torch.manual_seed(seed)
-    net = M.EmbeddingNet(M.preset(preset, **overrides)).eval()
+    net = network.EmbeddingNet(config.preset(preset, **overrides)).eval()
     mid = registry.register(conn, net, mode="label", datasets=["breastmnist", "retinamnist"],
                             train_config={"test": True})
     conn.commit()

@@ -10,17 +10,17 @@ from pathlib import Path
 
 import numpy as np
 
-from medsim import catalog
+from medsim.sources import medmnist
 
 
 def make_arrays(flag: str, seed: int = 0, size: int = 28, n_samples=None) -> dict[str, np.ndarray]:
-    e = catalog.entry(flag, size)
+    e = medmnist.entry(flag, size)
     rng = np.random.default_rng(seed)
     n_samples = n_samples or e.n_samples
     out = {}
     yy, xx = np.mgrid[0:size, 0:size]
     tint = np.array([1.0, 0.6, 0.3]) if sum(map(ord, flag)) % 2 else np.array([0.3, 0.6, 1.0])
-    for split in catalog.SPLITS:
+    for split in medmnist.SPLITS:
         n = n_samples[split]
         if e.multi_label:
             labels = rng.integers(0, 2, size=(n, e.n_classes))
@@ -45,7 +45,7 @@ def write_npz(directory: Path, flag: str, seed: int = 0, size: int = 28, **overr
     arrays = make_arrays(flag, seed, size)
     arrays.update(overrides)
     arrays = {k: v for k, v in arrays.items() if v is not None}
-    e = catalog.entry(flag, size)
+    e = medmnist.entry(flag, size)
     path = Path(directory) / e.filename
     np.savez_compressed(path, **arrays)
     return path

@@ -3,7 +3,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from medsim import catalog, cli, ingest
+from medsim import cli
+from medsim.errors import DataMissing, DataRefused
+from medsim.sources import ingest, medmnist
 from tests import synth
 
 
@@ -22,11 +24,11 @@ def split_counts(conn, flag):
 def test_ingest_counts_and_byte_exact_round_trip(conn, synth_dir, flag):
     r = ingest.ingest(conn, flag, data_dir=synth_dir, accept_unofficial=True, allow_download=False,
                       show_progress=False)
-    e = catalog.entry(flag)
+    e = medmnist.entry(flag)
     assert r.added == sum(e.n_samples.values())
     assert split_counts(conn, flag) == e.n_samples
     arrays = np.load(synth_dir / e.filename)
-    for split in catalog.SPLITS:
+    for split in medmnist.SPLITS:
         rows = conn.execute(
             "SELECT split_index, labels, height, width, channels, pixels, sha256 FROM medsim.images i "
             "JOIN medsim.datasets d ON d.id = i.dataset_id WHERE d.flag = %s AND split = %s "
@@ -42,7 +44,7 @@ def test_ingest_counts_and_byte_exact_round_trip(conn, synth_dir, flag):
             assert sha == hashlib.sha256(x[idx].tobytes()).digest()
     ds = conn.execute("SELECT md5_official, source_md5, official_md5, license, label_names "
                       "FROM medsim.datasets WHERE flag = %s", (flag,)).fetchone()
-    assert ds[0] is False and ds[1] == catalog.file_md5(synth_dir / e.filename) and ds[2] == e.md5
+    assert ds[0] is False and ds[1] == medmnist.file_md5(synth_dir / e.filename) and ds[2] == e.md5
     assert ds[3] == e.license and ds[4] == e.label_names
 
 
@@ -57,21 +59,21 @@ def test_reingest_adds_nothing(conn, synth_dir):
 
 
 def test_official_md5_is_recorded_as_official(conn, synth_dir, monkeypatch):
-    info = catalog._medmnist_info().INFO
-    monkeypatch.setitem(info, "breastmnist", dict(info["breastmnist"], MD5=catalog.file_md5(synth_dir / "breastmnist.npz")))
+    info = medmnist._medmnist_info().INFO
+    monkeypatch.setitem(info, "breastmnist", dict(info["breastmnist"], MD5=medmnist.file_md5(synth_dir / "breastmnist.npz")))
     r = ingest.ingest(conn, "breastmnist", data_dir=synth_dir, show_progress=False)
     assert r.official and r.added == 780
     assert conn.execute("SELECT md5_official FROM medsim.datasets").fetchone()[0] is True
 
 
 def test_unofficial_needs_the_flag(conn, synth_dir):
-    with pytest.raises(catalog.DataRefused, match="--accept-unofficial"):
+    with pytest.raises(DataRefused, match="--accept-unofficial"):
         ingest.ingest(conn, "breastmnist", data_dir=synth_dir, show_progress=False)
     assert counts(conn) == (0, 0)
 
 
 def bad_file(tmp_path, kind):
-    e = catalog.entry("breastmnist")
+    e = medmnist.entry("breastmnist")
     a = synth.make_arrays("breastmnist")
     if kind == "counts":
         a["val_images"], a["val_labels"] = a["val_images"][:-1], a["val_labels"][:-1]
@@ -92,7 +94,7 @@ def bad_file(tmp_path, kind):
 @pytest.mark.parametrize("kind", ["counts", "shape", "dtype", "missing_key", "label_range", "corrupt"])
 def test_refusals_write_nothing(conn, tmp_path, kind):
     bad_file(tmp_path, kind)
-    with pytest.raises(catalog.DataRefused):
+    with pytest.raises(DataRefused):
         ingest.ingest(conn, "breastmnist", data_dir=tmp_path, accept_unofficial=True,
                       allow_download=False, show_progress=False)
     assert counts(conn) == (0, 0)
@@ -104,12 +106,12 @@ def test_missing_file_message_names_file_dirs_and_url(conn, tmp_path, monkeypatc
     def offline(*a, **k):
         raise urllib.error.URLError("Name or service not known")
 
-    monkeypatch.setattr(catalog.urllib.request, "urlopen", offline)
-    with pytest.raises(catalog.DataMissing) as err:
+    monkeypatch.setattr(medmnist.urllib.request, "urlopen", offline)
+    with pytest.raises(DataMissing) as err:
         ingest.ingest(conn, "dermamnist", data_dir=tmp_path, show_progress=False)
     msg = str(err.value)
     assert "dermamnist.npz" in msg and str(tmp_path) in msg
-    assert catalog.entry("dermamnist").url in msg and "download failed" in msg
+    assert medmnist.entry("dermamnist").url in msg and "download failed" in msg
     assert counts(conn) == (0, 0)
 
 
@@ -117,9 +119,9 @@ def test_download_verifies_md5(tmp_path, monkeypatch):
     import io
 
     payload = b"not the real file"
-    monkeypatch.setattr(catalog.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(payload))
-    with pytest.raises(catalog.DataRefused, match="md5"):
-        catalog.download(catalog.entry("breastmnist"), tmp_path)
+    monkeypatch.setattr(medmnist.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(payload))
+    with pytest.raises(DataRefused, match="md5"):
+        medmnist.download(medmnist.entry("breastmnist"), tmp_path)
     assert list(tmp_path.iterdir()) == []  # no partial file left behind
 
 
@@ -140,7 +142,7 @@ def test_failure_mid_copy_leaves_no_partial_dataset(conn, synth_dir, monkeypatch
 def test_different_file_for_same_dataset_is_refused(conn, synth_dir, tmp_path):
     ingest.ingest(conn, "breastmnist", data_dir=synth_dir, accept_unofficial=True, show_progress=False)
     synth.write_npz(tmp_path, "breastmnist", seed=99)
-    with pytest.raises(catalog.DataRefused, match="different file"):
+    with pytest.raises(DataRefused, match="different file"):
         ingest.ingest(conn, "breastmnist", data_dir=tmp_path, accept_unofficial=True, show_progress=False)
     assert counts(conn) == (1, 780)
 
@@ -171,7 +173,7 @@ def test_chunked_copy_keeps_split_indexes_and_pixels(conn, synth_dir, monkeypatc
     monkeypatch.setattr(ingest, "CHUNK_ROWS", 100)  # many chunks per split
     ingest.ingest(conn, "retinamnist", data_dir=synth_dir, accept_unofficial=True, show_progress=False)
     arrays = np.load(synth_dir / "retinamnist.npz")
-    for split in catalog.SPLITS:
+    for split in medmnist.SPLITS:
         rows = conn.execute("SELECT split_index, pixels FROM medsim.images WHERE split = %s ORDER BY split_index",
                             (split,)).fetchall()
         x = arrays[f"{split}_images"]

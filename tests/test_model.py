@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from medsim import data, evaluate, metrics, registry, train
-from medsim import model as M
-from medsim.pairs import sample_pairs
+from medsim import registry
+from medsim.training import data, evaluate, metrics, network, train
+from medsim.training.config import preset
+from medsim.training.pairs import sample_pairs
 
 
 # ------------------------------------------------------------------ loss
@@ -12,13 +13,13 @@ def test_contrastive_loss_cases():
     m = 1.0
     d = torch.tensor([0.0, 0.3, 1.0, 1.5, 0.2])
     same = torch.tensor([1, 1, 0, 0, 0])
-    per = [M.contrastive_loss(d[i : i + 1], same[i : i + 1], m).item() for i in range(5)]
+    per = [network.contrastive_loss(d[i : i + 1], same[i : i + 1], m).item() for i in range(5)]
     assert per[0] == 0.0  # identical similar pair
     assert per[1] == pytest.approx(0.3**2 / 2)  # similar pair apart: positive
     assert per[2] == 0.0 and per[3] == 0.0  # dissimilar pair beyond the margin
     assert per[4] == pytest.approx((1 - 0.2) ** 2 / 2)  # dissimilar pair too close
     d0 = torch.zeros(3, requires_grad=True)
-    M.contrastive_loss(torch.sqrt(d0 + 1e-12), torch.tensor([0, 0, 0]), m).backward()
+    network.contrastive_loss(torch.sqrt(d0 + 1e-12), torch.tensor([0, 0, 0]), m).backward()
     assert torch.isfinite(d0.grad).all()
 
 
@@ -105,26 +106,26 @@ def test_retrieval_metrics_hand_case():
 def test_checkpoint_round_trip_identical_embeddings():
     torch.manual_seed(0)
     for name in ("default", "seed"):
-        net = M.EmbeddingNet(M.preset(name)).eval()
+        net = network.EmbeddingNet(preset(name)).eval()
         x = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 3), dtype=np.uint8)
-        blob, sha = M.save_checkpoint(net)
-        again = M.load_checkpoint(blob, expected_sha256=sha)
+        blob, sha = network.save_checkpoint(net)
+        again = network.load_checkpoint(blob, expected_sha256=sha)
         assert again.cfg == net.cfg
-        assert np.array_equal(M.embed(net, x), M.embed(again, x))
+        assert np.array_equal(network.embed(net, x), network.embed(again, x))
         with pytest.raises(ValueError, match="sha256"):
-            M.load_checkpoint(blob, expected_sha256="0" * 64)
+            network.load_checkpoint(blob, expected_sha256="0" * 64)
 
 
 def test_to_input_grey_and_colour():
     grey = np.full((2, 28, 28), 255, np.uint8)
-    x = M.to_input(grey)
+    x = network.to_input(grey)
     assert x.shape == (2, 3, 28, 28) and float(x.max()) == 1.0
-    assert float(M.to_input(np.zeros((1, 28, 28, 3), np.uint8)).min()) == -1.0
+    assert float(network.to_input(np.zeros((1, 28, 28, 3), np.uint8)).min()) == -1.0
 
 
 @pytest.fixture
 def ingested(conn, synth_dir):
-    from medsim import ingest
+    from medsim.sources import ingest
 
     for flag in ("breastmnist", "retinamnist"):
         ingest.ingest(conn, flag, data_dir=synth_dir, accept_unofficial=True, show_progress=False)
@@ -146,15 +147,15 @@ def test_train_config_refuses_bad_values(field, value, message):
 def test_few_training_steps_lower_the_loss(ingested):
     tr = data.load_split(ingested, ["train"])
     torch.manual_seed(0)
-    net = M.EmbeddingNet(M.preset("default"))
+    net = network.EmbeddingNet(preset("default"))
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
-    x = M.to_input(tr.images)
+    x = network.to_input(tr.images)
     a, b, same = sample_pairs(tr.dataset_ids, tr.label_keys, 256, "label", seed=0)
     y = torch.as_tensor(same)
 
     def loss():
         za, zb = net(torch.cat([x[a], x[b]])).chunk(2)
-        return M.contrastive_loss(M.pair_distance(za, zb), y, 1.0)
+        return network.contrastive_loss(network.pair_distance(za, zb), y, 1.0)
 
     net.train()
     first = loss().item()

@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from medsim import index, recall
+from medsim.errors import StaleIndex
+from medsim.search import faiss_index, recall
 from tests.helpers import embed_all, register_model
 
 
@@ -29,7 +30,7 @@ def test_tie_aware_recall_on_constructed_vectors():
 
 def test_flat_recall_is_exactly_one_and_pgvector_agrees(embedded, tmp_path):
     conn, mid = embedded
-    b = index.build(conn, mid, "flat", out_dir=tmp_path)
+    b = faiss_index.build(conn, mid, "flat", out_dir=tmp_path)
     assert b.meta["n_rows"] == 546 + 78 + 1080 + 120 and b.meta["source_view"] == "medsim.gallery"
     assert (tmp_path / "indexes" / f"model{mid}-flat.faiss.json").exists()
     r = recall.report(conn, [b], ks=(1, 10, 100), ef_searches=(40,))
@@ -47,7 +48,7 @@ def test_flat_recall_is_exactly_one_and_pgvector_agrees(embedded, tmp_path):
 
 def test_bad_index_recall_is_below_one_and_correct(embedded, tmp_path):
     conn, mid = embedded
-    b = index.build(conn, mid, "ivfpq", {"nlist": 1, "M": 1, "nbits": 2, "nprobe": 1}, out_dir=tmp_path)
+    b = faiss_index.build(conn, mid, "ivfpq", {"nlist": 1, "M": 1, "nbits": 2, "nprobe": 1}, out_dir=tmp_path)
     r = recall.report(conn, [b], ks=(10,), ef_searches=())
     got = next(row for row in r["rows"] if row["engine"] == "faiss")["recall"]["10"]
     assert got < 0.5
@@ -58,30 +59,30 @@ def test_bad_index_recall_is_below_one_and_correct(embedded, tmp_path):
     xq = np.stack([v[0].to_numpy() for v in q])
     d = ((xq[:, None, :] - xb[None]) ** 2).sum(-1)
     true = ids[np.argsort(d, axis=1)[:, :10]]
-    _, I = index.search(b.index, xq, 10)
+    _, I = faiss_index.search(b.index, xq, 10)
     expected = np.mean([len(set(t) & set(i)) / 10 for t, i in zip(true, I, strict=True)])
     assert got == pytest.approx(expected, abs=2e-3)  # only exact float ties could differ
 
 
 def test_stale_index_is_refused_and_says_why(embedded, tmp_path, db_url):
     conn, mid = embedded
-    b = index.build(conn, mid, "flat", out_dir=tmp_path)
-    index.load(conn, b.path)  # fresh: fine
+    b = faiss_index.build(conn, mid, "flat", out_dir=tmp_path)
+    faiss_index.load(conn, b.path)  # fresh: fine
     conn.execute("DELETE FROM medsim.images WHERE id = (SELECT min(image_id) FROM medsim.gallery)")
-    with pytest.raises(index.StaleIndex, match=r"database now has 1823 \(-1\)"):
-        index.load(conn, b.path)
-    b = index.build(conn, mid, "flat", out_dir=tmp_path)
+    with pytest.raises(StaleIndex, match=r"database now has 1823 \(-1\)"):
+        faiss_index.load(conn, b.path)
+    b = faiss_index.build(conn, mid, "flat", out_dir=tmp_path)
     conn.execute("UPDATE medsim.embeddings SET embedding = embedding WHERE false")
     conn.execute("UPDATE medsim.embeddings e SET embedding = (SELECT embedding FROM medsim.embeddings "
                  "WHERE model_id = e.model_id ORDER BY image_id DESC LIMIT 1) "
                  "WHERE image_id = (SELECT min(image_id) FROM medsim.gallery)")
-    with pytest.raises(index.StaleIndex, match="re-embedded or replaced"):
-        index.load(conn, b.path)
-    rebuilt = index.load(conn, b.path, rebuild_if_stale=True)
+    with pytest.raises(StaleIndex, match="re-embedded or replaced"):
+        faiss_index.load(conn, b.path)
+    rebuilt = faiss_index.load(conn, b.path, rebuild_if_stale=True)
     assert rebuilt.meta["build_id"] > b.meta["build_id"]
     mid2 = register_model(conn, seed=3)
-    with pytest.raises(index.StaleIndex, match=f"built for model {mid}, not model {mid2}"):
-        index.load(conn, b.path, model_ref=mid2)
+    with pytest.raises(StaleIndex, match=f"built for model {mid}, not model {mid2}"):
+        faiss_index.load(conn, b.path, model_ref=mid2)
 
 
 def test_ids_map_to_images_after_deletes_and_reinserts(embedded, tmp_path, db_url):
@@ -94,9 +95,9 @@ def test_ids_map_to_images_after_deletes_and_reinserts(embedded, tmp_path, db_ur
                  "pixels, sha256) SELECT dataset_id, split, split_index + 100000, labels, height, width, "
                  "channels, pixels, sha256 FROM medsim.images WHERE split = 'val' ORDER BY id LIMIT 5")
     embed_all(db_url)
-    b = index.build(conn, mid, "flat", out_dir=tmp_path)
+    b = faiss_index.build(conn, mid, "flat", out_dir=tmp_path)
     ids, xb = gallery(conn, mid)
-    _, I = index.search(b.index, xb, 1)
+    _, I = faiss_index.search(b.index, xb, 1)
     twins = {}  # image id -> ids with byte-identical pixels (the copies and their originals)
     for (group,) in conn.execute("SELECT array_agg(id) FROM medsim.images GROUP BY sha256 HAVING count(*) > 1"):
         for i in group:
@@ -150,7 +151,7 @@ def test_bad_index_parameters_are_refused_before_anything_is_written(embedded, t
     conn, mid = embedded
     before = conn.execute("SELECT count(*) FROM medsim.index_builds").fetchone()[0]
     with pytest.raises(ValueError) as err:
-        index.build(conn, mid, kind, params=params, out=tmp_path / "x.faiss")
+        faiss_index.build(conn, mid, kind, params=params, out=tmp_path / "x.faiss")
     assert message in str(err.value)
     assert not (tmp_path / "x.faiss").exists()
     assert conn.execute("SELECT count(*) FROM medsim.index_builds").fetchone()[0] == before

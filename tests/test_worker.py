@@ -6,10 +6,12 @@ import numpy as np
 import psycopg
 import pytest
 
-from medsim import data, db, hnsw, registry
-from medsim import model as M
+from medsim import db, queue, registry
 from medsim.embed_worker import Worker, WorkerConfig
+from medsim.pixels import decode
 from medsim.queries import Q
+from medsim.search import pgvector_hnsw
+from medsim.training import network
 from tests.helpers import ingest_synth, register_model, run_worker, start_worker
 
 N = 780 + 1600  # synthetic breast + retina
@@ -46,13 +48,13 @@ def test_embeddings_match_the_model_and_status_view(ready, db_url):
                         "FROM medsim.embeddings e JOIN medsim.images i ON i.id = e.image_id "
                         "WHERE e.model_id = %s ORDER BY i.id LIMIT 20", (mid,)).fetchall()
     net = registry.get(conn, mid).load(conn)
-    expect = M.embed(net, np.stack([data.decode(bytes(r[1]), r[2], r[3], r[4]) for r in rows]))
+    expect = network.embed(net, np.stack([decode(bytes(r[1]), r[2], r[3], r[4]) for r in rows]))
     got = np.stack([r[5].to_numpy() for r in rows])
     assert np.allclose(got, expect, atol=1e-5)
     per_ds = conn.execute("SELECT dataset, total, embedded, pending, failed FROM medsim.embedding_status "
                           "WHERE model_id = %s ORDER BY dataset", (mid,)).fetchall()
     assert per_ds == [("breastmnist", 780, 780, 0, 0), ("retinamnist", 1600, 1600, 0, 0)]
-    assert hnsw.exists(conn, mid)  # built once drained
+    assert pgvector_hnsw.exists(conn, mid)  # built once drained
 
 
 def test_four_workers_embed_every_image_exactly_once(ready, db_url):
@@ -90,7 +92,7 @@ def test_enqueue_racing_a_batch_does_not_requeue_its_images(ready, db_url):
         "FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()[0], timeout=30)
     other = db.connect(db_url, autocommit=True)
     added = []
-    racer = threading.Thread(target=lambda: added.append(registry.enqueue(other, mid)))
+    racer = threading.Thread(target=lambda: added.append(queue.enqueue(other, mid)))
     racer.start()
     in_batch.join(timeout=60)
     racer.join(timeout=60)
@@ -209,7 +211,7 @@ def test_hnsw_index_is_used(ready, db_url):
     plan = "\n".join(r[0] for r in conn.execute(
         "EXPLAIN SELECT image_id FROM medsim.embeddings WHERE model_id = %s "
         "ORDER BY embedding::vector(64) <-> %s::vector(64) LIMIT 5", (mid, q)).fetchall())
-    assert hnsw.index_name(mid) in plan
+    assert pgvector_hnsw.index_name(mid) in plan
 
 
 def test_pgindex_rebuild_changes_build_parameters(ready, db_url):
@@ -220,11 +222,11 @@ def test_pgindex_rebuild_changes_build_parameters(ready, db_url):
 
     def options():
         return conn.execute("SELECT reloptions FROM pg_class WHERE oid = to_regclass(%s)",
-                            (f"medsim.{hnsw.index_name(mid)}",)).fetchone()[0]
+                            (f"medsim.{pgvector_hnsw.index_name(mid)}",)).fetchone()[0]
 
-    assert options() == ["m=16", f"ef_construction={hnsw.DEFAULT_EF_CONSTRUCTION}"]
+    assert options() == ["m=16", f"ef_construction={pgvector_hnsw.DEFAULT_EF_CONSTRUCTION}"]
     assert cli.main(["--database-url", db_url, "pgindex", "--ef-construction", "40"]) == 0
-    assert options() == ["m=16", f"ef_construction={hnsw.DEFAULT_EF_CONSTRUCTION}"]  # kept without --rebuild
+    assert options() == ["m=16", f"ef_construction={pgvector_hnsw.DEFAULT_EF_CONSTRUCTION}"]  # kept without --rebuild
     assert cli.main(["--database-url", db_url, "pgindex", "--m", "8", "--ef-construction", "40",
                      "--rebuild"]) == 0
     assert options() == ["m=8", "ef_construction=40"]

@@ -7,8 +7,6 @@ Create Date: 2026-11-27
 
 from alembic import op
 
-from medsim.migrate import apply_sql
-
 revision = "0001"
 down_revision = None
 branch_labels = None
@@ -69,7 +67,6 @@ def upgrade() -> None:
     op.execute("ALTER TABLE medsim.images ALTER COLUMN pixels SET STORAGE EXTERNAL")
     op.execute("ALTER TABLE medsim.images SET (toast_tuple_target = 8160)")
     op.execute("CREATE INDEX images_sha256_idx ON medsim.images (sha256)")
-    apply_sql(op, "catalog.sql")
 
 
 def downgrade() -> None:

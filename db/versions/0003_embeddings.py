@@ -11,8 +11,6 @@ Create Date: 2026-11-27
 
 from alembic import op
 
-from medsim.migrate import apply_sql
-
 revision = "0003"
 down_revision = "0002"
 branch_labels = None
@@ -49,33 +47,14 @@ def upgrade() -> None:
         """
     )
     op.execute("CREATE INDEX embedding_queue_image_idx ON medsim.embedding_queue (image_id)")
-    apply_sql(op, "embeddings.sql")
-    op.execute(
-        """
-        CREATE TRIGGER embeddings_check_dim_insert AFTER INSERT ON medsim.embeddings
-        REFERENCING NEW TABLE AS new_embeddings
-        FOR EACH STATEMENT EXECUTE FUNCTION medsim.check_embedding_dim()
-        """
-    )
-    op.execute(
-        """
-        CREATE TRIGGER embeddings_check_dim_update AFTER UPDATE ON medsim.embeddings
-        REFERENCING NEW TABLE AS new_embeddings
-        FOR EACH STATEMENT EXECUTE FUNCTION medsim.check_embedding_dim()
-        """
-    )
-    op.execute(
-        """
-        CREATE TRIGGER images_notify AFTER INSERT ON medsim.images
-        FOR EACH STATEMENT EXECUTE FUNCTION medsim.notify_new_images()
-        """
-    )
+    # the dimension check and the new-image NOTIFY (functions and triggers) live in
+    # sql/002_embeddings.sql, applied once the database reaches head
 
 
 def downgrade() -> None:
-    op.execute("DROP TRIGGER images_notify ON medsim.images")
-    op.execute("DROP VIEW medsim.embedding_status")
+    op.execute("DROP TRIGGER IF EXISTS images_notify ON medsim.images")
+    op.execute("DROP VIEW IF EXISTS medsim.embedding_status")
     op.execute("DROP TABLE medsim.embedding_queue")
     op.execute("DROP TABLE medsim.embeddings")
-    op.execute("DROP FUNCTION medsim.notify_new_images()")
-    op.execute("DROP FUNCTION medsim.check_embedding_dim()")
+    op.execute("DROP FUNCTION IF EXISTS medsim.notify_new_images()")
+    op.execute("DROP FUNCTION IF EXISTS medsim.check_embedding_dim()")

@@ -7,8 +7,6 @@ Create Date: 2026-11-27
 
 from alembic import op
 
-from medsim.migrate import apply_sql
-
 revision = "0004"
 down_revision = "0003"
 branch_labels = None
@@ -16,7 +14,6 @@ depends_on = None
 
 
 def upgrade() -> None:
-    apply_sql(op, "gallery.sql")
     op.execute(
         """
         CREATE TABLE medsim.index_builds (
@@ -52,6 +49,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute("DROP TABLE medsim.recall_reports")
     op.execute("DROP TABLE medsim.index_builds")
-    op.execute("DROP VIEW medsim.query_images")
-    op.execute("DROP VIEW medsim.gallery")
-    op.execute("DROP VIEW medsim.embedded_images")
+    op.execute("DROP VIEW IF EXISTS medsim.query_images")
+    op.execute("DROP VIEW IF EXISTS medsim.gallery")
+    op.execute("DROP VIEW IF EXISTS medsim.embedded_images")

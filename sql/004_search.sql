@@ -26,15 +26,15 @@ BEGIN
     IF vector_dims(p_query) <> v_dim THEN
         RAISE EXCEPTION 'query has % dimensions, model % has %', vector_dims(p_query), v_model, v_dim;
     END IF;
+    -- medsim.gallery is a plain view over medsim.embeddings: the planner flattens it, so
+    -- the cast below is the partial HNSW index's own expression and the index is used
     RETURN QUERY EXECUTE format(
-        'SELECT e.image_id, d.flag, i.split, medsim.label_name(i.dataset_id, i.labels),
-                (e.embedding::vector(%1$s) <-> $1::vector(%1$s))::double precision
-         FROM medsim.embeddings e
-         JOIN medsim.images i ON i.id = e.image_id
-         JOIN medsim.datasets d ON d.id = i.dataset_id
-         WHERE e.model_id = %2$s AND i.split IN (''train'', ''val'')
-           AND ($2::text IS NULL OR d.flag = $2) AND ($3::bigint IS NULL OR e.image_id <> $3)
-         ORDER BY e.embedding::vector(%1$s) <-> $1::vector(%1$s)
+        'SELECT g.image_id, g.dataset, g.split, g.label_name,
+                (g.embedding::vector(%1$s) <-> $1::vector(%1$s))::double precision
+         FROM medsim.gallery g
+         WHERE g.model_id = %2$s
+           AND ($2::text IS NULL OR g.dataset = $2) AND ($3::bigint IS NULL OR g.image_id <> $3)
+         ORDER BY g.embedding::vector(%1$s) <-> $1::vector(%1$s)
          LIMIT $4', v_dim, v_model)
     USING p_query, p_dataset, p_exclude_image_id, p_k;
 END

@@ -8,49 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-@dataclass(frozen=True)
-class ModelConfig:
-    preset: str = "default"
-    arch: str = "convnet"  # "convnet" (ours) or "seed" (the published notebook's network)
-    image_size: int = 28  # network input size; other sizes are resized on the way in
-    embedding_dim: int = 64
-    widths: tuple[int, ...] = (16, 32, 64)
-    normalize: bool = True  # L2-normalise embeddings: distances live in [0, 2]
-    margin: float = 1.0  # contrastive margin, in embedding distance units
-
-    def inference_batch(self, device: str = "cpu") -> int:
-        """Images per forward pass at inference. On a CPU, batches whose first-layer
-        activations outgrow the cache run slower per image (measured on 2 cores: the
-        default net does 24k images/s at 64 and 12k at 256; the seed net at 128 px does
-        1k at 4 and 0.5k at 256), so aim at ~4 MB of them; a GPU wants big batches."""
-        if str(device).startswith("cuda"):
-            return 1024
-        per_image = 4 * self.widths[0] * self.image_size**2  # float32 bytes
-        return 2 ** max(0, round(math.log2(4 * 2**20 / per_image)))
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ModelConfig:
-        return cls(**{**d, "widths": tuple(d["widths"])})
-
-
-PRESETS: dict[str, ModelConfig] = {
-    # The notebook's network: BatchNorm, two 5x5 conv + tanh + average-pool stages
-    # (16 -> 48 channels), a 1x1 projection to a 16-d tanh embedding, 128 px inputs.
-    "seed": ModelConfig(preset="seed", arch="seed", image_size=128, embedding_dim=16,
-                        widths=(16, 48), normalize=False, margin=1.0),
-    # Ours: native 28 px, three conv stages (two 3x3 conv-BN-ReLU each), global average
-    # pool, linear 64-d head, L2-normalised. Trains in minutes on two CPU cores.
-    "default": ModelConfig(),
-}
+from medsim.errors import DataRefused
+from medsim.training.config import ModelConfig
 
 
 def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
@@ -143,15 +109,9 @@ def save_checkpoint(model: EmbeddingNet, extra: dict | None = None) -> tuple[byt
 
 def load_checkpoint(data: bytes, expected_sha256: str | None = None, device="cpu") -> EmbeddingNet:
     if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
-        raise ValueError("checkpoint sha256 does not match the registry; refusing to load it")
+        raise DataRefused("checkpoint sha256 does not match the registry; refusing to load it")
     # weights_only: a checkpoint is data, never code
     ck = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     model = EmbeddingNet(ModelConfig.from_dict(ck["model_config"]))
     model.load_state_dict(ck["state_dict"])
     return model.to(device).eval()
-
-
-def preset(name: str, **overrides) -> ModelConfig:
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-    return replace(PRESETS[name], **overrides)

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medsim.queries import Q
+from medsim.errors import NotFound
+from medsim.pixels import decode
+from medsim.queries import Q, rows
 
 
 @dataclass
@@ -22,14 +24,21 @@ class Split:
         return len(self.ids)
 
 
-def decode(pixels: bytes, h: int, w: int, c: int) -> np.ndarray:
-    """Stored bytes -> (h, w, 3) uint8. Raises ValueError on anything inconsistent."""
-    if c not in (1, 3):
-        raise ValueError(f"unsupported channel count {c}")
-    if len(pixels) != h * w * c:
-        raise ValueError(f"pixel data is {len(pixels)} bytes, expected {h}x{w}x{c} = {h * w * c}")
-    x = np.frombuffer(pixels, np.uint8).reshape(h, w, c)
-    return np.repeat(x, 3, axis=2) if c == 1 else x
+@dataclass
+class ImageRow:
+    id: int
+    dataset_id: int
+    labels: list
+    pixels: bytes
+    height: int
+    width: int
+    channels: int
+
+
+@dataclass
+class DatasetFlag:
+    id: int
+    flag: str
 
 
 def label_keys(dataset_ids: np.ndarray, labels: list) -> np.ndarray:
@@ -40,17 +49,17 @@ def label_keys(dataset_ids: np.ndarray, labels: list) -> np.ndarray:
 
 def load_split(conn, splits, flags=None, image_size: int = 28) -> Split:
     """All images of the given splits (and MedMNIST flags, default all) at one image size."""
-    rows = conn.execute(Q.load_images, {"splits": list(splits), "flags": flags,
-                                        "size": image_size}).fetchall()
-    if not rows:
-        raise LookupError(
+    found = rows(conn, Q.load_images, {"splits": list(splits), "flags": flags, "size": image_size},
+                 as_=ImageRow)
+    if not found:
+        raise NotFound(
             f"no {'/'.join(splits)} images at size {image_size}"
             + (f" for {', '.join(flags)}" if flags else "")
             + " in the database; run `medsim ingest` first"
         )
-    ids = np.array([r[0] for r in rows], dtype=np.int64)
-    ds = np.array([r[1] for r in rows], dtype=np.int64)
-    labels = [r[2] for r in rows]
-    images = np.stack([decode(r[3], r[4], r[5], r[6]) for r in rows])
-    flag_map = dict(conn.execute(Q.dataset_flags).fetchall())
+    ids = np.array([r.id for r in found], dtype=np.int64)
+    ds = np.array([r.dataset_id for r in found], dtype=np.int64)
+    labels = [r.labels for r in found]
+    images = np.stack([decode(r.pixels, r.height, r.width, r.channels) for r in found])
+    flag_map = {d.id: d.flag for d in rows(conn, Q.dataset_flags, as_=DatasetFlag)}
     return Split(ids, ds, label_keys(ds, labels), labels, images, flag_map)

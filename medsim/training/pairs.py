@@ -15,6 +15,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from medsim.errors import BadArgument
+
 MODES = ("dataset", "label")
 
 
@@ -23,7 +25,7 @@ def sample_pairs(dataset_ids: np.ndarray, label_keys: np.ndarray, n_pairs: int, 
     """-> (a, b, same): index arrays into the inputs and 1/0 targets; exactly
     n_pairs // 2 positives, the rest negatives, shuffled. Same seed, same pairs."""
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise BadArgument(f"mode must be one of {MODES}, got {mode!r}")
     rng = np.random.default_rng(seed)
     by_ds: dict[int, np.ndarray] = {}
     by_key: dict[int, np.ndarray] = {}
@@ -36,9 +38,9 @@ def sample_pairs(dataset_ids: np.ndarray, label_keys: np.ndarray, n_pairs: int, 
         keys_of_ds[int(dataset_ids[idx[0]])].add(int(k))
     datasets = sorted(by_ds)
     if mode == "dataset" and len(datasets) < 2:
-        raise ValueError("dataset mode needs images from at least two subsets")
+        raise BadArgument("dataset mode needs images from at least two subsets")
     if mode == "label" and len(datasets) < 2 and len(by_key) < 2:
-        raise ValueError("label mode needs at least two labels or two subsets")
+        raise BadArgument("label mode needs at least two labels or two subsets")
 
     def other_dataset(d):
         others = [o for o in datasets if o != d]

@@ -15,9 +15,10 @@ import time
 import numpy as np
 from psycopg import sql
 
-from medsim import hnsw, registry
-from medsim import index as faiss_index
-from medsim.queries import Q
+from medsim import registry
+from medsim.errors import BadArgument, NotFound
+from medsim.queries import Q, scalar
+from medsim.search import GALLERY_SPLITS, faiss_index, pgvector_hnsw
 
 DEFAULT_KS = (1, 10, 100)
 DEFAULT_EF = (10, 20, 40, 80, 160)
@@ -46,12 +47,12 @@ def pgvector_search(conn, model_id: int, dim: int, xq: np.ndarray, k: int, split
         if exact:
             conn.execute("SET LOCAL enable_indexscan = off")
         else:
-            conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(int(ef_search))))
-            conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
+            conn.execute(sql.SQL("SET LOCAL pgvector_hnsw.ef_search = {}").format(sql.Literal(int(ef_search))))
+            conn.execute("SET LOCAL pgvector_hnsw.iterative_scan = strict_order")
             conn.execute("SET LOCAL enable_seqscan = off")
         params = {"q": xq[0], "model_id": model_id, "splits": list(splits), "k": k}
         plan = "\n".join(r[0] for r in conn.execute(sql.SQL("EXPLAIN ") + q, params, prepare=False))
-        uses_hnsw = hnsw.index_name(model_id) in plan
+        uses_hnsw = pgvector_hnsw.index_name(model_id) in plan
         for i, v in enumerate(xq):
             t0 = time.perf_counter()
             # prepare=False: a prepared (generic) plan cannot prove the partial index's
@@ -64,7 +65,7 @@ def pgvector_search(conn, model_id: int, dim: int, xq: np.ndarray, k: int, split
                 D[i, : len(rows)] = [r[1] for r in rows]
         # inside an outer transaction this block is only a savepoint, and SET LOCAL would
         # outlive it: reset explicitly so the next measurement starts clean
-        for setting in ("enable_indexscan", "enable_seqscan", "hnsw.ef_search", "hnsw.iterative_scan"):
+        for setting in ("enable_indexscan", "enable_seqscan", "pgvector_hnsw.ef_search", "pgvector_hnsw.iterative_scan"):
             conn.execute(sql.SQL("RESET {}").format(sql.Identifier(*setting.split("."))))
     return D, I, lat, uses_hnsw
 
@@ -114,11 +115,11 @@ def report(conn, builds: list, ks=DEFAULT_KS, query_splits=("test",), ef_searche
     row = registry.get(conn, builds[0].meta["model_id"] if builds else model_ref)
     model_id = row.id
     if any(b.meta["model_id"] != model_id for b in builds):
-        raise ValueError("all indexes in one report must belong to the same model")
-    splits = builds[0].meta["splits"] if builds else list(faiss_index.DEFAULT_SPLITS)
+        raise BadArgument("all indexes in one report must belong to the same model")
+    splits = builds[0].meta["splits"] if builds else list(GALLERY_SPLITS)
     qrows = conn.execute(Q.query_vectors, {"model_id": model_id, "splits": list(query_splits)}).fetchall()
     if not qrows:
-        raise LookupError(f"model {model_id} has no embedded {'/'.join(query_splits)} images to query with")
+        raise NotFound(f"model {model_id} has no embedded {'/'.join(query_splits)} images to query with")
     xq = np.stack([r[1].to_numpy() for r in qrows]).astype(np.float32)
     batches = list(faiss_index.read_batches(conn, model_id, splits))
     gallery_ids = np.concatenate([b[0] for b in batches])
@@ -128,7 +129,7 @@ def report(conn, builds: list, ks=DEFAULT_KS, query_splits=("test",), ef_searche
     rows = [{"engine": "pgvector", "kind": "exact", "params": {},
              "recall": {str(k): tie_aware_recall(xq, I_gt, D_gt, gallery_ids, xb, k) for k in ks},
              **latency_stats(lat)}]
-    if hnsw.exists(conn, model_id):
+    if pgvector_hnsw.exists(conn, model_id):
         for ef in ef_searches:
             _, I, lat, used = pgvector_search(conn, model_id, row.embedding_dim, xq, kmax, splits,
                                               exact=False, ef_search=ef)
@@ -147,10 +148,9 @@ def report(conn, builds: list, ks=DEFAULT_KS, query_splits=("test",), ef_searche
     out = {"model_id": model_id, "n_queries": len(xq), "n_gallery": len(gallery_ids),
            "gallery_splits": list(splits), "query_splits": list(query_splits), "ks": list(ks), "rows": rows}
     if store:
-        out["report_id"] = conn.execute(Q.insert_recall_report, {
+        out["report_id"] = scalar(conn, Q.insert_recall_report, {
             "model_id": model_id, "build_ids": [b.meta.get("build_id") for b in builds if b.meta.get("build_id")],
-            "report": json.dumps(out)}).fetchone()[0]
-        conn.commit()
+            "report": json.dumps(out)})
     return out
 
 

@@ -10,13 +10,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 
-from medsim import data, metrics, registry
-from medsim import model as M
-from medsim.pairs import sample_pairs
-from medsim.queries import Q
+from medsim import registry
+from medsim.queries import Q, one, scalar
+from medsim.training import data, metrics, network
+from medsim.training.pairs import sample_pairs
 
 PAIR_SEED_VAL, PAIR_SEED_TEST = 11, 12
 
@@ -52,7 +53,7 @@ def evaluate(conn, model_ref="current", device="cpu", store: bool = True) -> dic
     train = data.load_split(conn, ["train"], flags)
     val = data.load_split(conn, ["val"], flags)
     test = data.load_split(conn, ["test"], flags)
-    z = {name: M.embed(net, s.images, device=device) for name, s in
+    z = {name: network.embed(net, s.images, device=device) for name, s in
          (("train", train), ("val", val), ("test", test))}
     results = {
         "model_id": row.id, "preset": row.preset, "mode": row.mode, "datasets": flags,
@@ -62,11 +63,21 @@ def evaluate(conn, model_ref="current", device="cpu", store: bool = True) -> dic
         "baseline_raw_pixel_cosine": retrieval(raw_pixels(test), test, raw_pixels(train), train, "cosine"),
     }
     if store:
-        results["evaluation_id"] = conn.execute(
-            Q.insert_evaluation, {"model_id": row.id, "seed": PAIR_SEED_TEST, "results": json.dumps(results)}
-        ).fetchone()[0]
-        conn.commit()
+        results["evaluation_id"] = scalar(
+            conn, Q.insert_evaluation, {"model_id": row.id, "seed": PAIR_SEED_TEST, "results": json.dumps(results)})
     return results
+
+
+@dataclass
+class Stored:
+    id: int
+    results: dict
+
+
+def latest(conn, model_id: int) -> dict | None:
+    """The model's most recent stored evaluation (its results), if any."""
+    r = one(conn, Q.latest_evaluation, {"model_id": model_id}, as_=Stored)
+    return None if r is None else {**r.results, "evaluation_id": r.id}
 
 
 def format_table(r: dict) -> str:

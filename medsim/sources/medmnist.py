@@ -19,17 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from medsim.errors import BadArgument, DataMissing, DataRefused, MedsimError
+
 SPLITS = ("train", "val", "test")
 SIZES = (28, 64, 128, 224)
 DOWNLOAD_TIMEOUT_S = 15
-
-
-class DataMissing(RuntimeError):
-    """The file is not on disk and could not be downloaded."""
-
-
-class DataRefused(ValueError):
-    """The file exists but is not what the catalogue describes; nothing was written."""
 
 
 @lru_cache(maxsize=1)
@@ -38,7 +32,7 @@ def _medmnist_info():
     # torchvision (seconds) just to read a dict.
     spec = importlib.util.find_spec("medmnist")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the medmnist package is not installed")
+        raise MedsimError("the medmnist package is not installed (pip install medmnist)")
     path = Path(next(iter(spec.submodule_search_locations))) / "info.py"
     info_spec = importlib.util.spec_from_file_location("_medsim_medmnist_info", path)
     module = importlib.util.module_from_spec(info_spec)
@@ -81,9 +75,9 @@ def entry(flag: str, size: int = 28) -> Entry:
     info = _medmnist_info().INFO
     flag = flag.lower()
     if flag not in info or flag.endswith("3d"):
-        raise ValueError(f"unknown 2D MedMNIST flag {flag!r}; known: {', '.join(flags_2d())}")
+        raise BadArgument(f"unknown 2D MedMNIST flag {flag!r}; known: {', '.join(flags_2d())}")
     if size not in SIZES:
-        raise ValueError(f"size must be one of {SIZES}, got {size}")
+        raise BadArgument(f"size must be one of {SIZES}, got {size}")
     d = info[flag]
     suffix = "" if size == 28 else f"_{size}"
     return Entry(

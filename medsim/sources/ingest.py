@@ -15,8 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 import psycopg
 
-from medsim import catalog, pgcopy
-from medsim.queries import Q
+from medsim import pgcopy
+from medsim.errors import DataRefused
+from medsim.queries import Q, one, rows, scalar
+from medsim.sources import medmnist
 
 INT2_OID = 21
 CHUNK_ROWS = 2048
@@ -41,6 +43,28 @@ class IngestResult:
             f"{self.flag}: {self.added} images added ({status}); read {self.read_s:.2f}s, "
             f"COPY {self.copy_s:.2f}s ({rate:,.0f} images/s)"
         )
+
+
+@dataclass
+class ExistingDataset:
+    id: int
+    source_md5: str
+    n_images: int
+
+
+@dataclass
+class SplitCount:
+    """A line of the summary `medsim ingest` prints."""
+
+    flag: str
+    image_size: int
+    md5_official: bool
+    split: str
+    n: int
+
+
+def summary(conn, flags, size: int) -> list[SplitCount]:
+    return rows(conn, Q.dataset_summary, {"flags": [f.lower() for f in flags], "size": size}, as_=SplitCount)
 
 
 def copy_rows_dtype(split: str, n_labels: int, n_pixels: int) -> np.dtype:
@@ -90,12 +114,12 @@ def encode_copy_rows(dataset_id: int, split: str, images: np.ndarray, labels: np
     return rows
 
 
-def copy_images(cur: psycopg.Cursor, dataset_id: int, v: catalog.Verified, progress=None) -> None:
+def copy_images(cur: psycopg.Cursor, dataset_id: int, v: medmnist.Verified, progress=None) -> None:
     """Encode and send in chunks: psycopg ships each chunk from a writer thread while the
     next one is hashed and encoded, so client and server work side by side."""
     with cur.copy(Q.copy_images) as copy:
         copy.write(pgcopy.HEADER)
-        for split in catalog.SPLITS:
+        for split in medmnist.SPLITS:
             x, y = v.images[split], v.labels[split]
             for start in range(0, len(x), CHUNK_ROWS):
                 xs, ys = x[start : start + CHUNK_ROWS], y[start : start + CHUNK_ROWS]
@@ -105,21 +129,21 @@ def copy_images(cur: psycopg.Cursor, dataset_id: int, v: catalog.Verified, progr
         copy.write(pgcopy.TRAILER)
 
 
-def ingest_verified(conn: psycopg.Connection, e: catalog.Entry, v: catalog.Verified, show_progress=True) -> IngestResult:
-    total = sum(len(v.images[s]) for s in catalog.SPLITS)
+def ingest_verified(conn: psycopg.Connection, e: medmnist.Entry, v: medmnist.Verified, show_progress=True) -> IngestResult:
+    total = sum(len(v.images[s]) for s in medmnist.SPLITS)
     with conn.transaction():
-        existing = conn.execute(Q.dataset_by_flag, {"flag": e.flag, "size": e.size}).fetchone()
+        existing = one(conn, Q.dataset_by_flag, {"flag": e.flag, "size": e.size}, as_=ExistingDataset)
         if existing is not None:
-            ds_id, md5, n_images = existing
+            ds_id, md5, n_images = existing.id, existing.source_md5, existing.n_images
             if md5 != v.md5:
-                raise catalog.DataRefused(
+                raise DataRefused(
                     f"{e.flag} (size {e.size}) is already ingested from a different file (md5 "
                     f"{md5}, this file {v.md5}); refusing to mix them. Delete the dataset first "
                     f"(DELETE FROM medsim.datasets WHERE id = {ds_id}) to replace it."
                 )
             return IngestResult(e.flag, 0, n_images, v.official, v.md5)
-        ds_id = conn.execute(
-            Q.insert_dataset,
+        ds_id = scalar(
+            conn, Q.insert_dataset,
             {
                 "flag": e.flag, "size": e.size, "python_class": e.python_class,
                 "description": e.description, "task": e.task, "n_channels": e.n_channels,
@@ -127,7 +151,7 @@ def ingest_verified(conn: psycopg.Connection, e: catalog.Entry, v: catalog.Verif
                 "license": e.license, "url": e.url, "source_file": str(v.path),
                 "source_md5": v.md5, "official_md5": e.md5, "md5_official": v.official,
             },
-        ).fetchone()[0]
+        )
         from tqdm import tqdm
 
         t0 = time.perf_counter()
@@ -144,11 +168,11 @@ def ingest_verified(conn: psycopg.Connection, e: catalog.Entry, v: catalog.Verif
 
 def ingest(conn, flag: str, size: int = 28, data_dir=None, accept_unofficial=False,
            allow_download=True, show_progress=True) -> IngestResult:
-    """Locate, verify and load one subset. Raises DataMissing / DataRefused / ValueError."""
-    e = catalog.entry(flag, size)
+    """Locate, verify and load one subset. Raises DataMissing / DataRefused / BadArgument."""
+    e = medmnist.entry(flag, size)
     t0 = time.perf_counter()
-    path = catalog.locate(e, data_dir, allow_download=allow_download)
-    v = catalog.verify(e, path, accept_unofficial=accept_unofficial)
+    path = medmnist.locate(e, data_dir, allow_download=allow_download)
+    v = medmnist.verify(e, path, accept_unofficial=accept_unofficial)
     read_s = time.perf_counter() - t0
     result = ingest_verified(conn, e, v, show_progress=show_progress)
     result.read_s = read_s

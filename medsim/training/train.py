@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medsim import data, metrics, registry
-from medsim import model as M
-from medsim.pairs import sample_pairs
+from medsim import registry
+from medsim.errors import BadArgument
 from medsim.queries import Q
+from medsim.training import data, metrics, network
+from medsim.training.config import PRESETS, preset
+from medsim.training.pairs import sample_pairs
 
 
 @dataclass
@@ -43,20 +45,20 @@ class TrainConfig:
         # in a TypeError while saving a checkpoint that was never made)
         for name in ("epochs", "pairs_per_epoch", "val_pairs", "batch_size", "patience", "image_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise BadArgument(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
+            raise BadArgument(f"lr must be positive, got {self.lr!r}")
         if self.mode not in ("label", "dataset"):
-            raise ValueError(f"mode must be 'label' or 'dataset', got {self.mode!r}")
-        if self.preset not in M.PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose from {', '.join(M.PRESETS)}")
+            raise BadArgument(f"mode must be 'label' or 'dataset', got {self.mode!r}")
+        if self.preset not in PRESETS:
+            raise BadArgument(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda asked for, but torch sees no CUDA device")
+        raise BadArgument("--device cuda asked for, but torch sees no CUDA device")
     return torch.device(name)
 
 
@@ -66,8 +68,8 @@ def evaluate_pairs(model, x: torch.Tensor, a, b, same, margin: float, device) ->
     with torch.inference_mode():
         step = model.cfg.inference_batch(str(device))
         z = torch.cat([model(x[i : i + step].to(device)) for i in range(0, len(x), step)])
-        d = M.pair_distance(z[a], z[b])
-        loss = M.contrastive_loss(d, torch.as_tensor(same, device=d.device), margin).item()
+        d = network.pair_distance(z[a], z[b])
+        loss = network.contrastive_loss(d, torch.as_tensor(same, device=d.device), margin).item()
     d = d.cpu().numpy()
     t, acc = metrics.best_threshold(d, same)
     return {"loss": loss, "acc": acc, "auc": metrics.roc_auc(-d, same), "threshold": t}
@@ -79,18 +81,18 @@ def train(conn, tcfg: TrainConfig, out_dir: Path | str = "medsim_out", set_curre
 
     device = resolve_device(tcfg.device)
     torch.manual_seed(tcfg.seed)
-    cfg = M.preset(tcfg.preset)
+    cfg = preset(tcfg.preset)
     tr = data.load_split(conn, ["train"], tcfg.flags, tcfg.image_size)
     va = data.load_split(conn, ["val"], tcfg.flags, tcfg.image_size)
     flags = sorted({tr.flags[int(d)] for d in np.unique(tr.dataset_ids)})
     log(f"training {cfg.preset} ({tcfg.mode} mode) on {', '.join(flags)}: {len(tr)} train, "
         f"{len(va)} val images, device {device}")
 
-    net = M.EmbeddingNet(cfg).to(device)
+    net = network.EmbeddingNet(cfg).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tcfg.epochs)
-    x_tr = M.to_input(tr.images)  # (N, 3, S, S), kept on the CPU; batches move to device
-    x_va = M.to_input(va.images)
+    x_tr = network.to_input(tr.images)  # (N, 3, S, S), kept on the CPU; batches move to device
+    x_va = network.to_input(va.images)
     va_a, va_b, va_same = sample_pairs(va.dataset_ids, va.label_keys, tcfg.val_pairs, tcfg.mode,
                                        seed=tcfg.seed + 1_000_003)
     history, best, best_state, bad = [], None, None, 0
@@ -111,8 +113,8 @@ def train(conn, tcfg: TrainConfig, out_dir: Path | str = "medsim_out", set_curre
                 flip = torch.rand(len(x), generator=gen) < 0.5
                 x[flip] = x[flip].flip(-1)
             za, zb = net(x.to(device, non_blocking=True)).chunk(2)
-            d = M.pair_distance(za, zb)
-            loss = M.contrastive_loss(d, y, cfg.margin)
+            d = network.pair_distance(za, zb)
+            loss = network.contrastive_loss(d, y, cfg.margin)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,0 +1,60 @@
+"""Everything a user can cause, as one exception family.
+
+The CLI prints a ``MedsimError`` as one sentence and exits 2; the HTTP layer maps it to
+``http_status`` with a JSON body. Any other exception is a bug: it keeps its traceback
+(CLI exit 1, HTTP 500, logged and never sent to a client).
+
+Each class also derives from the builtin it replaces (``LookupError``, ``ValueError``,
+``RuntimeError``), so ``except LookupError`` in callers written before this module
+still catches what it used to.
+"""
+
+from __future__ import annotations
+
+
+class MedsimError(Exception):
+    """A problem the user can fix; the message says how."""
+
+    exit_code = 2
+    http_status = 400
+
+
+class BadArgument(MedsimError, ValueError):
+    """A value that can never work (k = 0, an unknown index kind, epochs = 0)."""
+
+
+class NotFound(MedsimError, LookupError):
+    """No such model, image, index build or dataset."""
+
+    http_status = 404
+
+
+class DataMissing(MedsimError, RuntimeError):
+    """A source file is not on disk and could not be fetched."""
+
+    http_status = 404
+
+
+class DataRefused(MedsimError, ValueError):
+    """Input exists but is not acceptable (wrong md5, bad structure, unreadable image);
+    nothing was written."""
+
+    http_status = 422
+
+
+class StaleIndex(MedsimError, RuntimeError):
+    """A FAISS index no longer describes the database (or another build's file)."""
+
+    http_status = 409
+
+
+class SchemaNotReady(MedsimError, RuntimeError):
+    """The database is not at the schema revision this medsim needs."""
+
+    http_status = 503
+
+
+class DatabaseUnavailable(MedsimError, RuntimeError):
+    """The database cannot be reached."""
+
+    http_status = 503

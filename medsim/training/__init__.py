@@ -1,0 +1,1 @@
+"""Training the Siamese network: config, network, pairs, data, training loop, evaluation."""
