@@ -24,7 +24,6 @@ def register_model(conn, preset="default", current=True, seed=0, **overrides) ->
     net = network.EmbeddingNet(config.preset(preset, **overrides)).eval()
     mid = registry.register(conn, net, mode="label", datasets=["breastmnist", "retinamnist"],
                             train_config={"test": True})
-    conn.commit()
     if current:
         registry.set_current(conn, mid)
     return mid

@@ -87,3 +87,76 @@ def test_commands_refuse_a_database_not_at_head(empty_db_url, capsys):
         c.execute("UPDATE alembic_version SET version_num = %s", (migrate.HEAD,))
 
     assert cli.main(["--database-url", empty_db_url, "migrate", "nonsense"]) == 2
+
+
+# ---------------------------------------------------------------- reproducible upgrades
+SCHEMA_SNAPSHOT = {
+    "columns": "SELECT table_name, column_name, data_type, is_nullable, column_default "
+               "FROM information_schema.columns WHERE table_schema = 'medsim' ORDER BY 1, 2",
+    "views": "SELECT viewname, definition FROM pg_views WHERE schemaname = 'medsim' ORDER BY 1",
+    "functions": "SELECT p.proname, pg_get_function_identity_arguments(p.oid), pg_get_functiondef(p.oid) "
+                 "FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+                 "WHERE n.nspname = 'medsim' ORDER BY 1, 2",
+    "triggers": "SELECT tgname, pg_get_triggerdef(t.oid) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = 'medsim' AND NOT t.tgisinternal ORDER BY 1",
+    "indexes": "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'medsim' ORDER BY 1",
+    "reader_grants": "SELECT table_name, privilege_type FROM information_schema.role_table_grants "
+                     "WHERE grantee = 'medsim_reader' AND table_schema = 'medsim' ORDER BY 1, 2",
+}
+
+
+def snapshot(url) -> dict:
+    with psycopg.connect(url) as c:
+        return {k: c.execute(q).fetchall() for k, q in SCHEMA_SNAPSHOT.items()}
+
+
+def test_upgrade_from_every_revision_gives_the_fresh_schema(admin_url):
+    """empty -> r -> head, for every r, is the same schema as empty -> head."""
+    from tests.conftest import create_database
+
+    fresh = create_database(admin_url, "mig_fresh")
+    migrate.upgrade(fresh)
+    want = snapshot(fresh)
+    assert want["views"] and want["functions"] and want["triggers"] and want["reader_grants"]
+    for i, rev in enumerate(reversed(migrate.revisions())):
+        url = create_database(admin_url, f"mig_from_{i}")
+        migrate.upgrade(url, rev)
+        migrate.upgrade(url)
+        assert snapshot(url) == want, f"upgrading from {rev} differs from a fresh upgrade"
+
+
+def test_sql_using_the_newest_table_does_not_break_old_revisions(admin_url, tmp_path, monkeypatch):
+    """The bug this layout prevents: revisions used to apply the *current* sql/ files, so
+    a view over a table (or column) that a later revision adds broke every fresh upgrade
+    at the old revision. Here the first sql/ file gets such a view; a fresh upgrade, and
+    an upgrade from every intermediate revision, must still reach head with it."""
+    import shutil
+
+    from tests.conftest import create_database
+
+    sql_dir = tmp_path / "sql"
+    shutil.copytree(migrate.SQL_DIR, sql_dir)
+    first = sorted(sql_dir.glob("*.sql"))[0]
+    first.write_text(first.read_text() + "\nCREATE OR REPLACE VIEW medsim.newest_reports AS\n"
+                     "SELECT id, model_id, created_at FROM medsim.recall_reports;\n")
+    monkeypatch.setattr(migrate, "SQL_DIR", sql_dir)
+    for i, rev in enumerate([None, *reversed(migrate.revisions())]):
+        url = create_database(admin_url, f"mig_newest_{i}")
+        if rev is not None:
+            migrate.upgrade(url, rev)
+        migrate.upgrade(url)
+        with psycopg.connect(url) as c:
+            assert c.execute("SELECT count(*) FROM medsim.newest_reports").fetchone() == (0,)
+    migrate.downgrade(url, "base")  # the extra view must not block dropping its table
+    assert migrate.current(url) is None
+
+
+def test_sql_is_reapplied_when_already_at_head(db_url):
+    """`medsim migrate` at head re-applies sql/: a view someone replaced by hand comes back."""
+    with psycopg.connect(db_url, autocommit=True) as c:
+        c.execute("CREATE OR REPLACE FUNCTION medsim.label_name(p_dataset_id integer, p_labels smallint[]) "
+                  "RETURNS text "
+                  "LANGUAGE sql AS $$ SELECT 'tampered' $$")
+        migrate.upgrade(db_url)
+        assert c.execute("SELECT medsim.label_name(1, '{0}')").fetchone() != ("tampered",)

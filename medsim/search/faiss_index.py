@@ -9,7 +9,8 @@ result maps to an image by id, never by position. A build writes the index, then
 ``<index>.json`` beside it (model, view, kind, parameters, dimension, metric, row count,
 fingerprint, build id), and only then its medsim.index_builds row, so a row never
 points at a file without metadata. Loading compares the fingerprint with the database
-and refuses a stale index.
+and refuses a stale index. FAISS itself is imported only where an index is made or
+opened: listing builds (`medsim index list`) does not pay for it.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 from psycopg import sql
 
@@ -29,14 +30,21 @@ from medsim.queries import Q, rows, scalar
 from medsim.search import GALLERY_SPLITS
 from medsim.search.index_kinds import Kind, kind, resolve_params
 
+if TYPE_CHECKING:
+    import faiss
+
 
 def set_params(index: faiss.Index, params: dict, names) -> None:
+    import faiss
+
     ps = faiss.ParameterSpace()
     for name in names:
         ps.set_index_parameter(index, name, params[name])
 
 
 def make_index(k: Kind, dim: int, p: dict) -> faiss.Index:
+    import faiss
+
     index = faiss.index_factory(dim, k.factory.format(**p), faiss.METRIC_L2)
     set_params(index, p, k.build_params + k.search_params)
     if not index.is_trained:
@@ -86,6 +94,8 @@ def build(conn, model_ref="current", kind_name: str = "flat", params: dict | Non
           out: Path | str | None = None, splits=GALLERY_SPLITS, out_dir="medsim_out") -> Built:
     """Build, write index + metadata, record the build. Writes one row; the caller owns
     the transaction (with autocommit it commits on its own)."""
+    import faiss
+
     k = kind(kind_name)
     row = registry.get(conn, model_ref)
     t0 = time.perf_counter()
@@ -148,6 +158,8 @@ def load(conn, path: Path | str, model_ref=None, rebuild_if_stale: bool = False)
         if rebuild_if_stale:
             return build(conn, meta["model_id"], meta["kind"], meta["params"], out=path, splits=meta["splits"])
         raise StaleIndex(f"{path} is stale: {problem}. Rebuild it (medsim index build, or --rebuild).")
+    import faiss
+
     index = faiss.read_index(str(path))
     set_params(index, meta["params"], kind(meta["kind"]).search_params)
     return Built(index, meta, path)
