@@ -76,8 +76,8 @@ UPDATE medsim.models SET is_current = false WHERE is_current;
 UPDATE medsim.models SET is_current = true WHERE id = %(id)s;
 
 -- name: list_models
-SELECT m.id, m.name, m.preset, m.mode, m.embedding_dim, m.datasets, m.best_epoch,
-       m.best_val_loss, m.train_seconds, m.is_current, m.created_at
+SELECT m.id, m.name, m.preset, m.mode, m.embedding_dim, m.datasets, m.config, m.is_current,
+       m.best_epoch, m.best_val_loss, m.train_seconds, m.created_at
 FROM medsim.models m ORDER BY m.id;
 
 -- name: insert_evaluation

@@ -42,19 +42,12 @@ class Checkpoint:
 
 
 @dataclass
-class ModelInfo:
-    """A line of `medsim models`."""
+class ModelInfo(ModelRow):
+    """A line of `medsim models`: the registry row and how training went."""
 
-    id: int
-    name: str
-    preset: str
-    mode: str
-    embedding_dim: int
-    datasets: list
     best_epoch: int | None
     best_val_loss: float | None
     train_seconds: float | None
-    is_current: bool
     created_at: datetime
 
 

@@ -50,7 +50,7 @@ def make_index(k: Kind, dim: int, p: dict) -> faiss.Index:
     if not index.is_trained:
         # k-means warns below 39 points per centroid; small galleries (and the seed preset's
         # 256-centroid PQ codebooks) are fine with fewer
-        ivf = faiss.extract_index_ivf(index)
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))  # IndexIVFPQ, to reach .pq
         ivf.cp.min_points_per_centroid = 1
         if hasattr(ivf, "pq"):
             ivf.pq.cp.min_points_per_centroid = 1
