@@ -13,7 +13,7 @@ import sys
 
 from medsim import db
 from medsim.errors import BadArgument, MedsimError
-from medsim.search import ENGINES
+from medsim.search import ENGINES, MAX_K
 from medsim.search.index_kinds import KINDS
 from medsim.search.pgvector_hnsw import DEFAULT_EF_CONSTRUCTION, DEFAULT_M
 
@@ -198,8 +198,8 @@ def _ks(text: str) -> tuple[int, ...]:
         ks = tuple(sorted({int(k) for k in text.split(",")}))
     except ValueError:
         raise BadArgument(f"-k expects comma-separated integers, got {text!r}") from None
-    if not ks or ks[0] < 1:
-        raise BadArgument("-k values must be positive")
+    if not ks or ks[0] < 1 or ks[-1] > MAX_K:
+        raise BadArgument(f"-k values must be between 1 and {MAX_K}")
     return ks
 
 
@@ -239,12 +239,15 @@ def cmd_recall(args) -> int:
             with conn.transaction():
                 builds = [faiss_index.build(conn, args.model, kind, out_dir=args.out_dir) for kind in KINDS]
         else:
-            path = faiss_index.build_path(conn, args.build_id) if args.build_id is not None else args.index
-            if path is None:
+            if args.build_id is not None:
+                builds = [faiss_index.load_build(conn, args.build_id, rebuild_if_stale=args.rebuild)]
+            elif args.index is not None:
+                builds = [faiss_index.load(conn, args.index, rebuild_if_stale=args.rebuild)]
+            else:
                 raise BadArgument("give --index PATH, --build-id N or --all-kinds")
-            builds = [faiss_index.load(conn, path, rebuild_if_stale=args.rebuild)]
         with conn.transaction():
-            r = recall.report(conn, builds, ks=ks, query_splits=tuple(args.queries.split(",")))
+            r = recall.report(conn, builds, ks=ks,
+                              query_splits=faiss_index.check_splits(args.queries.split(",")))
     print(recall.format_table(r))
     out = args.json or f"{args.out_dir}/recall-model{r['model_id']}-report{r['report_id']}.json"
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -371,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="override a parameter, e.g. nlist=64, nprobe=16, M=32, efSearch=128 (repeatable)")
     b.add_argument("--splits", default="train,val", help="gallery splits (default train,val = medsim.gallery)")
-    b.add_argument("--out", default=None, help="index file (default medsim_out/indexes/model<ID>-<kind>.faiss)")
+    b.add_argument("--out", default=None,
+                   help="index file (default <out-dir>/indexes/model<ID>-<kind>-build<BUILD>.faiss)")
     b.add_argument("--out-dir", default="medsim_out", help="output directory for default paths")
     b.set_defaults(func=cmd_index)
     b = isub.add_parser("list", help="every FAISS build recorded in medsim.index_builds")
@@ -393,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="find the most similar gallery images to a query image")
     s.add_argument("--image-id", type=int, action="append", help="a stored image id (repeatable)")
     s.add_argument("--image-file", action="append", help="a PNG/JPEG/... file of any size (repeatable)")
-    s.add_argument("-k", type=int, default=4, help="neighbours per query (default 4)")
+    s.add_argument("-k", type=int, default=4, help=f"neighbours per query (default 4, at most {MAX_K})")
     s.add_argument("--dataset", default=None, help="only neighbours from this MedMNIST subset")
     s.add_argument("--engine", default="pgvector", choices=ENGINES,
                    help="pgvector (HNSW in Postgres) or faiss (the latest index built for the model)")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from medsim import db, migrate, registry
 from medsim.embed_worker import Worker, WorkerConfig
-from medsim.errors import DataMissing, MedsimError, NotFound, StaleIndex
+from medsim.errors import DataMissing, DataRefused, MedsimError, NotFound, StaleIndex
 from medsim.search import faiss_index, recall, similar
 from medsim.search.index_kinds import KINDS
 from medsim.sources import ingest
@@ -86,13 +86,12 @@ def run(cfg: DemoConfig, log=print) -> dict:
         step("FAISS indexes (from medsim.gallery) and recall vs pgvector exact search", log)
         builds = []
         for kind in KINDS:
-            path = out / "indexes" / f"model{model_id}-{kind}.faiss"
             try:
-                b = faiss_index.load(conn, path, model_ref=model_id)
-                log(f"{kind}: reusing {path} (fingerprint matches the database)")
-            except (NotFound, StaleIndex):
-                b = faiss_index.build(conn, model_id, kind, out=path)
-                log(f"{kind}: built {b.meta['n_rows']} vectors in {b.meta['build_seconds']:.2f}s -> {path}")
+                b = faiss_index.load_build(conn, faiss_index.latest_build(conn, model_id, kind), model_ref=model_id)
+                log(f"{kind}: reusing {b.path} (checksum and fingerprint match)")
+            except (NotFound, StaleIndex, DataRefused):
+                b = faiss_index.build(conn, model_id, kind, out_dir=out)
+                log(f"{kind}: built {b.meta['n_rows']} vectors in {b.meta['build_seconds']:.2f}s -> {b.path}")
             builds.append(b)
         rep = recall.report(conn, builds, ks=cfg.recall_ks)
         log(recall.format_table(rep))

@@ -20,7 +20,7 @@ import psycopg
 from medsim import db, migrate, pgcopy, queue, registry
 from medsim.errors import BadArgument, DatabaseUnavailable, MedsimError, NotFound
 from medsim.pixels import decode
-from medsim.queries import Q
+from medsim.queries import Q, rows, scalar
 from medsim.search import pgvector_hnsw
 from medsim.training import network
 
@@ -37,6 +37,9 @@ class WorkerConfig:
     retry_delay_s: float = 10.0  # first retry delay; doubles with each attempt
     db_retries: int = 5  # reconnect attempts (exponential backoff) before giving up
     throttle_s: float = 0.0  # pause before each commit (load shaping; tests use it)
+    # A lock wait longer than this rolls the batch back and tries again: the worker stays
+    # responsive to SIGTERM, and says what it waits for, instead of hanging in libpq.
+    lock_timeout_s: float = 5.0
     build_index: bool = True  # build the model's HNSW index once nothing is pending
     device: str = "cpu"
     database_url: str | None = None
@@ -47,7 +50,7 @@ class WorkerConfig:
         for name in ("batch_size", "max_attempts"):
             if getattr(self, name) < 1:
                 raise BadArgument(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("poll_interval", "retry_delay_s"):
+        for name in ("poll_interval", "retry_delay_s", "lock_timeout_s"):
             if not getattr(self, name) > 0:
                 raise BadArgument(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("db_retries", "throttle_s"):
@@ -58,7 +61,9 @@ class WorkerConfig:
 @dataclass
 class Summary:
     embedded: int = 0
-    failed: int = 0
+    failed: int = 0  # images failed for good this run (max attempts reached)
+    retrying: int = 0  # images that failed this run and will be tried again
+    lock_waits: int = 0  # batches rolled back after waiting lock_timeout_s for a lock
     seconds: float = 0.0
     # wall seconds per stage, so a slow run says where its time went: start (connect,
     # load the model, queue), claim, decode, embed (forward incl. device transfers),
@@ -72,12 +77,34 @@ class Summary:
 
     def line(self) -> str:
         rate = self.embedded / self.seconds if self.seconds else 0.0
-        return f"embedded {self.embedded}, failed {self.failed}, {rate:,.0f} images/s ({self.seconds:.1f}s)"
+        retry = f" ({self.retrying} to retry)" if self.retrying else ""
+        return (f"embedded {self.embedded}, failed {self.failed}{retry}, {rate:,.0f} images/s "
+                f"({self.seconds:.1f}s)")
 
     def breakdown(self) -> str:
         total = self.seconds or sum(self.phases.values()) or 1.0
         parts = {**self.phases, "other (enqueue, idle)": max(0.0, total - sum(self.phases.values()))}
         return ", ".join(f"{k} {v:.3f}s ({v / total:.0%})" for k, v in parts.items())
+
+
+@dataclass
+class Claimed:
+    image_id: int
+    pixels: bytes
+    height: int
+    width: int
+    channels: int
+
+
+def prepare(r: Claimed) -> np.ndarray:
+    """A claimed row -> (H, W, 3) uint8, or an exception naming what is wrong with it."""
+    if r.height < 1 or r.width < 1:
+        raise ValueError(f"empty image ({r.height}x{r.width})")
+    return decode(bytes(r.pixels), r.height, r.width, r.channels)
+
+
+def one_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:500]
 
 
 class Worker:
@@ -101,6 +128,8 @@ class Worker:
                 # autocommit: every `with conn.transaction()` below is then a real
                 # transaction (not a savepoint inside an implicit one) and commits on exit
                 self.conn = db.connect(self.url, autocommit=True)
+                self.conn.execute("SELECT set_config('lock_timeout', %s, false)",
+                                  (f"{int(self.cfg.lock_timeout_s * 1000)}ms",))
                 return
             except DatabaseUnavailable as err:
                 if attempt == self.cfg.db_retries or self.stopping:
@@ -164,6 +193,11 @@ class Worker:
                         break
                     listener = listener or self.listen()
                     self.wait_for_work(listener)
+                except psycopg.errors.LockNotAvailable as err:
+                    # the batch rolled back; its images are simply claimable again
+                    log.warning("waited %.0fs for a lock (%s); trying again", self.cfg.lock_timeout_s,
+                                one_line(err))
+                    self.summary.lock_waits += 1
                 except (psycopg.OperationalError, DatabaseUnavailable) as err:
                     # the open batch (if any) rolled back with the connection; reconnect
                     # with backoff, or give up with DatabaseUnavailable after db_retries
@@ -202,54 +236,89 @@ class Worker:
             return self._process_batch()
 
     def _process_batch(self) -> int:
-        """Claim -> embed -> COPY -> dequeue, one transaction (see Q.claim_batch)."""
+        """Claim -> prepare -> embed -> COPY -> dequeue, one transaction (see Q.claim_batch)."""
         mid = self.model_row.id
         t = time.perf_counter()
         with self.conn.transaction():
             self.conn.execute(Q.lock_queue_shared, {"model_id": mid})
-            rows = self.conn.execute(Q.claim_batch, {"model_id": mid,
-                                                     "batch_size": self.cfg.batch_size}).fetchall()
+            claimed = rows(self.conn, Q.claim_batch, {"model_id": mid, "batch_size": self.cfg.batch_size},
+                           as_=Claimed)
             t = self.summary.add("claim", t)
-            if not rows:
+            if not claimed:
                 return 0
-            ok_ids, images, bad = [], [], []
-            for image_id, pixels, h, w, c in rows:
+            items, bad = [], []
+            for r in claimed:
                 try:
-                    images.append(decode(bytes(pixels), h, w, c))
-                    ok_ids.append(image_id)
-                except ValueError as err:
-                    bad.append((image_id, f"undecodable image: {err}"))
+                    items.append((r.image_id, prepare(r)))
+                except Exception as err:  # anything one stored row can do wrong stays with that row
+                    bad.append((r.image_id, f"undecodable image: {one_line(err)}"))
             t = self.summary.add("decode", t)
-            # mixed sizes in one batch are embedded group by group
-            shapes = {}
-            for i, x in enumerate(images):
-                shapes.setdefault(x.shape, []).append(i)
-            vectors = np.zeros((len(images), self.model_row.embedding_dim), np.float32)
-            for idx in shapes.values():
-                vectors[idx] = network.embed(self.net, np.stack([images[i] for i in idx]), device=self.cfg.device)
-            finite = np.isfinite(vectors).all(axis=1)
-            bad += [(i, "non-finite embedding") for i, f in zip(ok_ids, finite, strict=True) if not f]
-            good_ids = [i for i, f in zip(ok_ids, finite, strict=True) if f]
-            t = self.summary.add("embed", t)
-            with self.conn.cursor() as cur, cur.copy(Q.copy_embeddings) as copy:
-                copy.write(pgcopy.HEADER)
-                copy.write(pgcopy.embeddings_rows(mid, good_ids, vectors[finite]))
-                copy.write(pgcopy.TRAILER)
-            t = self.summary.add("copy", t)
-            self.conn.execute(Q.dequeue, {"model_id": mid, "ids": good_ids})
+            good, failed = self.write(items)
+            bad += failed
+            t = time.perf_counter()
+            self.conn.execute(Q.dequeue, {"model_id": mid, "ids": good})
             for image_id, error in bad:
-                self.conn.execute(Q.record_failure, {
+                final = scalar(self.conn, Q.record_failure, {
                     "model_id": mid, "image_id": image_id, "error": error,
                     "delay_s": self.cfg.retry_delay_s, "max_attempts": self.cfg.max_attempts})
-                log.warning("image %s: %s", image_id, error)
+                self.summary.failed += bool(final)
+                self.summary.retrying += not final
+                log.warning("image %s: %s%s", image_id, error, "" if final else " (will retry)")
             t = self.summary.add("dequeue", t)
             if self.cfg.throttle_s:
                 # written but not committed: the widest window for a crash or a race
                 time.sleep(self.cfg.throttle_s)
         self.summary.add("commit", t)  # (and the --throttle pause, when set)
-        self.summary.embedded += len(good_ids)
-        self.summary.failed += len(bad)
-        return len(rows)
+        self.summary.embedded += len(good)
+        return len(claimed)
+
+    def write(self, items: list) -> tuple[list[int], list[tuple[int, str]]]:
+        """Embed and COPY (image_id, pixels) items inside a savepoint -> (written ids, failures).
+
+        If that fails as a whole for any reason other than the database itself (a lost
+        connection, a lock timeout, a row already embedded: those go up to the batch), the
+        savepoint is rolled back and each half is tried on its own. An image that only
+        fails inside the network (a zero-sized image makes torch raise, whatever the
+        decoder thought of it) is isolated in log2(batch) steps, and the rest of the batch
+        is still written.
+        """
+        if not items:
+            return [], []
+        mid = self.model_row.id
+        try:
+            with self.conn.transaction():
+                t = time.perf_counter()
+                vectors = self.embed([x for _, x in items])
+                finite = np.isfinite(vectors).all(axis=1)
+                bad = [(i, "non-finite embedding") for (i, _), f in zip(items, finite, strict=True) if not f]
+                good = [i for (i, _), f in zip(items, finite, strict=True) if f]
+                t = self.summary.add("embed", t)
+                with self.conn.cursor() as cur, cur.copy(Q.copy_embeddings) as copy:
+                    copy.write(pgcopy.HEADER)
+                    copy.write(pgcopy.embeddings_rows(mid, good, vectors[finite]))
+                    copy.write(pgcopy.TRAILER)
+                self.summary.add("copy", t)
+            return good, bad
+        except (psycopg.OperationalError, psycopg.errors.UniqueViolation):
+            raise
+        except Exception as err:
+            if len(items) == 1:
+                return [], [(items[0][0], f"cannot embed: {type(err).__name__}: {one_line(err)}")]
+            log.warning("a batch of %d failed as a whole (%s); trying each half", len(items), one_line(err))
+            half = len(items) // 2
+            g1, b1 = self.write(items[:half])
+            g2, b2 = self.write(items[half:])
+            return g1 + g2, b1 + b2
+
+    def embed(self, images: list) -> np.ndarray:
+        """(H, W, 3) uint8 images, any mix of sizes -> (n, dim) float32, size group by size."""
+        shapes = {}
+        for i, x in enumerate(images):
+            shapes.setdefault(x.shape, []).append(i)
+        vectors = np.zeros((len(images), self.model_row.embedding_dim), np.float32)
+        for idx in shapes.values():
+            vectors[idx] = network.embed(self.net, np.stack([images[i] for i in idx]), device=self.cfg.device)
+        return vectors
 
     # -- idle ---------------------------------------------------------------------------
     def listen(self) -> psycopg.Connection:
@@ -281,8 +350,16 @@ class Worker:
         if self.summary.embedded:
             self.conn.execute("ANALYZE medsim.embeddings")
         drained = queue.pending_count(self.conn, mid) == 0
-        if self.cfg.build_index and drained and pgvector_hnsw.ensure(self.conn, mid, self.model_row.embedding_dim):
-            log.info("built HNSW index %s", pgvector_hnsw.index_name(mid))
+        if not (self.cfg.build_index and drained):
+            return
+        try:
+            if pgvector_hnsw.ensure(self.conn, mid, self.model_row.embedding_dim):
+                log.info("built HNSW index %s", pgvector_hnsw.index_name(mid))
+        except psycopg.errors.LockNotAvailable:
+            # another worker is building it (it holds the model's row), or a long write is
+            # under way: the index is that process's job, not a reason to hang here
+            log.info("HNSW index %s not built now: another session holds its lock",
+                     pgvector_hnsw.index_name(mid))
 
 
 def parse_args(argv=None) -> WorkerConfig:
@@ -294,6 +371,8 @@ def parse_args(argv=None) -> WorkerConfig:
     p.add_argument("--max-attempts", type=int, default=3, help="tries per image before it is marked failed")
     p.add_argument("--db-retries", type=int, default=5, help="reconnect attempts before exiting with an error")
     p.add_argument("--throttle", type=float, default=0.0, help="seconds to pause before each batch commits (load shaping)")
+    p.add_argument("--lock-timeout", type=float, default=5.0,
+                   help="seconds to wait for a lock before rolling the batch back and retrying (default 5)")
     p.add_argument("--no-index", action="store_true", help="do not build the HNSW index after draining")
     p.add_argument("--device", default="cpu", help="torch device for inference (cpu, cuda)")
     p.add_argument("--database-url", default=None, help="postgresql:// URL (default: as every medsim command)")
@@ -302,6 +381,7 @@ def parse_args(argv=None) -> WorkerConfig:
     try:
         return WorkerConfig(model=a.model, batch_size=a.batch_size, once=a.once, poll_interval=a.poll_interval,
                             max_attempts=a.max_attempts, db_retries=a.db_retries, throttle_s=a.throttle,
+                            lock_timeout_s=a.lock_timeout,
                             build_index=not a.no_index, device=a.device, database_url=a.database_url,
                             progress=not a.quiet)
     except BadArgument as err:

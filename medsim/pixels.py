@@ -6,6 +6,7 @@ them. Models see (H, W, 3): grey is repeated to three channels.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -23,19 +24,64 @@ def decode(pixels: bytes, h: int, w: int, c: int) -> np.ndarray:
     return np.repeat(x, 3, axis=2) if c == 1 else x
 
 
-def load_image_file(path: Path | str, size: int = 28) -> np.ndarray:
-    """Any PNG/JPEG/... -> (size, size, C) uint8, C = 1 for grey sources, else 3."""
+# A query image is untrusted input: its size is checked from the header, before any
+# pixel is decoded (Pillow's own decompression-bomb limit is 89 M pixels, and it only warns
+# below twice that). MEDSIM_MAX_IMAGE_PIXELS overrides.
+MAX_IMAGE_PIXELS = int(os.environ.get("MEDSIM_MAX_IMAGE_PIXELS", 40_000_000))
+
+# Pillow modes holding more than 8 bits per pixel: 16-bit PNG/TIFF, 32-bit int, float
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+
+
+def to_uint8(a: np.ndarray) -> np.ndarray:
+    """A high-bit-depth grey image -> uint8 by its own range (min -> 0, max -> 255).
+
+    Not a fixed divide-by-257: 12-bit data in a 16-bit container would become nearly
+    black, and clipping to 255 (Pillow's convert("L")) made it nearly white. The stored
+    images the model learnt from are 8-bit and contrast-normalised per image, so a
+    per-image window is the mapping that matches them."""
+    a = a.astype(np.float32)
+    finite = np.isfinite(a)
+    if not finite.any():
+        raise DataRefused("the image has no finite pixel values")
+    lo, hi = float(a[finite].min()), float(a[finite].max())
+    scaled = np.where(finite, (a - lo) / (hi - lo) * 255.0, 0.0) if hi > lo else np.zeros_like(a)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def load_image_file(path: Path | str, size: int = 28, max_pixels: int | None = None) -> np.ndarray:
+    """Any PNG/JPEG/TIFF/... -> (size, size, C) uint8, C = 1 for grey sources, else 3.
+    DataRefused for anything that is not a readable image within the pixel limit."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if not path.is_file():
         raise DataRefused(f"{path}: {'a directory, not an image file' if path.is_dir() else 'no such file'}")
     try:
         with Image.open(path) as img:
+            w, h = img.size
+            if w * h > limit:
+                raise DataRefused(f"{path}: {w} x {h} = {w * h:,} pixels is over the limit of {limit:,} "
+                                  f"(MEDSIM_MAX_IMAGE_PIXELS)")
             img.load()
-            grey = img.mode in ("1", "L", "LA", "I", "I;16", "F")
-            img = img.convert("L" if grey else "RGB").resize((size, size), Image.Resampling.BICUBIC)
-            x = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError) as err:
+            if img.mode in HIGH_DEPTH_MODES:
+                # resize at full depth, then window to 8 bits
+                f = img.convert("F").resize((size, size), Image.Resampling.BICUBIC)
+                x = to_uint8(np.asarray(f, dtype=np.float32))
+            else:
+                grey = img.mode in ("1", "L", "LA", "P") and _palette_is_grey(img)
+                img = img.convert("L" if grey else "RGB").resize((size, size), Image.Resampling.BICUBIC)
+                x = np.asarray(img, dtype=np.uint8)
+    except DataRefused:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
         raise DataRefused(f"{path}: not a readable image ({err})") from err
     return x[..., None] if x.ndim == 2 else x
+
+
+def _palette_is_grey(img) -> bool:
+    if img.mode != "P":
+        return True
+    rgb = np.asarray(img.convert("RGB"))
+    return bool((rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all())

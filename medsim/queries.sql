@@ -92,13 +92,18 @@ RETURNING id;
 -- batch still in flight. If that batch has already deleted its queue rows, the INSERT
 -- waits for it (ON CONFLICT on a row being deleted), finds no conflict once it
 -- commits, and queues the just-embedded images again; a worker then COPYs a duplicate
--- (model_id, image_id) and fails. Shared locks never block one another, so workers
+-- (model_id, image_id) and fails. FOR SHARE locks never block one another, so workers
 -- still run in parallel; enqueue waits for the batches in flight, and new batches wait
--- for the enqueue (one anti-join). Keys: (hashtext('medsim.embedding_queue'), model).
-SELECT pg_advisory_xact_lock_shared(hashtext('medsim.embedding_queue'), %(model_id)s);
+-- for the enqueue (one anti-join).
+-- Why a row lock on the model and not an advisory lock: any login can take any advisory
+-- lock, so a read-only analyst's pg_advisory_lock() stalled every worker indefinitely.
+-- Row locks need UPDATE privilege, which medsim_reader does not have. FOR SHARE does not
+-- conflict with the FOR KEY SHARE that foreign-key checks take on the same row.
+SELECT 1 FROM medsim.models WHERE id = %(model_id)s FOR SHARE;
 
 -- name: lock_queue_exclusive
-SELECT pg_advisory_xact_lock(hashtext('medsim.embedding_queue'), %(model_id)s);
+-- FOR NO KEY UPDATE: conflicts with the batches' FOR SHARE, not with foreign-key checks.
+SELECT 1 FROM medsim.models WHERE id = %(model_id)s FOR NO KEY UPDATE;
 
 -- name: enqueue_model
 -- Make every image without an embedding for this model pending for it. Idempotent.
@@ -152,7 +157,8 @@ SET attempts = attempts + 1,
     last_error = %(error)s,
     retry_after = now() + make_interval(secs => %(delay_s)s * power(2, attempts)),
     failed_at = CASE WHEN attempts + 1 >= %(max_attempts)s THEN now() END
-WHERE model_id = %(model_id)s AND image_id = %(image_id)s;
+WHERE model_id = %(model_id)s AND image_id = %(image_id)s
+RETURNING failed_at IS NOT NULL AS final;
 
 -- name: pending_count
 SELECT count(*) FROM medsim.embedding_queue
@@ -186,18 +192,20 @@ SELECT nextval(pg_get_serial_sequence('medsim.index_builds', 'id'));
 
 -- name: insert_index_build
 INSERT INTO medsim.index_builds (id, model_id, kind, params, source_view, splits, dim, metric,
-                                 n_rows, fingerprint, path, build_seconds)
+                                 n_rows, fingerprint, path, build_seconds, file_sha256, file_bytes)
 OVERRIDING SYSTEM VALUE
 VALUES (%(build_id)s, %(model_id)s, %(kind)s, %(params)s, %(source_view)s, %(splits)s, %(dim)s,
-        %(metric)s, %(n_rows)s, %(fingerprint)s, %(path)s, %(build_seconds)s);
+        %(metric)s, %(n_rows)s, %(fingerprint)s, %(path)s, %(build_seconds)s, %(file_sha256)s,
+        %(file_bytes)s);
+
+-- name: index_build
+SELECT id, model_id, kind, n_rows, path, file_sha256, file_bytes FROM medsim.index_builds
+WHERE id = %(id)s;
 
 -- name: index_builds
-SELECT id, model_id, kind, n_rows, path, created_at FROM medsim.index_builds
+SELECT id, model_id, kind, n_rows, path, file_sha256, file_bytes, created_at FROM medsim.index_builds
 WHERE (%(model_id)s::int IS NULL OR model_id = %(model_id)s::int)
 ORDER BY id;
-
--- name: index_build_path
-SELECT path FROM medsim.index_builds WHERE id = %(id)s;
 
 -- name: insert_recall_report
 INSERT INTO medsim.recall_reports (model_id, build_ids, report) VALUES (%(model_id)s, %(build_ids)s, %(report)s)
@@ -241,8 +249,10 @@ WHERE i.id = ANY(%(ids)s);
 SELECT id, pixels, height, width, channels FROM medsim.images WHERE id = ANY(%(ids)s);
 
 -- name: latest_index_build
-SELECT path FROM medsim.index_builds
+-- The newest gallery build of a model (of one kind, or an exact one first).
+SELECT id FROM medsim.index_builds
 WHERE model_id = %(model_id)s AND splits = %(splits)s::text[]
+  AND (%(kind)s::text IS NULL OR kind = %(kind)s::text)
 ORDER BY (kind = 'flat') DESC, id DESC
 LIMIT 1;
 

@@ -19,6 +19,16 @@ DECLARE
     v_model integer := coalesce(p_model_id, (SELECT id FROM medsim.models WHERE is_current));
     v_dim integer;
 BEGIN
+    -- bounded before any work: k = NULL used to return the whole gallery, and k = 3e9
+    -- ended in an integer overflow deep inside the query
+    IF p_k IS NULL OR p_k < 1 OR p_k > 1000 THEN
+        RAISE EXCEPTION 'k must be between 1 and 1000, got %', coalesce(p_k::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_query IS NULL THEN
+        RAISE EXCEPTION 'the query vector is NULL (an image without an embedding for this model?)'
+            USING ERRCODE = 'null_value_not_allowed';
+    END IF;
     SELECT embedding_dim INTO v_dim FROM medsim.models WHERE id = v_model;
     IF v_dim IS NULL THEN
         RAISE EXCEPTION 'no such model (id %), and no current model', p_model_id;
@@ -71,7 +81,26 @@ END
 $$;
 GRANT USAGE ON SCHEMA medsim TO medsim_reader;
 GRANT SELECT ON ALL TABLES IN SCHEMA medsim TO medsim_reader;
+-- What a read-only analyst does not get: model checkpoint bytes (the weights), image
+-- pixels, and file paths on the server (where source files and FAISS indexes live).
+-- Table-level SELECT is replaced by the columns below; a column added by a later
+-- revision stays unreadable until it is listed here. The views expose none of the three.
+REVOKE SELECT ON medsim.models, medsim.images, medsim.datasets, medsim.index_builds FROM medsim_reader;
+GRANT SELECT (id, name, preset, mode, config, train_config, datasets, embedding_dim, checkpoint_sha256,
+              best_epoch, best_val_loss, train_seconds, is_current, created_at)
+    ON medsim.models TO medsim_reader;
+GRANT SELECT (id, dataset_id, split, split_index, labels, height, width, channels, sha256, created_at)
+    ON medsim.images TO medsim_reader;
+GRANT SELECT (id, flag, image_size, is_medmnist, python_class, description, task, n_channels, label_names,
+              n_samples, license, url, source_md5, official_md5, md5_official, ingested_at)
+    ON medsim.datasets TO medsim_reader;
+GRANT SELECT (id, model_id, kind, params, source_view, splits, dim, metric, n_rows, fingerprint,
+              build_seconds, created_at, file_sha256, file_bytes)
+    ON medsim.index_builds TO medsim_reader;
 GRANT EXECUTE ON FUNCTION medsim.search_by_vector(vector, integer, integer, text, bigint),
                           medsim.similar_images(bigint, integer, integer, text),
                           medsim.label_name(integer, smallint[]) TO medsim_reader;
 ALTER DEFAULT PRIVILEGES IN SCHEMA medsim GRANT SELECT ON TABLES TO medsim_reader;
+-- A query that runs away is cancelled; it applies to sessions that log in as (or SET ROLE
+-- to) medsim_reader. Per-person logins set their own: ALTER ROLE alice SET statement_timeout.
+ALTER ROLE medsim_reader SET statement_timeout = '30s';

@@ -32,7 +32,7 @@ def test_flat_recall_is_exactly_one_and_pgvector_agrees(embedded, tmp_path):
     conn, mid = embedded
     b = faiss_index.build(conn, mid, "flat", out_dir=tmp_path)
     assert b.meta["n_rows"] == 546 + 78 + 1080 + 120 and b.meta["source_view"] == "medsim.gallery"
-    assert (tmp_path / "indexes" / f"model{mid}-flat.faiss.json").exists()
+    assert (tmp_path / "indexes" / f"model{mid}-flat-build{b.meta['build_id']}.faiss.json").exists()
     r = recall.report(conn, [b], ks=(1, 10, 100), ef_searches=(40,))
     by = {(row["engine"], row["kind"]): row for row in r["rows"]}
     assert by[("faiss", "flat")]["recall"] == {"1": 1.0, "10": 1.0, "100": 1.0}

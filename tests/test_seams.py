@@ -131,7 +131,7 @@ def test_index_metadata_is_written_before_its_row(embedded, tmp_path, monkeypatc
     monkeypatch.setattr(queries.Q, "insert_index_build", "SELECT 1 / 0")
     with pytest.raises(psycopg.errors.DivisionByZero):
         faiss_index.build(conn, mid, "hnsw", out_dir=tmp_path)
-    assert faiss_index.meta_path(tmp_path / "indexes" / f"model{mid}-hnsw.faiss").exists()
+    assert len(list((tmp_path / "indexes").glob(f"model{mid}-hnsw-build*.faiss.json"))) == 1
     assert conn.execute("SELECT count(*) FROM medsim.index_builds").fetchone() == (1,)
 
 
@@ -150,7 +150,7 @@ def test_a_new_kind_is_one_entry(embedded, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(index_kinds.KINDS, "ivfsq8", sq8)
     assert cli.main(["index", "build", "--kind", "ivfsq8", "--param", "nprobe=4", "--out-dir", str(tmp_path)]) == 0
     assert "built ivfsq8 index of 1824 vectors" in capsys.readouterr().out
-    b = faiss_index.load(conn, tmp_path / "indexes" / f"model{mid}-ivfsq8.faiss")
+    b = faiss_index.load_build(conn, faiss_index.latest_build(conn, mid, "ivfsq8"))
     import faiss
 
     assert b.meta["factory"] == "IVF8,SQ8" and faiss.extract_index_ivf(b.index).nprobe == 4

@@ -12,3 +12,8 @@ GALLERY_SPLITS = ("train", "val")
 # pgvector: HNSW inside Postgres (or exact when there is no index); faiss: the model's
 # latest FAISS build, loaded and checked once per call
 ENGINES = ("pgvector", "faiss")
+
+# The most neighbours one query may ask for, everywhere (CLI, SQL functions, FAISS):
+# k is checked before any work. FAISS allocates k results per query up front (k = 1e8
+# took 4 GB), and the SQL functions refuse more than this too (sql/004_search.sql).
+MAX_K = 1000

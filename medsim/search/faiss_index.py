@@ -15,9 +15,11 @@ opened: listing builds (`medsim index list`) does not pay for it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,8 +27,8 @@ import numpy as np
 from psycopg import sql
 
 from medsim import registry
-from medsim.errors import NotFound, StaleIndex
-from medsim.queries import Q, rows, scalar
+from medsim.errors import BadArgument, DataRefused, NotFound, StaleIndex
+from medsim.queries import Q, one, rows, scalar
 from medsim.search import GALLERY_SPLITS
 from medsim.search.index_kinds import Kind, kind, resolve_params
 
@@ -55,6 +57,18 @@ def make_index(k: Kind, dim: int, p: dict) -> faiss.Index:
         if hasattr(ivf, "pq"):
             ivf.pq.cp.min_points_per_centroid = 1
     return index
+
+
+SPLITS = ("train", "val", "test")
+
+
+def check_splits(splits) -> tuple[str, ...]:
+    """Refuse split names that cannot exist (they used to be recorded with an empty index)."""
+    splits = tuple(splits)
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown or not splits:
+        raise BadArgument(f"unknown split(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(SPLITS)}")
+    return splits
 
 
 def source_view(splits) -> str:
@@ -90,13 +104,30 @@ def meta_path(path: Path) -> Path:
     return Path(str(path) + ".json")
 
 
+def file_sha256(path: Path) -> tuple[str, int]:
+    h, n = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            n += len(chunk)
+    return h.hexdigest(), n
+
+
+def default_path(index_dir, model_id: int, kind_name: str, build_id: int) -> Path:
+    # one file per build: a later build never overwrites the file an earlier row names
+    return Path(index_dir) / f"model{model_id}-{kind_name}-build{build_id}.faiss"
+
+
 def build(conn, model_ref="current", kind_name: str = "flat", params: dict | None = None,
-          out: Path | str | None = None, splits=GALLERY_SPLITS, out_dir="medsim_out") -> Built:
-    """Build, write index + metadata, record the build. Writes one row; the caller owns
-    the transaction (with autocommit it commits on its own)."""
+          out: Path | str | None = None, splits=GALLERY_SPLITS, out_dir="medsim_out",
+          index_dir: Path | str | None = None) -> Built:
+    """Build, write index + metadata, record the build. The file is `out`, else one named
+    after the build in `index_dir` (default: <out_dir>/indexes). Writes one row; the
+    caller owns the transaction (with autocommit it commits on its own)."""
     import faiss
 
     k = kind(kind_name)
+    splits = check_splits(splits)
     row = registry.get(conn, model_ref)
     t0 = time.perf_counter()
     n_before, fp = fingerprint(conn, row.id, splits)
@@ -120,29 +151,69 @@ def build(conn, model_ref="current", kind_name: str = "flat", params: dict | Non
         raise StaleIndex("embeddings changed during the build; run it again once workers are idle")
     seconds = time.perf_counter() - t0
     build_id = scalar(conn, Q.next_index_build_id)
-    path = Path(out) if out else Path(out_dir) / "indexes" / f"model{row.id}-{k.name}.faiss"
+    path = Path(out) if out else default_path(index_dir or Path(out_dir) / "indexes", row.id, k.name, build_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     faiss.write_index(index, str(path))
+    sha, size = file_sha256(path)
     meta = {"build_id": build_id, "model_id": row.id, "model_name": row.name, "kind": k.name,
             "factory": k.factory.format(**p), "params": p, "source_view": source_view(splits),
             "splits": list(splits), "dim": row.embedding_dim, "metric": "l2",
-            "n_rows": int(index.ntotal), "fingerprint": fp, "build_seconds": round(seconds, 4),
-            "faiss_version": faiss.__version__}
+            "n_rows": int(index.ntotal), "fingerprint": fp, "file_sha256": sha, "file_bytes": size,
+            "build_seconds": round(seconds, 4), "faiss_version": faiss.__version__}
     meta_path(path).write_text(json.dumps(meta, indent=2))
     conn.execute(Q.insert_index_build, {
         **{key: meta[key] for key in ("build_id", "model_id", "kind", "source_view", "splits", "dim",
-                                      "metric", "n_rows", "fingerprint")},
+                                      "metric", "n_rows", "fingerprint", "file_sha256", "file_bytes")},
         "params": json.dumps(p), "path": str(path.resolve()), "build_seconds": seconds})
     return Built(index, meta, path)
 
 
-def load(conn, path: Path | str, model_ref=None, rebuild_if_stale: bool = False) -> Built:
-    """Open an index and check, once, that it still describes the database; StaleIndex
-    if not. Its search-time parameters are set from the metadata."""
+META_KEYS = {"build_id": int, "model_id": int, "kind": str, "params": dict, "splits": list, "dim": int,
+             "n_rows": int, "fingerprint": str, "file_sha256": str}
+
+
+def read_meta(path: Path) -> dict:
+    """The .json beside an index, or DataRefused naming what is wrong with it."""
+    mp = meta_path(path)
+    if not mp.exists():
+        raise NotFound(f"{path} has no metadata ({mp.name} is missing): rebuild it with `medsim index build`")
+    try:
+        meta = json.loads(mp.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DataRefused(f"{mp} is not valid JSON ({err}): rebuild the index with `medsim index build`") from None
+    if not isinstance(meta, dict):
+        raise DataRefused(f"{mp} is not index metadata: rebuild the index with `medsim index build`")
+    bad = [key for key, t in META_KEYS.items() if not isinstance(meta.get(key), t)]
+    if bad:
+        raise DataRefused(f"{mp} lacks or mangles {', '.join(bad)} (older medsim, or edited): "
+                          f"rebuild the index with `medsim index build`")
+    return meta
+
+
+def load(conn, path: Path | str, model_ref=None, rebuild_if_stale: bool = False,
+         build_id: int | None = None) -> Built:
+    """Open an index, once, after checking that it is the file its build wrote and that it
+    still describes the database: StaleIndex (or DataRefused, NotFound) with the fix if
+    not. Its search-time parameters are set from the metadata."""
     path = Path(path)
-    if not path.exists() or not meta_path(path).exists():
-        raise NotFound(f"{path} (and its .json metadata) not found: build it with `medsim index build`")
-    meta = json.loads(meta_path(path).read_text())
+    if not path.exists():
+        raise NotFound(f"{path} not found: build it with `medsim index build`")
+    meta = read_meta(path)
+    rebuild = f"Rebuild it (medsim index build --kind {meta['kind']}, or --rebuild)."
+    if build_id is not None and meta["build_id"] != build_id:
+        raise StaleIndex(f"{path} is recorded for build {build_id} but now holds build {meta['build_id']} "
+                         f"(another build was written over it). {rebuild}")
+    sha, size = file_sha256(path)
+    if sha != meta["file_sha256"]:
+        raise StaleIndex(f"{path} is not the file build {meta['build_id']} wrote ({size} bytes, sha256 "
+                         f"{sha[:12]}..., the metadata says {meta['file_sha256'][:12]}...): it was replaced, "
+                         f"truncated or overwritten. {rebuild}")
+    recorded = one(conn, Q.index_build, {"id": meta["build_id"]}, as_=BuildRow)
+    if recorded is None or recorded.file_sha256 != sha:
+        raise StaleIndex(f"{path} holds build {meta['build_id']}, which "
+                         + ("this database has no record of" if recorded is None else
+                            f"medsim.index_builds records with other contents ({recorded.path})")
+                         + f". {rebuild}")
     problem = None
     wanted = registry.get(conn, model_ref).id if model_ref is not None else meta["model_id"]
     if wanted != meta["model_id"]:
@@ -156,11 +227,18 @@ def load(conn, path: Path | str, model_ref=None, rebuild_if_stale: bool = False)
             problem = "the row count is unchanged but embeddings or image ids differ (re-embedded or replaced)"
     if problem:
         if rebuild_if_stale:
-            return build(conn, meta["model_id"], meta["kind"], meta["params"], out=path, splits=meta["splits"])
-        raise StaleIndex(f"{path} is stale: {problem}. Rebuild it (medsim index build, or --rebuild).")
+            return build(conn, meta["model_id"], meta["kind"], meta["params"], splits=meta["splits"],
+                         index_dir=path.parent)
+        raise StaleIndex(f"{path} is stale: {problem}. {rebuild}")
     import faiss
 
-    index = faiss.read_index(str(path))
+    try:
+        index = faiss.read_index(str(path))
+    except RuntimeError as err:  # checksum matched, so the build itself wrote a bad file
+        raise DataRefused(f"{path}: FAISS cannot read it ({str(err).splitlines()[0]}). {rebuild}") from None
+    if index.ntotal != meta["n_rows"] or index.d != meta["dim"]:
+        raise StaleIndex(f"{path} holds {index.ntotal} vectors of dimension {index.d}, its metadata says "
+                         f"{meta['n_rows']} of {meta['dim']}. {rebuild}")
     set_params(index, meta["params"], kind(meta["kind"]).search_params)
     return Built(index, meta, path)
 
@@ -172,27 +250,34 @@ class BuildRow:
     kind: str
     n_rows: int
     path: str
-    created_at: object
+    file_sha256: str | None
+    file_bytes: int | None
 
 
-def builds(conn, model_id: int | None = None) -> list[BuildRow]:
-    return rows(conn, Q.index_builds, {"model_id": model_id}, as_=BuildRow)
+@dataclass
+class BuildLine(BuildRow):
+    created_at: datetime
 
 
-def build_path(conn, build_id: int) -> str:
-    path = scalar(conn, Q.index_build_path, {"id": build_id})
-    if path is None:
-        raise NotFound(f"no index build with id {build_id}")
-    return path
+def builds(conn, model_id: int | None = None) -> list[BuildLine]:
+    return rows(conn, Q.index_builds, {"model_id": model_id}, as_=BuildLine)
 
 
-def latest_path(conn, model_id: int) -> str:
-    """The newest gallery build of the model, an exact (flat) one first."""
-    path = scalar(conn, Q.latest_index_build, {"model_id": model_id, "splits": list(GALLERY_SPLITS)})
-    if path is None:
-        raise NotFound(f"no FAISS index built for model {model_id}: run `medsim index build` "
-                       f"or use --engine pgvector")
-    return path
+def load_build(conn, build_id: int, model_ref=None, rebuild_if_stale: bool = False) -> Built:
+    recorded = one(conn, Q.index_build, {"id": build_id}, as_=BuildRow)
+    if recorded is None:
+        raise NotFound(f"no index build with id {build_id} (see `medsim index list`)")
+    return load(conn, recorded.path, model_ref=model_ref, rebuild_if_stale=rebuild_if_stale, build_id=build_id)
+
+
+def latest_build(conn, model_id: int, kind_name: str | None = None) -> int:
+    """The newest gallery build of the model (of this kind; else an exact one first)."""
+    build_id = scalar(conn, Q.latest_index_build, {"model_id": model_id, "splits": list(GALLERY_SPLITS),
+                                                   "kind": kind_name})
+    if build_id is None:
+        raise NotFound(f"no {kind_name or 'FAISS'} index built for model {model_id}: run `medsim index build`"
+                       + ("" if kind_name else " or use --engine pgvector"))
+    return build_id
 
 
 def search(index: faiss.Index, xq: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:

@@ -38,11 +38,12 @@ def ensure(conn, model_id: int, dim: int, m: int = DEFAULT_M,
     """Create the model's HNSW index if missing (or replace it) -> True if built now.
 
     Build after the bulk load (pgvector's advice: much faster than maintaining it row
-    by row). An advisory lock makes concurrent callers (several workers draining at
+    by row). A lock on the model's row makes concurrent callers (several workers draining at
     once) build it once; the others wait and then find it there.
     """
     with conn.transaction():
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('medsim.hnsw'), %s)", (int(model_id),))
+        # the model's row, not an advisory lock: a read-only login cannot hold it
+        conn.execute("SELECT 1 FROM medsim.models WHERE id = %s FOR NO KEY UPDATE", (int(model_id),))
         if exists(conn, model_id):
             if not replace:
                 return False

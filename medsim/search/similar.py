@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from medsim import registry
-from medsim.errors import BadArgument, NotFound
+from medsim.errors import BadArgument, DataRefused, NotFound
 from medsim.pixels import decode, load_image_file
 from medsim.queries import Q, one, rows, scalar
-from medsim.search import ENGINES, GALLERY_SPLITS
+from medsim.search import ENGINES, GALLERY_SPLITS, MAX_K
 
 
 @dataclass
@@ -85,7 +85,10 @@ def query_from_id(conn, embedder: Embedder, image_id: int) -> Query:
     r = one(conn, Q.image_for_search, {"id": image_id, "model_id": embedder.model_row.id}, as_=StoredImage)
     if r is None:
         raise NotFound(f"no image with id {image_id}")
-    x = decode(bytes(r.pixels), r.height, r.width, r.channels)
+    try:
+        x = decode(bytes(r.pixels), r.height, r.width, r.channels)
+    except ValueError as err:
+        raise DataRefused(f"image {image_id} is stored broken ({err}); it cannot be shown or searched") from None
     v = r.embedding.to_numpy() if r.embedding is not None else embedder(x)  # not embedded yet
     q = Query(f"image {image_id}", x, v.astype(np.float32), image_id, r.dataset, r.label_name)
     if r.split in GALLERY_SPLITS:
@@ -120,8 +123,10 @@ class FaissSearcher:
         from medsim.search import faiss_index
 
         self.conn, self.faiss_index = conn, faiss_index
-        self.built = faiss_index.load(conn, index_path or faiss_index.latest_path(conn, model_id),
-                                      model_ref=model_id)
+        if index_path is None:
+            self.built = faiss_index.load_build(conn, faiss_index.latest_build(conn, model_id), model_ref=model_id)
+        else:
+            self.built = faiss_index.load(conn, index_path, model_ref=model_id)
         self.params = None
         if dataset is not None:
             ids = np.array([r[0] for r in conn.execute(Q.gallery_ids_of_dataset,
@@ -138,8 +143,8 @@ class FaissSearcher:
 
 def search(conn, *, image_ids=(), image_files=(), k: int = 4, dataset: str | None = None,
            engine: str = "pgvector", model_ref="current", index_path=None) -> list[tuple[Query, list[Hit]]]:
-    if k < 1:
-        raise BadArgument("k must be at least 1")
+    if not 1 <= k <= MAX_K:
+        raise BadArgument(f"k must be between 1 and {MAX_K}, got {k}")
     if engine not in ENGINES:
         raise BadArgument(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if not image_ids and not image_files:

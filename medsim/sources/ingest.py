@@ -129,19 +129,39 @@ def copy_images(cur: psycopg.Cursor, dataset_id: int, v: medmnist.Verified, prog
         copy.write(pgcopy.TRAILER)
 
 
+def already_there(conn, e: medmnist.Entry, v: medmnist.Verified) -> IngestResult | None:
+    """The dataset as already ingested (0 added), None if absent; DataRefused if it came
+    from a different file."""
+    existing = one(conn, Q.dataset_by_flag, {"flag": e.flag, "size": e.size}, as_=ExistingDataset)
+    if existing is None:
+        return None
+    if existing.source_md5 != v.md5:
+        raise DataRefused(
+            f"{e.flag} (size {e.size}) is already ingested from a different file (md5 "
+            f"{existing.source_md5}, this file {v.md5}); refusing to mix them. Delete the dataset first "
+            f"(DELETE FROM medsim.datasets WHERE id = {existing.id}) to replace it."
+        )
+    return IngestResult(e.flag, 0, existing.n_images, v.official, v.md5)
+
+
 def ingest_verified(conn: psycopg.Connection, e: medmnist.Entry, v: medmnist.Verified, show_progress=True) -> IngestResult:
+    try:
+        return _ingest_verified(conn, e, v, show_progress)
+    except psycopg.errors.UniqueViolation:
+        # Two ingests of the same subset at once: the other committed first, and ours
+        # rolled back whole. Its rows are the same file's (or we say so): report them.
+        found = already_there(conn, e, v)
+        if found is None:
+            raise
+        return found
+
+
+def _ingest_verified(conn, e: medmnist.Entry, v: medmnist.Verified, show_progress: bool) -> IngestResult:
     total = sum(len(v.images[s]) for s in medmnist.SPLITS)
     with conn.transaction():
-        existing = one(conn, Q.dataset_by_flag, {"flag": e.flag, "size": e.size}, as_=ExistingDataset)
-        if existing is not None:
-            ds_id, md5, n_images = existing.id, existing.source_md5, existing.n_images
-            if md5 != v.md5:
-                raise DataRefused(
-                    f"{e.flag} (size {e.size}) is already ingested from a different file (md5 "
-                    f"{md5}, this file {v.md5}); refusing to mix them. Delete the dataset first "
-                    f"(DELETE FROM medsim.datasets WHERE id = {ds_id}) to replace it."
-                )
-            return IngestResult(e.flag, 0, n_images, v.official, v.md5)
+        found = already_there(conn, e, v)
+        if found is not None:
+            return found
         ds_id = scalar(
             conn, Q.insert_dataset,
             {

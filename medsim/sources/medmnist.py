@@ -13,6 +13,7 @@ import os
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -158,26 +159,62 @@ class Verified:
     labels: dict[str, np.ndarray] = field(repr=False)
 
 
-def _load(path: Path) -> dict[str, np.ndarray]:
+# Header checks keep a hostile or broken archive from costing memory or time: the .npy
+# header of every member we need is read (a few hundred bytes) and compared with the
+# catalogue before a single array is decompressed, and members we do not need are never
+# read. A header may declare a terabyte; we only believe it once it matches the catalogue.
+MAX_HEADER_BYTES = 1 << 16
+
+
+@dataclass(frozen=True)
+class Member:
+    name: str  # the key, e.g. "train_images"
+    shape: tuple
+    dtype: np.dtype
+    stored_bytes: int  # uncompressed size in the archive
+    header_bytes: int
+
+
+def _member_header(zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> Member:
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _fortran, dtype = read(f, max_header_size=MAX_HEADER_BYTES)
+        return Member(key, tuple(shape), dtype, info.file_size, f.tell())
+
+
+def read_headers(path: Path) -> tuple[zipfile.ZipFile, dict[str, tuple[zipfile.ZipInfo, Member]]]:
+    """Open the archive and read every member's .npy header (never its data)."""
     try:
-        # open the file ourselves: np.load leaks its handle when the zip is corrupt
-        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError, KeyError) as err:
-        raise DataRefused(f"{path}: not a readable .npz file ({err})") from err
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise DataRefused(f"{path}: not a .npz archive ({err})") from None
+    members = {}
+    try:
+        for info in zf.infolist():
+            key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            if key in EXPECTED_KEYS:
+                members[key] = (info, _member_header(zf, info, key))
+    except (ValueError, zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as err:
+        zf.close()
+        raise DataRefused(f"{path}: a member's header is unreadable ({err})") from None
+    return zf, members
 
 
-def check_structure(e: Entry, arrays: dict[str, np.ndarray]) -> list[str]:
-    """Every way the arrays differ from the catalogue entry (empty list: they match)."""
+EXPECTED_KEYS = {f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels")}
+
+
+def check_headers(e: Entry, members: dict[str, Member]) -> list[str]:
+    """Every way the declared arrays differ from the catalogue entry (empty: they match)."""
     problems = []
     img_shape = (e.size, e.size) if e.n_channels == 1 else (e.size, e.size, e.n_channels)
     n_label_cols = e.n_classes if e.multi_label else 1
     for split in SPLITS:
         ik, lk = f"{split}_images", f"{split}_labels"
-        if ik not in arrays or lk not in arrays:
-            problems.append(f"missing key {ik if ik not in arrays else lk}")
+        if ik not in members or lk not in members:
+            problems.append(f"missing key {ik if ik not in members else lk}")
             continue
-        x, y = arrays[ik], arrays[lk]
+        x, y = members[ik], members[lk]
         n = e.n_samples[split]
         if x.dtype != np.uint8:
             problems.append(f"{ik} dtype {x.dtype}, expected uint8")
@@ -185,21 +222,48 @@ def check_structure(e: Entry, arrays: dict[str, np.ndarray]) -> list[str]:
             problems.append(f"{ik} shape {x.shape}, expected {(n, *img_shape)}")
         if y.shape != (n, n_label_cols):
             problems.append(f"{lk} shape {y.shape}, expected {(n, n_label_cols)}")
-        if not np.issubdtype(y.dtype, np.integer):
+        if not np.issubdtype(y.dtype, np.integer) or y.dtype.itemsize > 8:
             problems.append(f"{lk} dtype {y.dtype}, expected an integer type")
-        elif y.size:
-            hi = 1 if e.multi_label else e.n_classes - 1
-            if y.min() < 0 or y.max() > hi:
-                problems.append(f"{lk} values in [{y.min()}, {y.max()}], expected [0, {hi}]")
+    for m in members.values():
+        declared = m.header_bytes + int(np.prod(m.shape, dtype=np.int64)) * m.dtype.itemsize
+        if not problems and m.stored_bytes != declared:
+            problems.append(f"{m.name} holds {m.stored_bytes} bytes, its header declares {declared}")
     return problems
+
+
+def check_labels(e: Entry, arrays: dict[str, np.ndarray]) -> list[str]:
+    problems = []
+    hi = 1 if e.multi_label else e.n_classes - 1
+    for split in SPLITS:
+        y = arrays[f"{split}_labels"]
+        if y.size and (y.min() < 0 or y.max() > hi):
+            problems.append(f"{split}_labels values in [{y.min()}, {y.max()}], expected [0, {hi}]")
+    return problems
+
+
+def read_arrays(path: Path, zf: zipfile.ZipFile, members: dict) -> dict[str, np.ndarray]:
+    """Decompress the members whose headers passed; a corrupt stream is refused."""
+    try:
+        out = {}
+        for key, (info, _) in members.items():
+            with zf.open(info) as f:
+                out[key] = np.lib.format.read_array(f, allow_pickle=False, max_header_size=MAX_HEADER_BYTES)
+        return out
+    except (ValueError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as err:
+        raise DataRefused(f"{path}: a member is corrupt ({err})") from None
 
 
 def verify(e: Entry, path: Path, accept_unofficial: bool = False) -> Verified:
     """official md5 -> accepted; other md5 with the catalogue's structure -> accepted only
     with accept_unofficial; anything else -> DataRefused."""
     digest = file_md5(path)
-    arrays = _load(path)
-    problems = check_structure(e, arrays)
+    zf, members = read_headers(path)
+    with zf:
+        problems = check_headers(e, {k: m for k, (_, m) in members.items()})
+        if problems:
+            raise DataRefused(f"{path} does not match the {e.python_class} catalogue: " + "; ".join(problems))
+        arrays = read_arrays(path, zf, members)
+    problems = check_labels(e, arrays)
     if problems:
         raise DataRefused(f"{path} does not match the {e.python_class} catalogue: " + "; ".join(problems))
     official = digest == e.md5
