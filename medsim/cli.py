@@ -11,8 +11,10 @@ import argparse
 import os
 import sys
 
+import psycopg
+
 from medsim import db
-from medsim.errors import BadArgument, MedsimError
+from medsim.errors import BadArgument, DatabaseUnavailable, MedsimError
 from medsim.search import ENGINES, MAX_K
 from medsim.search.index_kinds import KINDS
 from medsim.search.pgvector_hnsw import DEFAULT_EF_CONSTRUCTION, DEFAULT_M
@@ -437,6 +439,12 @@ def main(argv=None) -> int:
         # traceback (Python prints it and exits 1).
         print(f"medsim: error: {err}", file=sys.stderr)
         return err.exit_code
+    except psycopg.OperationalError as err:
+        # the server went away (or was never there) mid-command: whatever was in flight
+        # rolled back; an operator's problem, not a bug in medsim
+        print(f"medsim: error: lost the database ({db.source()}): {str(err).strip().splitlines()[0]}; "
+              f"what was in flight was rolled back", file=sys.stderr)
+        return DatabaseUnavailable.exit_code
     except BrokenPipeError:
         # output piped into `head` and the like: not worth a traceback. Point stdout at
         # devnull so the interpreter's final flush does not fail again (Python docs recipe).

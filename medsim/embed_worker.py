@@ -22,7 +22,6 @@ from medsim.errors import BadArgument, DatabaseUnavailable, MedsimError, NotFoun
 from medsim.pixels import decode
 from medsim.queries import Q, rows, scalar
 from medsim.search import pgvector_hnsw
-from medsim.training import network
 
 log = logging.getLogger("medsim.embed_worker")
 
@@ -170,6 +169,14 @@ class Worker:
                         return self.summary
                     log.info("%s; waiting", err)
                     time.sleep(self.cfg.poll_interval)
+                except psycopg.errors.LockNotAvailable as err:
+                    # the start-up enqueue waits for the model's row like a batch does
+                    if self.stopping:
+                        self.conn.close()
+                        return self.summary
+                    log.warning("waited %.0fs for a lock at start-up (%s); trying again",
+                                self.cfg.lock_timeout_s, one_line(err))
+                    self.summary.lock_waits += 1
         except BaseException:
             self.conn.close()  # no model, schema not ready, interrupted: no leaked connection
             raise
@@ -312,6 +319,10 @@ class Worker:
 
     def embed(self, images: list) -> np.ndarray:
         """(H, W, 3) uint8 images, any mix of sizes -> (n, dim) float32, size group by size."""
+        # imported here, not at the top: main() installs the SIGTERM handler first, so a
+        # stop during the 2-3 s torch import is a clean exit 0 and not a kill
+        from medsim.training import network
+
         shapes = {}
         for i, x in enumerate(images):
             shapes.setdefault(x.shape, []).append(i)

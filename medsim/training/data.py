@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -19,6 +19,7 @@ class Split:
     labels: list  # (N,) label vectors as stored
     images: np.ndarray  # (N, S, S, 3) uint8; grey repeated to 3 channels
     flags: dict  # dataset_id -> MedMNIST flag
+    skipped: list = field(default_factory=list)  # (image id, reason): rows that cannot be used
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -57,9 +58,28 @@ def load_split(conn, splits, flags=None, image_size: int = 28) -> Split:
             + (f" for {', '.join(flags)}" if flags else "")
             + " in the database; run `medsim ingest` first"
         )
-    ids = np.array([r.id for r in found], dtype=np.int64)
-    ds = np.array([r.dataset_id for r in found], dtype=np.int64)
-    labels = [r.labels for r in found]
-    images = np.stack([decode(r.pixels, r.height, r.width, r.channels) for r in found])
+    usable, images, skipped = [], [], []
+    for r in found:
+        # one broken row is skipped and named, never the end of training or evaluation
+        try:
+            x = decode(bytes(r.pixels), r.height, r.width, r.channels)
+            if x.shape[:2] != (image_size, image_size):
+                raise ValueError(f"{r.height}x{r.width} in a {image_size} px dataset")
+        except Exception as err:
+            skipped.append((r.id, str(err)))
+            continue
+        usable.append(r)
+        images.append(x)
+    if not usable:
+        raise NotFound(f"none of the {len(found)} {'/'.join(splits)} images can be used "
+                       f"(e.g. image {skipped[0][0]}: {skipped[0][1]})")
+    ids = np.array([r.id for r in usable], dtype=np.int64)
+    ds = np.array([r.dataset_id for r in usable], dtype=np.int64)
+    labels = [r.labels for r in usable]
     flag_map = {d.id: d.flag for d in rows(conn, Q.dataset_flags, as_=DatasetFlag)}
-    return Split(ids, ds, label_keys(ds, labels), labels, images, flag_map)
+    return Split(ids, ds, label_keys(ds, labels), labels, np.stack(images), flag_map, skipped)
+
+
+def describe_skipped(skipped: list, limit: int = 5) -> str:
+    shown = "; ".join(f"image {i}: {why}" for i, why in skipped[:limit])
+    return f"skipped {len(skipped)} image(s) that cannot be used ({shown}{'; ...' if len(skipped) > limit else ''})"

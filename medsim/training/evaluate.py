@@ -57,6 +57,7 @@ def evaluate(conn, model_ref="current", device="cpu", store: bool = True) -> dic
          (("train", train), ("val", val), ("test", test))}
     results = {
         "model_id": row.id, "preset": row.preset, "mode": row.mode, "datasets": flags,
+        "skipped_images": [i for s in (train, val, test) for i, _ in s.skipped],
         "pairs": {mode: pair_verification(z["val"], val, z["test"], test, mode)
                   for mode in ("dataset", "label") if len(np.unique(test.dataset_ids)) > 1 or mode == "label"},
         "retrieval": retrieval(z["test"], test, z["train"], train, "l2"),

@@ -85,6 +85,9 @@ def train(conn, tcfg: TrainConfig, out_dir: Path | str = "medsim_out", set_curre
     tr = data.load_split(conn, ["train"], tcfg.flags, tcfg.image_size)
     va = data.load_split(conn, ["val"], tcfg.flags, tcfg.image_size)
     flags = sorted({tr.flags[int(d)] for d in np.unique(tr.dataset_ids)})
+    skipped = tr.skipped + va.skipped
+    if skipped:
+        log(data.describe_skipped(skipped))
     log(f"training {cfg.preset} ({tcfg.mode} mode) on {', '.join(flags)}: {len(tr)} train, "
         f"{len(va)} val images, device {device}")
 
@@ -141,7 +144,8 @@ def train(conn, tcfg: TrainConfig, out_dir: Path | str = "medsim_out", set_curre
     net.load_state_dict(best_state)
     with conn.transaction():
         model_id = registry.register(conn, net.cpu(), mode=tcfg.mode, datasets=flags,
-                                     train_config=asdict(tcfg), best_epoch=best["epoch"],
+                                     train_config={**asdict(tcfg), "skipped_images": [i for i, _ in skipped]},
+                                     best_epoch=best["epoch"],
                                      best_val_loss=best["val_loss"], train_seconds=train_seconds)
         for row in history:
             conn.execute(Q.insert_epoch, {"model_id": model_id, **row})
