@@ -87,7 +87,7 @@ def cmd_migrate(args) -> int:
 def cmd_ingest(args) -> int:
     from medsim.sources import ingest
 
-    failures = 0
+    refused = None  # the last subset's MedsimError: the exit code of the family (2)
     with _connect(args) as conn:
         for flag in args.flags:
             try:
@@ -98,11 +98,11 @@ def cmd_ingest(args) -> int:
                 )
                 print(r.line())
             except MedsimError as err:  # one subset's problem; the others still load
-                failures += 1
+                refused = err
                 print(f"{flag}: NOT ingested: {err}", file=sys.stderr)
         for c in ingest.summary(conn, args.flags, args.size):
             print(f"  {c.flag:16s} {c.split:5s} {c.n:7d}{'' if c.md5_official else '  (unofficial file)'}")
-    return 1 if failures else 0
+    return refused.exit_code if refused else 0
 
 
 # ------------------------------------------------------------------ models

@@ -164,9 +164,9 @@ def test_cli_ingest_reports_and_exit_codes(db_url, synth_dir, capsys):
     out = capsys.readouterr().out
     assert rc == 0 and "780 images added" in out and "train     546" in out
     rc = cli.main(["ingest", "breastmnist", "--data-dir", str(synth_dir), "--quiet"])
-    assert rc == 1 and "not the official" in capsys.readouterr().err
+    assert rc == 2 and "not the official" in capsys.readouterr().err
     rc = cli.main(["ingest", "dermamnist", "--data-dir", str(synth_dir), "--no-download", "--quiet"])
-    assert rc == 1 and "dermamnist.npz" in capsys.readouterr().err
+    assert rc == 2 and "dermamnist.npz" in capsys.readouterr().err
 
 
 def test_chunked_copy_keeps_split_indexes_and_pixels(conn, synth_dir, monkeypatch):
