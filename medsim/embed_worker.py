@@ -264,19 +264,21 @@ class Worker:
             bad += failed
             t = time.perf_counter()
             self.conn.execute(Q.dequeue, {"model_id": mid, "ids": good})
+            finals = []
             for image_id, error in bad:
-                final = scalar(self.conn, Q.record_failure, {
+                finals.append(scalar(self.conn, Q.record_failure, {
                     "model_id": mid, "image_id": image_id, "error": error,
-                    "delay_s": self.cfg.retry_delay_s, "max_attempts": self.cfg.max_attempts})
-                self.summary.failed += bool(final)
-                self.summary.retrying += not final
-                log.warning("image %s: %s%s", image_id, error, "" if final else " (will retry)")
+                    "delay_s": self.cfg.retry_delay_s, "max_attempts": self.cfg.max_attempts}))
+                log.warning("image %s: %s%s", image_id, error, "" if finals[-1] else " (will retry)")
             t = self.summary.add("dequeue", t)
             if self.cfg.throttle_s:
                 # written but not committed: the widest window for a crash or a race
                 time.sleep(self.cfg.throttle_s)
         self.summary.add("commit", t)  # (and the --throttle pause, when set)
+        # counted once committed: images, not attempts, and only what the database kept
         self.summary.embedded += len(good)
+        self.summary.failed += sum(finals)
+        self.summary.retrying += len(finals) - sum(finals)
         return len(claimed)
 
     def write(self, items: list) -> tuple[list[int], list[tuple[int, str]]]:
@@ -284,10 +286,10 @@ class Worker:
 
         If that fails as a whole for any reason other than the database itself (a lost
         connection, a lock timeout, a row already embedded: those go up to the batch), the
-        savepoint is rolled back and each half is tried on its own. An image that only
-        fails inside the network (a zero-sized image makes torch raise, whatever the
-        decoder thought of it) is isolated in log2(batch) steps, and the rest of the batch
-        is still written.
+        savepoint is rolled back and each half is tried on its own. An image that decodes
+        but breaks the network's forward pass (a zero-sized one made torch raise before
+        prepare() checked sizes) is isolated in log2(batch) steps, and the rest of the
+        batch is still written.
         """
         if not items:
             return [], []

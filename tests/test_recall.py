@@ -155,3 +155,22 @@ def test_bad_index_parameters_are_refused_before_anything_is_written(embedded, t
     assert message in str(err.value)
     assert not (tmp_path / "x.faiss").exists()
     assert conn.execute("SELECT count(*) FROM medsim.index_builds").fetchone()[0] == before
+
+
+def test_hnsw_settings_are_real_and_fill_k(embedded):
+    """The recall measurement sets pgvector's own GUCs (a misspelt dotted name is silently
+    accepted as a custom variable: iterative scans were then off, and HNSW returned a third
+    of k=100 rows once the split filter dropped the test images)."""
+    conn, mid = embedded
+    from medsim.search import pgvector_hnsw
+
+    pgvector_hnsw.ensure(conn, mid, 64)
+    xq = np.stack([r[0].to_numpy() for r in conn.execute(
+        "SELECT embedding FROM medsim.query_images WHERE model_id = %s ORDER BY image_id LIMIT 20", (mid,))])
+    D, I, _, used = recall.pgvector_search(conn, mid, 64, xq.astype(np.float32), 100, ["train", "val"],
+                                           exact=False, ef_search=10)
+    assert used and (I >= 0).all()
+    gallery = {r[0] for r in conn.execute("SELECT image_id FROM medsim.gallery WHERE model_id = %s", (mid,))}
+    assert set(I.ravel()) <= gallery
+    assert conn.execute("SELECT name FROM pg_settings WHERE name LIKE 'hnsw.%%' ORDER BY 1").fetchall() == [
+        ("hnsw.ef_search",), ("hnsw.iterative_scan",), ("hnsw.max_scan_tuples",), ("hnsw.scan_mem_multiplier",)]

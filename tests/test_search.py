@@ -102,7 +102,7 @@ def test_sql_functions_equal_exact_search(embedded):
     assert [r[1] for r in rows] == pytest.approx([d for d, _ in ref], abs=1e-5)
     q = conn.execute("SELECT embedding FROM medsim.embeddings WHERE image_id = %s", (gid,)).fetchone()[0]
     with conn.transaction():
-        conn.execute("SET LOCAL pgvector_hnsw.iterative_scan = strict_order")
+        conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
         by_vec = conn.execute("SELECT image_id FROM medsim.search_by_vector(%s, 3, NULL, 'retinamnist')",
                               (q,)).fetchall()
     assert [r[0] for r in by_vec] == [i for _, i in exact(conn, mid, gid, 3, "retinamnist")]

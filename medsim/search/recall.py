@@ -47,8 +47,8 @@ def pgvector_search(conn, model_id: int, dim: int, xq: np.ndarray, k: int, split
         if exact:
             conn.execute("SET LOCAL enable_indexscan = off")
         else:
-            conn.execute(sql.SQL("SET LOCAL pgvector_hnsw.ef_search = {}").format(sql.Literal(int(ef_search))))
-            conn.execute("SET LOCAL pgvector_hnsw.iterative_scan = strict_order")
+            conn.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(int(ef_search))))
+            conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
             conn.execute("SET LOCAL enable_seqscan = off")
         params = {"q": xq[0], "model_id": model_id, "splits": list(splits), "k": k}
         plan = "\n".join(r[0] for r in conn.execute(sql.SQL("EXPLAIN ") + q, params, prepare=False))
@@ -65,7 +65,7 @@ def pgvector_search(conn, model_id: int, dim: int, xq: np.ndarray, k: int, split
                 D[i, : len(rows)] = [r[1] for r in rows]
         # inside an outer transaction this block is only a savepoint, and SET LOCAL would
         # outlive it: reset explicitly so the next measurement starts clean
-        for setting in ("enable_indexscan", "enable_seqscan", "pgvector_hnsw.ef_search", "pgvector_hnsw.iterative_scan"):
+        for setting in ("enable_indexscan", "enable_seqscan", "hnsw.ef_search", "hnsw.iterative_scan"):
             conn.execute(sql.SQL("RESET {}").format(sql.Identifier(*setting.split("."))))
     return D, I, lat, uses_hnsw
 
