@@ -105,6 +105,22 @@ def cmd_ingest(args) -> int:
     return refused.exit_code if refused else 0
 
 
+def cmd_ingest_folder(args) -> int:
+    from medsim.sources import archive, splits
+    from medsim.sources.folder import FolderSource
+
+    source = FolderSource(args.path, manifest=args.manifest, max_side=args.max_side)
+    fractions = splits.parse_fractions(args.split_fractions)
+    with _connect(args) as conn:
+        report = archive.ingest_archive(conn, source, args.name, strict=args.strict, relabel=args.relabel,
+                                        seed=args.seed, fractions=fractions, progress=not args.quiet)
+    print("\n".join(report.lines()))
+    for split in ("train", "val", "test"):
+        if report.per_split.get(split):
+            print(f"  {split:5s} {report.per_split[split]:7d} added")
+    return 0
+
+
 # ------------------------------------------------------------------ models
 def cmd_train(args) -> int:
     from medsim.training import train
@@ -331,6 +347,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-download", action="store_true", help="never try to download missing files")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("ingest-folder", help="load a folder of PNG/JPEG/TIFF/BMP images (your own archive)",
+                       description="Labels come from PATH/<label>/<file> (the ImageFolder layout) or from "
+                                   "--manifest. Re-running adds only new images; unreadable files are skipped "
+                                   "and reported.")
+    s.add_argument("path", metavar="PATH", help="the folder (with --manifest: the folder its paths are relative to "
+                                                "is the manifest's own)")
+    s.add_argument("--name", required=True, help="the dataset's name in medsim (e.g. chest-xray-2024)")
+    s.add_argument("--manifest", default=None, metavar="CSV",
+                   help="path,label[,split][,patient_id][,study_id][,...]; ';' separates several labels; other "
+                        "columns become metadata")
+    s.add_argument("--max-side", type=int, default=1024,
+                   help="shrink images whose longest side is larger (original size recorded; default 1024)")
+    s.add_argument("--split-fractions", default="70,10,20",
+                   help="train,val,test shares when the source gives no split (grouped by patient, "
+                        "stratified by label; default 70,10,20)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the split assignment (default 0)")
+    s.add_argument("--strict", action="store_true", help="refuse the whole folder if any file cannot be used")
+    s.add_argument("--relabel", action="store_true",
+                   help="apply label changes for images already ingested (otherwise only reported)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_ingest_folder)
 
     s = sub.add_parser("train", help="train the Siamese network and register it as the current model")
     s.add_argument("--mode", choices=["label", "dataset"], default="label",

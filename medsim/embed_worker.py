@@ -93,13 +93,14 @@ class Claimed:
     height: int
     width: int
     channels: int
+    bit_depth: int
 
 
 def prepare(r: Claimed) -> np.ndarray:
     """A claimed row -> (H, W, 3) uint8, or an exception naming what is wrong with it."""
     if r.height < 1 or r.width < 1:
         raise ValueError(f"empty image ({r.height}x{r.width})")
-    return decode(bytes(r.pixels), r.height, r.width, r.channels)
+    return decode(bytes(r.pixels), r.height, r.width, r.channels, r.bit_depth)
 
 
 def one_line(err: BaseException) -> str:

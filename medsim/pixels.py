@@ -14,13 +14,24 @@ import numpy as np
 from medsim.errors import DataRefused
 
 
-def decode(pixels: bytes, h: int, w: int, c: int) -> np.ndarray:
-    """Stored bytes -> (h, w, 3) uint8. Raises ValueError on anything inconsistent."""
+def stored(pixels: bytes, h: int, w: int, c: int, bit_depth: int = 8) -> np.ndarray:
+    """Stored bytes -> (h, w, c) uint8 or uint16, exactly as kept. ValueError if inconsistent."""
     if c not in (1, 3):
         raise ValueError(f"unsupported channel count {c}")
-    if len(pixels) != h * w * c:
-        raise ValueError(f"pixel data is {len(pixels)} bytes, expected {h}x{w}x{c} = {h * w * c}")
-    x = np.frombuffer(pixels, np.uint8).reshape(h, w, c)
+    if bit_depth not in (8, 16):
+        raise ValueError(f"unsupported bit depth {bit_depth}")
+    n = h * w * c * bit_depth // 8
+    if len(pixels) != n:
+        raise ValueError(f"pixel data is {len(pixels)} bytes, expected {h}x{w}x{c} at {bit_depth} bits = {n}")
+    return np.frombuffer(pixels, np.uint8 if bit_depth == 8 else "<u2").reshape(h, w, c)
+
+
+def decode(pixels: bytes, h: int, w: int, c: int, bit_depth: int = 8) -> np.ndarray:
+    """Stored bytes -> (h, w, 3) uint8, the model's input. 16-bit images are windowed to
+    8 bits by their own range here, at the model's door; the stored pixels stay 16-bit."""
+    x = stored(pixels, h, w, c, bit_depth)
+    if bit_depth == 16:
+        x = to_uint8(x)
     return np.repeat(x, 3, axis=2) if c == 1 else x
 
 

@@ -29,10 +29,73 @@ WHERE d.flag = ANY(%(flags)s) AND d.image_size = %(size)s
 GROUP BY 1, 2, 3, 4
 ORDER BY 1, 2, array_position(ARRAY['train', 'val', 'test'], i.split);
 
+-- ===================================================================== archives (folders, DICOM)
+
+-- name: archive_dataset
+SELECT id, source_kind, label_names, task FROM medsim.datasets
+WHERE flag = %(flag)s AND image_size = %(size)s;
+
+-- name: insert_archive_dataset
+-- image_size is the longest side allowed at ingest (images keep their own sizes);
+-- n_channels is nominal (each image records its own); n_samples is filled at the end.
+INSERT INTO medsim.datasets (flag, image_size, is_medmnist, task, n_channels, label_names, n_samples,
+                             source_file, source_md5, md5_official, source_kind, split_method)
+VALUES (%(flag)s, %(size)s, false, %(task)s, 1, %(label_names)s, '{}', %(source_file)s, %(source_md5)s,
+        false, %(source_kind)s, %(split_method)s)
+RETURNING id;
+
+-- name: update_label_names
+UPDATE medsim.datasets SET label_names = %(label_names)s WHERE id = %(id)s;
+
+-- name: set_split_method
+UPDATE medsim.datasets SET split_method = %(split_method)s WHERE id = %(id)s;
+
+-- name: dataset_images
+-- What a re-run compares against: the content hash, labels, split and patient of every
+-- image already in the dataset.
+SELECT id, sha256, labels, split, patient_key FROM medsim.images WHERE dataset_id = %(dataset_id)s;
+
+-- name: lock_dataset
+-- Each chunk of an archive ingest takes this first: two ingests into one dataset take
+-- turns, and the split indexes below are read under the lock.
+SELECT 1 FROM medsim.datasets WHERE id = %(id)s FOR UPDATE;
+
+-- name: max_split_index
+SELECT split, max(split_index) FROM medsim.images WHERE dataset_id = %(dataset_id)s GROUP BY split;
+
+-- name: copy_archive_images
+COPY medsim.images (dataset_id, split, split_index, labels, height, width, channels, pixels, sha256,
+                    bit_depth, patient_key, study_id, metadata, source_path, original_height, original_width)
+FROM STDIN WITH (FORMAT BINARY);
+
+-- name: relabel_image
+UPDATE medsim.images SET labels = %(labels)s WHERE id = %(id)s;
+
+-- name: insert_ingest_report
+INSERT INTO medsim.ingest_reports (dataset_id, source, options) VALUES (%(dataset_id)s, %(source)s, %(options)s)
+RETURNING id;
+
+-- name: insert_ingest_problem
+INSERT INTO medsim.ingest_problems (report_id, path, kind, reason)
+VALUES (%(report_id)s, %(path)s, %(kind)s, %(reason)s);
+
+-- name: finish_ingest_report
+UPDATE medsim.ingest_reports
+SET status = %(status)s, added = %(added)s, duplicates = %(duplicates)s, skipped = %(skipped)s,
+    label_changes = %(label_changes)s, relabelled = %(relabelled)s, finished_at = now()
+WHERE id = %(id)s;
+
+-- name: update_n_samples
+UPDATE medsim.datasets d
+SET n_samples = coalesce((SELECT jsonb_object_agg(split, n) FROM
+                            (SELECT split, count(*) AS n FROM medsim.images WHERE dataset_id = d.id
+                             GROUP BY split) s), '{}')
+WHERE d.id = %(id)s;
+
 -- ===================================================================== training data
 
 -- name: load_images
-SELECT i.id, i.dataset_id, i.labels, i.pixels, i.height, i.width, i.channels
+SELECT i.id, i.dataset_id, i.labels, i.pixels, i.height, i.width, i.channels, i.bit_depth
 FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
 WHERE i.split = ANY(%(splits)s)
   AND (%(flags)s::text[] IS NULL OR d.flag = ANY(%(flags)s::text[]))
@@ -133,7 +196,7 @@ WITH claimed AS (
     LIMIT %(batch_size)s
     FOR UPDATE SKIP LOCKED
 )
-SELECT c.image_id, i.pixels, i.height, i.width, i.channels
+SELECT c.image_id, i.pixels, i.height, i.width, i.channels, i.bit_depth
 FROM claimed c JOIN medsim.images i ON i.id = c.image_id
 ORDER BY c.image_id;
 
@@ -219,7 +282,7 @@ ORDER BY image_id;
 -- ===================================================================== search
 
 -- name: image_for_search
-SELECT i.id, i.pixels, i.height, i.width, i.channels, d.flag AS dataset, i.split,
+SELECT i.id, i.pixels, i.height, i.width, i.channels, i.bit_depth, d.flag AS dataset, i.split,
        medsim.label_name(i.dataset_id, i.labels) AS label_name, e.embedding
 FROM medsim.images i
 JOIN medsim.datasets d ON d.id = i.dataset_id
@@ -246,7 +309,7 @@ FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
 WHERE i.id = ANY(%(ids)s);
 
 -- name: image_pixels
-SELECT id, pixels, height, width, channels FROM medsim.images WHERE id = ANY(%(ids)s);
+SELECT id, pixels, height, width, channels, bit_depth FROM medsim.images WHERE id = ANY(%(ids)s);
 
 -- name: latest_index_build
 -- The newest gallery build of a model (of one kind, or an exact one first).

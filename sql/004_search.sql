@@ -85,15 +85,19 @@ GRANT SELECT ON ALL TABLES IN SCHEMA medsim TO medsim_reader;
 -- pixels, and file paths on the server (where source files and FAISS indexes live).
 -- Table-level SELECT is replaced by the columns below; a column added by a later
 -- revision stays unreadable until it is listed here. The views expose none of the three.
-REVOKE SELECT ON medsim.models, medsim.images, medsim.datasets, medsim.index_builds FROM medsim_reader;
+REVOKE SELECT ON medsim.models, medsim.images, medsim.datasets, medsim.index_builds,
+                 medsim.ingest_problems FROM medsim_reader;
 GRANT SELECT (id, name, preset, mode, config, train_config, datasets, embedding_dim, checkpoint_sha256,
               best_epoch, best_val_loss, train_seconds, is_current, created_at)
     ON medsim.models TO medsim_reader;
-GRANT SELECT (id, dataset_id, split, split_index, labels, height, width, channels, sha256, created_at)
+GRANT SELECT (id, dataset_id, split, split_index, labels, height, width, channels, sha256, created_at,
+              bit_depth, patient_key, study_id, metadata, original_height, original_width)
     ON medsim.images TO medsim_reader;
 GRANT SELECT (id, flag, image_size, is_medmnist, python_class, description, task, n_channels, label_names,
-              n_samples, license, url, source_md5, official_md5, md5_official, ingested_at)
+              n_samples, license, url, source_md5, official_md5, md5_official, ingested_at, source_kind,
+              split_method)
     ON medsim.datasets TO medsim_reader;
+GRANT SELECT (report_id, kind, reason) ON medsim.ingest_problems TO medsim_reader;
 GRANT SELECT (id, model_id, kind, params, source_view, splits, dim, metric, n_rows, fingerprint,
               build_seconds, created_at, file_sha256, file_bytes)
     ON medsim.index_builds TO medsim_reader;

@@ -53,6 +53,7 @@ class StoredImage:
     height: int
     width: int
     channels: int
+    bit_depth: int
     dataset: str
     split: str
     label_name: str
@@ -86,7 +87,7 @@ def query_from_id(conn, embedder: Embedder, image_id: int) -> Query:
     if r is None:
         raise NotFound(f"no image with id {image_id}")
     try:
-        x = decode(bytes(r.pixels), r.height, r.width, r.channels)
+        x = decode(bytes(r.pixels), r.height, r.width, r.channels, r.bit_depth)
     except ValueError as err:
         raise DataRefused(f"image {image_id} is stored broken ({err}); it cannot be shown or searched") from None
     v = r.embedding.to_numpy() if r.embedding is not None else embedder(x)  # not embedded yet
@@ -195,6 +196,7 @@ class Pixels:
     height: int
     width: int
     channels: int
+    bit_depth: int
 
 
 def montage(conn, results, out: Path | str) -> Path:
@@ -208,7 +210,7 @@ def montage(conn, results, out: Path | str) -> Path:
     fig, axes = plt.subplots(len(results), k + 1, figsize=(2 * (k + 1), 2.2 * len(results)), dpi=100,
                              squeeze=False)
     for r, (q, hits) in enumerate(results):
-        pix = {p.id: decode(bytes(p.pixels), p.height, p.width, p.channels) for p in
+        pix = {p.id: decode(bytes(p.pixels), p.height, p.width, p.channels, p.bit_depth) for p in
                rows(conn, Q.image_pixels, {"ids": [h.image_id for h in hits]}, as_=Pixels)}
         panels = [(q.pixels, f"QUERY {q.label}\n{q.dataset or ''} {q.label_name or ''}".strip())]
         panels += [(pix[h.image_id], f"{h.dataset}\n{h.label_name[:22]} d={h.distance:.3f}") for h in hits]

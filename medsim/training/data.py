@@ -34,6 +34,7 @@ class ImageRow:
     height: int
     width: int
     channels: int
+    bit_depth: int
 
 
 @dataclass
@@ -62,7 +63,7 @@ def load_split(conn, splits, flags=None, image_size: int = 28) -> Split:
     for r in found:
         # one broken row is skipped and named, never the end of training or evaluation
         try:
-            x = decode(bytes(r.pixels), r.height, r.width, r.channels)
+            x = decode(bytes(r.pixels), r.height, r.width, r.channels, r.bit_depth)
             if x.shape[:2] != (image_size, image_size):
                 raise ValueError(f"{r.height}x{r.width} in a {image_size} px dataset")
         except Exception as err:

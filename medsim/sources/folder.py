@@ -1,0 +1,166 @@
+"""A folder of PNG/JPEG/TIFF/BMP files, labelled one of two ways.
+
+- ImageFolder layout (torchvision's convention): PATH/<label>/<file>; deeper folders
+  belong to their top-level label.
+- A manifest CSV: path,label[,split][,patient_id][,study_id][,any other column]. Paths
+  are relative to the manifest's folder; several labels are separated by ';'
+  (multi-label); other columns become the image's JSON metadata.
+
+Pixels are kept as decoded: 8-bit grey or RGB, and 16-bit grey stays 16-bit (lossless).
+An image larger than max_side on its longest side is shrunk to it (aspect kept), and its
+original size is recorded.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from medsim import pixels
+from medsim.errors import DataRefused
+from medsim.sources.base import SPLITS, Entry, Loaded, Problem, as_stored
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+MANIFEST_COLUMNS = ("path", "label", "split", "patient_id", "study_id")
+DEFAULT_MAX_SIDE = 1024
+
+
+class FolderSource:
+    kind = "folder"
+
+    def __init__(self, root, manifest=None, max_side: int = DEFAULT_MAX_SIDE):
+        self.root = Path(root)
+        self.manifest = Path(manifest) if manifest else None
+        self.max_side = max_side
+        if not self.root.is_dir():
+            raise DataRefused(f"{self.root}: not a folder")
+        if self.manifest is not None and not self.manifest.is_file():
+            raise DataRefused(f"{self.manifest}: no such manifest file")
+
+    def describe(self) -> str:
+        return str(self.manifest or self.root)
+
+    # -- listing --------------------------------------------------------------------
+    def entries(self) -> tuple[list[Entry], list[tuple[str, str]]]:
+        """-> (entries, problems found while listing: (path, reason))."""
+        return self._from_manifest() if self.manifest else self._from_folders()
+
+    def _from_folders(self):
+        entries, problems = [], []
+        for p in sorted(self.root.rglob("*")):
+            rel = p.relative_to(self.root)
+            if p.is_dir() or any(part.startswith(".") for part in rel.parts):
+                continue  # folders themselves, and hidden files (.DS_Store, ._x.png)
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                problems.append((str(rel), f"not an image file (suffix {p.suffix or 'none'})"))
+            elif len(rel.parts) < 2:
+                problems.append((str(rel), "not inside a label folder (PATH/<label>/<file>)"))
+            else:
+                entries.append(Entry(str(rel), (rel.parts[0],)))
+        if not entries and not problems:
+            raise DataRefused(f"{self.root}: no image files found")
+        return entries, problems
+
+    def _from_manifest(self):
+        entries, problems = [], []
+        with open(self.manifest, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            cols = [c.strip() for c in reader.fieldnames or []]
+            missing = [c for c in ("path", "label") if c not in cols]
+            if missing:
+                raise DataRefused(f"{self.manifest}: the manifest needs the columns path and label "
+                                  f"(missing: {', '.join(missing)}; found: {', '.join(cols) or 'none'})")
+            for line, row in enumerate(reader, start=2):
+                row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+                where = row.get("path") or f"{self.manifest.name} line {line}"
+                labels = tuple(x.strip() for x in row.get("label", "").split(";") if x.strip())
+                split = row.get("split") or None
+                if not row.get("path") or not labels:
+                    problems.append((where, f"manifest line {line} has no path or no label"))
+                elif split is not None and split not in SPLITS:
+                    problems.append((where, f"manifest line {line}: split {split!r} is not one of "
+                                            f"{', '.join(SPLITS)}"))
+                else:
+                    meta = {k: v for k, v in row.items() if k not in MANIFEST_COLUMNS and v != ""}
+                    entries.append(Entry(row["path"], labels, split, row.get("patient_id") or None,
+                                         row.get("study_id") or None, meta))
+        return entries, problems
+
+    def fingerprint(self) -> str:
+        """What the dataset row records as its source digest: the manifest's bytes, or the
+        sorted listing (paths and sizes) of the folder."""
+        h = hashlib.sha256()
+        if self.manifest:
+            h.update(self.manifest.read_bytes())
+        else:
+            for p in sorted(self.root.rglob("*")):
+                if p.is_file():
+                    h.update(f"{p.relative_to(self.root)}:{p.stat().st_size}\n".encode())
+        return h.hexdigest()
+
+    # -- pixels ---------------------------------------------------------------------
+    def load(self, entry: Entry) -> Loaded:
+        base = self.manifest.parent if self.manifest else self.root
+        return load_image(base / entry.path, self.max_side)
+
+
+def load_image(path: Path, max_side: int) -> Loaded:
+    """One image file -> pixels as they will be stored, or Problem with the reason."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise Problem("no such file")
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            if w * h > pixels.MAX_IMAGE_PIXELS:
+                raise Problem(f"{w} x {h} pixels is over the limit of {pixels.MAX_IMAGE_PIXELS:,} "
+                              f"(MEDSIM_MAX_IMAGE_PIXELS)")
+            if getattr(img, "n_frames", 1) > 1:
+                raise Problem(f"a multi-page image ({img.n_frames} pages); save each page as its own file")
+            img.load()
+            x = to_array(img)
+    except Problem:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError,
+            EOFError) as err:
+        raise Problem(f"not a readable image ({err})") from None
+    x = as_stored(x)
+    original = None
+    if max(x.shape[:2]) > max_side:
+        original = x.shape[:2]
+        x = shrink(x, max_side)
+    return Loaded(x, original)
+
+
+def to_array(img) -> np.ndarray:
+    """A Pillow image -> uint8 (grey or RGB) or uint16 (grey) array, nothing clipped."""
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
+        return np.asarray(img).astype(np.uint16)
+    if mode == "I":
+        return np.asarray(img)  # int32; as_stored keeps it if it fits 16 bits
+    if mode == "F":
+        raise Problem("floating-point pixels are not supported; save the image as 8- or 16-bit")
+    if mode in ("1", "L", "LA") or (mode == "P" and pixels._palette_is_grey(img)):
+        return np.asarray(img.convert("L"))
+    return np.asarray(img.convert("RGB"))
+
+
+def shrink(x: np.ndarray, max_side: int) -> np.ndarray:
+    """Longest side to max_side, aspect kept; 16-bit is resized at full depth."""
+    from PIL import Image
+
+    h, w = x.shape[:2]
+    scale = max_side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if x.dtype == np.uint16:  # channel by channel, as 32-bit float images
+        chans = [np.asarray(Image.fromarray(x[..., c].astype(np.float32)).resize(size, Image.Resampling.LANCZOS))
+                 for c in range(x.shape[2])]
+        return np.clip(np.rint(np.stack(chans, axis=-1)), 0, 65535).astype(np.uint16)
+    img = Image.fromarray(x[..., 0] if x.shape[2] == 1 else x)
+    out = np.asarray(img.resize(size, Image.Resampling.LANCZOS))
+    return out[..., None] if out.ndim == 2 else out
