@@ -109,7 +109,7 @@ def cmd_ingest_folder(args) -> int:
     from medsim.sources import archive, splits
     from medsim.sources.folder import FolderSource
 
-    source = FolderSource(args.path, manifest=args.manifest, max_side=args.max_side)
+    source = FolderSource(args.path, manifest=args.manifest, max_side=args.max_side, label_tag=args.label_tag)
     fractions = splits.parse_fractions(args.split_fractions)
     with _connect(args) as conn:
         report = archive.ingest_archive(conn, source, args.name, strict=args.strict, relabel=args.relabel,
@@ -348,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_ingest)
 
-    s = sub.add_parser("ingest-folder", help="load a folder of PNG/JPEG/TIFF/BMP images (your own archive)",
+    s = sub.add_parser("ingest-folder", help="load a folder of PNG/JPEG/TIFF/BMP or DICOM files (your own archive)",
                        description="Labels come from PATH/<label>/<file> (the ImageFolder layout) or from "
                                    "--manifest. Re-running adds only new images; unreadable files are skipped "
                                    "and reported.")
@@ -358,6 +358,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--manifest", default=None, metavar="CSV",
                    help="path,label[,split][,patient_id][,study_id][,...]; ';' separates several labels; other "
                         "columns become metadata")
+    s.add_argument("--label-tag", default=None, metavar="TAG",
+                   help="DICOM only: label each file by this tag's value (e.g. BodyPartExamined, Modality)")
     s.add_argument("--max-side", type=int, default=1024,
                    help="shrink images whose longest side is larger (original size recorded; default 1024)")
     s.add_argument("--split-fractions", default="70,10,20",

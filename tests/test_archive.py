@@ -67,7 +67,7 @@ def test_image_folder_ingest_keeps_pixels_and_reports_bad_files(conn, tmp_path):
     root = tmp_path / "archive"
     files = make_folder(root)
     add_bad_files(root)
-    r = archive.ingest_archive(conn, FolderSource(root, max_side=128), "mylab", progress=False, threads=2)
+    r = archive.ingest_archive(conn, FolderSource(root, max_side=128), "mylab", progress=False, workers=2)
     assert r.added == len(files) == 25 and r.skipped == 4
     reasons = {p: why for p, kind, why in r.problems}
     assert "not a readable image" in reasons["benign/truncated.png"]

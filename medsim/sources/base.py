@@ -32,6 +32,7 @@ class Entry:
     metadata: dict = field(default_factory=dict)
     frame: int | None = None  # for sources with several images per file (DICOM frames)
     patient_key: str | None = None  # the keyed hash, filled in by the ingest
+    file: str | None = None  # the file, when `path` names one frame of it
 
 
 @dataclass

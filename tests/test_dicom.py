@@ -1,0 +1,115 @@
+"""DICOM through pydicom's own test files (real CT, MR, US, RGB, YBR, palette, RLE, JPEG,
+multi-frame): display values, one image per frame, per-file errors for codecs that are
+not installed, and nothing identifying stored."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from medsim import cli
+from medsim.sources import archive, dicom
+from medsim.sources.base import Entry
+from medsim.sources.folder import FolderSource
+from tests.helpers import embed_all, register_model
+
+FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+KEY = "a test key that is long enough"
+CHOSEN = {  # label folder -> files
+    "ct": ["CT_small.dcm", "MR_small.dcm"],
+    "colour": ["SC_rgb_rle.dcm", "examples_rgb_color.dcm", "examples_palette.dcm", "examples_jpeg2k.dcm"],
+    "cine": ["examples_ybr_color.dcm"],  # 30 frames
+    "broken": ["MR_truncated.dcm", "JPEG-lossy.dcm", "rtplan.dcm"],  # truncated, no codec, no image
+}
+
+
+@pytest.fixture
+def dicom_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDSIM_PATIENT_KEY", KEY)
+    root = tmp_path / "pacs"
+    for label, names in CHOSEN.items():
+        (root / label).mkdir(parents=True)
+        for n in names:
+            shutil.copy(FILES / n, root / label / n)
+    shutil.copy(FILES / "CT_small.dcm", root / "ct" / "no_suffix")  # PACS exports often have none
+    return root
+
+
+def read(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pydicom.dcmread(FILES / name)
+
+
+def test_dicom_folder_ingest(conn, dicom_folder, db_url):
+    r = archive.ingest_archive(conn, FolderSource(dicom_folder, max_side=128), "pacs", progress=False)
+    reasons = {p.split("/")[-1]: why for p, kind, why in r.problems if kind == "skipped"}
+    assert "cannot decode its pixels (JPEG Extended (Process 2 and 4))" in reasons["JPEG-lossy.dcm"]
+    assert "cannot decode its pixels" in reasons["MR_truncated.dcm"]
+    assert reasons["rtplan.dcm"].startswith("no image in it")
+    # 2 + 4 colour + 30 frames, less the duplicates: the copy without a suffix, and two
+    # frames of the cine clip that repeat the frame before them pixel for pixel
+    assert r.added == 2 + 4 + 28 and r.duplicates == 3
+    dup = {p: why for p, kind, why in r.problems if kind == "duplicate"}
+    assert dup["ct/no_suffix"] == "the same pixels as ct/CT_small.dcm"
+    assert dup["cine/examples_ybr_color.dcm#frame11"] == "the same pixels as cine/examples_ybr_color.dcm#frame10"
+    assert conn.execute("SELECT source_kind FROM medsim.datasets").fetchone() == ("dicom",)
+    frames = conn.execute("SELECT count(*), count(DISTINCT height * 10000 + width) FROM medsim.images "
+                          "WHERE source_path LIKE 'cine/%%#frame%%'").fetchone()
+    assert frames == (28, 1)
+    ct = conn.execute("SELECT bit_depth, channels, metadata, study_id, patient_key FROM medsim.images "
+                      "WHERE source_path = 'ct/CT_small.dcm'").fetchone()
+    ds = read("CT_small.dcm")
+    assert ct[0] == 16 and ct[1] == 1
+    assert ct[2] == {t: str(ds.get(t)) for t in dicom.KEPT_TAGS if ds.get(t) not in (None, "")}
+    assert ct[3] == ds.StudyInstanceUID
+    assert ct[4] == hmac.new(KEY.encode(), str(ds.PatientID).encode(), hashlib.sha256).hexdigest()
+    # nothing identifying: no name, birth date or raw patient id anywhere in the rows
+    text = " ".join(str(v) for row in conn.execute("SELECT * FROM medsim.images").fetchall()
+                    for v in row if not isinstance(v, bytes | memoryview))
+    for tag in ("PatientName", "PatientBirthDate", "PatientID"):
+        value = str(read("CT_small.dcm").get(tag, "") or "")
+        assert not value or value not in text, tag
+    assert conn.execute("SELECT count(*) FROM medsim.images WHERE channels = 3").fetchone()[0] == 4 + 28
+    # they embed like any other image
+    mid = register_model(conn)
+    embed_all(db_url)
+    assert conn.execute("SELECT count(*) FROM medsim.embeddings WHERE model_id = %s", (mid,)).fetchone() == (34,)
+
+
+def test_display_values_rescale_window_and_monochrome1(tmp_path):
+    ds = read("CT_small.dcm")
+    x2 = dicom.load(FILES / "CT_small.dcm", None)
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    # rescaled to Hounsfield units, then stretched: the order of values is the HU order
+    assert x2.dtype == np.uint16 and x2.max() == 65535 and x2.min() == 0
+    assert np.array_equal(np.argsort(x2.ravel(), kind="stable"), np.argsort(hu.ravel(), kind="stable"))
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.save_as(tmp_path / "m1.dcm")
+    x1 = dicom.load(tmp_path / "m1.dcm", None)
+    assert np.array_equal(x1.astype(int), 65535 - x2.astype(int))  # inverted
+
+
+def test_label_tag_and_frames_from_the_header_alone(dicom_folder):
+    src = FolderSource(dicom_folder, label_tag="Modality")
+    entries, problems = src.entries()
+    labels = {e.file: e.labels for e in entries}
+    assert labels["ct/CT_small.dcm"] == ("CT",) and labels["ct/MR_small.dcm"] == ("MR",)
+    assert sum(1 for e in entries if e.file == "cine/examples_ybr_color.dcm") == 30
+    assert isinstance(entries[0], Entry) and all(e.patient_id is None or e.patient_id for e in entries)
+
+
+def test_cli_ingest_folder_with_dicom(conn, dicom_folder, capsys):
+    assert cli.main(["ingest-folder", str(dicom_folder), "--name", "pacs", "--label-tag", "Modality",
+                     "--max-side", "64", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "pacs: 34 images added" in out and "skipped: broken/JPEG-lossy.dcm: cannot decode its pixels" in out
+    names = conn.execute("SELECT DISTINCT medsim.label_name(dataset_id, labels) FROM medsim.images ORDER BY 1").fetchall()
+    assert {n for (n,) in names} >= {"CT", "MR", "US"}
