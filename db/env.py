@@ -38,10 +38,10 @@ def run_migrations_online() -> None:
         try:
             context.configure(connection=connection, transaction_per_migration=True)
             if context.get_revision_argument() not in ("head", context.get_head_revision()):
-                # leaving head (a downgrade, or an upgrade that stops short): the views
-                # belong to head, and would block the revisions from dropping their tables
+                # leaving head (a downgrade, or an upgrade that stops short): what sql/
+                # made belongs to head, and would block the revisions' own drops
                 with connection.begin():
-                    raw.execute(migrate.DROP_VIEWS)
+                    raw.execute(migrate.DROP_REPLACEABLE)
             with context.begin_transaction():
                 context.run_migrations()
             # at head (fresh, upgraded, or already there): views, functions, triggers and

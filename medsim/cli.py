@@ -286,9 +286,20 @@ def cmd_search(args) -> int:
     from medsim.search import similar
 
     with _connect(args) as conn:
+        where = {}
+        for item in args.filter or []:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise BadArgument(f"--filter expects KEY=VALUE, got {item!r}")
+            where.setdefault(key, []).append(value)  # repeated keys: any of the values
+        for key, value in (("label", args.label), ("split", args.split)):
+            if value:
+                where.setdefault(key, []).append(value)
+        filters = similar.Filters({k: v[0] if len(v) == 1 else v for k, v in where.items()},
+                                  include_own_patient=args.include_own_patient, per_patient=args.per_patient)
         results = similar.search(conn, image_ids=args.image_id or (), image_files=args.image_file or (),
                                  k=args.k, dataset=args.dataset, engine=args.engine,
-                                 model_ref=args.model, index_path=args.index)
+                                 model_ref=args.model, index_path=args.index, filters=filters)
         if args.montage:
             similar.montage(conn, results, args.montage)
     print(json.dumps(similar.as_json(results), indent=2) if args.json else similar.format_results(results))
@@ -446,7 +457,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-id", type=int, action="append", help="a stored image id (repeatable)")
     s.add_argument("--image-file", action="append", help="a PNG/JPEG/... file of any size (repeatable)")
     s.add_argument("-k", type=int, default=4, help=f"neighbours per query (default 4, at most {MAX_K})")
-    s.add_argument("--dataset", default=None, help="only neighbours from this MedMNIST subset")
+    s.add_argument("--dataset", default=None, help="only neighbours from this dataset")
+    s.add_argument("--label", default=None, help="only neighbours with this label")
+    s.add_argument("--split", default=None, choices=["train", "val"], help="only neighbours from this split")
+    s.add_argument("--filter", action="append", metavar="KEY=VALUE",
+                   help="only neighbours whose metadata KEY is VALUE (repeatable; a repeated key means any of "
+                        "the values), e.g. modality=CR, site=north, BodyPartExamined=CHEST")
+    s.add_argument("--include-own-patient", action="store_true",
+                   help="also return other images of the query's patient (left out by default)")
+    s.add_argument("--per-patient", type=int, default=None, metavar="N",
+                   help="at most N neighbours per patient (images without a patient count alone)")
     s.add_argument("--engine", default="pgvector", choices=ENGINES,
                    help="pgvector (HNSW in Postgres) or faiss (the latest index built for the model)")
     s.add_argument("--index", default=None, help="FAISS index file (default: latest build for the model)")

@@ -117,6 +117,24 @@ $$
 """
 
 
+# Leaving head (a downgrade, or an upgrade that stops short): everything sql/ made goes,
+# views and functions alike (CASCADE takes the triggers that use them), so that no
+# revision's downgrade is blocked by an object it did not create. Below head medsim
+# refuses to run anyway; reaching head again applies sql/ afresh.
+DROP_REPLACEABLE = DROP_VIEWS + """;
+DO $$
+DECLARE
+    f record;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure AS sig FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+             WHERE n.nspname = 'medsim' LOOP
+        EXECUTE 'DROP FUNCTION ' || f.sig || ' CASCADE';
+    END LOOP;
+END
+$$
+"""
+
+
 def apply_sql(raw_conn) -> None:
     """Apply every sql/ file on a raw psycopg connection, inside the caller's transaction.
 

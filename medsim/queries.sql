@@ -283,7 +283,7 @@ ORDER BY image_id;
 
 -- name: image_for_search
 SELECT i.id, i.pixels, i.height, i.width, i.channels, i.bit_depth, d.flag AS dataset, i.split,
-       medsim.label_name(i.dataset_id, i.labels) AS label_name, e.embedding
+       medsim.label_name(i.dataset_id, i.labels) AS label_name, i.patient_key, e.embedding
 FROM medsim.images i
 JOIN medsim.datasets d ON d.id = i.dataset_id
 LEFT JOIN medsim.embeddings e ON e.image_id = i.id AND e.model_id = %(model_id)s
@@ -292,19 +292,27 @@ WHERE i.id = %(id)s;
 -- name: gallery_images_by_sha256
 SELECT id FROM medsim.images WHERE sha256 = %(sha256)s AND split = ANY(%(splits)s) ORDER BY id;
 
--- name: search_by_vector
-SELECT image_id, dataset, split, label_name, distance
-FROM medsim.search_by_vector(%(q)s, %(k)s, %(model_id)s, %(dataset)s, %(exclude)s);
+-- name: search_gallery
+SELECT image_id, dataset, split, label_name, distance, patient_key, study_id
+FROM medsim.search_gallery(%(q)s, %(k)s, %(model_id)s, %(filter)s, %(exclude_patient)s, %(exclude)s,
+                           %(per_patient)s);
 
 -- name: gallery_count
-SELECT count(*) FROM medsim.gallery
-WHERE model_id = %(model_id)s AND (%(dataset)s::text IS NULL OR dataset = %(dataset)s::text);
+SELECT count(*) FROM medsim.gallery g
+WHERE g.model_id = %(model_id)s
+  AND medsim.gallery_match(g.dataset, g.split, g.label_name, g.metadata, g.patient_key, %(filter)s, NULL);
 
--- name: gallery_ids_of_dataset
-SELECT image_id FROM medsim.gallery WHERE model_id = %(model_id)s AND dataset = %(dataset)s;
+-- name: gallery_ids_matching
+-- What a FAISS search may return under a filter (its IDSelector), by the same rule as
+-- medsim.search_gallery.
+SELECT g.image_id FROM medsim.gallery g
+WHERE g.model_id = %(model_id)s
+  AND medsim.gallery_match(g.dataset, g.split, g.label_name, g.metadata, g.patient_key, %(filter)s,
+                           %(exclude_patient)s);
 
 -- name: image_metadata
-SELECT i.id, d.flag AS dataset, i.split, medsim.label_name(i.dataset_id, i.labels) AS label_name
+SELECT i.id, d.flag AS dataset, i.split, medsim.label_name(i.dataset_id, i.labels) AS label_name,
+       i.patient_key, i.study_id
 FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
 WHERE i.id = ANY(%(ids)s);
 

@@ -9,6 +9,9 @@ SELECT e.model_id,
        i.split_index,
        i.labels,
        medsim.label_name(i.dataset_id, i.labels) AS label_name,
+       i.patient_key,
+       i.study_id,
+       i.metadata,
        e.embedding
 FROM medsim.embeddings e
 JOIN medsim.images i ON i.id = e.image_id
@@ -21,3 +24,36 @@ SELECT * FROM medsim.embedded_images WHERE split IN ('train', 'val');
 -- What recall is measured with: the held-out test images.
 CREATE OR REPLACE VIEW medsim.query_images AS
 SELECT * FROM medsim.embedded_images WHERE split = 'test';
+
+-- A filter value, a string or an array of strings -> text[].
+CREATE OR REPLACE FUNCTION medsim.filter_values(p_value jsonb) RETURNS text[]
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT ARRAY(SELECT jsonb_array_elements_text(
+        CASE jsonb_typeof(p_value) WHEN 'array' THEN p_value ELSE jsonb_build_array(p_value) END))
+$$;
+
+-- Whether a gallery row passes a search filter: {"dataset": ..., "split": ..., "label": ...,
+-- any metadata key: value}; each value a string or an array of strings (any of them).
+-- "modality" means the DICOM Modality kept in metadata. A label matches a multi-label
+-- image when it is one of its labels. The patient, when given, is excluded. Plain SQL, so
+-- the planner inlines it into the search query.
+CREATE OR REPLACE FUNCTION medsim.gallery_match(
+    p_dataset text, p_split text, p_label_name text, p_metadata jsonb, p_patient_key text,
+    p_filter jsonb, p_exclude_patient text)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT (p_exclude_patient IS NULL OR p_patient_key IS DISTINCT FROM p_exclude_patient)
+       AND NOT EXISTS (
+           SELECT 1 FROM jsonb_each(coalesce(p_filter, '{}')) f(key, value)
+           WHERE NOT (
+               -- coalesce: a key the image lacks is a mismatch, not a NULL that passes
+               coalesce(CASE f.key
+                            WHEN 'dataset' THEN p_dataset
+                            WHEN 'split' THEN p_split
+                            WHEN 'modality' THEN p_metadata ->> 'Modality'
+                            ELSE p_metadata ->> f.key
+                        END = ANY(medsim.filter_values(f.value)), false)
+               OR (f.key = 'label'
+                   AND coalesce(string_to_array(p_label_name, ', ') && medsim.filter_values(f.value), false))
+           ))
+$$;

@@ -6,18 +6,37 @@ SELECT ei.*
 FROM medsim.embedded_images ei
 JOIN medsim.models m ON m.id = ei.model_id AND m.is_current;
 
--- k nearest gallery (train + val) images to a given vector, for a model (default: the
--- current one), optionally within one dataset. Dynamic SQL so the planner sees the
--- model id and dimension as constants and uses the model's partial HNSW index; run
--- with `SET hnsw.iterative_scan = strict_order` when filtering by dataset.
-CREATE OR REPLACE FUNCTION medsim.search_by_vector(
+-- Signatures this file replaced (CREATE OR REPLACE cannot change a function's arguments).
+DROP FUNCTION IF EXISTS medsim.similar_images(bigint, integer, integer, text);
+
+-- The k nearest gallery (train + val) images to a vector, for a model (default: the
+-- current one), passing a filter (medsim.gallery_match: dataset, split, label, any
+-- metadata key), without one patient (p_exclude_patient, a patient_key) or one image, and
+-- with at most p_per_patient images per patient (images without a patient count alone).
+--
+-- Dynamic SQL so the planner sees the model id and dimension as constants and uses the
+-- model's partial HNSW index, with strict iterative scans so a filter does not starve
+-- the result. An HNSW scan can still stop early (hnsw.max_scan_tuples) when the filter
+-- matches few rows: then the same query runs exact, so fewer than k rows come back only
+-- when fewer than k exist. The settings changed here are restored before returning.
+CREATE OR REPLACE FUNCTION medsim.search_gallery(
     p_query vector, p_k integer DEFAULT 4, p_model_id integer DEFAULT NULL,
-    p_dataset text DEFAULT NULL, p_exclude_image_id bigint DEFAULT NULL)
-RETURNS TABLE (image_id bigint, dataset text, split text, label_name text, distance double precision)
+    p_filter jsonb DEFAULT '{}', p_exclude_patient text DEFAULT NULL,
+    p_exclude_image_id bigint DEFAULT NULL, p_per_patient integer DEFAULT NULL)
+RETURNS TABLE (image_id bigint, dataset text, split text, label_name text, distance double precision,
+               patient_key text, study_id text)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_model integer := coalesce(p_model_id, (SELECT id FROM medsim.models WHERE is_current));
     v_dim integer;
+    v_limit integer;
+    v_exact boolean := false;
+    v_rows jsonb;
+    v_found integer;
+    v_candidates integer;
+    v_old_scan text := current_setting('hnsw.iterative_scan', true);
+    v_old_index text := current_setting('enable_indexscan');
+    v_sql text;
 BEGIN
     -- bounded before any work: k = NULL used to return the whole gallery, and k = 3e9
     -- ended in an integer overflow deep inside the query
@@ -29,6 +48,14 @@ BEGIN
         RAISE EXCEPTION 'the query vector is NULL (an image without an embedding for this model?)'
             USING ERRCODE = 'null_value_not_allowed';
     END IF;
+    IF p_per_patient IS NOT NULL AND p_per_patient < 1 THEN
+        RAISE EXCEPTION 'per_patient must be at least 1, got %', p_per_patient
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF jsonb_typeof(coalesce(p_filter, '{}')) <> 'object' THEN
+        RAISE EXCEPTION 'the filter must be a JSON object like {"dataset": "x", "label": ["a", "b"]}'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     SELECT embedding_dim INTO v_dim FROM medsim.models WHERE id = v_model;
     IF v_dim IS NULL THEN
         RAISE EXCEPTION 'no such model (id %), and no current model', p_model_id;
@@ -38,35 +65,90 @@ BEGIN
     END IF;
     -- medsim.gallery is a plain view over medsim.embeddings: the planner flattens it, so
     -- the cast below is the partial HNSW index's own expression and the index is used
-    RETURN QUERY EXECUTE format(
-        'SELECT g.image_id, g.dataset, g.split, g.label_name,
-                (g.embedding::vector(%1$s) <-> $1::vector(%1$s))::double precision
-         FROM medsim.gallery g
-         WHERE g.model_id = %2$s
-           AND ($2::text IS NULL OR g.dataset = $2) AND ($3::bigint IS NULL OR g.image_id <> $3)
-         ORDER BY g.embedding::vector(%1$s) <-> $1::vector(%1$s)
-         LIMIT $4', v_dim, v_model)
-    USING p_query, p_dataset, p_exclude_image_id, p_k;
+    v_sql := format(
+        'WITH cand AS (
+             SELECT g.image_id, g.dataset, g.split, g.label_name, g.patient_key, g.study_id,
+                    (g.embedding::vector(%1$s) <-> $1::vector(%1$s))::double precision AS distance
+             FROM medsim.gallery g
+             WHERE g.model_id = %2$s
+               AND ($4::bigint IS NULL OR g.image_id <> $4)
+               AND medsim.gallery_match(g.dataset, g.split, g.label_name, g.metadata, g.patient_key, $2, $3)
+             ORDER BY g.embedding::vector(%1$s) <-> $1::vector(%1$s)
+             LIMIT $5),
+         ranked AS (
+             SELECT c.*, row_number() OVER (PARTITION BY coalesce(c.patient_key, c.image_id::text)
+                                            ORDER BY c.distance) AS nth
+             FROM cand c),
+         kept AS (
+             SELECT * FROM ranked WHERE $6::int IS NULL OR nth <= $6 ORDER BY distance LIMIT $7)
+         SELECT (SELECT count(*) FROM cand)::int,
+                coalesce((SELECT jsonb_agg(to_jsonb(k) - ''nth'' ORDER BY k.distance) FROM kept k), ''[]'')',
+        v_dim, v_model);
+    v_limit := CASE WHEN p_per_patient IS NULL THEN p_k ELSE p_k * 4 END;
+    PERFORM set_config('hnsw.iterative_scan', 'strict_order', true);
+    LOOP
+        EXECUTE v_sql INTO v_candidates, v_rows
+            USING p_query, coalesce(p_filter, '{}'::jsonb), p_exclude_patient, p_exclude_image_id,
+                  v_limit, p_per_patient, p_k;
+        v_found := jsonb_array_length(v_rows);
+        EXIT WHEN v_found >= p_k;
+        IF v_candidates >= v_limit THEN  -- grouping used some up: look further
+            v_limit := v_limit * 4;
+            CONTINUE;
+        END IF;
+        EXIT WHEN v_exact;  -- an exact scan ran out: fewer than k exist
+        v_exact := true;  -- the HNSW scan stopped early: the same query, exact
+        PERFORM set_config('enable_indexscan', 'off', true);
+    END LOOP;
+    PERFORM set_config('enable_indexscan', v_old_index, true);
+    PERFORM set_config('hnsw.iterative_scan', coalesce(v_old_scan, 'off'), true);
+    RETURN QUERY SELECT r.image_id, r.dataset, r.split, r.label_name, r.distance, r.patient_key, r.study_id
+                 FROM jsonb_to_recordset(v_rows) AS r(image_id bigint, dataset text, split text,
+                      label_name text, distance double precision, patient_key text, study_id text);
 END
 $$;
 
--- k most similar gallery images to a stored image (never the image itself).
+-- k nearest gallery images to a vector, optionally within one dataset (the first SQL
+-- surface; search_gallery has every option).
+CREATE OR REPLACE FUNCTION medsim.search_by_vector(
+    p_query vector, p_k integer DEFAULT 4, p_model_id integer DEFAULT NULL,
+    p_dataset text DEFAULT NULL, p_exclude_image_id bigint DEFAULT NULL)
+RETURNS TABLE (image_id bigint, dataset text, split text, label_name text, distance double precision)
+LANGUAGE sql STABLE AS $$
+    SELECT s.image_id, s.dataset, s.split, s.label_name, s.distance
+    FROM medsim.search_gallery(p_query, p_k, p_model_id,
+                               CASE WHEN p_dataset IS NULL THEN '{}'::jsonb
+                                    ELSE jsonb_build_object('dataset', p_dataset) END,
+                               NULL, p_exclude_image_id) s
+$$;
+
+-- k most similar gallery images to a stored image: never the image itself, and by default
+-- never another image of its patient (the honest default: a patient's other images are
+-- not what a similar-case search is for, and they flatter retrieval figures).
 CREATE OR REPLACE FUNCTION medsim.similar_images(
     p_image_id bigint, p_k integer DEFAULT 4, p_model_id integer DEFAULT NULL,
-    p_dataset text DEFAULT NULL)
-RETURNS TABLE (image_id bigint, dataset text, split text, label_name text, distance double precision)
+    p_dataset text DEFAULT NULL, p_filter jsonb DEFAULT '{}', p_include_own_patient boolean DEFAULT false,
+    p_per_patient integer DEFAULT NULL)
+RETURNS TABLE (image_id bigint, dataset text, split text, label_name text, distance double precision,
+               patient_key text, study_id text)
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_model integer := coalesce(p_model_id, (SELECT id FROM medsim.models WHERE is_current));
     v_query vector;
+    v_patient text;
 BEGIN
-    SELECT e.embedding INTO v_query FROM medsim.embeddings e
+    SELECT e.embedding, i.patient_key INTO v_query, v_patient
+    FROM medsim.embeddings e JOIN medsim.images i ON i.id = e.image_id
     WHERE e.model_id = v_model AND e.image_id = p_image_id;
     IF v_query IS NULL THEN
         RAISE EXCEPTION 'image % has no embedding for model % (unknown image, or not embedded yet)',
             p_image_id, v_model;
     END IF;
-    RETURN QUERY SELECT * FROM medsim.search_by_vector(v_query, p_k, v_model, p_dataset, p_image_id);
+    RETURN QUERY SELECT * FROM medsim.search_gallery(
+        v_query, p_k, v_model,
+        coalesce(p_filter, '{}') || CASE WHEN p_dataset IS NULL THEN '{}'::jsonb
+                                         ELSE jsonb_build_object('dataset', p_dataset) END,
+        CASE WHEN p_include_own_patient THEN NULL ELSE v_patient END, p_image_id, p_per_patient);
 END
 $$;
 
@@ -102,7 +184,10 @@ GRANT SELECT (id, model_id, kind, params, source_view, splits, dim, metric, n_ro
               build_seconds, created_at, file_sha256, file_bytes)
     ON medsim.index_builds TO medsim_reader;
 GRANT EXECUTE ON FUNCTION medsim.search_by_vector(vector, integer, integer, text, bigint),
-                          medsim.similar_images(bigint, integer, integer, text),
+                          medsim.search_gallery(vector, integer, integer, jsonb, text, bigint, integer),
+                          medsim.similar_images(bigint, integer, integer, text, jsonb, boolean, integer),
+                          medsim.gallery_match(text, text, text, jsonb, text, jsonb, text),
+                          medsim.filter_values(jsonb),
                           medsim.label_name(integer, smallint[]) TO medsim_reader;
 ALTER DEFAULT PRIVILEGES IN SCHEMA medsim GRANT SELECT ON TABLES TO medsim_reader;
 -- A query that runs away is cancelled; it applies to sessions that log in as (or SET ROLE

@@ -14,10 +14,12 @@ index is loaded and checked for freshness once per call, not once per query.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from psycopg.types.json import Jsonb
 
 from medsim import registry
 from medsim.errors import BadArgument, DataRefused, NotFound
@@ -35,6 +37,7 @@ class Query:
     dataset: str | None = None
     label_name: str | None = None
     in_gallery: list = field(default_factory=list)  # gallery ids holding this very image
+    patient_key: str | None = None  # the query's patient, excluded from its neighbours by default
 
 
 @dataclass
@@ -44,6 +47,36 @@ class Hit:
     split: str
     label_name: str
     distance: float
+    patient_key: str | None = None
+    study_id: str | None = None
+
+
+@dataclass
+class Filters:
+    """What a search may return. `where`: dataset, split, label, modality or any metadata
+    key -> a value or a list of values (medsim.gallery_match). The query's own patient is
+    left out unless include_own_patient; per_patient caps images per patient."""
+
+    where: dict = field(default_factory=dict)
+    include_own_patient: bool = False
+    per_patient: int | None = None
+
+    def __post_init__(self):
+        if self.per_patient is not None and self.per_patient < 1:
+            raise BadArgument(f"per_patient must be at least 1, got {self.per_patient}")
+        bad = [k for k, v in self.where.items()
+               if not isinstance(v, str) and not (isinstance(v, list) and all(isinstance(x, str) for x in v))]
+        if bad:
+            raise BadArgument(f"filter values must be strings or lists of strings: {', '.join(bad)}")
+        if "split" in self.where:
+            wanted = [self.where["split"]] if isinstance(self.where["split"], str) else self.where["split"]
+            outside = sorted(set(wanted) - set(GALLERY_SPLITS))
+            if outside:
+                raise BadArgument(f"the gallery holds only {', '.join(GALLERY_SPLITS)}; split {', '.join(outside)} "
+                                  f"is never returned")
+
+    def exclude_patient(self, q: Query) -> str | None:
+        return None if self.include_own_patient else q.patient_key
 
 
 @dataclass
@@ -57,6 +90,7 @@ class StoredImage:
     dataset: str
     split: str
     label_name: str
+    patient_key: str | None
     embedding: object  # pgvector Vector, or None when not embedded for this model
 
 
@@ -66,6 +100,8 @@ class ImageMeta:
     dataset: str
     split: str
     label_name: str
+    patient_key: str | None
+    study_id: str | None
 
 
 class Embedder:
@@ -91,7 +127,8 @@ def query_from_id(conn, embedder: Embedder, image_id: int) -> Query:
     except ValueError as err:
         raise DataRefused(f"image {image_id} is stored broken ({err}); it cannot be shown or searched") from None
     v = r.embedding.to_numpy() if r.embedding is not None else embedder(x)  # not embedded yet
-    q = Query(f"image {image_id}", x, v.astype(np.float32), image_id, r.dataset, r.label_name)
+    q = Query(f"image {image_id}", x, v.astype(np.float32), image_id, r.dataset, r.label_name,
+              patient_key=r.patient_key)
     if r.split in GALLERY_SPLITS:
         q.in_gallery = [image_id]
     return q
@@ -106,62 +143,89 @@ def query_from_file(conn, embedder: Embedder, path) -> Query:
     return Query(Path(path).name, x3, embedder(x3), in_gallery=same)
 
 
-def search_pgvector(conn, q: Query, k: int, model_id: int, dataset: str | None) -> list[Hit]:
+def search_pgvector(conn, q: Query, k: int, model_id: int, f: Filters) -> list[Hit]:
     exclude = q.in_gallery[0] if len(q.in_gallery) == 1 else None
-    with conn.transaction():
-        conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
-        hits = rows(conn, Q.search_by_vector, {"q": q.vector, "k": k + len(q.in_gallery), "model_id": model_id,
-                                               "dataset": dataset, "exclude": exclude}, as_=Hit)
+    hits = rows(conn, Q.search_gallery, {"q": q.vector, "k": min(k + len(q.in_gallery), MAX_K),
+                                         "model_id": model_id, "filter": Jsonb(f.where),
+                                         "exclude_patient": f.exclude_patient(q), "exclude": exclude,
+                                         "per_patient": f.per_patient}, as_=Hit)
     return [h for h in hits if h.image_id not in q.in_gallery][:k]
 
 
 class FaissSearcher:
-    """One loaded (and freshness-checked) index, and one id selector per dataset filter."""
+    """One loaded (and freshness-checked) index per call. A filter or the patient
+    exclusion becomes an IDSelector over the same rows medsim.search_gallery would allow."""
 
-    def __init__(self, conn, model_id: int, index_path, dataset: str | None):
-        import faiss
-
+    def __init__(self, conn, model_id: int, index_path):
         from medsim.search import faiss_index
 
-        self.conn, self.faiss_index = conn, faiss_index
+        self.conn, self.model_id, self.faiss_index = conn, model_id, faiss_index
         if index_path is None:
             self.built = faiss_index.load_build(conn, faiss_index.latest_build(conn, model_id), model_ref=model_id)
         else:
             self.built = faiss_index.load(conn, index_path, model_ref=model_id)
-        self.params = None
-        if dataset is not None:
-            ids = np.array([r[0] for r in conn.execute(Q.gallery_ids_of_dataset,
-                                                       {"model_id": model_id, "dataset": dataset})], np.int64)
-            self.params = faiss.SearchParameters(sel=faiss.IDSelectorBatch(ids))
+        self.selectors = {}
 
-    def __call__(self, q: Query, k: int) -> list[Hit]:
-        D, I = self.faiss_index.search(self.built.index, q.vector[None], k + len(q.in_gallery), self.params)
-        pairs = [(int(i), float(d)) for d, i in zip(D[0], I[0], strict=True)
-                 if i >= 0 and i not in q.in_gallery][:k]
-        meta = {m.id: m for m in rows(self.conn, Q.image_metadata, {"ids": [i for i, _ in pairs]}, as_=ImageMeta)}
-        return [Hit(i, meta[i].dataset, meta[i].split, meta[i].label_name, d) for i, d in pairs]
+    def params(self, f: Filters, exclude_patient: str | None):
+        import faiss
+
+        if not f.where and exclude_patient is None:
+            return None
+        key = (json.dumps(f.where, sort_keys=True), exclude_patient)
+        if key not in self.selectors:
+            ids = np.array([r[0] for r in self.conn.execute(Q.gallery_ids_matching, {
+                "model_id": self.model_id, "filter": Jsonb(f.where), "exclude_patient": exclude_patient})], np.int64)
+            self.selectors[key] = faiss.SearchParameters(sel=faiss.IDSelectorBatch(ids))
+        return self.selectors[key]
+
+    def __call__(self, q: Query, k: int, f: Filters) -> list[Hit]:
+        params = self.params(f, f.exclude_patient(q))
+        want = k + len(q.in_gallery)
+        fetch = want if f.per_patient is None else want * 4
+        while True:  # with a per-patient cap, fetch more until k survive it (or none are left)
+            D, I = self.faiss_index.search(self.built.index, q.vector[None], min(fetch, self.built.index.ntotal),
+                                           params)
+            pairs = [(int(i), float(d)) for d, i in zip(D[0], I[0], strict=True) if i >= 0 and i not in q.in_gallery]
+            meta = {m.id: m for m in rows(self.conn, Q.image_metadata, {"ids": [i for i, _ in pairs]},
+                                          as_=ImageMeta)}
+            hits, per = [], {}
+            for i, d in pairs:
+                m = meta[i]
+                group = m.patient_key or f"image:{i}"
+                if f.per_patient is not None and per.get(group, 0) >= f.per_patient:
+                    continue
+                per[group] = per.get(group, 0) + 1
+                hits.append(Hit(i, m.dataset, m.split, m.label_name, d, m.patient_key, m.study_id))
+            exhausted = (I[0] < 0).any() or fetch >= self.built.index.ntotal
+            if len(hits) >= k or f.per_patient is None or exhausted:
+                return hits[:k]
+            fetch *= 4
 
 
 def search(conn, *, image_ids=(), image_files=(), k: int = 4, dataset: str | None = None,
-           engine: str = "pgvector", model_ref="current", index_path=None) -> list[tuple[Query, list[Hit]]]:
+           engine: str = "pgvector", model_ref="current", index_path=None,
+           filters: Filters | None = None) -> list[tuple[Query, list[Hit]]]:
     if not 1 <= k <= MAX_K:
         raise BadArgument(f"k must be between 1 and {MAX_K}, got {k}")
     if engine not in ENGINES:
         raise BadArgument(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
     if not image_ids and not image_files:
         raise BadArgument("give --image-id or --image-file")
+    f = filters or Filters()
+    if dataset is not None:
+        f = Filters({**f.where, "dataset": dataset}, f.include_own_patient, f.per_patient)
     row = registry.get(conn, model_ref)
-    if scalar(conn, Q.gallery_count, {"model_id": row.id, "dataset": dataset}) == 0:
+    if scalar(conn, Q.gallery_count, {"model_id": row.id, "filter": Jsonb(f.where)}) == 0:
         raise NotFound(f"the gallery is empty for model {row.id}"
-                       + (f" and dataset {dataset}" if dataset else "")
-                       + ": ingest images and run the embedding worker first")
+                       + (f" and {', '.join(f'{k_} {v}' for k_, v in f.where.items())}" if f.where else "")
+                       + ": ingest images and run the embedding worker first, or loosen the filter")
     embedder = Embedder(conn, row)
     queries = [query_from_id(conn, embedder, i) for i in image_ids]
     queries += [query_from_file(conn, embedder, p) for p in image_files]
     if engine == "faiss":
-        searcher = FaissSearcher(conn, row.id, index_path, dataset)
-        return [(q, searcher(q, k)) for q in queries]
-    return [(q, search_pgvector(conn, q, k, row.id, dataset)) for q in queries]
+        searcher = FaissSearcher(conn, row.id, index_path)
+        return [(q, searcher(q, k, f)) for q in queries]
+    return [(q, search_pgvector(conn, q, k, row.id, f)) for q in queries]
 
 
 def example_queries(conn, flags) -> list[int]:
