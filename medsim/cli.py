@@ -121,6 +121,23 @@ def cmd_ingest_folder(args) -> int:
     return 0
 
 
+def cmd_delete(args) -> int:
+    from medsim.search import faiss_index
+    from medsim.sources import deletion
+
+    with _connect(args) as conn:
+        d = deletion.delete(conn, dataset=args.dataset, patient_id=args.patient, image_ids=args.image or (),
+                            reason=args.reason)
+        stale = faiss_index.builds(conn)
+    print(f"deleted {d.images} image(s) and {d.embeddings} embedding(s) ({d.kind}); recorded as "
+          f"medsim.deletions id {d.deletion_id}")
+    if stale:
+        print("FAISS files built before this may hold the deleted vectors; they now refuse to load. Remove them:")
+        for b in stale:
+            print(f"  {b.path}")
+    return 0
+
+
 # ------------------------------------------------------------------ models
 def cmd_train(args) -> int:
     from medsim.training import train
@@ -382,6 +399,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apply label changes for images already ingested (otherwise only reported)")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_ingest_folder)
+
+    s = sub.add_parser("delete", help="delete a dataset, a patient's images or single images (one transaction)",
+                       description="Embeddings and queue rows go with the images; medsim.deletions records what "
+                                   "went and when (not the content); FAISS files built before refuse to load.")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--dataset", default=None, metavar="NAME", help="a whole dataset")
+    g.add_argument("--patient", default=None, metavar="PATIENT_ID",
+                   help="every image of this patient, in every dataset (found by its keyed hash: "
+                        "MEDSIM_PATIENT_KEY must be the key used at ingest)")
+    g.add_argument("--image", type=int, nargs="+", default=None, metavar="ID", help="these image ids")
+    s.add_argument("--reason", default=None, help="why (kept with the record, e.g. 'consent withdrawn')")
+    s.set_defaults(func=cmd_delete)
 
     s = sub.add_parser("train", help="train the Siamese network and register it as the current model")
     s.add_argument("--mode", choices=["label", "dataset"], default="label",

@@ -92,6 +92,41 @@ SET n_samples = coalesce((SELECT jsonb_object_agg(split, n) FROM
                              GROUP BY split) s), '{}')
 WHERE d.id = %(id)s;
 
+-- ===================================================================== deletion
+
+-- name: images_of_dataset
+SELECT i.id FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id WHERE d.flag = %(name)s;
+
+-- name: archive_dataset_exists
+SELECT id FROM medsim.datasets WHERE flag = %(name)s LIMIT 1;
+
+-- name: images_of_patient
+SELECT id FROM medsim.images WHERE patient_key = %(patient_key)s;
+
+-- name: existing_images
+SELECT id FROM medsim.images WHERE id = ANY(%(ids)s);
+
+-- name: count_embeddings_of
+SELECT count(*) FROM medsim.embeddings WHERE image_id = ANY(%(ids)s);
+
+-- name: delete_images
+-- Embeddings and queue rows go with their images (ON DELETE CASCADE).
+DELETE FROM medsim.images WHERE id = ANY(%(ids)s);
+
+-- name: delete_dataset
+DELETE FROM medsim.datasets WHERE flag = %(name)s;
+
+-- name: insert_deletion
+INSERT INTO medsim.deletions (kind, target, images, embeddings, reason)
+VALUES (%(kind)s, %(target)s, %(images)s, %(embeddings)s, %(reason)s)
+RETURNING id;
+
+-- name: deletion_after
+-- The first deletion recorded after a FAISS build: its file may hold deleted vectors.
+SELECT d.id, d.kind, d.deleted_at FROM medsim.deletions d, medsim.index_builds b
+WHERE b.id = %(build_id)s AND d.deleted_at > b.created_at
+ORDER BY d.id LIMIT 1;
+
 -- ===================================================================== training data
 
 -- name: load_images

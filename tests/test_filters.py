@@ -162,3 +162,47 @@ def test_the_selective_filter_does_starve_plain_hnsw(archive_db):
             "ORDER BY g.embedding::vector(64) <-> (SELECT embedding::vector(64) FROM medsim.embeddings "
             "WHERE model_id = %s AND image_id = %s) LIMIT 8) x", (mid, mid, qid)).fetchone()[0]
     assert n < 8
+
+
+# ---------------------------------------------------------------- deletion
+def test_a_patient_withdraws_consent(archive_db, capsys, monkeypatch):
+    import hashlib
+    import hmac
+
+    from medsim import queries
+    from medsim.errors import StaleIndex
+
+    conn, mid = archive_db
+    key = hmac.new(KEY.encode(), b"P3", hashlib.sha256).hexdigest()
+    ids = [r[0] for r in conn.execute("SELECT id FROM medsim.images WHERE patient_key = %s", (key,))]
+    assert len(ids) == 3
+    build_id = conn.execute("SELECT max(id) FROM medsim.index_builds").fetchone()[0]
+    # one transaction: if the record cannot be written, nothing is deleted
+    real = queries.Q.insert_deletion
+    monkeypatch.setattr(queries.Q, "insert_deletion", "SELECT 1 / 0")
+    with pytest.raises(Exception, match="division by zero"):
+        from medsim.sources import deletion
+
+        deletion.delete(conn, patient_id="P3")
+    monkeypatch.setattr(queries.Q, "insert_deletion", real)
+    assert conn.execute("SELECT count(*) FROM medsim.images WHERE patient_key = %s", (key,)).fetchone() == (3,)
+    assert cli.main(["delete", "--patient", "P3", "--reason", "consent withdrawn"]) == 0
+    out = capsys.readouterr().out
+    assert "deleted 3 image(s) and 3 embedding(s) (patient)" in out and "refuse to load. Remove them" in out
+    for table in ("images", "embeddings", "embedding_queue"):
+        col = "id" if table == "images" else "image_id"
+        assert conn.execute(f"SELECT count(*) FROM medsim.{table} WHERE {col} = ANY(%s)", (ids,)).fetchone() == (0,)
+    rec = conn.execute("SELECT kind, target, images, embeddings, reason FROM medsim.deletions").fetchone()
+    assert rec == ("patient", key, 3, 3, "consent withdrawn")
+    with pytest.raises(StaleIndex, match="built before deletion"):
+        faiss_index.load_build(conn, build_id)
+    assert cli.main(["delete", "--patient", "P3"]) == 2
+    assert "no images of that patient" in capsys.readouterr().err
+    assert cli.main(["delete", "--image", str(ids[0])]) == 2  # already gone: nothing deleted
+    other = conn.execute("SELECT min(id) FROM medsim.images").fetchone()[0]
+    assert cli.main(["delete", "--image", str(other), "999999"]) == 2
+    assert conn.execute("SELECT count(*) FROM medsim.images WHERE id = %s", (other,)).fetchone() == (1,)
+    n = conn.execute("SELECT count(*) FROM medsim.images").fetchone()[0]
+    assert cli.main(["delete", "--dataset", "ward"]) == 0
+    assert f"deleted {n} image(s)" in capsys.readouterr().out
+    assert conn.execute("SELECT count(*) FROM medsim.datasets").fetchone() == (0,)

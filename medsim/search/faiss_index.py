@@ -214,6 +214,14 @@ def load(conn, path: Path | str, model_ref=None, rebuild_if_stale: bool = False,
                          + ("this database has no record of" if recorded is None else
                             f"medsim.index_builds records with other contents ({recorded.path})")
                          + f". {rebuild}")
+    deleted = one(conn, Q.deletion_after, {"build_id": meta["build_id"]}, as_=DeletionAfter)
+    if deleted is not None:
+        if rebuild_if_stale:
+            return build(conn, meta["model_id"], meta["kind"], meta["params"], splits=meta["splits"],
+                         index_dir=path.parent)
+        raise StaleIndex(f"{path} was built before deletion {deleted.id} ({deleted.kind}, "
+                         f"{deleted.deleted_at:%Y-%m-%d %H:%M}) and may hold deleted vectors: remove the file "
+                         f"and rebuild it (medsim index build --kind {meta['kind']}).")
     problem = None
     wanted = registry.get(conn, model_ref).id if model_ref is not None else meta["model_id"]
     if wanted != meta["model_id"]:
@@ -241,6 +249,13 @@ def load(conn, path: Path | str, model_ref=None, rebuild_if_stale: bool = False,
                          f"{meta['n_rows']} of {meta['dim']}. {rebuild}")
     set_params(index, meta["params"], kind(meta["kind"]).search_params)
     return Built(index, meta, path)
+
+
+@dataclass
+class DeletionAfter:
+    id: int
+    kind: str
+    deleted_at: datetime
 
 
 @dataclass
