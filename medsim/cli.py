@@ -138,6 +138,15 @@ def cmd_delete(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from medsim import audit
+
+    with _connect(args) as conn, conn.transaction():
+        r = audit.run(conn, args.model, threshold=args.threshold)
+    print(audit.format_report(r))
+    return 0
+
+
 # ------------------------------------------------------------------ models
 def cmd_train(args) -> int:
     from medsim.training import train
@@ -159,7 +168,7 @@ def cmd_evaluate(args) -> int:
     from medsim.training import evaluate
 
     with _connect(args) as conn:
-        r = evaluate.evaluate(conn, args.model, device=args.device)
+        r = evaluate.evaluate(conn, args.model, device=args.device, exclude_leaked=args.exclude_leaked)
     print(evaluate.format_table(r))
     print(f"stored as medsim.evaluations id {r['evaluation_id']}")
     return 0
@@ -412,6 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reason", default=None, help="why (kept with the record, e.g. 'consent withdrawn')")
     s.set_defaults(func=cmd_delete)
 
+    s = sub.add_parser("audit", help="leakage audit: duplicates and near duplicates across splits, patients in two splits")
+    s.add_argument("--model", default="current", help="whose embeddings define near duplicates (id or 'current')")
+    s.add_argument("--threshold", type=float, default=None,
+                   help="embedding distance under which two images are near duplicates (default: a tenth of "
+                        "the median nearest-neighbour distance)")
+    s.set_defaults(func=cmd_audit)
+
     s = sub.add_parser("train", help="train the Siamese network and register it as the current model")
     s.add_argument("--mode", choices=["label", "dataset"], default="label",
                    help="positive pairs: same subset and label (label), or same subset (dataset)")
@@ -434,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="pair verification and retrieval metrics, stored in Postgres")
     s.add_argument("--model", default="current", help="model id or 'current'")
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run the model")
+    s.add_argument("--exclude-leaked", action="store_true",
+                   help="leave out test queries the latest `medsim audit` paired with a train/val image")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("models", help="list registered models; --set-current switches")

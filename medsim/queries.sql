@@ -127,6 +127,44 @@ SELECT d.id, d.kind, d.deleted_at FROM medsim.deletions d, medsim.index_builds b
 WHERE b.id = %(build_id)s AND d.deleted_at > b.created_at
 ORDER BY d.id LIMIT 1;
 
+-- ===================================================================== leakage audit
+
+-- name: model_vectors
+SELECT e.image_id, i.split, e.embedding FROM medsim.embeddings e JOIN medsim.images i ON i.id = e.image_id
+WHERE e.model_id = %(model_id)s ORDER BY e.image_id;
+
+-- name: count_images
+SELECT count(*) FROM medsim.images;
+
+-- name: exact_duplicate_pairs
+SELECT a.id AS image_a, b.id AS image_b, a.split AS split_a, b.split AS split_b
+FROM medsim.images a JOIN medsim.images b ON b.sha256 = a.sha256 AND b.id > a.id
+ORDER BY 1, 2;
+
+-- name: patient_split_pairs
+-- One pair per (image, other split) of the same patient: the first image of the
+-- patient in each other split, not every combination.
+SELECT a.id AS image_a, min(b.id) AS image_b, a.split AS split_a, b.split AS split_b
+FROM medsim.images a JOIN medsim.images b
+     ON b.patient_key = a.patient_key AND b.split > a.split
+WHERE a.patient_key IS NOT NULL
+GROUP BY a.id, a.split, b.split
+ORDER BY 1, 2;
+
+-- name: insert_audit
+INSERT INTO medsim.audits (model_id, threshold, summary) VALUES (%(model_id)s, %(threshold)s, %(summary)s)
+RETURNING id;
+
+-- name: copy_audit_findings
+COPY medsim.audit_findings (audit_id, kind, image_a, image_b, split_a, split_b, distance) FROM STDIN;
+
+-- name: leaked_test_images
+-- Test images paired, in the model's latest audit, with a train or val image.
+SELECT CASE WHEN l.split_a = 'test' THEN l.image_a ELSE l.image_b END
+FROM medsim.leakage l
+WHERE l.model_id = %(model_id)s AND l.across_splits AND 'test' IN (l.split_a, l.split_b)
+  AND (l.split_a IN ('train', 'val') OR l.split_b IN ('train', 'val'));
+
 -- ===================================================================== training data
 
 -- name: load_images

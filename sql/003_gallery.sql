@@ -57,3 +57,25 @@ LANGUAGE sql IMMUTABLE AS $$
                    AND coalesce(string_to_array(p_label_name, ', ') && medsim.filter_values(f.value), false))
            ))
 $$;
+
+-- Leakage, live from the data: images stored more than once (same pixels), with splits.
+CREATE OR REPLACE VIEW medsim.exact_duplicates AS
+SELECT i.sha256, count(*) AS copies, array_agg(i.id ORDER BY i.id) AS image_ids,
+       array_agg(DISTINCT i.split) AS splits, array_agg(DISTINCT d.flag) AS datasets,
+       count(DISTINCT i.split) > 1 AS across_splits
+FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
+GROUP BY i.sha256 HAVING count(*) > 1;
+
+-- Patients whose images sit in more than one split.
+CREATE OR REPLACE VIEW medsim.patients_in_two_splits AS
+SELECT patient_key, array_agg(DISTINCT split) AS splits, count(*) AS images
+FROM medsim.images WHERE patient_key IS NOT NULL
+GROUP BY patient_key HAVING count(DISTINCT split) > 1;
+
+-- The latest audit's findings per model (near duplicates need a model's embeddings).
+CREATE OR REPLACE VIEW medsim.leakage AS
+SELECT a.model_id, a.id AS audit_id, a.threshold, f.kind, f.image_a, f.image_b, f.split_a, f.split_b,
+       f.distance, f.split_a <> f.split_b AS across_splits
+FROM medsim.audit_findings f
+JOIN medsim.audits a ON a.id = f.audit_id
+WHERE a.id = (SELECT max(a2.id) FROM medsim.audits a2 WHERE a2.model_id IS NOT DISTINCT FROM a.model_id);

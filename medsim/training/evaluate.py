@@ -46,18 +46,29 @@ def raw_pixels(split: data.Split) -> np.ndarray:
     return split.images.reshape(len(split), -1).astype(np.float32) / 255.0
 
 
-def evaluate(conn, model_ref="current", device="cpu", store: bool = True) -> dict:
+def evaluate(conn, model_ref="current", device="cpu", store: bool = True, exclude_leaked: bool = False) -> dict:
     row = registry.get(conn, model_ref)
     net = row.load(conn, device)
     flags = row.datasets
     train = data.load_split(conn, ["train"], flags)
     val = data.load_split(conn, ["val"], flags)
     test = data.load_split(conn, ["test"], flags)
+    excluded = 0
+    if exclude_leaked:
+        from medsim import audit
+
+        leaked = audit.leaked_test_images(conn, row.id)
+        keep = np.array([int(i) not in leaked for i in test.ids])
+        excluded = int((~keep).sum())
+        test = data.Split(test.ids[keep], test.dataset_ids[keep], test.label_keys[keep],
+                          [lab for lab, k in zip(test.labels, keep, strict=True) if k], test.images[keep],
+                          test.flags, test.skipped)
     z = {name: network.embed(net, s.images, device=device) for name, s in
          (("train", train), ("val", val), ("test", test))}
     results = {
         "model_id": row.id, "preset": row.preset, "mode": row.mode, "datasets": flags,
         "skipped_images": [i for s in (train, val, test) for i, _ in s.skipped],
+        "excluded_leaked_queries": excluded if exclude_leaked else None,
         "pairs": {mode: pair_verification(z["val"], val, z["test"], test, mode)
                   for mode in ("dataset", "label") if len(np.unique(test.dataset_ids)) > 1 or mode == "label"},
         "retrieval": retrieval(z["test"], test, z["train"], train, "l2"),
@@ -83,6 +94,8 @@ def latest(conn, model_id: int) -> dict | None:
 
 def format_table(r: dict) -> str:
     lines = [f"model {r['model_id']} ({r['preset']}, {r['mode']} mode) on {', '.join(r['datasets'])}", ""]
+    if r.get("excluded_leaked_queries") is not None:
+        lines[-1:-1] = [f"test queries left out as leaked (latest medsim audit): {r['excluded_leaked_queries']}"]
     lines.append("pair verification (threshold chosen on val pairs, applied to test pairs)")
     lines.append(f"  {'pairs':8s} {'threshold':>9s} {'val acc':>8s} {'test acc':>9s} {'test AUC':>9s}")
     for mode in sorted(r["pairs"]):  # jsonb does not keep key order
