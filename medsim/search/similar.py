@@ -1,7 +1,7 @@
 """Similar-image search for people: by stored image id or by an image file.
 
-The query is embedded the way training inputs were (28 px, grey repeated to three
-channels, scaled to [-1, 1]); the gallery is train + val. A query that is itself in
+The query is embedded the way training inputs were (the model's input size, grey
+repeated to three channels, scaled to [-1, 1]); the gallery is train + val. A query that is itself in
 the gallery (same id, or byte-identical pixels) is reported as such and left out of
 its own neighbours.
 
@@ -135,7 +135,7 @@ def query_from_id(conn, embedder: Embedder, image_id: int) -> Query:
 
 
 def query_from_file(conn, embedder: Embedder, path) -> Query:
-    x = load_image_file(path)
+    x = load_image_file(path, size=int(embedder.model_row.config.get("image_size", 28)))
     digest = hashlib.sha256(x.tobytes()).digest()
     same = [r[0] for r in conn.execute(Q.gallery_images_by_sha256,
                                        {"sha256": digest, "splits": list(GALLERY_SPLITS)})]
