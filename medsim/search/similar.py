@@ -80,13 +80,17 @@ class Filters:
 
 
 @dataclass
-class StoredImage:
+class Pixels:
     id: int
     pixels: bytes
     height: int
     width: int
     channels: int
     bit_depth: int
+
+
+@dataclass
+class StoredImage(Pixels):
     dataset: str
     split: str
     label_name: str
@@ -251,16 +255,6 @@ def format_results(results) -> str:
             lines.append(f"  {rank:2d}. image {h.image_id:<7d} {h.dataset:16s} {h.split:5s} "
                          f"{h.label_name[:40]:40s} distance {h.distance:.4f}")
     return "\n".join(lines)
-
-
-@dataclass
-class Pixels:
-    id: int
-    pixels: bytes
-    height: int
-    width: int
-    channels: int
-    bit_depth: int
 
 
 def montage(conn, results, out: Path | str) -> Path:

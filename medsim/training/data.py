@@ -50,7 +50,8 @@ def label_keys(dataset_ids: np.ndarray, labels: list) -> np.ndarray:
 
 
 def load_split(conn, splits, flags=None, image_size: int = 28) -> Split:
-    """All images of the given splits (and MedMNIST flags, default all) at one image size."""
+    """All images of the given splits (and datasets, default all) as image_size x image_size:
+    MedMNIST datasets of that size, archive images resized to it."""
     found = rows(conn, Q.load_images, {"splits": list(splits), "flags": flags, "size": image_size},
                  as_=ImageRow)
     if not found:
@@ -65,7 +66,7 @@ def load_split(conn, splits, flags=None, image_size: int = 28) -> Split:
         try:
             x = decode(bytes(r.pixels), r.height, r.width, r.channels, r.bit_depth)
             if x.shape[:2] != (image_size, image_size):
-                raise ValueError(f"{r.height}x{r.width} in a {image_size} px dataset")
+                x = resize(x, image_size)  # archives: any size; the network's input is one size
         except Exception as err:
             skipped.append((r.id, str(err)))
             continue
@@ -79,6 +80,15 @@ def load_split(conn, splits, flags=None, image_size: int = 28) -> Split:
     labels = [r.labels for r in usable]
     flag_map = {d.id: d.flag for d in rows(conn, Q.dataset_flags, as_=DatasetFlag)}
     return Split(ids, ds, label_keys(ds, labels), labels, np.stack(images), flag_map, skipped)
+
+
+def resize(x: np.ndarray, size: int) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3), bilinear (the network's own resize at its input)."""
+    from PIL import Image
+
+    if x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(f"empty image ({x.shape[0]}x{x.shape[1]})")
+    return np.asarray(Image.fromarray(np.ascontiguousarray(x)).resize((size, size), Image.Resampling.BILINEAR))
 
 
 def describe_skipped(skipped: list, limit: int = 5) -> str:
