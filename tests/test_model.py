@@ -214,3 +214,30 @@ def test_cli_gives_clear_errors_for_bad_train_and_status_arguments(conn, capsys)
     assert cli.main(["status", "--model", "99"]) == 2
     assert "no model with id 99" in capsys.readouterr().err
     assert conn.execute("SELECT count(*) FROM medsim.models").fetchone()[0] == 0
+
+
+def test_literature_definitions_hand_cases():
+    """The published protocol's metrics, on the examples its own metric.py documents."""
+    # ap_k(['a'], ['a', 'a', 'n', 'a', 'j'], 5) = 0.92: hits at ranks 1, 2, 4 -> (1 + 1 + 3/4) / 3
+    assert metrics.ap_at_k_hits(np.array([1, 1, 0, 1, 0]), 5) == pytest.approx(11 / 12)
+    # one hit at rank 1 of 5: 1.0 here, 0.2 in medsim's stricter AP (divided by min(k, R))
+    assert metrics.ap_at_k_hits(np.array([1, 0, 0, 0, 0]), 5) == 1.0
+    assert metrics.average_precision_at_k(np.array([1, 0, 0, 0, 0]), 5, n_relevant=100) == 0.2
+    assert metrics.ap_at_k_hits(np.array([0, 0, 0, 0, 0]), 5) == 0.0
+    # mMV: label 3 among [1, 2, 5, 3, 1] is not the majority (1 is); ties count for every tied label
+    assert metrics.majority_vote_hit([1, 2, 5, 3, 1], 3) == 0.0
+    assert metrics.majority_vote_hit([3, 2, 3, 2, 1], 2) == 1.0 and metrics.majority_vote_hit([3, 2, 3, 2, 1], 3) == 1.0
+    I = np.array([[0, 1, 2, 3, 4], [4, 3, 2, 1, 0]])
+    b = np.array([7, 8, 8, 8, 7])
+    r = metrics.literature_metrics(I, np.array([8, 7]), b)
+    assert r["acc@1"] == 0.5 and r["acc@3"] == 1.0 and r["mmv@5"] == 0.5 and r["n_queries"] == 2
+    assert r["map@5"] == pytest.approx((np.mean([1 / 2, 2 / 3, 3 / 4]) + np.mean([1, 2 / 5])) / 2)
+
+
+def test_bootstrap_interval_is_seeded_and_narrows_with_more_queries():
+    rng = np.random.default_rng(0)
+    few, many = rng.random(50) < 0.7, rng.random(5000) < 0.7
+    lo, hi = metrics.bootstrap_ci(few)
+    assert lo < few.mean() < hi and metrics.bootstrap_ci(few) == [lo, hi]
+    lo2, hi2 = metrics.bootstrap_ci(many)
+    assert hi2 - lo2 < (hi - lo) / 5

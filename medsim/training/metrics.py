@@ -105,3 +105,51 @@ def retrieval_metrics(I: np.ndarray, q_ds: np.ndarray, q_key: np.ndarray, b_ds: 
         f"knn{k_vote}_acc": float(np.mean(knn)),
         "n_queries": int(I.shape[0]),
     }
+
+
+# ---------------------------------------------------------------- the literature's protocol
+# Mahbod et al. 2024 (masih4/MedImageRetrieval, metric.py), the published MedMNIST
+# retrieval anchors: test queries against the train split of the same subset; relevance
+# is "same label". Their AP@k divides by the hits found in the top k (a query with one
+# relevant image at rank 1 of 5 scores 1.0), where medsim's AP@k above divides by
+# min(k, R) (it scores 0.2). ACC@k is 1 when any of the top k has the query's label;
+# mMV@k is 1 when the query's label is among the (tied) majority labels of the top k.
+def ap_at_k_hits(rel: np.ndarray, k: int) -> float:
+    rel = np.asarray(rel[:k], float)
+    hits = rel.sum()
+    if hits == 0:
+        return 0.0
+    return float((np.cumsum(rel) / np.arange(1, len(rel) + 1) * rel).sum() / hits)
+
+
+def majority_vote_hit(neighbour_labels, label) -> float:
+    values, counts = np.unique(np.asarray(neighbour_labels), return_counts=True)
+    return float(label in set(values[counts == counts.max()].tolist()))
+
+
+def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0) -> list[float]:
+    """95% percentile interval of the mean over queries (resampled with replacement)."""
+    values = np.asarray(values, float)
+    if len(values) == 0:
+        return [float("nan"), float("nan")]
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(n_boot, len(values)))].mean(axis=1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def literature_metrics(I: np.ndarray, q_label: np.ndarray, b_label: np.ndarray, k: int = 5,
+                       acc_ks=(1, 3, 5)) -> dict:
+    """I: (nq, >= k) ranked positions in one subset's train split; labels within that subset.
+    -> mean and bootstrap 95% interval of each figure, in the literature's definitions."""
+    per = {f"map@{k}": [], f"mmv@{k}": [], **{f"acc@{a}": [] for a in acc_ks}}
+    for qi in range(I.shape[0]):
+        labels = b_label[I[qi]]
+        rel = (labels == q_label[qi]).astype(float)
+        per[f"map@{k}"].append(ap_at_k_hits(rel, k))
+        per[f"mmv@{k}"].append(majority_vote_hit(labels[:k], q_label[qi]))
+        for a in acc_ks:
+            per[f"acc@{a}"].append(float(rel[:a].any()))
+    out = {name: float(np.mean(v)) for name, v in per.items()}
+    out["ci95"] = {name: bootstrap_ci(v) for name, v in per.items()}
+    out["n_queries"] = int(I.shape[0])
+    return out
