@@ -19,7 +19,7 @@ import psycopg
 
 from medsim import db, migrate, pgcopy, queue, registry
 from medsim.errors import BadArgument, DatabaseUnavailable, MedsimError, NotFound
-from medsim.pixels import decode
+from medsim.pixels import StoredRow
 from medsim.queries import Q, rows, scalar
 from medsim.search import pgvector_hnsw
 
@@ -86,21 +86,11 @@ class Summary:
         return ", ".join(f"{k} {v:.3f}s ({v / total:.0%})" for k, v in parts.items())
 
 
-@dataclass
-class Claimed:
-    image_id: int
-    pixels: bytes
-    height: int
-    width: int
-    channels: int
-    bit_depth: int
-
-
-def prepare(r: Claimed) -> np.ndarray:
+def prepare(r: StoredRow) -> np.ndarray:
     """A claimed row -> (H, W, 3) uint8, or an exception naming what is wrong with it."""
     if r.height < 1 or r.width < 1:
         raise ValueError(f"empty image ({r.height}x{r.width})")
-    return decode(bytes(r.pixels), r.height, r.width, r.channels, r.bit_depth)
+    return r.decode()
 
 
 def one_line(err: BaseException) -> str:
@@ -250,16 +240,16 @@ class Worker:
         with self.conn.transaction():
             self.conn.execute(Q.lock_queue_shared, {"model_id": mid})
             claimed = rows(self.conn, Q.claim_batch, {"model_id": mid, "batch_size": self.cfg.batch_size},
-                           as_=Claimed)
+                           as_=StoredRow)
             t = self.summary.add("claim", t)
             if not claimed:
                 return 0
             items, bad = [], []
             for r in claimed:
                 try:
-                    items.append((r.image_id, prepare(r)))
+                    items.append((r.id, prepare(r)))
                 except Exception as err:  # anything one stored row can do wrong stays with that row
-                    bad.append((r.image_id, f"undecodable image: {one_line(err)}"))
+                    bad.append((r.id, f"undecodable image: {one_line(err)}"))
             t = self.summary.add("decode", t)
             good, failed = self.write(items)
             bad += failed

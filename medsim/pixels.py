@@ -7,6 +7,7 @@ them. Models see (H, W, 3): grey is repeated to three channels.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,21 @@ def stored(pixels: bytes, h: int, w: int, c: int, bit_depth: int = 8) -> np.ndar
     if len(pixels) != n:
         raise ValueError(f"pixel data is {len(pixels)} bytes, expected {h}x{w}x{c} at {bit_depth} bits = {n}")
     return np.frombuffer(pixels, np.uint8 if bit_depth == 8 else "<u2").reshape(h, w, c)
+
+
+@dataclass
+class StoredRow:
+    """An image row's pixel columns, as the queries that read pixels return them."""
+
+    id: int
+    pixels: bytes
+    height: int
+    width: int
+    channels: int
+    bit_depth: int
+
+    def decode(self) -> np.ndarray:
+        return decode(bytes(self.pixels), self.height, self.width, self.channels, self.bit_depth)
 
 
 def decode(pixels: bytes, h: int, w: int, c: int, bit_depth: int = 8) -> np.ndarray:
@@ -81,7 +97,7 @@ def load_image_file(path: Path | str, size: int = 28, max_pixels: int | None = N
                 f = img.convert("F").resize((size, size), Image.Resampling.BICUBIC)
                 x = to_uint8(np.asarray(f, dtype=np.float32))
             else:
-                grey = img.mode in ("1", "L", "LA", "P") and _palette_is_grey(img)
+                grey = img.mode in ("1", "L", "LA", "P") and palette_is_grey(img)
                 img = img.convert("L" if grey else "RGB").resize((size, size), Image.Resampling.BICUBIC)
                 x = np.asarray(img, dtype=np.uint8)
     except DataRefused:
@@ -91,7 +107,7 @@ def load_image_file(path: Path | str, size: int = 28, max_pixels: int | None = N
     return x[..., None] if x.ndim == 2 else x
 
 
-def _palette_is_grey(img) -> bool:
+def palette_is_grey(img) -> bool:
     if img.mode != "P":
         return True
     rgb = np.asarray(img.convert("RGB"))

@@ -271,7 +271,7 @@ WITH claimed AS (
     LIMIT %(batch_size)s
     FOR UPDATE SKIP LOCKED
 )
-SELECT c.image_id, i.pixels, i.height, i.width, i.channels, i.bit_depth
+SELECT c.image_id AS id, i.pixels, i.height, i.width, i.channels, i.bit_depth
 FROM claimed c JOIN medsim.images i ON i.id = c.image_id
 ORDER BY c.image_id;
 

@@ -215,16 +215,12 @@ def load(conn, path: Path | str, model_ref=None, rebuild_if_stale: bool = False,
                             f"medsim.index_builds records with other contents ({recorded.path})")
                          + f". {rebuild}")
     deleted = one(conn, Q.deletion_after, {"build_id": meta["build_id"]}, as_=DeletionAfter)
-    if deleted is not None:
-        if rebuild_if_stale:
-            return build(conn, meta["model_id"], meta["kind"], meta["params"], splits=meta["splits"],
-                         index_dir=path.parent)
-        raise StaleIndex(f"{path} was built before deletion {deleted.id} ({deleted.kind}, "
-                         f"{deleted.deleted_at:%Y-%m-%d %H:%M}) and may hold deleted vectors: remove the file "
-                         f"and rebuild it (medsim index build --kind {meta['kind']}).")
-    problem = None
     wanted = registry.get(conn, model_ref).id if model_ref is not None else meta["model_id"]
-    if wanted != meta["model_id"]:
+    problem = None
+    if deleted is not None:
+        problem = (f"it was built before deletion {deleted.id} ({deleted.kind}, {deleted.deleted_at:%Y-%m-%d %H:%M}) "
+                   f"and may hold deleted vectors: remove the file")
+    elif wanted != meta["model_id"]:
         problem = f"it was built for model {meta['model_id']}, not model {wanted}"
     else:
         n, fp = fingerprint(conn, meta["model_id"], meta["splits"])

@@ -23,7 +23,7 @@ from psycopg.types.json import Jsonb
 
 from medsim import registry
 from medsim.errors import BadArgument, DataRefused, NotFound
-from medsim.pixels import decode, load_image_file
+from medsim.pixels import StoredRow, load_image_file
 from medsim.queries import Q, one, rows, scalar
 from medsim.search import ENGINES, GALLERY_SPLITS, MAX_K
 
@@ -80,17 +80,7 @@ class Filters:
 
 
 @dataclass
-class Pixels:
-    id: int
-    pixels: bytes
-    height: int
-    width: int
-    channels: int
-    bit_depth: int
-
-
-@dataclass
-class StoredImage(Pixels):
+class StoredImage(StoredRow):
     dataset: str
     split: str
     label_name: str
@@ -127,7 +117,7 @@ def query_from_id(conn, embedder: Embedder, image_id: int) -> Query:
     if r is None:
         raise NotFound(f"no image with id {image_id}")
     try:
-        x = decode(bytes(r.pixels), r.height, r.width, r.channels, r.bit_depth)
+        x = r.decode()
     except ValueError as err:
         raise DataRefused(f"image {image_id} is stored broken ({err}); it cannot be shown or searched") from None
     v = r.embedding.to_numpy() if r.embedding is not None else embedder(x)  # not embedded yet
@@ -268,8 +258,8 @@ def montage(conn, results, out: Path | str) -> Path:
     fig, axes = plt.subplots(len(results), k + 1, figsize=(2 * (k + 1), 2.2 * len(results)), dpi=100,
                              squeeze=False)
     for r, (q, hits) in enumerate(results):
-        pix = {p.id: decode(bytes(p.pixels), p.height, p.width, p.channels, p.bit_depth) for p in
-               rows(conn, Q.image_pixels, {"ids": [h.image_id for h in hits]}, as_=Pixels)}
+        pix = {p.id: p.decode() for p in
+               rows(conn, Q.image_pixels, {"ids": [h.image_id for h in hits]}, as_=StoredRow)}
         panels = [(q.pixels, f"QUERY {q.label}\n{q.dataset or ''} {q.label_name or ''}".strip())]
         panels += [(pix[h.image_id], f"{h.dataset}\n{h.label_name[:22]} d={h.distance:.3f}") for h in hits]
         for c in range(k + 1):

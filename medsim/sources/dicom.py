@@ -83,21 +83,21 @@ def _entries(ds, rel: str, labels: tuple | None, label_tag: str | None) -> list[
 
 def load(path: Path, frame: int | None) -> np.ndarray:
     """Display values of one frame: (H, W) uint8/uint16 grey or (H, W, 3) RGB, or Problem."""
-    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
-
     ds = _read(path, header_only=False)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             arr = ds.pixel_array
-            return _display(ds, arr, frame, apply_color_lut, apply_modality_lut, apply_voi_lut)
+            return _display(ds, arr, frame)
     except Exception as err:  # pydicom raises many kinds for a missing codec or bad data
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", None) or "an unknown transfer syntax"
         raise Problem(f"cannot decode its pixels ({name}): {(str(err).splitlines() or [''])[0][:200]}") from None
 
 
-def _display(ds, arr, frame, apply_color_lut, apply_modality_lut, apply_voi_lut) -> np.ndarray:
+def _display(ds, arr, frame) -> np.ndarray:
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         arr = arr[frame or 0]

@@ -208,7 +208,7 @@ def to_array(img) -> np.ndarray:
         return np.asarray(img)  # int32; as_stored keeps it if it fits 16 bits
     if mode == "F":
         raise Problem("floating-point pixels are not supported; save the image as 8- or 16-bit")
-    if mode in ("1", "L", "LA") or (mode == "P" and pixels._palette_is_grey(img)):
+    if mode in ("1", "L", "LA") or (mode == "P" and pixels.palette_is_grey(img)):
         return np.asarray(img.convert("L"))
     return np.asarray(img.convert("RGB"))
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from medsim.errors import NotFound
-from medsim.pixels import decode
+from medsim.pixels import StoredRow
 from medsim.queries import Q, rows
 
 
@@ -26,15 +26,9 @@ class Split:
 
 
 @dataclass
-class ImageRow:
-    id: int
+class ImageRow(StoredRow):
     dataset_id: int
     labels: list
-    pixels: bytes
-    height: int
-    width: int
-    channels: int
-    bit_depth: int
 
 
 @dataclass
@@ -64,7 +58,7 @@ def load_split(conn, splits, flags=None, image_size: int = 28) -> Split:
     for r in found:
         # one broken row is skipped and named, never the end of training or evaluation
         try:
-            x = decode(bytes(r.pixels), r.height, r.width, r.channels, r.bit_depth)
+            x = r.decode()
             if x.shape[:2] != (image_size, image_size):
                 x = resize(x, image_size)  # archives: any size; the network's input is one size
         except Exception as err:
