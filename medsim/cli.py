@@ -334,6 +334,22 @@ def cmd_search(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ serve
+def cmd_serve(args) -> int:
+    from medsim.service.app import serve
+    from medsim.service.core import ServeConfig
+
+    if args.max_upload_mb <= 0:
+        raise BadArgument(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    cfg = ServeConfig(host=args.host, port=args.port, database_url=args.database_url, read_url=args.read_url,
+                      max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), pool_size=args.pool_size,
+                      max_image_pixels=args.max_image_pixels)
+    print(f"medsim serve: http://{args.host}:{args.port}/ (the page), /docs (the API); database: {db.source()}",
+          flush=True)
+    serve(cfg, access_log=args.access_log)
+    return 0
+
+
 # ------------------------------------------------------------------ demo
 def cmd_demo(args) -> int:
     from medsim import demo
@@ -515,12 +531,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--per-patient", type=int, default=None, metavar="N",
                    help="at most N neighbours per patient (images without a patient count alone)")
     s.add_argument("--engine", default="pgvector", choices=ENGINES,
-                   help="pgvector (HNSW in Postgres) or faiss (the latest index built for the model)")
+                   help="pgvector (HNSW in Postgres), exact (pgvector without the index) or faiss (the latest "
+                        "index built for the model)")
     s.add_argument("--index", default=None, help="FAISS index file (default: latest build for the model)")
     s.add_argument("--model", default="current", help="model id or 'current'")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("--montage", default=None, metavar="PNG", help="also write the query/neighbour figure")
     s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("serve", help="the HTTP API and the web page (FastAPI + uvicorn)",
+                       description="Keeps the current model and its FAISS index warm; searches run as the "
+                                   "read-only role medsim_reader, on DATABASE_READ_URL when set (a replica).")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--read-url", default=None,
+                   help="postgresql:// URL for searches (default: $DATABASE_READ_URL, else the main database)")
+    s.add_argument("--max-upload-mb", type=float, default=20, help="largest request body accepted (default 20)")
+    s.add_argument("--max-image-pixels", type=int, default=40_000_000,
+                   help="largest uploaded image, width x height, checked before decoding (default 40,000,000)")
+    s.add_argument("--pool-size", type=int, default=8, help="read connections at most (default 8)")
+    s.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("demo", help="run everything: ingest, train, embed, index, recall, evaluate, montage")
     s.add_argument("--data-dir", default=None, help="directory with the MedMNIST .npz files (offline use)")

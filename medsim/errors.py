@@ -42,6 +42,12 @@ class DataRefused(MedsimError, ValueError):
     http_status = 422
 
 
+class TooLarge(DataRefused):
+    """An upload over the size limit; refused before it is read to the end."""
+
+    http_status = 413
+
+
 class StaleIndex(MedsimError, RuntimeError):
     """A FAISS index no longer describes the database (or another build's file)."""
 

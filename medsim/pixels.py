@@ -79,19 +79,95 @@ def to_uint8(a: np.ndarray) -> np.ndarray:
 def load_image_file(path: Path | str, size: int = 28, max_pixels: int | None = None) -> np.ndarray:
     """Any PNG/JPEG/TIFF/... -> (size, size, C) uint8, C = 1 for grey sources, else 3.
     DataRefused for anything that is not a readable image within the pixel limit."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
-    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if not path.is_file():
         raise DataRefused(f"{path}: {'a directory, not an image file' if path.is_dir() else 'no such file'}")
+    return _load_raster(path, str(path), size, max_pixels)
+
+
+# What an upload may be, by its first bytes (the filename and the declared content type
+# say nothing). DICOM has a 128-byte preamble, then "DICM".
+MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
+         (b"BM", "bmp"), (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"))
+
+
+def sniff(data: bytes) -> str | None:
+    """The image format of these bytes, or None: png, jpeg, gif, bmp, tiff, webp, dicom."""
+    if data[128:132] == b"DICM":  # first: some DICOM preambles are TIFF headers on purpose
+        return "dicom"
+    for magic, name in MAGIC:
+        if data.startswith(magic):
+            return name
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def load_image_bytes(data: bytes, size: int = 28, max_pixels: int | None = None,
+                     name: str = "the upload") -> np.ndarray:
+    """Uploaded bytes -> (size, size, C) uint8, as load_image_file. The format is sniffed
+    from the content; the pixel limit is checked from the header before decoding."""
+    import io
+
+    kind = sniff(data)
+    if kind is None:
+        raise DataRefused(f"{name} is not an image medsim reads (PNG, JPEG, TIFF, BMP, GIF, WebP or DICOM, "
+                          f"recognised by content, not by file name)")
+    if kind != "dicom":
+        return _load_raster(io.BytesIO(data), name, size, max_pixels)
+    from medsim.sources import dicom
+    from medsim.sources.base import Problem
+
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
-        with Image.open(path) as img:
+        header = dicom._read(io.BytesIO(data), header_only=True)
+        h, w = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
+        if h * w == 0:
+            raise Problem(f"no image in it (a {header.get('Modality') or 'non-image'} object)")
+        if h * w > limit:
+            raise DataRefused(f"{name}: {w} x {h} = {w * h:,} pixels is over the limit of {limit:,}")
+        x = dicom.load(io.BytesIO(data), frame=None)
+    except Problem as err:
+        raise DataRefused(f"{name}: {err}") from None
+    return resize_array(x, size)
+
+
+def resize_array(x: np.ndarray, size: int) -> np.ndarray:
+    """(H, W) or (H, W, C) uint8/uint16 display values -> (size, size, C) uint8."""
+    from PIL import Image
+
+    if x.ndim == 3 and x.shape[2] == 1:
+        x = x[..., 0]
+    if x.ndim == 2:
+        f = Image.fromarray(x.astype(np.float32)).resize((size, size), Image.Resampling.BICUBIC)
+        a = np.asarray(f, dtype=np.float32)
+        out = to_uint8(a) if x.dtype != np.uint8 else np.clip(np.rint(a), 0, 255).astype(np.uint8)
+        return out[..., None]
+    if x.dtype != np.uint8:
+        x = to_uint8(x)
+    return np.asarray(Image.fromarray(np.ascontiguousarray(x[..., :3])).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def _load_raster(fp, name: str, size: int, max_pixels: int | None) -> np.ndarray:
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    try:
+        # Pillow warns about harmless oddities (corrupt EXIF, odd TIFF tags); the pixel
+        # limit below is medsim's own, so its bomb warning would say nothing new either
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(fp)
+        with img:
             w, h = img.size
             if w * h > limit:
-                raise DataRefused(f"{path}: {w} x {h} = {w * h:,} pixels is over the limit of {limit:,} "
+                raise DataRefused(f"{name}: {w} x {h} = {w * h:,} pixels is over the limit of {limit:,} "
                                   f"(MEDSIM_MAX_IMAGE_PIXELS)")
-            img.load()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                img.load()
             if img.mode in HIGH_DEPTH_MODES:
                 # resize at full depth, then window to 8 bits
                 f = img.convert("F").resize((size, size), Image.Resampling.BICUBIC)
@@ -103,7 +179,7 @@ def load_image_file(path: Path | str, size: int = 28, max_pixels: int | None = N
     except DataRefused:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
-        raise DataRefused(f"{path}: not a readable image ({err})") from err
+        raise DataRefused(f"{name}: not a readable image ({err})") from err
     return x[..., None] if x.ndim == 2 else x
 
 

@@ -323,6 +323,10 @@ SELECT count(*), coalesce(md5(string_agg(image_id::text || ':' || md5(embedding:
 FROM medsim.embedded_images
 WHERE model_id = %(model_id)s AND split = ANY(%(splits)s);
 
+-- name: gallery_version
+-- Bumped by every statement that changes the model's embeddings (sql/002_embeddings.sql).
+SELECT coalesce((SELECT version FROM medsim.gallery_versions WHERE model_id = %(model_id)s), 0);
+
 -- name: next_index_build_id
 -- Taken before the files are written, so the .json names its build and the row can be
 -- inserted last (a row never points at a file without metadata).
@@ -330,11 +334,12 @@ SELECT nextval(pg_get_serial_sequence('medsim.index_builds', 'id'));
 
 -- name: insert_index_build
 INSERT INTO medsim.index_builds (id, model_id, kind, params, source_view, splits, dim, metric,
-                                 n_rows, fingerprint, path, build_seconds, file_sha256, file_bytes)
+                                 n_rows, fingerprint, path, build_seconds, file_sha256, file_bytes,
+                                 gallery_version)
 OVERRIDING SYSTEM VALUE
 VALUES (%(build_id)s, %(model_id)s, %(kind)s, %(params)s, %(source_view)s, %(splits)s, %(dim)s,
         %(metric)s, %(n_rows)s, %(fingerprint)s, %(path)s, %(build_seconds)s, %(file_sha256)s,
-        %(file_bytes)s);
+        %(file_bytes)s, %(gallery_version)s);
 
 -- name: index_build
 SELECT id, model_id, kind, n_rows, path, file_sha256, file_bytes FROM medsim.index_builds
@@ -423,3 +428,51 @@ SELECT id, results FROM medsim.evaluations WHERE model_id = %(model_id)s ORDER B
 SELECT min(i.id) FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
 WHERE i.split = 'test' AND d.flag = ANY(%(flags)s)
 GROUP BY d.flag ORDER BY d.flag;
+
+-- ===================================================================== HTTP service (medsim serve)
+-- The search side runs as medsim_reader: no pixels, no checkpoint, no paths here.
+
+-- name: service_query_image
+-- A stored image as a query: its vector for the model (NULL when not embedded yet), no pixels.
+SELECT i.id, d.flag AS dataset, i.split, medsim.label_name(i.dataset_id, i.labels) AS label_name,
+       i.patient_key, e.embedding
+FROM medsim.images i
+JOIN medsim.datasets d ON d.id = i.dataset_id
+LEFT JOIN medsim.embeddings e ON e.image_id = i.id AND e.model_id = %(model_id)s
+WHERE i.id = %(id)s;
+
+-- name: image_details
+SELECT i.id, d.flag AS dataset, i.split, medsim.label_name(i.dataset_id, i.labels) AS label_name,
+       i.labels::int[] AS labels, i.height, i.width, i.channels, i.bit_depth, encode(i.sha256, 'hex') AS sha256,
+       i.patient_key, i.study_id, i.metadata, i.original_height, i.original_width, i.created_at,
+       ARRAY(SELECT e.model_id FROM medsim.embeddings e WHERE e.image_id = i.id ORDER BY e.model_id)
+           AS embedded_for_models
+FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
+WHERE i.id = %(id)s;
+
+-- name: image_pixels_one
+SELECT id, pixels, height, width, channels, bit_depth FROM medsim.images WHERE id = %(id)s;
+
+-- name: image_sha256
+SELECT encode(sha256, 'hex') FROM medsim.images WHERE id = %(id)s;
+
+-- name: random_image
+-- A uniformly drawn id, then the first image at or after it in the split (and dataset):
+-- two index probes, not a sort of the whole table (ORDER BY random()).
+WITH bounds AS (SELECT min(id) AS lo, max(id) AS hi FROM medsim.images)
+SELECT i.id FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id, bounds b
+WHERE i.split = %(split)s AND (%(dataset)s::text IS NULL OR d.flag = %(dataset)s::text)
+  AND i.id >= b.lo + floor(random() * (b.hi - b.lo + 1))::bigint
+ORDER BY i.id LIMIT 1;
+
+-- name: first_image_in
+SELECT i.id FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
+WHERE i.split = %(split)s AND (%(dataset)s::text IS NULL OR d.flag = %(dataset)s::text)
+ORDER BY i.id LIMIT 1;
+
+-- name: datasets_overview
+SELECT d.flag AS name, d.source_kind, d.label_names, d.task,
+       coalesce((SELECT jsonb_object_agg(s.split, s.n) FROM
+                 (SELECT i.split, count(*) AS n FROM medsim.images i WHERE i.dataset_id = d.id GROUP BY i.split) s),
+                '{}') AS images_per_split
+FROM medsim.datasets d ORDER BY d.flag;

@@ -42,6 +42,53 @@ FOR EACH STATEMENT EXECUTE FUNCTION medsim.check_embedding_dim();
 CREATE OR REPLACE TRIGGER images_notify AFTER INSERT ON medsim.images
 FOR EACH STATEMENT EXECUTE FUNCTION medsim.notify_new_images();
 
+-- The gallery version (medsim.gallery_versions, revision 0011): one bump per statement
+-- and model that changes the model's embeddings, so "is this FAISS index still fresh" is
+-- one primary-key lookup instead of a hash over every vector. Statement-level with
+-- transition tables, like the dimension check: a 100,000-row COPY is one upsert.
+-- The upsert holds the model's row until commit: concurrent workers of one model queue
+-- on it only between their COPY and their commit.
+CREATE OR REPLACE FUNCTION medsim.bump_gallery_version() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'DELETE' THEN
+        INSERT INTO medsim.gallery_versions AS g (model_id)
+        SELECT DISTINCT model_id FROM old_embeddings
+        ON CONFLICT (model_id) DO UPDATE SET version = g.version + 1, changed_at = now();
+    ELSE
+        INSERT INTO medsim.gallery_versions AS g (model_id)
+        SELECT DISTINCT model_id FROM new_embeddings
+        ON CONFLICT (model_id) DO UPDATE SET version = g.version + 1, changed_at = now();
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- An image moving into or out of the gallery splits changes every model's gallery.
+CREATE OR REPLACE FUNCTION medsim.bump_all_gallery_versions() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE medsim.gallery_versions SET version = version + 1, changed_at = now();
+    RETURN NULL;
+END
+$$;
+
+CREATE OR REPLACE TRIGGER embeddings_version_insert AFTER INSERT ON medsim.embeddings
+REFERENCING NEW TABLE AS new_embeddings
+FOR EACH STATEMENT EXECUTE FUNCTION medsim.bump_gallery_version();
+
+CREATE OR REPLACE TRIGGER embeddings_version_update AFTER UPDATE ON medsim.embeddings
+REFERENCING NEW TABLE AS new_embeddings
+FOR EACH STATEMENT EXECUTE FUNCTION medsim.bump_gallery_version();
+
+-- also fires for the rows an image deletion cascades to
+CREATE OR REPLACE TRIGGER embeddings_version_delete AFTER DELETE ON medsim.embeddings
+REFERENCING OLD TABLE AS old_embeddings
+FOR EACH STATEMENT EXECUTE FUNCTION medsim.bump_gallery_version();
+
+CREATE OR REPLACE TRIGGER images_split_version AFTER UPDATE OF split ON medsim.images
+FOR EACH STATEMENT EXECUTE FUNCTION medsim.bump_all_gallery_versions();
+
 -- Per model and dataset: how much is embedded, pending, failed. "pending" counts every
 -- image without an embedding that has not failed for good, queued or not yet queued.
 --

@@ -181,7 +181,7 @@ GRANT SELECT (id, flag, image_size, is_medmnist, python_class, description, task
     ON medsim.datasets TO medsim_reader;
 GRANT SELECT (report_id, kind, reason) ON medsim.ingest_problems TO medsim_reader;
 GRANT SELECT (id, model_id, kind, params, source_view, splits, dim, metric, n_rows, fingerprint,
-              build_seconds, created_at, file_sha256, file_bytes)
+              build_seconds, created_at, file_sha256, file_bytes, gallery_version)
     ON medsim.index_builds TO medsim_reader;
 GRANT EXECUTE ON FUNCTION medsim.search_by_vector(vector, integer, integer, text, bigint),
                           medsim.search_gallery(vector, integer, integer, jsonb, text, bigint, integer),

@@ -9,9 +9,10 @@ pay for FAISS or torch.
 # view (sql/003_gallery.sql), which every SQL function reads; a test keeps them equal.
 GALLERY_SPLITS = ("train", "val")
 
-# pgvector: HNSW inside Postgres (or exact when there is no index); faiss: the model's
-# latest FAISS build, loaded and checked once per call
-ENGINES = ("pgvector", "faiss")
+# pgvector: HNSW inside Postgres (or exact when there is no index); exact: pgvector with
+# index scans off (the ground truth, slower); faiss: the model's latest FAISS build,
+# loaded and checked once per call (once per process in `medsim serve`)
+ENGINES = ("pgvector", "exact", "faiss")
 
 # The most neighbours one query may ask for, everywhere (CLI, SQL functions, FAISS):
 # k is checked before any work. FAISS allocates k results per query up front (k = 1e8

@@ -88,6 +88,11 @@ def read_batches(conn, model_id: int, splits, batch_size: int = 4096):
                    np.stack([r[1].to_numpy() for r in rows]).astype(np.float32))
 
 
+def gallery_version(conn, model_id: int) -> int:
+    """The model's gallery version: one indexed lookup (revision 0011)."""
+    return int(scalar(conn, Q.gallery_version, {"model_id": model_id}))
+
+
 def fingerprint(conn, model_id: int, splits) -> tuple[int, str]:
     n, digest = conn.execute(Q.embedding_fingerprint, {"model_id": model_id, "splits": list(splits)}).fetchone()
     return int(n), digest
@@ -130,6 +135,7 @@ def build(conn, model_ref="current", kind_name: str = "flat", params: dict | Non
     splits = check_splits(splits)
     row = registry.get(conn, model_ref)
     t0 = time.perf_counter()
+    version = gallery_version(conn, row.id)
     n_before, fp = fingerprint(conn, row.id, splits)
     if n_before == 0:
         raise NotFound(f"model {row.id} has no embeddings in {source_view(splits)} for splits "
@@ -146,8 +152,9 @@ def build(conn, model_ref="current", kind_name: str = "flat", params: dict | Non
         index.train(xt[rng.permutation(len(xt))[: 256 * p.get("nlist", 1) * 4]])
         for ids, x in batches:
             index.add_with_ids(x, ids)
-    n_after, fp_after = fingerprint(conn, row.id, splits)
-    if fp_after != fp:  # a worker wrote while we read: the snapshot would be ambiguous
+    # a worker committed while we read: the snapshot would be ambiguous. The version
+    # moves with every such commit, so this costs one lookup, not a second hash.
+    if gallery_version(conn, row.id) != version:
         raise StaleIndex("embeddings changed during the build; run it again once workers are idle")
     seconds = time.perf_counter() - t0
     build_id = scalar(conn, Q.next_index_build_id)
@@ -158,12 +165,14 @@ def build(conn, model_ref="current", kind_name: str = "flat", params: dict | Non
     meta = {"build_id": build_id, "model_id": row.id, "model_name": row.name, "kind": k.name,
             "factory": k.factory.format(**p), "params": p, "source_view": source_view(splits),
             "splits": list(splits), "dim": row.embedding_dim, "metric": "l2",
-            "n_rows": int(index.ntotal), "fingerprint": fp, "file_sha256": sha, "file_bytes": size,
+            "n_rows": int(index.ntotal), "fingerprint": fp, "gallery_version": version,
+            "file_sha256": sha, "file_bytes": size,
             "build_seconds": round(seconds, 4), "faiss_version": faiss.__version__}
     meta_path(path).write_text(json.dumps(meta, indent=2))
     conn.execute(Q.insert_index_build, {
         **{key: meta[key] for key in ("build_id", "model_id", "kind", "source_view", "splits", "dim",
-                                      "metric", "n_rows", "fingerprint", "file_sha256", "file_bytes")},
+                                      "metric", "n_rows", "fingerprint", "file_sha256", "file_bytes",
+                                      "gallery_version")},
         "params": json.dumps(p), "path": str(path.resolve()), "build_seconds": seconds})
     return Built(index, meta, path)
 
@@ -222,6 +231,8 @@ def load(conn, path: Path | str, model_ref=None, rebuild_if_stale: bool = False,
                    f"and may hold deleted vectors: remove the file")
     elif wanted != meta["model_id"]:
         problem = f"it was built for model {meta['model_id']}, not model {wanted}"
+    elif meta.get("gallery_version") is not None and gallery_version(conn, wanted) == meta["gallery_version"]:
+        pass  # nothing touched the model's embeddings since the build: no need to hash them
     else:
         n, fp = fingerprint(conn, meta["model_id"], meta["splits"])
         if n != meta["n_rows"]:
@@ -268,6 +279,13 @@ class BuildRow:
 @dataclass
 class BuildLine(BuildRow):
     created_at: datetime
+
+
+def still_fresh(conn, built: Built) -> bool:
+    """The per-request check of a loaded index: one lookup. False for a build made before
+    revision 0011 (no version recorded): the caller reloads it, which checks the fingerprint."""
+    v = built.meta.get("gallery_version")
+    return v is not None and gallery_version(conn, built.meta["model_id"]) == v
 
 
 def builds(conn, model_id: int | None = None) -> list[BuildLine]:

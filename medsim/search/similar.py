@@ -130,19 +130,31 @@ def query_from_id(conn, embedder: Embedder, image_id: int) -> Query:
 
 def query_from_file(conn, embedder: Embedder, path) -> Query:
     x = load_image_file(path, size=int(embedder.model_row.config.get("image_size", 28)))
+    return query_from_pixels(conn, embedder, x, Path(path).name)
+
+
+def query_from_pixels(conn, embedder: Embedder, x: np.ndarray, label: str) -> Query:
+    """An image from outside (a file, an upload), already at the model's input size."""
     digest = hashlib.sha256(x.tobytes()).digest()
     same = [r[0] for r in conn.execute(Q.gallery_images_by_sha256,
                                        {"sha256": digest, "splits": list(GALLERY_SPLITS)})]
     x3 = np.repeat(x, 3, axis=2) if x.shape[2] == 1 else x
-    return Query(Path(path).name, x3, embedder(x3), in_gallery=same)
+    return Query(label, x3, embedder(x3), in_gallery=same)
 
 
-def search_pgvector(conn, q: Query, k: int, model_id: int, f: Filters) -> list[Hit]:
+def search_pgvector(conn, q: Query, k: int, model_id: int, f: Filters, exact: bool = False) -> list[Hit]:
+    """HNSW when the model has its index; `exact` turns index scans off for this one
+    statement (SET LOCAL in its own transaction, or savepoint), a sequential scan."""
     exclude = q.in_gallery[0] if len(q.in_gallery) == 1 else None
-    hits = rows(conn, Q.search_gallery, {"q": q.vector, "k": min(k + len(q.in_gallery), MAX_K),
-                                         "model_id": model_id, "filter": Jsonb(f.where),
-                                         "exclude_patient": f.exclude_patient(q), "exclude": exclude,
-                                         "per_patient": f.per_patient}, as_=Hit)
+    args = {"q": q.vector, "k": min(k + len(q.in_gallery), MAX_K), "model_id": model_id,
+            "filter": Jsonb(f.where), "exclude_patient": f.exclude_patient(q), "exclude": exclude,
+            "per_patient": f.per_patient}
+    if exact:
+        with conn.transaction():
+            conn.execute("SET LOCAL enable_indexscan = off")
+            hits = rows(conn, Q.search_gallery, args, as_=Hit)
+    else:
+        hits = rows(conn, Q.search_gallery, args, as_=Hit)
     return [h for h in hits if h.image_id not in q.in_gallery][:k]
 
 
@@ -150,11 +162,13 @@ class FaissSearcher:
     """One loaded (and freshness-checked) index per call. A filter or the patient
     exclusion becomes an IDSelector over the same rows medsim.search_gallery would allow."""
 
-    def __init__(self, conn, model_id: int, index_path):
+    def __init__(self, conn, model_id: int, index_path=None, built=None):
         from medsim.search import faiss_index
 
         self.conn, self.model_id, self.faiss_index = conn, model_id, faiss_index
-        if index_path is None:
+        if built is not None:  # already loaded and checked (medsim serve keeps one per model)
+            self.built = built
+        elif index_path is None:
             self.built = faiss_index.load_build(conn, faiss_index.latest_build(conn, model_id), model_ref=model_id)
         else:
             self.built = faiss_index.load(conn, index_path, model_ref=model_id)
@@ -219,7 +233,7 @@ def search(conn, *, image_ids=(), image_files=(), k: int = 4, dataset: str | Non
     if engine == "faiss":
         searcher = FaissSearcher(conn, row.id, index_path)
         return [(q, searcher(q, k, f)) for q in queries]
-    return [(q, search_pgvector(conn, q, k, row.id, f)) for q in queries]
+    return [(q, search_pgvector(conn, q, k, row.id, f, exact=engine == "exact")) for q in queries]
 
 
 def example_queries(conn, flags) -> list[int]:

@@ -1,0 +1,196 @@
+// medsim's page: plain JavaScript against the JSON API, no framework, no CDN.
+// The URL carries the query (a stored image id, k, engine, filters) so a result can be
+// shared or bookmarked; an uploaded file cannot travel in a URL, so its search is not.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { datasets: [], searches: 0 };
+
+function showError(msg) {
+  const el = $("error");
+  el.textContent = msg;
+  el.hidden = !msg;
+}
+
+async function api(path, options) {
+  const r = await fetch(path, options);
+  let body = null;
+  try { body = await r.json(); } catch (e) { /* not JSON */ }
+  if (!r.ok) throw new Error(body && body.detail ? body.detail : `${r.status} ${r.statusText}`);
+  return body;
+}
+
+function options() {
+  const filters = {};
+  if ($("dataset").value) filters.dataset = $("dataset").value;
+  if ($("label").value) filters.label = $("label").value;
+  return { k: Number($("k").value), engine: $("engine").value, filters };
+}
+
+function fillLabels() {
+  const sel = $("label"), keep = sel.value;
+  const ds = state.datasets.filter((d) => !$("dataset").value || d.name === $("dataset").value);
+  const names = [...new Set(ds.flatMap((d) => Object.values(d.label_names || {})))].sort();
+  sel.replaceChildren(new Option("any", ""), ...names.map((n) => new Option(n, n)));
+  if (names.includes(keep)) sel.value = keep;
+}
+
+function setUrl(imageId) {
+  const o = options(), p = new URLSearchParams();
+  if (imageId != null) p.set("image_id", imageId);
+  p.set("k", o.k);
+  p.set("engine", o.engine);
+  if (o.filters.dataset) p.set("dataset", o.filters.dataset);
+  if (o.filters.label) p.set("label", o.filters.label);
+  const url = `${location.pathname}?${p}`;
+  if (url !== location.pathname + location.search) history.pushState({}, "", url);
+}
+
+function fromUrl() {
+  const p = new URLSearchParams(location.search);
+  if (p.get("k")) {
+    const k = p.get("k");
+    if (![...$("k").options].some((o) => o.value === k)) $("k").add(new Option(k, k));
+    $("k").value = k;
+  }
+  if (p.get("engine")) $("engine").value = p.get("engine");
+  if (p.get("dataset")) $("dataset").value = p.get("dataset");
+  fillLabels();
+  if (p.get("label")) {
+    const l = p.get("label");
+    if (![...$("label").options].some((o) => o.value === l)) $("label").add(new Option(l, l));
+    $("label").value = l;
+  }
+  return p.get("image_id");
+}
+
+function render(res, queryImgSrc) {
+  state.searches += 1;
+  document.body.dataset.searches = state.searches;
+  const q = res.query;
+  $("query").hidden = false;
+  $("query-img").src = queryImgSrc;
+  $("query-title").textContent = q.label_name ? `${q.label}: ${q.label_name}` : q.label;
+  $("query-meta").textContent = q.dataset ? `${q.dataset}` : "not from the archive";
+  $("query-notes").textContent = res.notes.join(" ");
+  $("model").textContent = `model ${res.model.id} (${res.model.name}, ${res.model.embedding_dim}-d)`;
+  const same = res.neighbours.filter((n) => n.same_label).length;
+  const engines = { pgvector: "pgvector HNSW", exact: "pgvector exact", faiss: `FAISS build ${res.index_build}` };
+  $("summary").textContent = `${res.neighbours.length} nearest from the train and val images, by ` +
+    `${engines[res.engine] || res.engine}, in ${res.timing_ms.toFixed(1)} ms` +
+    (q.label_name ? `; ${same} of ${res.neighbours.length} share the query's label` : "");
+  const cards = res.neighbours.map((n) => {
+    const li = document.createElement("li");
+    li.className = "card" + (n.same_label ? " same" : "");
+    li.tabIndex = 0;
+    li.dataset.imageId = n.image_id;
+    li.title = `search from image ${n.image_id}`;
+    const img = document.createElement("img");
+    img.src = n.thumbnail_url;
+    img.alt = `image ${n.image_id}: ${n.label_name}`;
+    img.loading = "lazy";
+    const body = document.createElement("div");
+    body.className = "body";
+    const label = document.createElement("div");
+    label.className = "label";
+    label.textContent = n.label_name;
+    const where = document.createElement("div");
+    where.className = "where";
+    where.textContent = `${n.dataset} · ${n.split}`;
+    const dist = document.createElement("div");
+    dist.className = "dist";
+    dist.innerHTML = `<span class="rank">#${n.rank}</span> distance ${n.distance.toFixed(4)}`;
+    const ident = document.createElement("div");
+    ident.className = "where";
+    ident.textContent = `image ${n.image_id}`;
+    body.append(label, where, dist, ident);
+    if (n.same_label !== null) {
+      const b = document.createElement("span");
+      b.className = "badge " + (n.same_label ? "same" : "diff");
+      b.textContent = n.same_label ? "same label as query" : "different label";
+      body.append(b);
+    }
+    li.append(img, body);
+    const go = () => searchId(n.image_id);
+    li.addEventListener("click", go);
+    li.addEventListener("keydown", (e) => { if (e.key === "Enter") go(); });
+    return li;
+  });
+  $("grid").replaceChildren(...cards);
+}
+
+async function searchId(imageId, push = true) {
+  imageId = Number(imageId);
+  if (!Number.isInteger(imageId) || imageId < 1) { showError("an image id is a positive whole number"); return; }
+  $("image-id").value = imageId;
+  if (push) setUrl(imageId);
+  try {
+    const res = await api("/search", {
+      method: "POST", headers: { "content-type": "application/json" },
+      body: JSON.stringify({ image_id: imageId, ...options() }),
+    });
+    showError("");
+    render(res, `/images/${imageId}/thumbnail.png`);
+  } catch (e) { showError(e.message); }
+}
+
+async function searchFile(file) {
+  const fd = new FormData(), o = options();
+  fd.append("image", file);
+  fd.append("k", o.k);
+  fd.append("engine", o.engine);
+  fd.append("filters", JSON.stringify(o.filters));
+  $("image-id").value = "";
+  setUrl(null);
+  try {
+    const res = await api("/search", { method: "POST", body: fd });
+    showError("");
+    render(res, URL.createObjectURL(file));
+  } catch (e) { showError(e.message); }
+}
+
+let lastFile = null;
+function rerun() {
+  if ($("image-id").value) searchId($("image-id").value);
+  else if (lastFile) searchFile(lastFile);
+}
+
+async function init() {
+  const drop = $("drop"), file = $("file");
+  drop.addEventListener("click", () => file.click());
+  drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") file.click(); });
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    if (e.dataTransfer.files.length) { lastFile = e.dataTransfer.files[0]; searchFile(lastFile); }
+  });
+  file.addEventListener("change", () => { if (file.files.length) { lastFile = file.files[0]; searchFile(lastFile); } });
+  $("go").addEventListener("click", rerun);
+  $("image-id").addEventListener("keydown", (e) => { if (e.key === "Enter") searchId(e.target.value); });
+  $("random").addEventListener("click", async () => {
+    try {
+      const ds = $("dataset").value ? `&dataset=${encodeURIComponent($("dataset").value)}` : "";
+      const r = await api(`/images/random?split=test${ds}`);
+      lastFile = null;
+      searchId(r.image_id);
+    } catch (e) { showError(e.message); }
+  });
+  for (const id of ["k", "engine", "label"]) $(id).addEventListener("change", rerun);
+  $("dataset").addEventListener("change", () => { fillLabels(); rerun(); });
+  window.addEventListener("popstate", () => { const id = fromUrl(); if (id) searchId(id, false); });
+
+  try {
+    const [datasets, models] = await Promise.all([api("/datasets"), api("/models")]);
+    state.datasets = datasets;
+    $("dataset").append(...datasets.map((d) => new Option(d.name, d.name)));
+    const cur = models.find((m) => m.is_current);
+    $("model").textContent = cur ? `model ${cur.id} (${cur.name}, ${cur.embedding_dim}-d)` : "no current model";
+  } catch (e) { showError(e.message); }
+  const id = fromUrl();
+  if (id) searchId(id, false);
+  document.body.dataset.ready = "1";
+}
+
+init();

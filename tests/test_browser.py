@@ -1,0 +1,157 @@
+"""The web page in a real browser: headless Chromium (Debian's chromium + chromium-driver,
+driven by Selenium; nothing is downloaded) against a running `medsim serve`.
+
+Skips, naming the packages, where no Chromium is installed; `.ci/run` installs them and
+sets MEDSIM_REQUIRE_BROWSER=1, so in CI a missing browser fails instead. The page's
+screenshots are kept in test-artifacts/ (or $MEDSIM_ARTIFACTS).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = Path(os.environ.get("MEDSIM_ARTIFACTS", ROOT / "test-artifacts"))
+
+
+def find_browser() -> tuple[str, str] | None:
+    browser = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)),
+                   None)
+    driver = shutil.which("chromedriver") or next(
+        (p for p in ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver") if os.path.exists(p)), None)
+    return (browser, driver) if browser and driver else None
+
+
+@pytest.fixture
+def browser():
+    found = find_browser()
+    if found is None:
+        msg = "no Chromium: apt-get install -y chromium chromium-driver"
+        if os.environ.get("MEDSIM_REQUIRE_BROWSER"):
+            pytest.fail(msg + " (MEDSIM_REQUIRE_BROWSER is set)")
+        pytest.skip(msg)
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never fetch a driver
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = found[0]
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1366,900",
+              "--disable-gpu"):
+        opts.add_argument(a)
+    driver = webdriver.Chrome(service=Service(found[1]), options=opts)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(embedded, db_url, tmp_path):
+    port = free_port()
+    with open(tmp_path / "serve.log", "w+") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "medsim.cli", "serve", "--port", str(port)],
+                                env={**os.environ, "DATABASE_URL": db_url, "PYTHONUNBUFFERED": "1"},
+                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + 60
+            while True:
+                try:
+                    with urllib.request.urlopen(base + "/healthz", timeout=2) as r:
+                        if r.status == 200:
+                            break
+                except OSError:
+                    pass
+                if proc.poll() is not None or time.time() > deadline:
+                    log.seek(0)
+                    pytest.fail(f"medsim serve did not come up:\n{log.read()}")
+                time.sleep(0.3)
+            yield base, embedded[0]
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)
+
+
+def test_upload_then_click_a_neighbour(server, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base, conn = server
+    # a real image file: a stored test image written out as PNG
+    tid, data = conn.execute("SELECT id, pixels FROM medsim.images WHERE split = 'test' ORDER BY id LIMIT 1").fetchone()
+    path = tmp_path / "query.png"
+    Image.fromarray(np.frombuffer(data, np.uint8).reshape(28, 28)).save(path)
+
+    browser.get(base + "/?k=8")
+    wait = WebDriverWait(browser, 30)
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+    browser.find_element(By.ID, "file").send_keys(str(path))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .card")) == 8)
+    cards = browser.find_elements(By.CSS_SELECTOR, "#grid .card")
+    labels = [c.find_element(By.CSS_SELECTOR, ".label").text for c in cards]
+    assert all(labels), labels
+    known = {r[0] for r in conn.execute(
+        "SELECT DISTINCT medsim.label_name(dataset_id, labels) FROM medsim.images").fetchall()}
+    assert set(labels) <= known
+    assert all("distance" in c.find_element(By.CSS_SELECTOR, ".dist").text for c in cards)
+    # every thumbnail actually loaded (rendered from the pixels in Postgres)
+    wait.until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"))
+    assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "serve-upload.png"))
+
+    # click the second neighbour: a new search from it, its id in the URL
+    target = cards[1].get_attribute("data-image-id")
+    before = browser.find_element(By.TAG_NAME, "body").get_attribute("data-searches")
+    cards[1].click()
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-searches") != before)
+    assert f"image_id={target}" in browser.current_url
+    assert browser.find_element(By.ID, "query-title").text.startswith(f"image {target}")
+    new_ids = [c.get_attribute("data-image-id") for c in browser.find_elements(By.CSS_SELECTOR, "#grid .card")]
+    assert len(new_ids) == 8 and target not in new_ids  # a stored query is never its own neighbour
+    expected = [str(r[0]) for r in conn.execute("SELECT image_id FROM medsim.similar_images(%s, 8)",
+                                                (int(target),)).fetchall()]
+    assert new_ids == expected
+    # same-label marks agree with the labels shown
+    qlabel = browser.find_element(By.ID, "query-title").text.split(": ", 1)[1]
+    for c in browser.find_elements(By.CSS_SELECTOR, "#grid .card"):
+        assert ("same" in c.get_attribute("class").split()) == (
+            c.find_element(By.CSS_SELECTOR, ".label").text == qlabel)
+    browser.save_screenshot(str(ARTIFACTS / "serve-click.png"))
+
+    # the URL alone reproduces the result (bookmark / share), with k and a filter
+    browser.get(f"{base}/?image_id={target}&k=4&dataset=retinamnist")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .card")) == 4)
+    assert {c.find_element(By.CSS_SELECTOR, ".where").text.split(" · ")[0]
+            for c in browser.find_elements(By.CSS_SELECTOR, "#grid .card")} == {"retinamnist"}
+    # nothing overlaps: each card's text stays inside its card
+    overflow = browser.execute_script("""
+        return [...document.querySelectorAll('#grid .card .body > *')].filter(e => {
+            const c = e.closest('.card').getBoundingClientRect(), r = e.getBoundingClientRect();
+            return r.right > c.right + 1 || r.left < c.left - 1; }).length""")
+    assert overflow == 0
+    # a bad id is reported on the page, not in the console
+    box = browser.find_element(By.ID, "image-id")
+    box.clear()
+    box.send_keys("987654321\n")
+    wait.until(lambda d: d.find_element(By.ID, "error").get_attribute("hidden") is None)
+    assert "no image with id 987654321" in browser.find_element(By.ID, "error").text

@@ -1,0 +1,337 @@
+"""medsim serve's JSON API, in process (FastAPI's TestClient) against a real Postgres.
+
+Every answer is checked against what the database says (the SQL search function, the
+stored pixels), and every refusal by its status and by naming the problem.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from medsim.search import faiss_index
+from medsim.service.app import create_app
+from medsim.service.core import ServeConfig
+from tests.helpers import embed_all
+
+
+@pytest.fixture
+def api(embedded, db_url):
+    conn, mid = embedded
+    app = create_app(ServeConfig(database_url=db_url, max_upload_bytes=2 * 1024 * 1024,
+                                 max_image_pixels=4_000_000))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client, conn, mid
+
+
+def png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def stored_pixels(conn, image_id) -> np.ndarray:
+    data, h, w = conn.execute("SELECT pixels, height, width FROM medsim.images WHERE id = %s", (image_id,)).fetchone()
+    return np.frombuffer(data, np.uint8).reshape(h, w)
+
+
+def gallery_id(conn):
+    return conn.execute("SELECT min(image_id) FROM medsim.gallery").fetchone()[0]
+
+
+def sql_neighbours(conn, image_id, k, **filters):
+    import json
+
+    return [r[0] for r in conn.execute("SELECT image_id FROM medsim.similar_images(%s, %s, NULL, NULL, %s)",
+                                       (image_id, k, json.dumps(filters))).fetchall()]
+
+
+def test_search_by_id_is_the_sql_answer_with_thumbnails(api):
+    client, conn, mid = api
+    gid = gallery_id(conn)
+    r = client.post("/search", json={"image_id": gid, "k": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ids = [n["image_id"] for n in body["neighbours"]]
+    assert ids == sql_neighbours(conn, gid, 5) and gid not in ids
+    assert body["model"]["id"] == mid and body["engine"] == "pgvector"
+    assert body["query"] == {"kind": "image_id", "label": f"image {gid}", "image_id": gid,
+                             "dataset": body["query"]["dataset"], "label_name": body["query"]["label_name"],
+                             "in_gallery": [gid]}
+    dists = [n["distance"] for n in body["neighbours"]]
+    assert dists == sorted(dists)
+    n0 = body["neighbours"][0]
+    assert n0["thumbnail_url"] == f"/images/{n0['image_id']}/thumbnail.png" and n0["rank"] == 1
+    same = (n0["label_name"] == body["query"]["label_name"]) and n0["dataset"] == body["query"]["dataset"]
+    assert n0["same_label"] is same
+    # exact agrees with HNSW-or-exact here; the filters narrow what comes back
+    r = client.post("/search", json={"image_id": gid, "k": 5, "engine": "exact"})
+    assert [n["image_id"] for n in r.json()["neighbours"]] == ids
+    r = client.post("/search", json={"image_id": gid, "k": 4, "filters": {"dataset": "retinamnist"}})
+    assert {n["dataset"] for n in r.json()["neighbours"]} == {"retinamnist"}
+    assert [n["image_id"] for n in r.json()["neighbours"]] == sql_neighbours(conn, gid, 4, dataset="retinamnist")
+    # max_distance keeps only the close ones, and says how many it dropped
+    cut = dists[2]
+    r = client.post("/search", json={"image_id": gid, "k": 5, "max_distance": cut})
+    assert [n["distance"] <= cut for n in r.json()["neighbours"]] == [True] * 3
+    assert "2 of 5 neighbours were farther" in r.json()["notes"][0]
+
+
+def test_search_by_upload_and_by_vector(api):
+    client, conn, mid = api
+    gid = gallery_id(conn)
+    # the upload is a gallery image: recognised as itself by its pixels, not by its name,
+    # and sniffed by content (a .txt name and a text/plain type do not matter)
+    files = {"image": ("notes.txt", png(stored_pixels(conn, gid)), "text/plain")}
+    r = client.post("/search", files=files, data={"k": "3", "filters": '{"dataset": "breastmnist"}'})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["query"]["kind"] == "upload" and body["query"]["in_gallery"] == [gid]
+    assert gid not in [n["image_id"] for n in body["neighbours"]] and len(body["neighbours"]) == 3
+    assert {n["dataset"] for n in body["neighbours"]} == {"breastmnist"}
+    assert all(n["same_label"] is None for n in body["neighbours"])  # an upload has no label
+    # a raw vector: the stored embedding of an image finds that image first, at distance 0
+    v = conn.execute("SELECT embedding FROM medsim.embeddings WHERE model_id = %s AND image_id = %s",
+                     (mid, gid)).fetchone()[0].to_numpy()
+    r = client.post("/search", json={"vector": v.tolist(), "k": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["neighbours"][0]["image_id"] == gid and r.json()["neighbours"][0]["distance"] < 1e-5
+    # a big colour JPEG of any size is resized to the model's input
+    big = (np.random.default_rng(0).random((300, 200, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, format="JPEG")
+    r = client.post("/search", files={"image": ("x.jpg", buf.getvalue(), "image/jpeg")})
+    assert r.status_code == 200 and len(r.json()["neighbours"]) == 4
+
+
+def test_a_dicom_upload_is_searched(api):
+    import pathlib
+
+    import pydicom
+
+    client, conn, mid = api
+    f = pathlib.Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
+    r = client.post("/search", files={"image": ("scan", f.read_bytes(), "application/octet-stream")},
+                    data={"k": "2"})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["neighbours"]) == 2
+
+
+@pytest.mark.parametrize("payload, status, says", [
+    ({"image_id": 1, "k": 0}, 400, "k: Input should be greater than or equal to 1"),
+    ({"image_id": 1, "k": 1001}, 400, "k: Input should be less than or equal to 1000"),
+    ({"image_id": 1, "colour": "red"}, 400, "colour: unknown field"),
+    ({"image_id": 1, "engine": "annoy"}, 400, "engine: Input should be"),
+    ({"image_id": 1, "vector": [0.0] * 64}, 400, "exactly one query"),
+    ({"k": 3}, 400, "exactly one query"),
+    ({"vector": [0.5, 0.5]}, 400, "the vector has 2 values; model"),
+    ({"image_id": 987654321}, 404, "no image with id 987654321"),
+    ({"image_id": 1, "filters": {"split": "test"}}, 400, "the gallery holds only train, val"),
+    ({"image_id": 1, "per_patient": 0}, 400, "per_patient: Input should be greater than or equal to 1"),
+])
+def test_bad_json_requests_are_refused_and_named(api, payload, status, says):
+    client, conn, _ = api
+    if "image_id" in payload and payload["image_id"] == 1:
+        payload = {**payload, "image_id": gallery_id(conn)}
+    r = client.post("/search", json=payload)
+    assert r.status_code == status, r.text
+    assert says in r.json()["detail"]
+    assert r.json()["error"] in ("BadArgument", "NotFound")
+
+
+def test_bad_uploads_are_refused_before_they_cost_anything(api, monkeypatch):
+    client, conn, _ = api
+    svc = client.app.state.service
+    embedded = []
+    monkeypatch.setattr(svc, "embed", lambda *a: embedded.append(1))  # must never be reached
+    # not an image, whatever its name says
+    r = client.post("/search", files={"image": ("scan.png", b"%PDF-1.7 not an image", "image/png")})
+    assert r.status_code == 422 and "recognised by content" in r.json()["detail"]
+    # PNG magic, broken body
+    r = client.post("/search", files={"image": ("x.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image/png")})
+    assert r.status_code == 422 and "not a readable image" in r.json()["detail"]
+    # a decompression bomb: a small file declaring 3000 x 3000 pixels, over the 4 M limit
+    bomb = png(np.zeros((3000, 3000), np.uint8))
+    assert len(bomb) < 100_000
+    r = client.post("/search", files={"image": ("bomb.png", bomb, "image/png")})
+    assert r.status_code == 422 and "over the limit of 4,000,000" in r.json()["detail"]
+    # over the upload size (2 MB here): refused by its Content-Length
+    r = client.post("/search", files={"image": ("big.png", b"\x89PNG\r\n\x1a\n" + b"\0" * (3 * 1024 * 1024),
+                                                "image/png")})
+    assert r.status_code == 413 and r.json()["error"] == "TooLarge"
+    # ... and while it streams in, when no Content-Length is sent (chunked)
+    def chunks():
+        for _ in range(40):
+            yield b"\0" * 100_000
+
+    r = client.post("/search", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+    assert r.status_code == 413 and "over the limit" in r.json()["detail"]
+    # an empty file, a missing file field, a file where a value belongs, a wrong content type
+    r = client.post("/search", files={"image": ("e.png", b"", "image/png")})
+    assert r.status_code == 400 and "empty" in r.json()["detail"]
+    r = client.post("/search", data={"k": "3"}, files={"other": ("a.png", b"x", "image/png")})
+    assert r.status_code == 400
+    r = client.post("/search", content=b"image_id=3", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and "send application/json" in r.json()["detail"]
+    r = client.post("/search", files={"image": ("a.png", png(np.zeros((28, 28), np.uint8)), "image/png")},
+                    data={"k": "5000"})
+    assert r.status_code == 400 and "k:" in r.json()["detail"]
+    r = client.post("/search", files={"image": ("a.png", png(np.zeros((28, 28), np.uint8)), "image/png")},
+                    data={"filters": "{not json"})
+    assert r.status_code == 400 and "filters must be JSON" in r.json()["detail"]
+    assert embedded == []
+
+
+def test_images_thumbnails_and_etags(api):
+    client, conn, _ = api
+    gid = gallery_id(conn)
+    r = client.get(f"/images/{gid}")
+    assert r.status_code == 200
+    meta = r.json()
+    assert meta["id"] == gid and meta["split"] in ("train", "val") and meta["height"] == 28
+    sha = conn.execute("SELECT encode(sha256, 'hex') FROM medsim.images WHERE id = %s", (gid,)).fetchone()[0]
+    assert meta["sha256"] == sha and "pixels" not in meta
+    r = client.get(f"/images/{gid}/thumbnail.png")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(r.content))), stored_pixels(conn, gid))
+    etag = r.headers["etag"]
+    assert sha in etag
+    r = client.get(f"/images/{gid}/thumbnail.png", headers={"if-none-match": etag})
+    assert r.status_code == 304 and r.content == b""
+    assert client.get("/images/987654321").status_code == 404
+    assert client.get("/images/987654321/thumbnail.png").status_code == 404
+    assert client.get(f"/images/{gid}/thumbnail.png?size=4").status_code == 400
+    rid = client.get("/images/random?split=test").json()["image_id"]
+    assert conn.execute("SELECT split FROM medsim.images WHERE id = %s", (rid,)).fetchone()[0] == "test"
+    r = client.get("/images/random?split=test&dataset=retinamnist")
+    assert conn.execute("SELECT d.flag FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id "
+                        "WHERE i.id = %s", (r.json()["image_id"],)).fetchone()[0] == "retinamnist"
+    assert client.get("/images/random?split=test&dataset=nosuch").status_code == 404
+
+
+def test_state_endpoints_and_metrics(api):
+    client, conn, mid = api
+    models = client.get("/models").json()
+    assert [m["id"] for m in models if m["is_current"]] == [mid]
+    assert {d["name"] for d in client.get("/datasets").json()} == {"breastmnist", "retinamnist"}
+    status = client.get("/status").json()
+    assert {s["dataset"] for s in status} == {"breastmnist", "retinamnist"} and all(s["pending"] == 0 for s in status)
+    h = client.get("/healthz")
+    assert h.status_code == 200 and h.json()["ok"] and h.json()["model_id"] == mid
+    client.post("/search", json={"image_id": gallery_id(conn)})
+    client.post("/search", files={"image": ("a.png", png(np.zeros((28, 28), np.uint8)), "image/png")})
+    client.post("/search", json={"image_id": 987654321})
+    text = client.get("/metrics").text
+    assert 'medsim_http_requests_total{method="POST",route="/search",status="200"} 2' in text
+    assert 'medsim_http_requests_total{method="POST",route="/search",status="404"} 1' in text
+    for stage in ("decode", "embed", "search", "fetch"):
+        count = [line for line in text.splitlines() if line.startswith(f'medsim_search_stage_seconds_count{{stage="{stage}"}}')]
+        assert count and int(count[0].split()[-1]) >= 1, stage
+    assert "/docs" in client.get("/").text and client.get("/openapi.json").json()["paths"]["/search"]["post"]
+
+
+def test_search_runs_as_the_reader_role(api):
+    client, conn, _ = api
+    svc = client.app.state.service
+    with svc.reader.connection() as c:
+        assert c.execute("SELECT current_user").fetchone()[0] == "medsim_reader"
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("SELECT pixels FROM medsim.images LIMIT 1")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            c.execute("DELETE FROM medsim.embeddings")
+
+
+def test_a_bug_is_a_500_that_leaks_nothing(api, monkeypatch, caplog):
+    client, conn, _ = api
+
+    def broken(**kw):
+        raise RuntimeError("secret internals at /srv/medsim/checkpoint")
+
+    monkeypatch.setattr(client.app.state.service, "search", broken)
+    with caplog.at_level(logging.ERROR, logger="medsim.serve"):
+        r = client.post("/search", json={"image_id": gallery_id(conn)})
+    assert r.status_code == 500 and r.json()["error"] == "InternalError"
+    assert "secret" not in r.text and "Traceback" not in r.text
+    rid = r.json()["detail"].split()[-1]
+    assert any(rid in rec.getMessage() and rec.exc_info for rec in caplog.records)
+
+
+def test_faiss_is_loaded_once_and_reloaded_only_when_the_gallery_changes(api, tmp_path, monkeypatch):
+    client, conn, mid = api
+    gid = gallery_id(conn)
+    r = client.post("/search", json={"image_id": gid, "engine": "faiss"})
+    assert r.status_code == 404 and "no FAISS index built" in r.json()["detail"]
+    b1 = faiss_index.build(conn, mid, "flat", out_dir=tmp_path).meta["build_id"]
+    # searches after the first load must not hash the gallery (the old per-call check)
+    calls = []
+    real = faiss_index.fingerprint
+    monkeypatch.setattr(faiss_index, "fingerprint", lambda *a: calls.append(a) or real(*a))
+    r = client.post("/search", json={"image_id": gid, "k": 5, "engine": "faiss"})
+    assert r.status_code == 200 and r.json()["index_build"] == b1
+    assert [n["image_id"] for n in r.json()["neighbours"]] == sql_neighbours(conn, gid, 5)
+    calls.clear()
+    for _ in range(3):
+        assert client.post("/search", json={"image_id": gid, "engine": "faiss"}).status_code == 200
+    assert calls == []
+    # a new image embedded: the loaded build is stale, and so is the latest one -> 409
+    conn.execute("INSERT INTO medsim.images (dataset_id, split, split_index, labels, height, width, channels, "
+                 "pixels, sha256) SELECT dataset_id, 'train', 100000, labels, height, width, channels, pixels, "
+                 "sha256(pixels || 'x') FROM medsim.images WHERE id = %s", (gid,))
+    conn.execute("SELECT 1")
+    from medsim import queue
+
+    queue.enqueue(conn, mid)
+    embed_all(conn.info.dsn)
+    r = client.post("/search", json={"image_id": gid, "engine": "faiss"})
+    assert r.status_code == 409 and r.json()["error"] == "StaleIndex"
+    # pgvector still answers, and a new build is picked up without a restart
+    assert client.post("/search", json={"image_id": gid}).status_code == 200
+    b2 = faiss_index.build(conn, mid, "flat", out_dir=tmp_path).meta["build_id"]
+    r = client.post("/search", json={"image_id": gid, "k": 5, "engine": "faiss"})
+    assert r.status_code == 200 and r.json()["index_build"] == b2
+    assert [n["image_id"] for n in r.json()["neighbours"]] == sql_neighbours(conn, gid, 5)
+
+
+def test_gallery_version_moves_with_every_change_of_a_models_embeddings(embedded, db_url):
+    conn, mid = embedded
+
+    def version():
+        return faiss_index.gallery_version(conn, mid)
+
+    v0 = version()
+    assert v0 >= 1
+    conn.execute("UPDATE medsim.embeddings SET embedding = embedding WHERE model_id = %s AND image_id = "
+                 "(SELECT min(image_id) FROM medsim.embeddings WHERE model_id = %s)", (mid, mid))
+    assert version() == v0 + 1
+    conn.execute("DELETE FROM medsim.images WHERE id = (SELECT max(image_id) FROM medsim.gallery)")
+    assert version() == v0 + 2  # the cascade to medsim.embeddings counts
+    conn.execute("UPDATE medsim.images SET split = split WHERE id = (SELECT min(id) FROM medsim.images)")
+    assert version() == v0 + 3
+    conn.execute("UPDATE medsim.images SET labels = labels WHERE id = (SELECT min(id) FROM medsim.images)")
+    assert version() == v0 + 3  # a label change does not touch the vectors
+
+
+def test_no_current_model_is_a_clear_404_and_an_unready_health(conn, db_url, synth_dir):
+    from tests.helpers import ingest_synth
+
+    ingest_synth(conn, synth_dir)
+    app = create_app(ServeConfig(database_url=db_url))
+    with TestClient(app) as client:
+        h = client.get("/healthz")
+        assert h.status_code == 503 and "no current model" in h.json()["model"]
+        r = client.post("/search", json={"image_id": 1})
+        assert r.status_code == 404 and "model" in r.json()["detail"]
+
+
+def test_the_service_refuses_to_start_on_an_unmigrated_database(empty_db_url):
+    from medsim.errors import SchemaNotReady
+
+    app = create_app(ServeConfig(database_url=empty_db_url))
+    with pytest.raises(SchemaNotReady, match="medsim migrate"), TestClient(app):
+        pass
