@@ -116,5 +116,22 @@ def run(cfg: DemoConfig, log=print) -> dict:
         for p in value if isinstance(value, list) else [value]:
             log(f"{name:12s} {Path(p).resolve()}")
     log(f"{'indexes':12s} {(out / 'indexes').resolve()}")
+    serve = "medsim serve" if cfg.database_url is None else f"medsim --database-url '{cfg.database_url}' serve"
+    log(f"\nsearch it in your browser: {_venv_hint()}{serve}   then open http://127.0.0.1:8000/")
     return {"model_id": model_id, "present": present, "missing": missing, "outputs": outputs,
             "recall": rep, "evaluation": ev}
+
+
+def _venv_hint() -> str:
+    """`.venv/bin/` when medsim runs from the repository's venv (make demo) and the venv is not
+    on PATH, so the printed command works as pasted."""
+    import shutil
+    import sys
+
+    exe = Path(sys.executable)
+    if shutil.which("medsim") or exe.parent.name != "bin":
+        return ""
+    try:
+        return f"{exe.parent.relative_to(Path.cwd())}/"
+    except ValueError:
+        return f"{exe.parent}/"

@@ -172,8 +172,8 @@ def test_search_params_come_from_the_metadata_on_load(embedded, tmp_path):
 def test_faiss_search_loads_and_checks_the_index_once_per_call(embedded, tmp_path, monkeypatch):
     conn, mid = embedded
     faiss_index.build(conn, mid, "flat", out_dir=tmp_path)
-    calls = {"load": 0, "fingerprint": 0}
-    real_load, real_fp = faiss_index.load, faiss_index.fingerprint
+    calls = {"load": 0, "fingerprint": 0, "version": 0}
+    real_load, real_fp, real_version = faiss_index.load, faiss_index.fingerprint, faiss_index.gallery_version
 
     def load(*a, **k):
         calls["load"] += 1
@@ -183,11 +183,18 @@ def test_faiss_search_loads_and_checks_the_index_once_per_call(embedded, tmp_pat
         calls["fingerprint"] += 1
         return real_fp(*a, **k)
 
+    def version(*a, **k):
+        calls["version"] += 1
+        return real_version(*a, **k)
+
     monkeypatch.setattr(faiss_index, "load", load)
     monkeypatch.setattr(faiss_index, "fingerprint", fingerprint)
+    monkeypatch.setattr(faiss_index, "gallery_version", version)
     ids = [r[0] for r in conn.execute("SELECT image_id FROM medsim.gallery ORDER BY image_id LIMIT 5")]
     results = similar.search(conn, image_ids=ids, k=3, engine="faiss")
-    assert len(results) == 5 and calls == {"load": 1, "fingerprint": 1}
+    # one load per call; its freshness is one lookup of the gallery version (revision
+    # 0011), so the gallery is not hashed at all while nothing changed
+    assert len(results) == 5 and calls == {"load": 1, "fingerprint": 0, "version": 1}
 
 
 # ---------------------------------------------------------------- 5. the gallery, defined once
