@@ -20,12 +20,17 @@ from medsim.search.index_kinds import KINDS
 from medsim.search.pgvector_hnsw import DEFAULT_EF_CONSTRUCTION, DEFAULT_M
 
 
-def _connect(args):
+def _connect(args, read: bool = False):
+    """A connection for a command; `read`: for searches, on the read URL (a replica) when
+    one is given (--read-url, $DATABASE_READ_URL)."""
     from medsim import migrate
 
+    url = getattr(args, "database_url", None)
+    if read:  # --read-url, then $DATABASE_READ_URL, then the main database
+        url = getattr(args, "read_url", None) or os.environ.get(db.READ_URL_ENV) or url
     # autocommit: each `with conn.transaction()` below is then a real transaction, never
     # a savepoint whose SET LOCAL would leak into the next step
-    conn = db.connect(getattr(args, "database_url", None), autocommit=True)
+    conn = db.connect(url, autocommit=True)
     try:
         migrate.check(conn)
     except BaseException:
@@ -294,7 +299,7 @@ def cmd_recall(args) -> int:
             else:
                 raise BadArgument("give --index PATH, --build-id N or --all-kinds")
         with conn.transaction():
-            r = recall.report(conn, builds, ks=ks,
+            r = recall.report(conn, builds, ks=ks, max_queries=args.max_queries or None,
                               query_splits=faiss_index.check_splits(args.queries.split(",")))
     print(recall.format_table(r))
     out = args.json or f"{args.out_dir}/recall-model{r['model_id']}-report{r['report_id']}.json"
@@ -311,7 +316,7 @@ def cmd_search(args) -> int:
 
     from medsim.search import similar
 
-    with _connect(args) as conn:
+    with _connect(args, read=True) as conn:
         where = {}
         for item in args.filter or []:
             key, sep, value = item.partition("=")
@@ -511,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="current", help="model for --all-kinds (id or 'current')")
     s.add_argument("-k", default="1,10,100", help="comma-separated k values (default 1,10,100)")
     s.add_argument("--queries", default="test", help="query splits (default test)")
+    s.add_argument("--max-queries", type=int, default=1000,
+                   help="a seeded sample of at most this many queries (default 1000; 0: every query image). "
+                        "Exact ground truth is one brute-force scan per query")
     s.add_argument("--rebuild", action="store_true", help="rebuild a stale index instead of refusing it")
     s.add_argument("--json", default=None, help="where to write the JSON report")
     s.add_argument("--out-dir", default="medsim_out", help="output directory for indexes and reports")
@@ -535,6 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "index built for the model)")
     s.add_argument("--index", default=None, help="FAISS index file (default: latest build for the model)")
     s.add_argument("--model", default="current", help="model id or 'current'")
+    s.add_argument("--read-url", default=None,
+                   help="search on this database, e.g. a streaming replica (default: $DATABASE_READ_URL, else "
+                        "the main database)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("--montage", default=None, metavar="PNG", help="also write the query/neighbour figure")
     s.set_defaults(func=cmd_search)

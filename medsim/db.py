@@ -108,6 +108,11 @@ def database_url(start: bool = True) -> str:
     return url
 
 
+# Where searches read (CLI search, medsim serve) when set: a streaming replica, so reads
+# scale out while ingest, training and workers write to the primary.
+READ_URL_ENV = "DATABASE_READ_URL"
+
+
 def sqlalchemy_url(url: str) -> str:
     """Alembic needs SQLAlchemy's dialect prefix; the rest of the URL passes through."""
     for prefix in ("postgresql://", "postgres://"):

@@ -298,6 +298,13 @@ SET attempts = attempts + 1,
 WHERE model_id = %(model_id)s AND image_id = %(image_id)s
 RETURNING failed_at IS NOT NULL AS final;
 
+-- name: workers_on_host
+-- medsim workers connected from this host (their application_name names it), this one included.
+SELECT count(*) FROM pg_stat_activity WHERE application_name = %(app)s;
+
+-- name: count_model_embeddings
+SELECT count(*) FROM medsim.embeddings WHERE model_id = %(model_id)s;
+
 -- name: pending_count
 SELECT count(*) FROM medsim.embedding_queue
 WHERE model_id = %(model_id)s AND failed_at IS NULL;

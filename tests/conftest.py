@@ -17,6 +17,7 @@ import pytest
 from medsim import db, migrate
 
 os.environ.pop("DATABASE_URL", None)
+os.environ.pop("DATABASE_READ_URL", None)
 for _v in db.LIBPQ_VARS:
     os.environ.pop(_v, None)
 

@@ -297,3 +297,70 @@ def test_worker_refuses_bad_arguments_and_touches_nothing(ready, db_url, capsys)
     assert "model 'abc': expected a model id" in capsys.readouterr().err
     assert n_embedded(conn, mid) == 0
     assert conn.execute(Q.pending_count, {"model_id": mid}).fetchone()[0] == N
+
+
+def index_oid(conn, mid):
+    return conn.execute("SELECT to_regclass(%s)::oid", (f"medsim.{pgvector_hnsw.index_name(mid)}",)).fetchone()[0]
+
+
+def test_a_large_backlog_is_loaded_without_the_hnsw_index_a_trickle_with_it(ready, db_url, synth_dir, caplog):
+    import logging
+
+    from tests import synth
+
+    conn, mid = ready
+    Worker(WorkerConfig(once=True, database_url=db_url, progress=False)).run()
+    first = index_oid(conn, mid)
+    assert first is not None  # built after the first drain
+    # a trickle (3 images, under the threshold): inserted through the existing index
+    conn.execute("INSERT INTO medsim.images (dataset_id, split, split_index, labels, height, width, channels, "
+                 "pixels, sha256) SELECT dataset_id, 'train', 100000 + id, labels, height, width, channels, "
+                 "pixels, sha256(pixels || id::text::bytea) FROM medsim.images ORDER BY id LIMIT 3")
+    with caplog.at_level(logging.INFO, logger="medsim.embed_worker"):
+        Worker(WorkerConfig(once=True, database_url=db_url, progress=False, bulk_threshold=1000)).run()
+    assert index_oid(conn, mid) == first and "dropped HNSW" not in caplog.text
+    # a backlog larger than a quarter of the model: the index goes, comes back after the drain
+    big = synth_dir.parent / "more"
+    big.mkdir(exist_ok=True)
+    synth.write_npz(big, "pneumoniamnist", seed=3)
+    ingest_synth(conn, big, flags=("pneumoniamnist",))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="medsim.embed_worker"):
+        s = Worker(WorkerConfig(once=True, database_url=db_url, progress=False, bulk_threshold=1000)).run()
+    assert "dropped HNSW index" in caplog.text and s.embedded == 5856
+    again = index_oid(conn, mid)
+    assert again is not None and again != first
+    assert n_embedded(conn, mid) == N + 3 + 5856
+    # and a search plan uses the rebuilt index
+    gid = conn.execute("SELECT min(image_id) FROM medsim.gallery").fetchone()[0]
+    assert len(conn.execute("SELECT * FROM medsim.similar_images(%s, 5)", (gid,)).fetchall()) == 5
+
+
+def test_worker_threads_share_the_cores_among_workers_on_this_host(ready, db_url, monkeypatch):
+    import torch
+
+    from medsim import embed_worker
+
+    conn, mid = ready
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(embed_worker, "available_cores", lambda: 8)
+    try:
+        w = Worker(WorkerConfig(once=True, database_url=db_url, progress=False))
+        w.connect()
+        assert w.fit_threads(force=True) == 8  # alone on the host: every core
+        others = [db.connect(db_url, application_name=embed_worker.APP_NAME) for _ in range(3)]
+        assert w.fit_threads() == 8  # re-counted at most every 30 s
+        assert w.fit_threads(force=True) == 2 and torch.get_num_threads() == 2  # four workers: 8 / 4
+        for c in others:
+            c.close()
+        w.conn.close()
+        # an explicit setting wins
+        w = Worker(WorkerConfig(once=True, database_url=db_url, progress=False, threads=3))
+        w.connect()
+        assert w.fit_threads(force=True) == 3
+        w.conn.close()
+        with pytest.raises(Exception, match="threads must be at least 1"):
+            WorkerConfig(threads=0)
+    finally:
+        torch.set_num_threads(before)

@@ -93,6 +93,19 @@ def gallery_version(conn, model_id: int) -> int:
     return int(scalar(conn, Q.gallery_version, {"model_id": model_id}))
 
 
+TRAIN_PER_LIST = 64
+
+
+def read_sample(conn, model_id: int, splits, n: int) -> np.ndarray:
+    """Up to n vectors, a fixed pseudo-random sample (ordered by a hash of the id, so a
+    rebuild trains on the same points and no dataset's block of ids dominates)."""
+    schema, name = source_view(splits).split(".")
+    q = sql.SQL("SELECT embedding FROM {} WHERE model_id = %s AND split = ANY(%s) "
+                "ORDER BY hashint8(image_id) LIMIT %s").format(sql.Identifier(schema, name))
+    rows_ = conn.execute(q, (model_id, list(splits), int(n))).fetchall()
+    return np.stack([r[0].to_numpy() for r in rows_]).astype(np.float32)
+
+
 def fingerprint(conn, model_id: int, splits) -> tuple[int, str]:
     n, digest = conn.execute(Q.embedding_fingerprint, {"model_id": model_id, "splits": list(splits)}).fetchone()
     return int(n), digest
@@ -142,16 +155,15 @@ def build(conn, model_ref="current", kind_name: str = "flat", params: dict | Non
                        f"{', '.join(splits)}: run the embedding worker first")
     p = resolve_params(k, params or {}, n_before, row.embedding_dim)
     index = make_index(k, row.embedding_dim, p)
-    if index.is_trained:  # nothing to learn: add each batch as it streams in
-        for ids, x in read_batches(conn, row.id, splits):
-            index.add_with_ids(x, ids)
-    else:
-        batches = list(read_batches(conn, row.id, splits))
-        xt = np.concatenate([x for _, x in batches])
-        rng = np.random.default_rng(0)
-        index.train(xt[rng.permutation(len(xt))[: 256 * p.get("nlist", 1) * 4]])
-        for ids, x in batches:
-            index.add_with_ids(x, ids)
+    if not index.is_trained:
+        # k-means learns from a sample read on its own (64 points per list, FAISS's advice
+        # is 30-256), then every vector streams in batch by batch: the process holds the
+        # index and one batch, never the whole gallery as Python lists
+        # (a PQ's codebooks are k-means too: 2^nbits centroids per sub-vector)
+        centroids = max(p.get("nlist", 1), 2 ** p["nbits"] if "nbits" in p else 1)
+        index.train(read_sample(conn, row.id, splits, TRAIN_PER_LIST * centroids))
+    for ids, x in read_batches(conn, row.id, splits):
+        index.add_with_ids(x, ids)
     # a worker committed while we read: the snapshot would be ambiguous. The version
     # moves with every such commit, so this costs one lookup, not a second hash.
     if gallery_version(conn, row.id) != version:

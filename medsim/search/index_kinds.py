@@ -21,6 +21,13 @@ def _nlist(n: int) -> int:
     return int(max(1, min(4 * math.sqrt(max(n, 1)), n // 39 or 1)))
 
 
+def _nprobe(nlist: int) -> int:
+    # a quarter of the lists on small galleries (45 of 180 at 7k images: recall 1.0), but
+    # not a fixed share: at 1M images (4,000 lists) a quarter scans 250k vectors per query,
+    # a quarter of brute force. 4 sqrt(nlist) grows like the lists' own size.
+    return max(1, min(nlist // 4, int(4 * math.sqrt(nlist))))
+
+
 @dataclass(frozen=True)
 class Kind:
     name: str
@@ -45,9 +52,9 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          lambda n, d: {"M": 32, "efConstruction": 80, "efSearch": 64},
          build_params=("efConstruction",), search_params=("efSearch",)),
     Kind("ivfflat", "inverted lists over k-means cells", "IVF{nlist},Flat",
-         lambda n, d: {"nlist": _nlist(n), "nprobe": max(1, _nlist(n) // 4)}, search_params=("nprobe",)),
+         lambda n, d: {"nlist": _nlist(n), "nprobe": _nprobe(_nlist(n))}, search_params=("nprobe",)),
     Kind("ivfpq", "inverted lists + product quantisation (compressed)", "IVF{nlist},PQ{M}x{nbits}np",
-         lambda n, d: {"nlist": _nlist(n), "M": max(1, d // 2), "nbits": 8, "nprobe": max(1, _nlist(n) // 4)},
+         lambda n, d: {"nlist": _nlist(n), "M": max(1, d // 2), "nbits": 8, "nprobe": _nprobe(_nlist(n))},
          search_params=("nprobe",)),
     # the published notebook's index: IVFPQ, nlist 2, M 4, 8 bits, nprobe 10
     Kind("seed", "the published notebook's IVFPQ (nlist 2, M 4, 8 bits, nprobe 10)", "IVF{nlist},PQ{M}x{nbits}np",

@@ -7,6 +7,8 @@ in the same table.
 
 from __future__ import annotations
 
+import os
+
 from psycopg import sql
 
 
@@ -33,6 +35,24 @@ DEFAULT_M = 16
 DEFAULT_EF_CONSTRUCTION = 200
 
 
+def build_memory_mb(n: int, dim: int, m: int = DEFAULT_M) -> int:
+    """maintenance_work_mem for building an HNSW graph of n vectors in memory: a graph
+    that outgrows it is finished on disk, several times slower (pgvector says so in a
+    NOTICE). About the vector, 2m level-0 neighbours and the element header per row, with
+    a margin; at least 64 MB, at most a quarter of this machine's memory."""
+    per_row = 4 * dim + 8 + 2 * m * 12 + 160
+    want = int(n * per_row * 1.3 / 2**20) + 64
+    try:
+        ram_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20
+    except (ValueError, OSError, AttributeError):
+        ram_mb = 4096
+    return max(64, min(want, ram_mb // 4))
+
+
+def scalar_count(conn, model_id: int) -> int:
+    return conn.execute("SELECT count(*) FROM medsim.embeddings WHERE model_id = %s", (int(model_id),)).fetchone()[0]
+
+
 def ensure(conn, model_id: int, dim: int, m: int = DEFAULT_M,
            ef_construction: int = DEFAULT_EF_CONSTRUCTION, replace: bool = False) -> bool:
     """Create the model's HNSW index if missing (or replace it) -> True if built now.
@@ -51,11 +71,23 @@ def ensure(conn, model_id: int, dim: int, m: int = DEFAULT_M,
             # index commits, so searches wait for the rebuild (seconds per 100k rows here)
             # instead of ever running without an index. A rollback keeps the old one.
             conn.execute(sql.SQL("DROP INDEX medsim.{}").format(sql.Identifier(index_name(model_id))))
-        conn.execute("SET LOCAL maintenance_work_mem = '256MB'")
+        mem = build_memory_mb(scalar_count(conn, model_id), dim, m)
+        conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (f"{mem}MB",))
         conn.execute(sql.SQL(
             "CREATE INDEX {name} ON medsim.embeddings USING hnsw (({expr}) vector_l2_ops) "
             "WITH (m = {m}, ef_construction = {efc}) WHERE model_id = {model_id}"
         ).format(name=sql.Identifier(index_name(model_id)), expr=distance_expr(dim),
                  m=sql.Literal(int(m)), efc=sql.Literal(int(ef_construction)),
                  model_id=sql.Literal(int(model_id))))
+    return True
+
+
+def drop(conn, model_id: int) -> bool:
+    """Drop the model's HNSW index (before a bulk load) -> True if there was one. Under
+    the model's row lock, like ensure(), so it never races a build."""
+    with conn.transaction():
+        conn.execute("SELECT 1 FROM medsim.models WHERE id = %s FOR NO KEY UPDATE", (int(model_id),))
+        if not exists(conn, model_id):
+            return False
+        conn.execute(sql.SQL("DROP INDEX medsim.{}").format(sql.Identifier(index_name(model_id))))
     return True

@@ -110,8 +110,10 @@ def latency_stats(lat: np.ndarray) -> dict:
 
 
 def report(conn, builds: list, ks=DEFAULT_KS, query_splits=("test",), ef_searches=DEFAULT_EF,
-           model_ref=None, store: bool = True) -> dict:
-    """Recall table for the given FAISS builds (same model) plus pgvector exact and HNSW."""
+           model_ref=None, store: bool = True, max_queries: int | None = None, seed: int = 0) -> dict:
+    """Recall table for the given FAISS builds (same model) plus pgvector exact and HNSW.
+    max_queries: a seeded sample of the query images (exact ground truth costs one
+    brute-force scan per query, which at a million images is the slow part)."""
     row = registry.get(conn, builds[0].meta["model_id"] if builds else model_ref)
     model_id = row.id
     if any(b.meta["model_id"] != model_id for b in builds):
@@ -120,12 +122,18 @@ def report(conn, builds: list, ks=DEFAULT_KS, query_splits=("test",), ef_searche
     qrows = conn.execute(Q.query_vectors, {"model_id": model_id, "splits": list(query_splits)}).fetchall()
     if not qrows:
         raise NotFound(f"model {model_id} has no embedded {'/'.join(query_splits)} images to query with")
+    n_all = len(qrows)
+    if max_queries is not None and 0 < max_queries < n_all:
+        pick = np.sort(np.random.default_rng(seed).choice(n_all, max_queries, replace=False))
+        qrows = [qrows[i] for i in pick]
     xq = np.stack([r[1].to_numpy() for r in qrows]).astype(np.float32)
     batches = list(faiss_index.read_batches(conn, model_id, splits))
     gallery_ids = np.concatenate([b[0] for b in batches])
     xb = np.concatenate([b[1] for b in batches])
     kmax = max(ks)
+    t_gt = time.perf_counter()
     D_gt, I_gt, lat, _ = pgvector_search(conn, model_id, row.embedding_dim, xq, kmax, splits, exact=True)
+    t_gt = time.perf_counter() - t_gt
     rows = [{"engine": "pgvector", "kind": "exact", "params": {},
              "recall": {str(k): tie_aware_recall(xq, I_gt, D_gt, gallery_ids, xb, k) for k in ks},
              **latency_stats(lat)}]
@@ -145,7 +153,8 @@ def report(conn, builds: list, ks=DEFAULT_KS, query_splits=("test",), ef_searche
     exact_qps = rows[0]["qps"]
     for r in rows:
         r["speedup_vs_exact"] = r["qps"] / exact_qps
-    out = {"model_id": model_id, "n_queries": len(xq), "n_gallery": len(gallery_ids),
+    out = {"model_id": model_id, "n_queries": len(xq), "n_query_images": n_all, "ground_truth_s": t_gt,
+           "n_gallery": len(gallery_ids),
            "gallery_splits": list(splits), "query_splits": list(query_splits), "ks": list(ks), "rows": rows}
     if store:
         out["report_id"] = scalar(conn, Q.insert_recall_report, {
@@ -156,7 +165,9 @@ def report(conn, builds: list, ks=DEFAULT_KS, query_splits=("test",), ef_searche
 
 def format_table(r: dict) -> str:
     ks = r["ks"]
-    lines = [f"recall vs pgvector exact: model {r['model_id']}, {r['n_queries']} queries "
+    sampled = (f" (a seeded sample of {r['n_query_images']})"
+               if r.get("n_query_images", r["n_queries"]) > r["n_queries"] else "")
+    lines = [f"recall vs pgvector exact: model {r['model_id']}, {r['n_queries']} queries{sampled} "
              f"({'/'.join(r['query_splits'])}) over {r['n_gallery']} gallery vectors "
              f"({'/'.join(r['gallery_splits'])})",
              f"{'engine':9s} {'kind':8s} {'params':34s}" + "".join(f"{'R@' + str(k):>8s}" for k in ks)

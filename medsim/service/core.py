@@ -33,9 +33,6 @@ from medsim.service.metrics import Metrics
 
 log = logging.getLogger("medsim.serve")
 
-READ_URL_ENV = "DATABASE_READ_URL"
-
-
 @dataclass
 class ServeConfig:
     host: str = "127.0.0.1"
@@ -76,7 +73,7 @@ class Service:
 
         self.cfg = cfg
         owner_url = cfg.database_url if cfg.database_url is not None else db.database_url()
-        read_url = cfg.read_url or os.environ.get(READ_URL_ENV) or owner_url
+        read_url = cfg.read_url or os.environ.get(db.READ_URL_ENV) or owner_url
         self.read_is_replica = read_url != owner_url
         self.metrics = Metrics()
         self.reader = ConnectionPool(read_url, min_size=2, max_size=cfg.pool_size, open=False, name="medsim-read",
