@@ -106,29 +106,22 @@ def make_archive(data_dir: Path, n_total: int, seed: int = 0) -> dict:
 
 
 # ------------------------------------------------------------------ measuring commands
+# The command is started by a tiny launcher that spawns it and reports its wait4 peak RSS:
+# a child forked straight from this (large) process would be charged this process's pages.
+LAUNCHER = ("import os, sys; pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ); "
+            "_, st, ru = os.wait4(pid, 0); sys.stderr.write(f'\\nMAXRSS_KB {ru.ru_maxrss}\\n'); "
+            "sys.exit(os.waitstatus_to_exitcode(st))")
+
+
 def run_rss(cmd: list[str], env: dict) -> tuple[float, float, str]:
-    """Like run(), with the child's own peak RSS (wait4 before Popen reaps it)."""
+    """-> (wall s, the command's own peak RSS MB, stdout), the command in its own process."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    # read pipes in threads so a chatty child cannot block, then reap it ourselves
-    import threading
-
-    bufs = {"out": "", "err": ""}
-
-    def pump(name, stream):
-        bufs[name] = stream.read()
-
-    ts = [threading.Thread(target=pump, args=("out", p.stdout)), threading.Thread(target=pump, args=("err", p.stderr))]
-    for t in ts:
-        t.start()
-    _, status, ru = os.wait4(p.pid, 0)
-    for t in ts:
-        t.join()
-    p.returncode = os.waitstatus_to_exitcode(status)
+    p = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], env=env, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
     if p.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{bufs['err'][-3000:]}")
-    return wall, ru.ru_maxrss / 1024, bufs["out"]
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    rss_kb = int(p.stderr.rsplit("MAXRSS_KB", 1)[1].split()[0])
+    return wall, rss_kb / 1024, p.stdout
 
 
 def percentiles(lat: list[float]) -> tuple[float, float]:

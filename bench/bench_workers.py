@@ -1,4 +1,5 @@
-"""Several embedding workers on one machine: wall time to drain 8,236 real images.
+"""Several embedding workers on one machine: wall time to drain 8,236 real images (or --n
+augmented ones).
 
     .venv/bin/python bench/bench_workers.py                  # 1, 2 and 4 workers, default threads
     .venv/bin/python bench/bench_workers.py --old-default    # also: every worker's torch on every core
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # tests.helpers
 from common import PRESENT, SHARED, fresh_database, machine  # noqa: E402
 
 from medsim import db, queue  # noqa: E402
@@ -53,20 +55,29 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="runs per row (median reported)")
     p.add_argument("--old-default", action="store_true")
     p.add_argument("--data-dir", default=str(SHARED))
+    p.add_argument("--n", type=int, default=None,
+                   help="an augmented archive of this many images (bench_scale.py's) instead of the 8,236 real ones")
     a = p.parse_args()
     url, server = fresh_database()
     try:
         with db.connect(url, autocommit=True) as conn:
-            for f in PRESENT:
-                ingest.ingest(conn, f, data_dir=a.data_dir, accept_unofficial=True, allow_download=False,
-                              show_progress=False)
+            if a.n:
+                from bench_scale import make_archive
+
+                for e, v in make_archive(Path(a.data_dir), a.n).values():
+                    ingest.ingest_verified(conn, e, v, show_progress=False)
+            else:
+                for f in PRESENT:
+                    ingest.ingest(conn, f, data_dir=a.data_dir, accept_unofficial=True, allow_download=False,
+                                  show_progress=False)
             mid = register_model(conn)
+            total = conn.execute("SELECT count(*) FROM medsim.images").fetchone()[0]
         cores = os.cpu_count()
-        print(f"{machine()}; 8,236 images; wall from the first start to the last exit, median of {a.repeat}")
+        print(f"{machine()}; {total:,} images; wall from the first start to the last exit, median of {a.repeat}")
         rows = [(n, []) for n in map(int, a.workers.split(","))]
         if a.old_default:
             rows += [(n, ["--threads", str(cores)]) for n in map(int, a.workers.split(","))]
-        rows += [(1, ["--threads", "1"])]
+        rows += [(1, ["--threads", "1"]), (1, ["--prefetch"])]
         for n, extra in rows:
             walls = []
             for _ in range(a.repeat):

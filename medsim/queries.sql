@@ -225,7 +225,8 @@ RETURNING id;
 -- ===================================================================== embedding queue
 
 -- name: lock_queue_shared
--- Taken first by every batch transaction; lock_queue_exclusive by enqueue_model.
+-- Taken by every batch transaction before it writes (embeddings COPY, queue DELETE), held to
+-- commit; lock_queue_exclusive by enqueue_model.
 -- Why: enqueue_model decides "not embedded yet" from its snapshot, which cannot see a
 -- batch still in flight. If that batch has already deleted its queue rows, the INSERT
 -- waits for it (ON CONFLICT on a row being deleted), finds no conflict once it

@@ -364,3 +364,29 @@ def test_worker_threads_share_the_cores_among_workers_on_this_host(ready, db_url
             WorkerConfig(threads=0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_prefetching_worker_embeds_each_image_once_and_a_kill_loses_nothing(ready, db_url):
+    """--prefetch (the GPU default): two batches in flight on two connections."""
+    conn, mid = ready
+    w = start_worker(db_url, "--once", "--batch-size", "64", "--no-index", "--prefetch", "--throttle", "0.3")
+    assert wait_until(lambda: n_embedded(conn, mid) >= 128, timeout=60)
+    w.kill()  # SIGKILL with two transactions open
+    w.communicate(timeout=30)
+    done = n_embedded(conn, mid)
+    assert done % 64 == 0  # whole batches only
+    r = run_worker(db_url, "--once", "--batch-size", "64", "--no-index", "--prefetch")
+    assert r.returncode == 0, r.stderr
+    assert n_embedded(conn, mid) == N
+    assert conn.execute("SELECT count(*) FROM medsim.embedding_queue WHERE model_id = %s",
+                        (mid,)).fetchone()[0] == 0
+    dup = conn.execute("SELECT count(*) - count(DISTINCT image_id) FROM medsim.embeddings WHERE model_id = %s",
+                       (mid,)).fetchone()[0]
+    assert dup == 0
+    # and with four of them at once
+    conn.execute("DELETE FROM medsim.embeddings WHERE model_id = %s", (mid,))
+    queue.enqueue(conn, mid)
+    procs = [start_worker(db_url, "--once", "--batch-size", "32", "--no-index", "--prefetch") for _ in range(4)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], [o[1][-2000:] for o in outs]
+    assert sum(int(o[0].split("embedded ")[1].split(",")[0]) for o in outs) == N == n_embedded(conn, mid)
