@@ -173,7 +173,8 @@ def cmd_evaluate(args) -> int:
     from medsim.training import evaluate
 
     with _connect(args) as conn:
-        r = evaluate.evaluate(conn, args.model, device=args.device, exclude_leaked=args.exclude_leaked)
+        r = evaluate.evaluate(conn, args.model, device=args.device, exclude_leaked=args.exclude_leaked,
+                              out_dir=args.out_dir)
     print(evaluate.format_table(r))
     print(f"stored as medsim.evaluations id {r['evaluation_id']}")
     return 0
@@ -473,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run the model")
     s.add_argument("--exclude-leaked", action="store_true",
                    help="leave out test queries the latest `medsim audit` paired with a train/val image")
+    s.add_argument("--out-dir", default="medsim_out", help="where the reliability diagram goes")
     s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("models", help="list registered models; --set-current switches")

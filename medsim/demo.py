@@ -100,7 +100,9 @@ def run(cfg: DemoConfig, log=print) -> dict:
 
         step("evaluation (test pairs and test-vs-train retrieval)", log)
         prior = evaluate.latest(conn, model_id)
-        ev = prior or evaluate.evaluate(conn, model_id)
+        if prior is not None and "calibration" not in prior:
+            prior = None  # stored before calibration existed: evaluate again, which fits it
+        ev = prior or evaluate.evaluate(conn, model_id, out_dir=out)
         log(("(stored evaluation reused)\n" if prior else "") + evaluate.format_table(ev))
 
         step("montage: one test query per subset", log)

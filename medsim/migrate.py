@@ -23,7 +23,7 @@ SQL_DIR = ROOT / "sql"
 # touching the database costs no Alembic import (0.2 s of start-up: Alembic loads
 # SQLAlchemy); tests/test_migrations.py asserts it is Alembic's head. Alembic itself is
 # imported only where it runs migrations or explains a mismatch.
-HEAD = "0012"
+HEAD = "0013"
 
 # Concurrent `alembic upgrade head` runs (docker compose starts several workers, each
 # migrating first) would race on DDL; they take turns on this session lock instead.

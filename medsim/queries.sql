@@ -484,3 +484,15 @@ SELECT d.flag AS name, d.source_kind, d.label_names, d.task,
                  (SELECT i.split, count(*) AS n FROM medsim.images i WHERE i.dataset_id = d.id GROUP BY i.split) s),
                 '{}') AS images_per_split
 FROM medsim.datasets d ORDER BY d.flag;
+
+-- ===================================================================== calibration
+
+-- name: upsert_calibration
+INSERT INTO medsim.calibrations (model_id, dataset, a, b, vote_a, vote_b, report)
+VALUES (%(model_id)s, %(dataset)s, %(a)s, %(b)s, %(vote_a)s, %(vote_b)s, %(report)s)
+ON CONFLICT (model_id, dataset) DO UPDATE
+SET a = EXCLUDED.a, b = EXCLUDED.b, vote_a = EXCLUDED.vote_a, vote_b = EXCLUDED.vote_b,
+    report = EXCLUDED.report, created_at = now();
+
+-- name: calibrations_of
+SELECT dataset, a, b, vote_a, vote_b FROM medsim.calibrations WHERE model_id = %(model_id)s ORDER BY dataset;

@@ -152,6 +152,19 @@ BEGIN
 END
 $$;
 
+-- The probability that a neighbour at this distance shares the query's diagnosis, from
+-- the model's calibration for the dataset (medsim evaluate fits it on validation pairs);
+-- NULL when none is stored. For example:
+--   SELECT s.*, medsim.p_same_label(NULL, s.dataset, s.distance) FROM medsim.similar_images(3000, 5) s;
+CREATE OR REPLACE FUNCTION medsim.p_same_label(p_model_id integer, p_dataset text, p_distance double precision)
+RETURNS double precision
+LANGUAGE sql STABLE AS $$
+    SELECT 1 / (1 + exp(least(700, -(c.a + c.b * p_distance))))  -- least: exp() overflows past 709
+    FROM medsim.calibrations c
+    WHERE c.model_id = coalesce(p_model_id, (SELECT id FROM medsim.models WHERE is_current))
+      AND c.dataset = p_dataset
+$$;
+
 -- Read-only access for analysts: SELECT and the functions above, nothing else.
 -- Roles are cluster-wide, so create it only if another database has not already.
 DO $$
@@ -188,7 +201,8 @@ GRANT EXECUTE ON FUNCTION medsim.search_by_vector(vector, integer, integer, text
                           medsim.similar_images(bigint, integer, integer, text, jsonb, boolean, integer),
                           medsim.gallery_match(text, text, text, jsonb, text, jsonb, text),
                           medsim.filter_values(jsonb),
-                          medsim.label_name(integer, smallint[]) TO medsim_reader;
+                          medsim.label_name(integer, smallint[]),
+                          medsim.p_same_label(integer, text, double precision) TO medsim_reader;
 ALTER DEFAULT PRIVILEGES IN SCHEMA medsim GRANT SELECT ON TABLES TO medsim_reader;
 -- A query that runs away is cancelled; it applies to sessions that log in as (or SET ROLE
 -- to) medsim_reader. Per-person logins set their own: ALTER ROLE alice SET statement_timeout.

@@ -38,6 +38,7 @@ class Query:
     label_name: str | None = None
     in_gallery: list = field(default_factory=list)  # gallery ids holding this very image
     patient_key: str | None = None  # the query's patient, excluded from its neighbours by default
+    vote: dict | None = None  # the neighbours' label vote and its calibrated confidence
 
 
 @dataclass
@@ -49,6 +50,22 @@ class Hit:
     distance: float
     patient_key: str | None = None
     study_id: str | None = None
+    p_same: float | None = None  # calibrated P(same diagnosis as the query), when fitted
+
+
+def calibrate(conn, model_id: int, results) -> None:
+    """Attach each neighbour's calibrated P(same diagnosis) and each query's vote (the
+    model's medsim.calibrations rows, fitted by `medsim evaluate`); no rows, no numbers."""
+    from medsim.training import calibration
+
+    cals = calibration.load(conn, model_id)
+    if not cals:
+        return
+    for q, hits in results:
+        for h in hits:
+            c = cals.get(h.dataset)
+            h.p_same = c.p_same(h.distance) if c else None
+        q.vote = calibration.vote(hits, cals, q.dataset)
 
 
 @dataclass
@@ -232,8 +249,11 @@ def search(conn, *, image_ids=(), image_files=(), k: int = 4, dataset: str | Non
     queries += [query_from_file(conn, embedder, p) for p in image_files]
     if engine == "faiss":
         searcher = FaissSearcher(conn, row.id, index_path)
-        return [(q, searcher(q, k, f)) for q in queries]
-    return [(q, search_pgvector(conn, q, k, row.id, f, exact=engine == "exact")) for q in queries]
+        results = [(q, searcher(q, k, f)) for q in queries]
+    else:
+        results = [(q, search_pgvector(conn, q, k, row.id, f, exact=engine == "exact")) for q in queries]
+    calibrate(conn, row.id, results)
+    return results
 
 
 def example_queries(conn, flags) -> list[int]:
@@ -244,7 +264,7 @@ def example_queries(conn, flags) -> list[int]:
 def as_json(results) -> list[dict]:
     return [{"query": {"label": q.label, "image_id": q.image_id, "dataset": q.dataset,
                        "label_name": q.label_name, "in_gallery": q.in_gallery},
-             "neighbours": [h.__dict__ for h in hits]} for q, hits in results]
+             "vote": q.vote, "neighbours": [h.__dict__ for h in hits]} for q, hits in results]
 
 
 def format_results(results) -> str:
@@ -256,8 +276,13 @@ def format_results(results) -> str:
             lines.append(f"  note: the query is itself in the gallery (image id "
                          f"{', '.join(map(str, q.in_gallery))}); left out of its neighbours")
         for rank, h in enumerate(hits, 1):
+            p = f"  P(same) {h.p_same:.2f}" if h.p_same is not None else ""
             lines.append(f"  {rank:2d}. image {h.image_id:<7d} {h.dataset:16s} {h.split:5s} "
-                         f"{h.label_name[:40]:40s} distance {h.distance:.4f}")
+                         f"{h.label_name[:40]:40s} distance {h.distance:.4f}{p}")
+        if q.vote:
+            v = q.vote
+            conf = (f"; calibrated P(right) {v['confidence']:.2f}" if v["confidence"] is not None else "")
+            lines.append(f"  vote: {v['label_name']} ({v['votes']} of {v['of']} {v['dataset']} neighbours{conf})")
     return "\n".join(lines)
 
 

@@ -66,6 +66,8 @@ class Neighbour(BaseModel):
     split: str
     label_name: str
     distance: float
+    p_same: float | None = Field(description="calibrated probability that it shares the query's diagnosis "
+                                             "(fitted by `medsim evaluate` on validation pairs; None if not fitted)")
     same_label: bool | None = Field(description="the query's label and dataset (None: the query has no label)")
     patient_key: str | None
     study_id: str | None
@@ -81,6 +83,17 @@ class QueryInfo(BaseModel):
     in_gallery: list[int]
 
 
+class Vote(BaseModel):
+    dataset: str
+    label_name: str
+    votes: int
+    of: int
+    share: float
+    confidence: float | None = Field(description="calibrated probability that the vote is the query's label "
+                                                 "(fitted at k=10 on validation queries)")
+    calibrated_at_k: int
+
+
 class ModelBrief(BaseModel):
     id: int
     name: str
@@ -92,6 +105,7 @@ class SearchResponse(BaseModel):
     engine: str
     index_build: int | None = Field(description="the FAISS build that answered (engine faiss)")
     query: QueryInfo
+    vote: Vote | None = Field(None, description="the label the neighbours vote for")
     neighbours: list[Neighbour]
     notes: list[str]
     timing_ms: float
@@ -268,7 +282,7 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
             engine=out.engine, index_build=out.index_build,
             query=QueryInfo(kind=kind, label=q.label, image_id=q.image_id, dataset=q.dataset,
                             label_name=q.label_name, in_gallery=q.in_gallery),
-            neighbours=[Neighbour(**h) for h in hit_rows(out)], notes=out.notes,
+            vote=q.vote, neighbours=[Neighbour(**h) for h in hit_rows(out)], notes=out.notes,
             timing_ms=round((time.perf_counter() - t0) * 1000, 3))
 
     # --------------------------------------------------------------- images

@@ -188,6 +188,7 @@ class Service:
                 raise NotFound(f"the gallery is empty for model {row.id}"
                                + (" under these filters" if f.where else "")
                                + ": ingest images and run the embedding worker, or loosen the filters")
+            similar.calibrate(conn, row.id, [(q, hits)])
         if max_distance is not None:
             out.notes.append(f"{sum(h.distance > max_distance for h in hits)} of {len(hits)} neighbours were "
                              f"farther than max_distance {max_distance}")
@@ -340,7 +341,7 @@ def _jsonb(d: dict):
 def hit_rows(out: SearchOutcome) -> list[dict]:
     qlabels = set((out.query.label_name or "").split(", ")) - {""}
     return [{"image_id": h.image_id, "dataset": h.dataset, "split": h.split, "label_name": h.label_name,
-             "distance": h.distance, "patient_key": h.patient_key, "study_id": h.study_id,
+             "distance": h.distance, "p_same": h.p_same, "patient_key": h.patient_key, "study_id": h.study_id,
              "same_label": (bool(qlabels & set(h.label_name.split(", "))) and h.dataset == out.query.dataset)
              if qlabels else None,
              "thumbnail_url": f"/images/{h.image_id}/thumbnail.png",

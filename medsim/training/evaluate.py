@@ -16,7 +16,7 @@ import numpy as np
 
 from medsim import registry
 from medsim.queries import Q, one, scalar
-from medsim.training import data, metrics, network
+from medsim.training import calibration, data, metrics, network
 from medsim.training.pairs import sample_pairs
 
 PAIR_SEED_VAL, PAIR_SEED_TEST = 11, 12
@@ -58,7 +58,8 @@ def raw_pixels(split: data.Split) -> np.ndarray:
     return split.images.reshape(len(split), -1).astype(np.float32) / 255.0
 
 
-def evaluate(conn, model_ref="current", device="cpu", store: bool = True, exclude_leaked: bool = False) -> dict:
+def evaluate(conn, model_ref="current", device="cpu", store: bool = True, exclude_leaked: bool = False,
+             out_dir="medsim_out") -> dict:
     row = registry.get(conn, model_ref)
     net = row.load(conn, device)
     flags = row.datasets
@@ -89,8 +90,11 @@ def evaluate(conn, model_ref="current", device="cpu", store: bool = True, exclud
         "literature": literature(z["test"], test, z["train"], train, "l2"),
         "literature_baseline_raw_pixel_cosine": literature(raw_pixels(test), test, raw_pixels(train), train,
                                                            "cosine"),
+        # distance -> P(same diagnosis), vote share -> P(vote right): fitted on val, ECE on test
+        "calibration": calibration.fit(z, {"train": train, "val": val, "test": test}, out_dir, row.id),
     }
     if store:
+        calibration.store(conn, row.id, results["calibration"])
         results["evaluation_id"] = scalar(
             conn, Q.insert_evaluation, {"model_id": row.id, "seed": PAIR_SEED_TEST, "results": json.dumps(results)})
     return results
@@ -136,4 +140,14 @@ def format_table(r: dict) -> str:
             cells = "".join(f"{m[n]:>8.2%} [{m['ci95'][n][0]:.3f},{m['ci95'][n][1]:.3f}] |{base.get(n, float('nan')):>6.1%}"
                             for n in names)
             lines.append(f"  {flag:16s}{cells}")
+    if r.get("calibration"):
+        lines += ["", "calibration (fitted on val -> train neighbours, k=10; expected calibration error on test)"]
+        lines.append(f"  {'subset':16s}{'P(same) = 1/(1+exp(-(a+b*d)))':>32s}{'ECE val':>9s}{'ECE test':>9s}"
+                     f"{'vote ECE test':>14s}")
+        for flag, c in r["calibration"].items():
+            lines.append(f"  {flag:16s}{'a=' + format(c['a'], '.2f') + ', b=' + format(c['b'], '.2f'):>32s}"
+                         f"{c['ece_val']:9.3f}{c['ece_test']:9.3f}{c['vote_ece_test']:14.3f}")
+        png = next((c["diagram_png"] for c in r["calibration"].values() if c.get("diagram_png")), None)
+        if png:
+            lines.append(f"  reliability diagram: {png}")
     return "\n".join(lines)

@@ -78,7 +78,9 @@ function render(res, queryImgSrc) {
   const engines = { pgvector: "pgvector HNSW", exact: "pgvector exact", faiss: `FAISS build ${res.index_build}` };
   $("summary").textContent = `${res.neighbours.length} nearest from the train and val images, by ` +
     `${engines[res.engine] || res.engine}, in ${res.timing_ms.toFixed(1)} ms` +
-    (q.label_name ? `; ${same} of ${res.neighbours.length} share the query's label` : "");
+    (q.label_name ? `; ${same} of ${res.neighbours.length} share the query's label` : "") +
+    (res.vote ? `. Vote: ${res.vote.label_name} (${res.vote.votes} of ${res.vote.of}` +
+      (res.vote.confidence !== null ? `, calibrated P(right) ${res.vote.confidence.toFixed(2)})` : ")") : "");
   const cards = res.neighbours.map((n) => {
     const li = document.createElement("li");
     li.className = "card" + (n.same_label ? " same" : "");
@@ -104,6 +106,13 @@ function render(res, queryImgSrc) {
     ident.className = "where";
     ident.textContent = `image ${n.image_id}`;
     body.append(label, where, dist, ident);
+    if (n.p_same !== null && n.p_same !== undefined) {
+      const p = document.createElement("div");
+      p.className = "where psame";
+      p.title = "calibrated probability that this image shares the query's diagnosis";
+      p.textContent = `P(same diagnosis) ${n.p_same.toFixed(2)}`;
+      body.append(p);
+    }
     if (n.same_label !== null) {
       const b = document.createElement("span");
       b.className = "badge " + (n.same_label ? "same" : "diff");

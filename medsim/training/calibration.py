@@ -1,0 +1,180 @@
+"""Calibrated answers: a neighbour's distance -> the probability that it shares the
+query's diagnosis, and the neighbours' vote -> the probability that the vote is right.
+
+A distance alone means nothing to a clinician. Per dataset, two one-feature logistic
+fits (monotone, two parameters each, so they cannot overfit a small validation split):
+- **neighbour**: P(same label | distance), on the pairs a search produces: every
+  validation image against its 10 nearest training images of the same dataset;
+- **vote**: P(the majority label of the 10 nearest is the query's label | the share of
+  the 10 that voted for it), on the same validation queries.
+
+Fitted on validation only; expected calibration error (10 equal-width bins) and a
+reliability diagram come from the test split, queried the same way. Stored per model and
+dataset in medsim.calibrations; searches (CLI, JSON, HTTP) and the SQL function
+medsim.p_same_label() read them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medsim.queries import Q, rows
+
+K_FIT = 10
+BINS = 10
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, iters: int = 50) -> tuple[float, float]:
+    """P(y = 1 | x) = sigmoid(a + b x) by Newton's method (a tiny ridge keeps separable
+    data finite) -> (a, b)."""
+    x = np.asarray(x, np.float64)
+    y = np.asarray(y, np.float64)
+    X = np.stack([np.ones_like(x), x], axis=1)
+    w = np.zeros(2)
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-(X @ w)))
+        g = X.T @ (p - y) + l2 * w
+        H = (X * (p * (1 - p))[:, None]).T @ X + l2 * np.eye(2)
+        step = np.linalg.solve(H, g)
+        w -= step
+        if np.abs(step).max() < 1e-9:
+            break
+    return float(w[0]), float(w[1])
+
+
+def sigmoid(a: float, b: float, x) -> np.ndarray:
+    return 1 / (1 + np.exp(-(a + b * np.asarray(x, np.float64))))
+
+
+def ece(p: np.ndarray, y: np.ndarray, bins: int = BINS) -> tuple[float, list]:
+    """Expected calibration error over equal-width bins -> (ece, [(mean p, freq, n)])."""
+    p, y = np.asarray(p), np.asarray(y, np.float64)
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    out, total = [], 0.0
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            out.append((float(p[m].mean()), float(y[m].mean()), int(m.sum())))
+            total += m.sum() / len(p) * abs(p[m].mean() - y[m].mean())
+    return float(total), out
+
+
+def neighbour_pairs(zq, q_labels, zb, b_labels, k: int = K_FIT):
+    """-> (distances, same) for each query's k nearest gallery images, and per query
+    (vote share of the majority label, whether it is the query's label)."""
+    from medsim.training import metrics
+
+    D, I = metrics.knn_search(zq, zb, k=k)
+    same = b_labels[I] == q_labels[:, None]
+    shares, right = [], []
+    for row_labels, ql in zip(b_labels[I], q_labels, strict=True):
+        values, counts = np.unique(row_labels, return_counts=True)
+        top = values[np.argmax(counts)]  # ties: the smallest label key, deterministically
+        shares.append(counts.max() / len(row_labels))
+        right.append(top == ql)
+    return D.ravel(), same.ravel(), np.array(shares), np.array(right)
+
+
+@dataclass
+class Calibration:
+    dataset: str
+    a: float
+    b: float
+    vote_a: float
+    vote_b: float
+
+    def p_same(self, distance: float) -> float:
+        return float(sigmoid(self.a, self.b, distance))
+
+    def vote_confidence(self, share: float) -> float:
+        return float(sigmoid(self.vote_a, self.vote_b, share))
+
+
+def fit(z: dict, splits: dict, out_dir: Path | str | None = None, model_id: int | None = None) -> dict:
+    """Per dataset: fit on val -> train, measure on test -> train. `z` and `splits` are
+    evaluate()'s embeddings and data.Split objects by split name -> {flag: figures}."""
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    out = {}
+    for d in np.unique(val.dataset_ids):
+        flag = val.flags[int(d)]
+        bm, vm, tm = train.dataset_ids == d, val.dataset_ids == d, test.dataset_ids == d
+        if bm.sum() < K_FIT or vm.sum() < 2 or tm.sum() < 2:
+            continue
+        dv, sv, share_v, right_v = neighbour_pairs(z["val"][vm], val.label_keys[vm], z["train"][bm],
+                                                   train.label_keys[bm])
+        dt, st, share_t, right_t = neighbour_pairs(z["test"][tm], test.label_keys[tm], z["train"][bm],
+                                                   train.label_keys[bm])
+        a, b = fit_logistic(dv, sv)
+        va, vb = fit_logistic(share_v, right_v)
+        e_val, _ = ece(sigmoid(a, b, dv), sv)
+        e_test, diagram = ece(sigmoid(a, b, dt), st)
+        ev_test, vote_diagram = ece(sigmoid(va, vb, share_t), right_t)
+        out[flag] = {"method": "logistic", "a": a, "b": b, "vote_a": va, "vote_b": vb, "k_fit": K_FIT,
+                     "n_val_pairs": int(len(dv)), "n_test_pairs": int(len(dt)),
+                     "ece_val": e_val, "ece_test": e_test, "vote_ece_test": ev_test,
+                     "reliability_test": diagram, "vote_reliability_test": vote_diagram,
+                     "base_rate_test": float(np.mean(st))}
+    if out_dir is not None and out:
+        out[next(iter(out))]["diagram_png"] = str(reliability_png(out, Path(out_dir), model_id))
+    return out
+
+
+def reliability_png(cal: dict, out_dir: Path, model_id: int | None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4), dpi=100)
+    for ax, key, title in ((axes[0], "reliability_test", "neighbour: P(same label | distance)"),
+                           (axes[1], "vote_reliability_test", "vote: P(majority of 10 is right | share)")):
+        ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1)
+        for flag, c in cal.items():
+            pts = np.array([(p, f) for p, f, _ in c[key]])
+            e = c["ece_test"] if key == "reliability_test" else c["vote_ece_test"]
+            ax.plot(pts[:, 0], pts[:, 1], marker="o", label=f"{flag} (ECE {e:.3f})")
+        ax.set_xlabel("predicted probability (fitted on val)")
+        ax.set_ylabel("observed frequency (test)")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    path = out_dir / (f"model-{model_id}" if model_id is not None else ".") / "reliability.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def store(conn, model_id: int, cal: dict) -> None:
+    for flag, c in cal.items():
+        conn.execute(Q.upsert_calibration, {"model_id": model_id, "dataset": flag, "a": c["a"], "b": c["b"],
+                                            "vote_a": c["vote_a"], "vote_b": c["vote_b"],
+                                            "report": json.dumps(c)})
+
+
+def load(conn, model_id: int) -> dict[str, Calibration]:
+    return {c.dataset: c for c in rows(conn, Q.calibrations_of, {"model_id": model_id}, as_=Calibration)}
+
+
+def vote(hits, cals: dict[str, Calibration], dataset: str | None) -> dict | None:
+    """The label the neighbours vote for (those of the query's dataset, or all when the
+    query has none), and the calibrated probability that it is the query's label."""
+    pool = [h for h in hits if dataset is None or h.dataset == dataset]
+    if not pool:
+        return None
+    counts: dict[tuple, int] = {}
+    for h in pool:
+        counts[(h.dataset, h.label_name)] = counts.get((h.dataset, h.label_name), 0) + 1
+    (ds, label), n = max(counts.items(), key=lambda kv: (kv[1], -list(counts).index(kv[0])))
+    share = n / len(pool)
+    cal = cals.get(ds)
+    return {"dataset": ds, "label_name": label, "votes": n, "of": len(pool), "share": share,
+            "confidence": cal.vote_confidence(share) if cal else None,
+            "calibrated_at_k": K_FIT}

@@ -1,0 +1,86 @@
+"""Calibrated answers: the logistic fits, the ECE, and the numbers every search returns."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from medsim.search import similar
+from medsim.training import calibration, evaluate
+
+
+def test_the_logistic_fit_recovers_known_parameters_and_is_calibrated():
+    rng = np.random.default_rng(0)
+    d = rng.uniform(0, 1, 20_000)
+    y = rng.random(20_000) < calibration.sigmoid(3.0, -8.0, d)
+    a, b = calibration.fit_logistic(d, y)
+    assert a == pytest.approx(3.0, abs=0.25) and b == pytest.approx(-8.0, abs=0.6)
+    e, bins = calibration.ece(calibration.sigmoid(a, b, d), y)
+    assert e < 0.02 and sum(n for _, _, n in bins) == len(d)
+    # a deliberately wrong mapping is measured as badly calibrated
+    e_bad, _ = calibration.ece(calibration.sigmoid(0.0, 0.0, d), y)
+    assert e_bad > 0.1
+    # separable data stays finite (the ridge)
+    a, b = calibration.fit_logistic(np.array([0.1, 0.2, 0.8, 0.9]), np.array([1, 1, 0, 0]))
+    assert math.isfinite(a) and math.isfinite(b) and b < 0
+
+
+def test_evaluate_fits_stores_and_searches_return_calibrated_numbers(embedded, tmp_path):
+    conn, mid = embedded
+    r = evaluate.evaluate(conn, mid, out_dir=tmp_path)
+    cal = r["calibration"]
+    assert set(cal) == {"breastmnist", "retinamnist"}
+    for c in cal.values():
+        assert 0 <= c["ece_val"] <= 1 and 0 <= c["ece_test"] <= 1 and c["n_val_pairs"] > 0
+        assert sum(n for _, _, n in c["reliability_test"]) == c["n_test_pairs"]
+    png = next(c["diagram_png"] for c in cal.values() if c.get("diagram_png"))
+    assert (tmp_path / f"model-{mid}" / "reliability.png").exists() and png.endswith("reliability.png")
+    stored = conn.execute("SELECT dataset, a, b, report FROM medsim.calibrations WHERE model_id = %s ORDER BY dataset",
+                          (mid,)).fetchall()
+    assert [s[0] for s in stored] == ["breastmnist", "retinamnist"]
+    assert stored[0][3]["ece_test"] == pytest.approx(cal["breastmnist"]["ece_test"])
+    # every neighbour carries P(same), and the SQL function agrees with Python
+    gid = conn.execute("SELECT min(image_id) FROM medsim.gallery WHERE dataset = 'breastmnist'").fetchone()[0]
+    [(q, hits)] = similar.search(conn, image_ids=[gid], k=6)
+    a, b = stored[0][1], stored[0][2]
+    for h in hits:
+        assert h.p_same is not None and 0 <= h.p_same <= 1
+        assert h.p_same == pytest.approx(calibration.sigmoid(*[s[1:3] for s in stored if s[0] == h.dataset][0],
+                                                             h.distance))
+    sql = conn.execute("SELECT s.image_id, medsim.p_same_label(NULL, s.dataset, s.distance) "
+                       "FROM medsim.similar_images(%s, 6) s", (gid,)).fetchall()
+    assert [round(p, 9) for _, p in sql] == [round(h.p_same, 9) for h in hits]
+    assert conn.execute("SELECT medsim.p_same_label(NULL, 'nosuch', 0.1)").fetchone()[0] is None
+    # a distance of 0 is at least as likely the same diagnosis as the farthest neighbour
+    assert calibration.sigmoid(a, b, 0.0) >= calibration.sigmoid(a, b, 2.0) or b > 0
+    # the query's vote: a label of its dataset, a confidence in [0, 1]
+    assert q.vote["dataset"] == "breastmnist" and 0 <= q.vote["confidence"] <= 1
+    assert q.vote["votes"] <= q.vote["of"] <= 6
+    out = similar.as_json([(q, hits)])[0]
+    assert out["vote"]["label_name"] == q.vote["label_name"] and "p_same" in out["neighbours"][0]
+    assert "P(same)" in similar.format_results([(q, hits)]) and "vote:" in similar.format_results([(q, hits)])
+    # the reader role may call the function
+    with conn.transaction():
+        conn.execute("SET LOCAL ROLE medsim_reader")
+        assert conn.execute("SELECT medsim.p_same_label(NULL, 'breastmnist', 0.1)").fetchone()[0] is not None
+    json.dumps(r)  # the stored evaluation is JSON
+
+
+def test_the_http_answer_carries_the_calibration(embedded, db_url, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from medsim.service.app import create_app
+    from medsim.service.core import ServeConfig
+
+    conn, mid = embedded
+    gid = conn.execute("SELECT min(image_id) FROM medsim.gallery").fetchone()[0]
+    with TestClient(create_app(ServeConfig(database_url=db_url))) as client:
+        body = client.post("/search", json={"image_id": gid, "k": 4}).json()
+        assert body["vote"] is None and all(n["p_same"] is None for n in body["neighbours"])  # not fitted yet
+        evaluate.evaluate(conn, mid, out_dir=tmp_path)
+        body = client.post("/search", json={"image_id": gid, "k": 4}).json()
+        assert all(0 <= n["p_same"] <= 1 for n in body["neighbours"])
+        assert body["vote"]["of"] >= 1 and 0 <= body["vote"]["confidence"] <= 1
