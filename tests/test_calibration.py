@@ -81,6 +81,7 @@ def test_the_http_answer_carries_the_calibration(embedded, db_url, tmp_path):
         body = client.post("/search", json={"image_id": gid, "k": 4}).json()
         assert body["vote"] is None and all(n["p_same"] is None for n in body["neighbours"])  # not fitted yet
         evaluate.evaluate(conn, mid, out_dir=tmp_path)
+        client.app.state.service.cals.clear()  # (the service re-reads them every 30 s)
         body = client.post("/search", json={"image_id": gid, "k": 4}).json()
         assert all(0 <= n["p_same"] <= 1 for n in body["neighbours"])
         assert body["vote"]["of"] >= 1 and 0 <= body["vote"]["confidence"] <= 1

@@ -53,12 +53,13 @@ class Hit:
     p_same: float | None = None  # calibrated P(same diagnosis as the query), when fitted
 
 
-def calibrate(conn, model_id: int, results) -> None:
+def calibrate(conn, model_id: int, results, cals: dict | None = None) -> None:
     """Attach each neighbour's calibrated P(same diagnosis) and each query's vote (the
-    model's medsim.calibrations rows, fitted by `medsim evaluate`); no rows, no numbers."""
+    model's medsim.calibrations rows, fitted by `medsim evaluate`, unless given); no
+    rows, no numbers."""
     from medsim.training import calibration
 
-    cals = calibration.load(conn, model_id)
+    cals = calibration.load(conn, model_id) if cals is None else cals
     if not cals:
         return
     for q, hits in results:

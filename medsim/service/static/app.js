@@ -110,7 +110,7 @@ function render(res, queryImgSrc) {
       const p = document.createElement("div");
       p.className = "where psame";
       p.title = "calibrated probability that this image shares the query's diagnosis";
-      p.textContent = `P(same diagnosis) ${n.p_same.toFixed(2)}`;
+      p.textContent = `P(same) ${n.p_same.toFixed(2)}`;
       body.append(p);
     }
     if (n.same_label !== null) {
