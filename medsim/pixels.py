@@ -41,6 +41,13 @@ class StoredRow:
     def decode(self) -> np.ndarray:
         return decode(bytes(self.pixels), self.height, self.width, self.channels, self.bit_depth)
 
+    def decode_or_refuse(self) -> np.ndarray:
+        """decode() for a user's request: a row stored broken is DataRefused naming it."""
+        try:
+            return self.decode()
+        except ValueError as err:
+            raise DataRefused(f"image {self.id} is stored broken ({err}); it cannot be shown or searched") from None
+
 
 def decode(pixels: bytes, h: int, w: int, c: int, bit_depth: int = 8) -> np.ndarray:
     """Stored bytes -> (h, w, 3) uint8, the model's input. 16-bit images are windowed to

@@ -22,7 +22,7 @@ import numpy as np
 from psycopg.types.json import Jsonb
 
 from medsim import registry
-from medsim.errors import BadArgument, DataRefused, NotFound
+from medsim.errors import BadArgument, NotFound
 from medsim.pixels import StoredRow, load_image_file
 from medsim.queries import Q, one, rows, scalar
 from medsim.search import ENGINES, GALLERY_SPLITS, MAX_K
@@ -134,10 +134,7 @@ def query_from_id(conn, embedder: Embedder, image_id: int) -> Query:
     r = one(conn, Q.image_for_search, {"id": image_id, "model_id": embedder.model_row.id}, as_=StoredImage)
     if r is None:
         raise NotFound(f"no image with id {image_id}")
-    try:
-        x = r.decode()
-    except ValueError as err:
-        raise DataRefused(f"image {image_id} is stored broken ({err}); it cannot be shown or searched") from None
+    x = r.decode_or_refuse()
     v = r.embedding.to_numpy() if r.embedding is not None else embedder(x)  # not embedded yet
     q = Query(f"image {image_id}", x, v.astype(np.float32), image_id, r.dataset, r.label_name,
               patient_key=r.patient_key)

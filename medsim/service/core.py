@@ -25,7 +25,7 @@ import psycopg
 from psycopg import sql
 
 from medsim import db, migrate, registry
-from medsim.errors import BadArgument, DatabaseUnavailable, DataRefused, NotFound
+from medsim.errors import BadArgument, DatabaseUnavailable, NotFound
 from medsim.pixels import StoredRow, load_image_bytes
 from medsim.queries import Q, one, scalar
 from medsim.search import GALLERY_SPLITS, MAX_K, similar
@@ -234,11 +234,7 @@ class Service:
             else:  # not embedded yet for this model: its pixels, read as the owner
                 with self.owner.connection() as oc:
                     p = one(oc, Q.image_pixels_one, {"id": image_id}, as_=StoredRow)
-                try:
-                    x = p.decode()
-                except ValueError as err:
-                    raise DataRefused(f"image {image_id} is stored broken ({err}); it cannot be searched") from None
-                v = self.embed(row, x)
+                v = self.embed(row, p.decode_or_refuse())
             q = similar.Query(f"image {image_id}", np.zeros((1, 1, 3), np.uint8), v, image_id, r.dataset,
                               r.label_name, patient_key=r.patient_key)
             if r.split in GALLERY_SPLITS:
@@ -269,10 +265,7 @@ class Service:
             sha = scalar(conn, Q.image_sha256, {"id": image_id})
         if p is None:
             raise NotFound(f"no image with id {image_id}")
-        try:
-            x = p.decode()
-        except ValueError as err:
-            raise DataRefused(f"image {image_id} is stored broken ({err})") from None
+        x = p.decode_or_refuse()
         img = Image.fromarray(x[..., 0] if p.channels == 1 else x)
         if max(img.size) > size:
             img.thumbnail((size, size), Image.Resampling.LANCZOS)
