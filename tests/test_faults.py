@@ -471,10 +471,16 @@ def test_backup_and_restore_give_identical_search_and_recall(ready, db_url, admi
     ids = [r[0] for r in conn.execute("SELECT image_id FROM medsim.query_images ORDER BY image_id LIMIT 20")]
 
     def answers(c):
+        # exact search and FAISS: the same data must give the same answers. pg_restore builds
+        # the pgvector HNSW index anew, and an HNSW graph differs from build to build (random
+        # levels): its recall is checked to be sound below, not identical (it once came back
+        # 0.95 instead of 1.0 on this untrained model's clustered vectors).
         hits = [[(h.image_id, round(h.distance, 6)) for h in found]
-                for _, found in similar.search(c, image_ids=ids, k=5)]
+                for _, found in similar.search(c, image_ids=ids, k=5, engine="exact")]
         rep = recall.report(c, [faiss_index.load_build(c, b.meta["build_id"])], ks=(1, 10), store=False)
-        return hits, [(r["engine"], r["kind"], r["recall"]) for r in rep["rows"]]
+        hnsw = [r["recall"]["10"] for r in rep["rows"] if r["kind"] == "hnsw"]
+        assert hnsw and min(hnsw) >= 0.8, hnsw
+        return hits, [(r["engine"], r["kind"], r["recall"]) for r in rep["rows"] if r["kind"] != "hnsw"]
 
     before = answers(conn)
     dump = tmp_path / "medsim.dump"
