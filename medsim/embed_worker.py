@@ -88,8 +88,11 @@ class Summary:
 
     def add(self, phase: str, since: float) -> float:
         now = time.perf_counter()
-        self.phases[phase] = self.phases.get(phase, 0.0) + now - since
+        self.credit(phase, now - since)
         return now
+
+    def credit(self, phase: str, seconds: float) -> None:
+        self.phases[phase] = self.phases.get(phase, 0.0) + seconds
 
     def line(self) -> str:
         rate = self.embedded / self.seconds if self.seconds else 0.0
@@ -175,13 +178,7 @@ class Worker:
         delay = 1.0
         for attempt in range(self.cfg.db_retries + 1):
             try:
-                # autocommit: every `with conn.transaction()` below is then a real
-                # transaction (not a savepoint inside an implicit one) and commits on exit
-                # the application name says "a medsim worker on this host": fit_threads()
-                # counts them to share the cores
-                self.conn = db.connect(self.url, autocommit=True, application_name=APP_NAME)
-                self.conn.execute("SELECT set_config('lock_timeout', %s, false)",
-                                  (f"{int(self.cfg.lock_timeout_s * 1000)}ms",))
+                self.conn = self.session(APP_NAME)
                 self.spare = None  # opened by the first batch that claims ahead
                 return
             except DatabaseUnavailable as err:
@@ -191,6 +188,15 @@ class Worker:
                 log.warning("database unavailable (%s); retrying in %.0fs", err, delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 30)
+
+    def session(self, application_name: str) -> psycopg.Connection:
+        """A worker connection. Autocommit: every `with conn.transaction()` is then a real
+        transaction (not a savepoint inside an implicit one); the batches BEGIN their own.
+        The application name says "a medsim worker on this host" (fit_threads() counts
+        them) or its prefetch connection (not counted)."""
+        conn = db.connect(self.url, autocommit=True, application_name=application_name)
+        conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{int(self.cfg.lock_timeout_s * 1000)}ms",))
+        return conn
 
     def load_model(self) -> None:
         migrate.check(self.conn)
@@ -350,9 +356,7 @@ class Worker:
             return 0
         if self.prefetch and not self.stopping:
             if self.spare is None:
-                self.spare = db.connect(self.url, autocommit=True, application_name=LANE_NAME)
-                self.spare.execute("SELECT set_config('lock_timeout', %s, false)",
-                                   (f"{int(self.cfg.lock_timeout_s * 1000)}ms",))
+                self.spare = self.session(LANE_NAME)
             if self.pool is None:
                 from concurrent.futures import ThreadPoolExecutor
 
@@ -364,16 +368,6 @@ class Worker:
             self.discard_ahead()  # its row locks would block the clean-up below
             self.drop_already_embedded(err)
             return len(c.rows)
-
-    def process_batch(self) -> int:
-        """One batch on the main connection, nothing claimed ahead -> images claimed."""
-        try:
-            c = self.claim(self.conn)
-            return self.finish(c) if c.rows else self.account(c)
-        except psycopg.errors.UniqueViolation as err:
-            self.drop_already_embedded(err)
-            c = self.claim(self.conn)
-            return self.finish(c) if c.rows else self.account(c)
 
     def drop_already_embedded(self, err) -> None:
         """A queue row whose embedding already exists made the COPY fail on the primary
@@ -409,8 +403,9 @@ class Worker:
             raise
 
     def account(self, c: Claimed) -> int:
-        self.summary.phases["claim"] = self.summary.phases.get("claim", 0.0) + c.claim_s
-        self.summary.phases["decode"] = self.summary.phases.get("decode", 0.0) + c.decode_s
+        """Count a claim's time (measured in whichever thread claimed it) -> images claimed."""
+        self.summary.credit("claim", c.claim_s)
+        self.summary.credit("decode", c.decode_s)
         return len(c.rows)
 
     def finish(self, c: Claimed) -> int:

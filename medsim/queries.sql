@@ -256,7 +256,7 @@ WHERE NOT EXISTS (SELECT 1 FROM medsim.embeddings e
 ON CONFLICT DO NOTHING;
 
 -- name: claim_batch
--- Claim, compute and write happen in ONE transaction (see Worker.process_batch):
+-- Claim, compute and write happen in ONE transaction (see Worker.claim and Worker.finish):
 -- FOR UPDATE OF q SKIP LOCKED locks only this model's queue rows, so concurrent
 -- workers take disjoint batches and workers of other models are never blocked. If the
 -- worker dies (SIGKILL, lost connection) its transaction rolls back, the locks vanish

@@ -83,7 +83,7 @@ def test_enqueue_racing_a_batch_does_not_requeue_its_images(ready, db_url):
                             progress=False, build_index=False))
     w.connect()
     w.load_model()
-    in_batch = threading.Thread(target=w.process_batch)
+    in_batch = threading.Thread(target=w.step)  # one batch (no prefetch on the CPU)
     in_batch.start()
     pid = w.conn.info.backend_pid
     # the batch has written and dequeued, and sleeps before its commit

@@ -75,14 +75,21 @@ def source_view(splits) -> str:
     return "medsim.gallery" if tuple(splits) == GALLERY_SPLITS else "medsim.embedded_images"
 
 
-def read_batches(conn, model_id: int, splits, batch_size: int = 4096):
-    """Yield (ids (n,) int64, xb (n, dim) float32) from the view via a server-side cursor."""
+def read_batches(conn, model_id: int, splits, batch_size: int = 4096, sample: int | None = None):
+    """Yield (ids (n,) int64, xb (n, dim) float32) from the view via a server-side cursor,
+    in id order; or, with `sample`, that many rows in a fixed pseudo-random order."""
     schema, name = source_view(splits).split(".")
-    q = sql.SQL("SELECT image_id, embedding FROM {} WHERE model_id = %s AND split = ANY(%s) "
-                "ORDER BY image_id").format(sql.Identifier(schema, name))
+    q = sql.SQL("SELECT image_id, embedding FROM {} WHERE model_id = %s AND split = ANY(%s) ").format(
+        sql.Identifier(schema, name))
+    args = [model_id, list(splits)]
+    if sample is None:
+        q += sql.SQL("ORDER BY image_id")
+    else:
+        q += sql.SQL("ORDER BY hashint8(image_id) LIMIT %s")
+        args.append(int(sample))
     with conn.transaction(), conn.cursor(name="medsim_faiss_read") as cur:
         cur.itersize = batch_size
-        cur.execute(q, (model_id, list(splits)))
+        cur.execute(q, args)
         while rows := cur.fetchmany(batch_size):
             yield (np.array([r[0] for r in rows], np.int64),
                    np.stack([r[1].to_numpy() for r in rows]).astype(np.float32))
@@ -98,12 +105,9 @@ TRAIN_PER_LIST = 64
 
 def read_sample(conn, model_id: int, splits, n: int) -> np.ndarray:
     """Up to n vectors, a fixed pseudo-random sample (ordered by a hash of the id, so a
-    rebuild trains on the same points and no dataset's block of ids dominates)."""
-    schema, name = source_view(splits).split(".")
-    q = sql.SQL("SELECT embedding FROM {} WHERE model_id = %s AND split = ANY(%s) "
-                "ORDER BY hashint8(image_id) LIMIT %s").format(sql.Identifier(schema, name))
-    rows_ = conn.execute(q, (model_id, list(splits), int(n))).fetchall()
-    return np.stack([r[0].to_numpy() for r in rows_]).astype(np.float32)
+    rebuild trains on the same points and no dataset's block of ids dominates), read in
+    batches like the gallery itself."""
+    return np.concatenate([x for _, x in read_batches(conn, model_id, splits, sample=n)])
 
 
 def fingerprint(conn, model_id: int, splits) -> tuple[int, str]:

@@ -11,6 +11,8 @@ import os
 
 from psycopg import sql
 
+from medsim.queries import Q, scalar
+
 
 def index_name(model_id: int) -> str:
     return f"embeddings_hnsw_model_{int(model_id)}"
@@ -49,8 +51,14 @@ def build_memory_mb(n: int, dim: int, m: int = DEFAULT_M) -> int:
     return max(64, min(want, ram_mb // 4))
 
 
-def scalar_count(conn, model_id: int) -> int:
-    return conn.execute("SELECT count(*) FROM medsim.embeddings WHERE model_id = %s", (int(model_id),)).fetchone()[0]
+def lock_model(conn, model_id: int) -> None:
+    """The model's row, exclusively (the lock an enqueue takes): concurrent builds and drops
+    take turns. A row lock, not an advisory lock: a read-only login cannot hold it."""
+    conn.execute(Q.lock_queue_exclusive, {"model_id": int(model_id)})
+
+
+def drop_statement(model_id: int) -> sql.Composed:
+    return sql.SQL("DROP INDEX medsim.{}").format(sql.Identifier(index_name(model_id)))
 
 
 def ensure(conn, model_id: int, dim: int, m: int = DEFAULT_M,
@@ -62,16 +70,15 @@ def ensure(conn, model_id: int, dim: int, m: int = DEFAULT_M,
     once) build it once; the others wait and then find it there.
     """
     with conn.transaction():
-        # the model's row, not an advisory lock: a read-only login cannot hold it
-        conn.execute("SELECT 1 FROM medsim.models WHERE id = %s FOR NO KEY UPDATE", (int(model_id),))
+        lock_model(conn, model_id)
         if exists(conn, model_id):
             if not replace:
                 return False
             # in the build's transaction: DROP INDEX locks medsim.embeddings until the new
             # index commits, so searches wait for the rebuild (seconds per 100k rows here)
             # instead of ever running without an index. A rollback keeps the old one.
-            conn.execute(sql.SQL("DROP INDEX medsim.{}").format(sql.Identifier(index_name(model_id))))
-        mem = build_memory_mb(scalar_count(conn, model_id), dim, m)
+            conn.execute(drop_statement(model_id))
+        mem = build_memory_mb(scalar(conn, Q.count_model_embeddings, {"model_id": int(model_id)}), dim, m)
         conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (f"{mem}MB",))
         conn.execute(sql.SQL(
             "CREATE INDEX {name} ON medsim.embeddings USING hnsw (({expr}) vector_l2_ops) "
@@ -86,8 +93,8 @@ def drop(conn, model_id: int) -> bool:
     """Drop the model's HNSW index (before a bulk load) -> True if there was one. Under
     the model's row lock, like ensure(), so it never races a build."""
     with conn.transaction():
-        conn.execute("SELECT 1 FROM medsim.models WHERE id = %s FOR NO KEY UPDATE", (int(model_id),))
+        lock_model(conn, model_id)
         if not exists(conn, model_id):
             return False
-        conn.execute(sql.SQL("DROP INDEX medsim.{}").format(sql.Identifier(index_name(model_id))))
+        conn.execute(drop_statement(model_id))
     return True

@@ -225,6 +225,14 @@ class FaissSearcher:
             fetch *= 4
 
 
+def check_gallery(conn, model_id: int, where: dict) -> None:
+    """NotFound, saying what to do, when no gallery image of the model passes the filter."""
+    if scalar(conn, Q.gallery_count, {"model_id": model_id, "filter": Jsonb(where)}) == 0:
+        raise NotFound(f"the gallery is empty for model {model_id}"
+                       + (f" and {', '.join(f'{k_} {v}' for k_, v in where.items())}" if where else "")
+                       + ": ingest images and run the embedding worker first, or loosen the filter")
+
+
 def search(conn, *, image_ids=(), image_files=(), k: int = 4, dataset: str | None = None,
            engine: str = "pgvector", model_ref="current", index_path=None,
            filters: Filters | None = None) -> list[tuple[Query, list[Hit]]]:
@@ -238,10 +246,7 @@ def search(conn, *, image_ids=(), image_files=(), k: int = 4, dataset: str | Non
     if dataset is not None:
         f = Filters({**f.where, "dataset": dataset}, f.include_own_patient, f.per_patient)
     row = registry.get(conn, model_ref)
-    if scalar(conn, Q.gallery_count, {"model_id": row.id, "filter": Jsonb(f.where)}) == 0:
-        raise NotFound(f"the gallery is empty for model {row.id}"
-                       + (f" and {', '.join(f'{k_} {v}' for k_, v in f.where.items())}" if f.where else "")
-                       + ": ingest images and run the embedding worker first, or loosen the filter")
+    check_gallery(conn, row.id, f.where)
     embedder = Embedder(conn, row)
     queries = [query_from_id(conn, embedder, i) for i in image_ids]
     queries += [query_from_file(conn, embedder, p) for p in image_files]

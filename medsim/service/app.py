@@ -119,6 +119,12 @@ class ErrorBody(BaseModel):
 ERRORS = {s: {"model": ErrorBody} for s in (400, 404, 409, 413, 422, 503)}
 
 
+def error_response(err: MedsimError, **headers) -> JSONResponse:
+    """The one shape every refusal has: {"error": class, "detail": sentence}."""
+    return JSONResponse({"error": type(err).__name__, "detail": str(err)}, status_code=err.http_status,
+                        headers=headers or None)
+
+
 # ------------------------------------------------------------------ the body limit
 class BodyLimit:
     """Refuses a request body over the limit before it is read: by Content-Length when
@@ -132,11 +138,8 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            body = json.dumps({"error": "TooLarge", "detail": self.message(int(declared))}).encode()
-            await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
-            await send({"type": "http.response.body", "body": body})
-            return
+            response = error_response(TooLarge(self.message(int(declared))), connection="close")
+            return await response(scope, receive, send)
         seen = 0
 
         async def limited():
@@ -195,12 +198,11 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
 
     @app.exception_handler(MedsimError)
     async def medsim_error(request: Request, err: MedsimError):
-        return JSONResponse({"error": type(err).__name__, "detail": str(err)}, status_code=err.http_status)
+        return error_response(err)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, err: RequestValidationError):
-        return JSONResponse({"error": "BadArgument", "detail": _explain(err.errors())},
-                            status_code=BadArgument.http_status)
+        return error_response(BadArgument(_explain(err.errors())))
 
     @app.exception_handler(Exception)
     async def bug(request: Request, err: Exception):
@@ -209,9 +211,8 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
 
         if isinstance(err, psycopg.OperationalError | psycopg_pool.PoolTimeout):
             log.warning("database trouble on %s %s: %s", request.method, request.url.path, err)
-            e = DatabaseUnavailable(f"the database is unavailable or overloaded ({type(err).__name__}); "
-                                    "try again")
-            return JSONResponse({"error": "DatabaseUnavailable", "detail": str(e)}, status_code=503)
+            return error_response(DatabaseUnavailable(
+                f"the database is unavailable or overloaded ({type(err).__name__}); try again"))
         rid = uuid.uuid4().hex[:12]
         log.error("request %s failed: %s %s", rid, request.method, request.url.path, exc_info=err)
         return JSONResponse({"error": "InternalError",
@@ -321,7 +322,7 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
     @app.get("/models", tags=["state"])
     def models(request: Request) -> list[dict]:
         """Registered models, the current one marked."""
-        return [{k: v for k, v in m.__dict__.items()} for m in svc(request).models()]
+        return [vars(m) for m in svc(request).models()]
 
     @app.get("/datasets", tags=["state"])
     def datasets(request: Request) -> list[dict]:

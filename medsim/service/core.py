@@ -200,10 +200,8 @@ class Service:
                     hits = similar.FaissSearcher(conn, row.id, built=built)(q, k, f)
                 else:
                     hits = similar.search_pgvector(conn, q, k, row.id, f, exact=engine == "exact")
-            if not hits and scalar(conn, Q.gallery_count, {"model_id": row.id, "filter": _jsonb(f.where)}) == 0:
-                raise NotFound(f"the gallery is empty for model {row.id}"
-                               + (" under these filters" if f.where else "")
-                               + ": ingest images and run the embedding worker, or loosen the filters")
+            if not hits:  # counted only then: a count over the gallery costs O(n)
+                similar.check_gallery(conn, row.id, f.where)
             similar.calibrate(conn, row.id, [(q, hits)], self.calibrations(conn, row.id))
         if max_distance is not None:
             out.notes.append(f"{sum(h.distance > max_distance for h in hits)} of {len(hits)} neighbours were "
@@ -339,12 +337,6 @@ class _Embedder(similar.Embedder):
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.service.embed(self.model_row, x)
-
-
-def _jsonb(d: dict):
-    from psycopg.types.json import Jsonb
-
-    return Jsonb(d)
 
 
 def hit_rows(out: SearchOutcome) -> list[dict]:

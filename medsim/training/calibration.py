@@ -172,7 +172,7 @@ def vote(hits, cals: dict[str, Calibration], dataset: str | None) -> dict | None
     counts: dict[tuple, int] = {}
     for h in pool:
         counts[(h.dataset, h.label_name)] = counts.get((h.dataset, h.label_name), 0) + 1
-    (ds, label), n = max(counts.items(), key=lambda kv: (kv[1], -list(counts).index(kv[0])))
+    (ds, label), n = max(counts.items(), key=lambda kv: kv[1])  # a tie: the nearer label (seen first)
     share = n / len(pool)
     cal = cals.get(ds)
     return {"dataset": ds, "label_name": label, "votes": n, "of": len(pool), "share": share,
