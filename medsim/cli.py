@@ -157,10 +157,11 @@ def cmd_train(args) -> int:
     from medsim.training import train
 
     try:
-        tcfg = train.TrainConfig(mode=args.mode, preset=args.preset, epochs=args.epochs,
-                                 pairs_per_epoch=args.pairs_per_epoch, batch_size=args.batch_size,
-                                 lr=args.lr, patience=args.patience, seed=args.seed,
-                                 flags=args.datasets, device=args.device)
+        given = {k: getattr(args, k) for k in ("epochs", "sampler", "per_class", "steps_per_epoch",
+                                               "pairs_per_epoch", "batch_size", "lr", "patience", "augment")
+                 if getattr(args, k) is not None}
+        tcfg = train.TrainConfig(mode=args.mode, preset=args.preset, seed=args.seed, flags=args.datasets,
+                                 device=args.device, **given)
     except BadArgument as err:
         raise BadArgument(f"train: {err}") from None
     with _connect(args) as conn:
@@ -362,7 +363,8 @@ def cmd_demo(args) -> int:
     from medsim.training import train
 
     try:
-        tcfg = train.TrainConfig(epochs=args.epochs, pairs_per_epoch=args.pairs_per_epoch, device=args.device)
+        given = {k: getattr(args, k) for k in ("epochs", "steps_per_epoch") if getattr(args, k) is not None}
+        tcfg = train.TrainConfig(device=args.device, **given)
     except BadArgument as err:
         raise BadArgument(f"demo: {err}") from None
     cfg = demo.DemoConfig(flags=tuple(args.flags), data_dir=args.data_dir,
@@ -455,11 +457,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="positive pairs: same subset and label (label), or same subset (dataset)")
     s.add_argument("--preset", default="default", choices=["default", "seed"],
                    help="network: default (28 px CNN) or seed (the published notebook's, 128 px)")
-    s.add_argument("--epochs", type=int, default=15, help="maximum epochs (early stopping may end sooner)")
-    s.add_argument("--pairs-per-epoch", type=int, default=12000, help="pairs sampled per epoch")
-    s.add_argument("--batch-size", type=int, default=128, help="pairs per optimisation step")
-    s.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
-    s.add_argument("--patience", type=int, default=5, help="epochs without val AUC improvement before stopping")
+    s.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: the recipe's)")
+    s.add_argument("--sampler", choices=["pk", "pairs"], default=None,
+                   help="pk (default): batches of --per-class images of every diagnosis, every pair used; "
+                        "pairs: independent balanced pairs (the first recipe)")
+    s.add_argument("--per-class", type=int, default=None, help="pk: images of each diagnosis per batch")
+    s.add_argument("--steps-per-epoch", type=int, default=None, help="pk: optimisation steps per epoch")
+    s.add_argument("--pairs-per-epoch", type=int, default=None, help="pairs: pairs sampled per epoch")
+    s.add_argument("--batch-size", type=int, default=None, help="pairs: pairs per optimisation step")
+    s.add_argument("--augment", choices=["none", "flip", "affine"], default=None,
+                   help="training augmentation (default affine: shifts, turns, flips, intensity)")
+    s.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate")
+    s.add_argument("--patience", type=int, default=None,
+                   help="epochs without improvement of the validation score before stopping "
+                        "(default: run every epoch, keep the best)")
     s.add_argument("--seed", type=int, default=0, help="random seed for pairs, init and augmentation")
     s.add_argument("--datasets", nargs="+", default=None, metavar="FLAG",
                    help="subsets to train on (default: every ingested one)")
@@ -573,8 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-download", action="store_true", help="never try to download missing files")
     s.add_argument("--flags", nargs="+", default=["dermamnist", "pneumoniamnist", "retinamnist", "breastmnist"],
                    metavar="FLAG", help="subsets to use (default: the starting four)")
-    s.add_argument("--epochs", type=int, default=15, help="training epochs (default 15)")
-    s.add_argument("--pairs-per-epoch", type=int, default=12000, help="training pairs per epoch")
+    s.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's)")
+    s.add_argument("--steps-per-epoch", type=int, default=None, help="training steps per epoch (default: the recipe's)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
     s.add_argument("--out-dir", default="medsim_out", help="where figures, indexes and reports go")
     s.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -69,8 +69,7 @@ def run(cfg: DemoConfig, log=print) -> dict:
         step("train", log)
         tcfg = cfg.train or train.TrainConfig()
         tcfg.flags = sorted(present)
-        model_id = registry.reusable(conn, preset=tcfg.preset, mode=tcfg.mode, flags=tcfg.flags,
-                                     epochs=tcfg.epochs, pairs_per_epoch=tcfg.pairs_per_epoch, seed=tcfg.seed)
+        model_id = registry.reusable(conn, tcfg)
         if model_id is not None:
             log(f"reusing model {model_id} ({tcfg.preset}, {tcfg.mode} mode, trained on {', '.join(tcfg.flags)})")
             registry.set_current(conn, model_id)

@@ -178,7 +178,7 @@ WHERE i.split = ANY(%(splits)s)
 ORDER BY i.id;
 
 -- name: dataset_flags
-SELECT id, flag FROM medsim.datasets;
+SELECT id, flag, task FROM medsim.datasets;
 
 -- ===================================================================== model registry
 
@@ -420,9 +420,7 @@ LIMIT 1;
 -- name: reusable_model
 SELECT id FROM medsim.models
 WHERE preset = %(preset)s AND mode = %(mode)s AND datasets = %(flags)s::text[]
-  AND (train_config->>'epochs')::int = %(epochs)s
-  AND (train_config->>'pairs_per_epoch')::int = %(pairs_per_epoch)s
-  AND (train_config->>'seed')::int = %(seed)s
+  AND train_config @> %(recipe)s::jsonb  -- every field of the recipe, as it was trained
 ORDER BY id DESC LIMIT 1;
 
 -- name: epoch_history

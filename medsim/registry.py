@@ -120,9 +120,9 @@ def epoch_history(conn, model_id: int) -> list[dict]:
     return [asdict(e) for e in rows(conn, Q.epoch_history, {"model_id": model_id}, as_=Epoch)]
 
 
-def reusable(conn, *, preset: str, mode: str, flags, epochs: int, pairs_per_epoch: int,
-             seed: int) -> int | None:
-    """Latest model trained with this recipe (preset, mode, subsets, epochs, pairs, seed)."""
-    return scalar(conn, Q.reusable_model, {"preset": preset, "mode": mode, "flags": sorted(flags),
-                                           "epochs": epochs, "pairs_per_epoch": pairs_per_epoch,
-                                           "seed": seed})
+def reusable(conn, tcfg) -> int | None:
+    """Latest model trained with this recipe: the same subsets and every field of the
+    TrainConfig but the device (where it ran does not change what it is)."""
+    recipe = {k: v for k, v in asdict(tcfg).items() if k not in ("device", "flags")}
+    return scalar(conn, Q.reusable_model, {"preset": tcfg.preset, "mode": tcfg.mode, "flags": sorted(tcfg.flags),
+                                           "recipe": json.dumps(recipe)})

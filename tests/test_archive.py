@@ -243,7 +243,7 @@ def test_train_on_an_archive_of_mixed_sizes(conn, tmp_path):
     make_folder(root, n_per_label=20)
     archive.ingest_archive(conn, FolderSource(root, max_side=64), "mylab", progress=False)
     lines = []
-    mid = train.train(conn, train.TrainConfig(epochs=1, pairs_per_epoch=128, val_pairs=40, batch_size=32,
+    mid = train.train(conn, train.TrainConfig(epochs=1, steps_per_epoch=4, per_class=8, val_pairs=40,
                                               flags=["mylab"]), out_dir=tmp_path, progress=False, log=lines.append)
     assert conn.execute("SELECT datasets FROM medsim.models WHERE id = %s", (mid,)).fetchone() == (["mylab"],)
     assert "on mylab:" in lines[0] and "skipped" not in "\n".join(lines)

@@ -104,7 +104,7 @@ def test_training_and_search_name_broken_rows_instead_of_stopping(ready, db_url,
     embed_all(db_url)
     bad = insert_broken(conn, BROKEN[:3])
     lines = []
-    new = train.train(conn, train.TrainConfig(epochs=1, pairs_per_epoch=256, val_pairs=100, batch_size=64),
+    new = train.train(conn, train.TrainConfig(epochs=1, steps_per_epoch=6, val_pairs=100),
                       out_dir=tmp_path, progress=False, set_current=False, log=lines.append)
     assert "skipped 3 image(s) that cannot be used" in "\n".join(lines)
     cfg = conn.execute("SELECT train_config FROM medsim.models WHERE id = %s", (new,)).fetchone()[0]

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -21,6 +23,86 @@ def test_contrastive_loss_cases():
     d0 = torch.zeros(3, requires_grad=True)
     network.contrastive_loss(torch.sqrt(d0 + 1e-12), torch.tensor([0, 0, 0]), m).backward()
     assert torch.isfinite(d0.grad).all()
+
+
+def test_batch_contrastive_loss_margins_and_mining():
+    """Every pair of a batch: positives pulled in, same-subset negatives pushed to the margin,
+    other-subset negatives to the larger dataset margin; satisfied pairs contribute nothing."""
+    def loss(z, key, ds, **kw):
+        return network.batch_contrastive_loss(torch.tensor(z, dtype=torch.float32), torch.tensor(key),
+                                              torch.tensor(ds), margin=1.0, dataset_margin=1.4, **kw).item()
+
+    # two positives on top of each other, a same-subset negative 1.1 away, another subset 1.5 away
+    z = [[0.0, 0.0], [0.0, 0.0], [1.1, 0.0], [0.0, 1.5]]
+    assert loss(z, [0, 0, 1, 2], [0, 0, 0, 1]) == pytest.approx(0, abs=1e-6)
+    # the other subset at 1.2: inside the dataset margin (1.4) though outside the label margin
+    z2 = [[0.0, 0.0], [0.0, 0.0], [1.1, 0.0], [0.0, 1.2]]
+    got = loss(z2, [0, 0, 1, 2], [0, 0, 0, 1])
+    # only the pairs (0,3), (1,3) violate: each (1.4 - 1.2)^2; the mean is over the violators;
+    # no positive term (the positives coincide): (0 + 0.04) / 2
+    assert got == pytest.approx((1.4 - 1.2) ** 2 / 2, rel=1e-4)
+    # the same geometry inside one subset is fine: 1.2 > the label margin
+    assert loss(z2, [0, 0, 1, 2], [0, 0, 0, 0]) == pytest.approx(0, abs=1e-6)
+    # positives apart are pulled in unless within pos_margin
+    z3 = [[0.0, 0.0], [0.3, 0.0], [0.0, 2.0]]
+    assert loss(z3, [0, 0, 1], [0, 0, 0]) == pytest.approx(0.3**2 / 2, rel=1e-4)
+    assert loss(z3, [0, 0, 1], [0, 0, 0], pos_margin=0.5) == pytest.approx(0, abs=1e-6)
+    # ordinal grades: adjacent grades need only half the margin, grades two apart the whole
+    z4 = [[0.0, 0.0], [0.6, 0.0]]
+    assert loss(z4, [0, 1], [0, 0], grade=torch.tensor([1, 2])) == pytest.approx(0, abs=1e-6)
+    assert loss(z4, [0, 1], [0, 0], grade=torch.tensor([1, 3])) == pytest.approx(0.4**2 / 2, rel=1e-4)
+    # finite gradients even for coincident points
+    zz = torch.zeros(4, 8, requires_grad=True)
+    network.batch_contrastive_loss(zz, torch.tensor([0, 0, 1, 1]), torch.tensor([0, 0, 0, 1]), 1.0, 1.4).backward()
+    assert torch.isfinite(zz.grad).all()
+
+
+def test_pk_batches_hold_every_diagnosis():
+    keys = np.repeat([0, 1, 2], [100, 5, 40])  # one diagnosis has fewer images than per_class
+    rng = np.random.default_rng(0)
+    batches = list(train.pk_batches(keys, per_class=8, steps=3, rng=rng))
+    assert len(batches) == 3
+    for b in batches:
+        assert len(b) == 24 and (np.bincount(keys[b], minlength=3) == 8).all()
+        assert len(set(b[keys[b] == 0])) == 8  # without replacement where there are enough
+
+
+def test_augment_is_seeded_bounded_and_label_preserving_at_zero_strength():
+    from medsim.training import augment
+
+    x = torch.rand(6, 3, 28, 28) * 2 - 1
+    a1 = augment.augment(x, "affine", torch.Generator().manual_seed(3))
+    a2 = augment.augment(x, "affine", torch.Generator().manual_seed(3))
+    assert a1.shape == x.shape and torch.equal(a1, a2) and a1.abs().max() <= 1
+    assert not torch.allclose(a1, x)
+    assert torch.equal(augment.augment(x, "none", torch.Generator()), x)
+    # with every range at zero the affine path is the identity or the mirror image, per image
+    a0 = augment.augment(x, "affine", torch.Generator().manual_seed(1), degrees=0, scale=0, shift_px=0, jitter=0)
+    for i in range(len(x)):
+        assert torch.allclose(a0[i], x[i], atol=1e-5) or torch.allclose(a0[i], x[i].flip(-1), atol=1e-5)
+    with pytest.raises(ValueError, match="augment must be one of"):
+        augment.augment(x, "mixup", torch.Generator())
+
+
+def test_members_and_flip_tta_survive_a_checkpoint():
+    torch.manual_seed(0)
+    net = network.EmbeddingNet(preset("default", members=2, tta_flip=True)).eval()
+    x = torch.rand(5, 3, 28, 28) * 2 - 1
+    with torch.no_grad():
+        z = net(x)
+        assert z.shape == (5, 64) and torch.allclose(z.norm(dim=1), torch.ones(5), atol=1e-5)
+        # flip TTA: an image and its mirror image get the same embedding
+        assert torch.allclose(net(x.flip(-1)), z, atol=1e-5)
+        parts = net.train().parts(x)  # (updates the BatchNorm statistics: z changes)
+        assert len(parts) == 2 and all(p.shape == (5, 32) for p in parts)
+        z = net.eval()(x)
+    blob, sha = network.save_checkpoint(net)
+    back = network.load_checkpoint(blob, sha)
+    assert back.cfg.members == 2 and back.cfg.tta_flip
+    with torch.no_grad():
+        assert torch.allclose(back(x), z, atol=1e-6)
+    with pytest.raises(ValueError, match="multiple of members"):
+        network.EmbeddingNet(preset("default", members=3))
 
 
 # ------------------------------------------------------------------ pairs
@@ -138,6 +220,10 @@ def ingested(conn, synth_dir):
     ("lr", 0.0, "lr must be positive"),
     ("mode", "diagnosis", "mode must be 'label' or 'dataset'"),
     ("preset", "resnet", "unknown preset 'resnet'"),
+    ("sampler", "triplets", "sampler must be one of"),
+    ("per_class", 0, "per_class must be a positive integer"),
+    ("augment", "mixup", "augment must be one of"),
+    ("select_on", "test_map", "select_on must be one of"),
 ])
 def test_train_config_refuses_bad_values(field, value, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
@@ -164,13 +250,12 @@ def test_few_training_steps_lower_the_loss(ingested):
         step = loss()
         step.backward()
         opt.step()
-    net.eval()
-    with torch.no_grad():
+    with torch.no_grad():  # still batch statistics, as `first` was measured
         assert loss().item() < first * 0.8
 
 
 def test_train_registers_model_history_and_curves(ingested, tmp_path):
-    tcfg = train.TrainConfig(mode="label", epochs=2, pairs_per_epoch=512, val_pairs=200, batch_size=64)
+    tcfg = train.TrainConfig(mode="label", epochs=2, steps_per_epoch=12, val_pairs=200)
     mid = train.train(ingested, tcfg, out_dir=tmp_path, progress=False, log=lambda *a: None)
     row = registry.get(ingested, "current")
     assert row.id == mid and row.mode == "label" and row.embedding_dim == 64
@@ -182,7 +267,12 @@ def test_train_registers_model_history_and_curves(ingested, tmp_path):
     assert (tmp_path / f"model-{mid}" / "loss.png").stat().st_size > 1000
     assert (tmp_path / f"model-{mid}" / "accuracy.png").exists()
     net = row.load(ingested)  # rebuilt from the database alone
-    assert net.cfg.embedding_dim == 64
+    assert net.cfg.embedding_dim == 64 and net.cfg.tta_flip
+    # the demo reuses a model only for the very same recipe (every field but the device)
+    same = dataclasses.replace(tcfg, flags=["retinamnist", "breastmnist"], device="cpu")
+    assert registry.reusable(ingested, same) == mid
+    assert registry.reusable(ingested, dataclasses.replace(same, augment="flip")) is None
+    assert registry.reusable(ingested, dataclasses.replace(same, dataset_margin=1.2)) is None
 
     r = evaluate.evaluate(ingested, mid)
     assert set(r["retrieval"]) == {"breastmnist", "retinamnist"}
@@ -195,8 +285,8 @@ def test_train_registers_model_history_and_curves(ingested, tmp_path):
     assert stored["model_id"] == mid
     assert "pair verification" in evaluate.format_table(r)
 
-    mid2 = train.train(ingested, train.TrainConfig(mode="dataset", epochs=1, pairs_per_epoch=256,
-                                                   val_pairs=100), out_dir=tmp_path, progress=False,
+    mid2 = train.train(ingested, train.TrainConfig(mode="dataset", epochs=1, sampler="pairs",
+                                                   pairs_per_epoch=256, val_pairs=100), out_dir=tmp_path, progress=False,
                        set_current=False, log=lambda *a: None)
     assert registry.get(ingested).id == mid  # not switched
     registry.set_current(ingested, mid2)

@@ -134,7 +134,7 @@ def test_demo_end_to_end_on_synthetic_data(db_url, synth_dir, tmp_path):
     log = []
     cfg = demo.DemoConfig(flags=("dermamnist", "breastmnist", "retinamnist"), data_dir=str(synth_dir),
                           accept_unofficial=True, allow_download=False, out_dir=str(tmp_path),
-                          train=train.TrainConfig(epochs=2, pairs_per_epoch=512, val_pairs=200),
+                          train=train.TrainConfig(epochs=2, steps_per_epoch=10, val_pairs=200),
                           recall_ks=(1, 10), database_url=db_url, progress=False)
     r = demo.run(cfg, log=log.append)
     text = "\n".join(map(str, log))

@@ -20,9 +20,16 @@ class Split:
     images: np.ndarray  # (N, S, S, 3) uint8; grey repeated to 3 channels
     flags: dict  # dataset_id -> MedMNIST flag
     skipped: list = field(default_factory=list)  # (image id, reason): rows that cannot be used
+    tasks: dict = field(default_factory=dict)  # dataset_id -> task ("ordinal-regression", ...)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def grades(self) -> np.ndarray:
+        """(N,) the label as a grade for ordinal subsets (RetinaMNIST's 0-4), else -1."""
+        return np.array([int(lab[0]) if self.tasks.get(int(d)) == "ordinal-regression" and len(lab) == 1 else -1
+                         for d, lab in zip(self.dataset_ids, self.labels, strict=True)], dtype=np.int64)
 
 
 @dataclass
@@ -35,6 +42,7 @@ class ImageRow(StoredRow):
 class DatasetFlag:
     id: int
     flag: str
+    task: str
 
 
 def label_keys(dataset_ids: np.ndarray, labels: list) -> np.ndarray:
@@ -72,8 +80,9 @@ def load_split(conn, splits, flags=None, image_size: int = 28) -> Split:
     ids = np.array([r.id for r in usable], dtype=np.int64)
     ds = np.array([r.dataset_id for r in usable], dtype=np.int64)
     labels = [r.labels for r in usable]
-    flag_map = {d.id: d.flag for d in rows(conn, Q.dataset_flags, as_=DatasetFlag)}
-    return Split(ids, ds, label_keys(ds, labels), labels, np.stack(images), flag_map, skipped)
+    found_ds = rows(conn, Q.dataset_flags, as_=DatasetFlag)
+    return Split(ids, ds, label_keys(ds, labels), labels, np.stack(images), {d.id: d.flag for d in found_ds},
+                 skipped, {d.id: d.task for d in found_ds})
 
 
 def resize(x: np.ndarray, size: int) -> np.ndarray:

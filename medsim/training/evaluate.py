@@ -75,7 +75,7 @@ def evaluate(conn, model_ref="current", device="cpu", store: bool = True, exclud
         excluded = int((~keep).sum())
         test = data.Split(test.ids[keep], test.dataset_ids[keep], test.label_keys[keep],
                           [lab for lab, k in zip(test.labels, keep, strict=True) if k], test.images[keep],
-                          test.flags, test.skipped)
+                          test.flags, test.skipped, test.tasks)
     z = {name: network.embed(net, s.images, device=device) for name, s in
          (("train", train), ("val", val), ("test", test))}
     results = {

@@ -37,23 +37,56 @@ class EmbeddingNet(nn.Module):
                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Tanh(),
             )
         elif cfg.arch == "convnet":
-            w1, w2, w3 = cfg.widths
-            self.body = nn.Sequential(
-                *_conv_bn_relu(3, w1), *_conv_bn_relu(w1, w1), nn.MaxPool2d(2),
-                *_conv_bn_relu(w1, w2), *_conv_bn_relu(w2, w2), nn.MaxPool2d(2),
-                *_conv_bn_relu(w2, w3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                nn.Linear(w3, cfg.embedding_dim),
-            )
+            if cfg.embedding_dim % cfg.members:
+                raise ValueError(f"embedding_dim {cfg.embedding_dim} is not a multiple of members {cfg.members}")
+            bodies = [_convnet(cfg.widths, cfg.embedding_dim // cfg.members) for _ in range(cfg.members)]
+            self.body = bodies[0] if cfg.members == 1 else _Members(bodies)
         else:
             raise ValueError(f"unknown arch {cfg.arch!r}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (batch, 3, H, W) float in [-1, 1] -> (batch, embedding_dim)
+    def _resize(self, x: torch.Tensor) -> torch.Tensor:
         s = self.cfg.image_size
         if x.shape[-2:] != (s, s):
             x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (batch, 3, H, W) float in [-1, 1] -> (batch, embedding_dim)
+        x = self._resize(x)
         z = self.body(x)
+        if self.cfg.tta_flip and not self.training:
+            z = (z + self.body(x.flip(-1))) / 2
         return F.normalize(z, dim=1) if self.cfg.normalize else z
+
+    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Training: each member's own normalised embedding (the loss applies to each), or
+        the one embedding of a single network."""
+        if self.cfg.members == 1:
+            return [self(x)]
+        return [F.normalize(m(self._resize(x)), dim=1) for m in self.body.members]
+
+
+def _convnet(widths, dim: int) -> nn.Sequential:
+    w1, w2, w3 = widths
+    return nn.Sequential(
+        *_conv_bn_relu(3, w1), *_conv_bn_relu(w1, w1), nn.MaxPool2d(2),
+        *_conv_bn_relu(w1, w2), *_conv_bn_relu(w2, w2), nn.MaxPool2d(2),
+        *_conv_bn_relu(w2, w3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(w3, dim),
+    )
+
+
+class _Members(nn.Module):
+    """An ensemble inside one model: independently initialised networks whose normalised
+    embeddings are concatenated (each trained with its own contrastive loss), so their
+    errors average out in every distance. Scaled by 1/sqrt(n): the result is unit length."""
+
+    def __init__(self, bodies: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(bodies)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.normalize(m(x), dim=1) for m in self.members], 1) / len(self.members) ** 0.5
 
 
 def to_input(images: np.ndarray) -> torch.Tensor:
@@ -84,6 +117,42 @@ def contrastive_loss(d: torch.Tensor, same: torch.Tensor, margin: float) -> torc
     dissimilar ones (same=0) at least `margin` apart; zero once they are."""
     same = same.float()
     return (same * d.pow(2) + (1 - same) * F.relu(margin - d).pow(2)).mean() / 2
+
+
+def batch_contrastive_loss(z: torch.Tensor, key: torch.Tensor, dataset: torch.Tensor, margin: float,
+                           dataset_margin: float, pos_margin: float = 0.0,
+                           grade: torch.Tensor | None = None) -> torch.Tensor:
+    """The same contrastive loss over every pair in a batch, with online hard-negative mining.
+
+    z: (B, dim) embeddings; key: (B,) diagnosis ids (subset and label); dataset: (B,) subset
+    ids. Positives (same key) are pulled within `pos_margin`; a negative from the same subset
+    is pushed `margin` away, one from another subset `dataset_margin` away (larger, so one
+    model separates subsets by more than diagnoses within a subset). Each term is the mean
+    over the pairs that still violate their margin, so the easy majority of a batch's
+    B^2 / 2 pairs does not dilute the hard ones. `grade` (B,) optionally scales a
+    same-subset negative's margin by how far apart two ordinal grades are (-1: no grade).
+    """
+    d = torch.cdist(z, z).clamp_min(1e-6)  # clamp: sqrt's gradient at 0 is infinite
+    same_key = key[:, None] == key[None, :]
+    same_ds = dataset[:, None] == dataset[None, :]
+    upper = torch.ones_like(same_key).triu(1)
+    pos = same_key & upper
+    neg = ~same_key & upper
+    m = torch.where(same_ds, torch.full_like(d, margin), torch.full_like(d, dataset_margin))
+    if grade is not None:
+        g = grade.float()
+        graded = same_ds & (g[:, None] >= 0) & (g[None, :] >= 0)
+        gap = (g[:, None] - g[None, :]).abs()
+        # adjacent grades: half the margin; two or more apart: the full margin
+        m = torch.where(graded, margin * torch.clamp(0.5 * gap, max=1.0), m)
+    pos_l = F.relu(d[pos] - pos_margin).pow(2)
+    neg_l = F.relu(m[neg] - d[neg]).pow(2)
+
+    def active_mean(v: torch.Tensor) -> torch.Tensor:
+        live = v > 0
+        return v[live].mean() if live.any() else v.sum() * 0
+
+    return (active_mean(pos_l) + active_mean(neg_l)) / 2
 
 
 @torch.inference_mode()

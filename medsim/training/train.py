@@ -1,5 +1,9 @@
-"""Train the Siamese network on pairs sampled from the train split in Postgres, validate
-on the val split, early-stop on validation ROC AUC, and register the model.
+"""Train the Siamese network on the train split in Postgres, choose the epoch on the val
+split (retrieval mAP@5 of val queries against train, by default), and register the model.
+
+The default recipe (measured step by step in bench/bench_quality.py): P x K batches with
+the contrastive loss on every pair in the batch, hard negatives only, subsets pushed
+further apart than diagnoses, affine and intensity augmentation, a one-cycle learning rate.
 
 Nothing is written until training completes: the model row, its checkpoint and every
 epoch's history go in one transaction.
@@ -18,7 +22,7 @@ import torch
 from medsim import registry
 from medsim.errors import BadArgument
 from medsim.queries import Q
-from medsim.training import data, metrics, network
+from medsim.training import augment, data, metrics, network
 from medsim.training.config import PRESETS, preset
 from medsim.training.pairs import sample_pairs
 
@@ -27,23 +31,45 @@ from medsim.training.pairs import sample_pairs
 class TrainConfig:
     mode: str = "label"  # "label" or "dataset" (see medsim.pairs)
     preset: str = "default"  # a key of medsim.model.PRESETS
-    epochs: int = 15
+    epochs: int = 40
+    # sampler "pk": each step draws per_class images of every diagnosis (subset, label) and
+    # uses every pair in the batch; an epoch is steps_per_epoch steps. "pairs": the
+    # original independent balanced pairs, pairs_per_epoch of them, batch_size per step.
+    sampler: str = "pk"
+    per_class: int = 16
+    steps_per_epoch: int = 40
     pairs_per_epoch: int = 12000
     val_pairs: int = 2000
     batch_size: int = 128  # pairs per step (2x images through the network)
     lr: float = 3e-3
     weight_decay: float = 1e-4
-    patience: int = 5  # epochs without val-AUC improvement before stopping
+    # epochs without improvement of the selection score before stopping; None: run every
+    # epoch (the pk sampler's one-cycle schedule is still at a high learning rate halfway,
+    # where a noisy validation score stopped a run at epoch 17 with its best at 7)
+    patience: int | None = None
     seed: int = 0
     flags: list | None = None  # MedMNIST subsets to train on (default: all ingested)
     image_size: int = 28  # which ingested size to read
-    augment: bool = True  # random horizontal flips
+    augment: str = "affine"  # "none", "flip" or "affine" (medsim.training.augment)
+    # pk: margin between subsets, larger than the model's margin between diagnoses within a
+    # subset, so one model separates subsets first (the notebook's dataset-pair protocol)
+    dataset_margin: float | None = 1.4
+    pos_margin: float = 0.0  # pk: positives closer than this are left alone
+    ordinal: bool = False  # pk: ordinal subsets' adjacent grades get half the margin
+    select_on: str = "val_map"  # "val_map" (val queries vs train, mAP@5) or "val_auc" (val pairs)
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: none); the
+    #                   average is what is validated and kept
     device: str = "auto"
 
     def __post_init__(self):
+        if isinstance(self.augment, bool):  # the field was a flip on/off switch
+            self.augment = "flip" if self.augment else "none"
         # checked here so a bad value fails before any data is read (epochs=0 used to end
         # in a TypeError while saving a checkpoint that was never made)
-        for name in ("epochs", "pairs_per_epoch", "val_pairs", "batch_size", "patience", "image_size"):
+        for name in ("epochs", "pairs_per_epoch", "val_pairs", "batch_size", "patience", "image_size",
+                     "per_class", "steps_per_epoch"):
+            if name == "patience" and self.patience is None:
+                continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise BadArgument(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not self.lr > 0:
@@ -52,6 +78,16 @@ class TrainConfig:
             raise BadArgument(f"mode must be 'label' or 'dataset', got {self.mode!r}")
         if self.preset not in PRESETS:
             raise BadArgument(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        if self.sampler not in SAMPLERS:
+            raise BadArgument(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.augment not in augment.KINDS:
+            raise BadArgument(f"augment must be one of {augment.KINDS}, got {self.augment!r}")
+        if self.select_on not in SELECT_ON:
+            raise BadArgument(f"select_on must be one of {SELECT_ON}, got {self.select_on!r}")
+
+
+SAMPLERS = ("pairs", "pk")
+SELECT_ON = ("val_auc", "val_map")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,12 +98,16 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def _embed_all(model, x: torch.Tensor, device) -> torch.Tensor:
+    step = model.cfg.inference_batch(str(device))
+    return torch.cat([model(x[i : i + step].to(device)) for i in range(0, len(x), step)])
+
+
 def evaluate_pairs(model, x: torch.Tensor, a, b, same, margin: float, device) -> dict:
     """Loss, best-threshold accuracy and ROC AUC of fixed pairs over images x."""
     model.eval()
     with torch.inference_mode():
-        step = model.cfg.inference_batch(str(device))
-        z = torch.cat([model(x[i : i + step].to(device)) for i in range(0, len(x), step)])
+        z = _embed_all(model, x, device)
         d = network.pair_distance(z[a], z[b])
         loss = network.contrastive_loss(d, torch.as_tensor(same, device=d.device), margin).item()
     d = d.cpu().numpy()
@@ -75,80 +115,157 @@ def evaluate_pairs(model, x: torch.Tensor, a, b, same, margin: float, device) ->
     return {"loss": loss, "acc": acc, "auc": metrics.roc_auc(-d, same), "threshold": t}
 
 
-def train(conn, tcfg: TrainConfig, out_dir: Path | str = "medsim_out", set_current: bool = True,
-          progress: bool = True, log=print) -> int:
+def val_retrieval(model, x_va, va: data.Split, x_tr, tr: data.Split, device) -> float:
+    """Mean over subsets of the literature's mAP@5, val queries against the same subset's
+    train split: the figure the model is for, measured on validation, never on test."""
+    model.eval()
+    with torch.inference_mode():
+        zq, zb = _embed_all(model, x_va, device).cpu().numpy(), _embed_all(model, x_tr, device).cpu().numpy()
+    scores = []
+    for d in np.unique(va.dataset_ids):
+        qm, bm = va.dataset_ids == d, tr.dataset_ids == d
+        if bm.sum() >= 5:
+            _, ii = metrics.knn_search(zq[qm], zb[bm], k=5)
+            scores.append(metrics.literature_metrics(ii, va.label_keys[qm], tr.label_keys[bm])["map@5"])
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def pk_batches(label_keys: np.ndarray, per_class: int, steps: int, rng: np.random.Generator):
+    """steps batches of per_class images of every diagnosis (without replacement within a
+    batch where a diagnosis has enough images): every batch holds positives for every
+    image and negatives of every kind, whatever the subsets' sizes."""
+    groups = [np.flatnonzero(label_keys == k) for k in np.unique(label_keys)]
+    for _ in range(steps):
+        yield np.concatenate([rng.choice(g, per_class, replace=len(g) < per_class) for g in groups])
+
+
+def fit(tr: data.Split, va: data.Split, tcfg: TrainConfig, device=None, progress: bool = False, log=print,
+        grades: tuple[np.ndarray, np.ndarray] | None = None, model_overrides: dict | None = None):
+    """Train one network on in-memory splits -> (net on the CPU, history rows, best row).
+
+    The selection score (tcfg.select_on) is measured on val after every epoch; the best
+    epoch's weights are returned. grades: ordinal grade per train / val image (-1: none)."""
     from tqdm import tqdm
 
-    device = resolve_device(tcfg.device)
+    device = device or resolve_device(tcfg.device)
     torch.manual_seed(tcfg.seed)
-    cfg = preset(tcfg.preset)
+    rng = np.random.default_rng(tcfg.seed)
+    cfg = preset(tcfg.preset, **(model_overrides or {}))
+    net = network.EmbeddingNet(cfg).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
+    steps_per_epoch = (tcfg.steps_per_epoch if tcfg.sampler == "pk"
+                       else -(-tcfg.pairs_per_epoch // tcfg.batch_size))
+    # per-step cosine decay: the pk sampler's epochs are short, so a per-epoch step is coarse
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tcfg.lr, total_steps=tcfg.epochs * steps_per_epoch,
+                                                pct_start=0.1) if tcfg.sampler == "pk" else \
+        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tcfg.epochs)
+    x_tr = network.to_input(tr.images)  # (N, 3, S, S), kept on the CPU; batches move to device
+    x_va = network.to_input(va.images)
+    key_tr = torch.as_tensor(tr.label_keys)
+    ds_tr = torch.as_tensor(tr.dataset_ids)
+    grade_tr = torch.as_tensor(grades[0]) if (grades is not None and tcfg.ordinal) else None
+    margin = cfg.margin
+    dataset_margin = tcfg.dataset_margin if tcfg.dataset_margin is not None else margin
+    va_a, va_b, va_same = sample_pairs(va.dataset_ids, va.label_keys, tcfg.val_pairs, tcfg.mode,
+                                       seed=tcfg.seed + 1_000_003)
+    history, best, best_state, bad = [], None, None, 0
+    ema = (torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(tcfg.ema),
+                                               use_buffers=True) if tcfg.ema > 0 else None)
+    for epoch in range(1, tcfg.epochs + 1):
+        t0 = time.perf_counter()
+        net.train()
+        gen = torch.Generator().manual_seed(tcfg.seed * 104729 + epoch)
+        losses, correct, seen = [], 0, 0
+        if tcfg.sampler == "pk":
+            batches = pk_batches(tr.label_keys if tcfg.mode == "label" else tr.dataset_ids,
+                                 tcfg.per_class, steps_per_epoch, rng)
+        else:
+            a, b, same = sample_pairs(tr.dataset_ids, tr.label_keys, tcfg.pairs_per_epoch, tcfg.mode,
+                                      seed=tcfg.seed * 7919 + epoch)
+            batches = (np.concatenate([a[s : s + tcfg.batch_size], b[s : s + tcfg.batch_size]])
+                       for s in range(0, len(a), tcfg.batch_size))
+        for idx in tqdm(batches, total=steps_per_epoch, desc=f"epoch {epoch}/{tcfg.epochs}", unit="step",
+                        disable=not progress, leave=False):
+            x = augment.augment(x_tr[idx], tcfg.augment, gen)
+            if tcfg.sampler == "pk":
+                parts = net.parts(x.to(device, non_blocking=True))
+                z = parts[0].detach() if len(parts) == 1 else torch.cat(parts, 1).detach() / len(parts) ** 0.5
+                key = key_tr[idx] if tcfg.mode == "label" else ds_tr[idx]
+                loss = sum(network.batch_contrastive_loss(
+                    p, key.to(device), ds_tr[idx].to(device), margin, dataset_margin, tcfg.pos_margin,
+                    None if grade_tr is None else grade_tr[idx].to(device)) for p in parts) / len(parts)
+                with torch.no_grad():  # pair accuracy at half the margin, over the batch's pairs
+                    dd = torch.cdist(z, z)
+                    sk = key[:, None].to(device) == key[None, :].to(device)
+                    off = ~torch.eye(len(idx), dtype=torch.bool, device=device)
+                    correct += ((dd < margin / 2) == sk)[off].sum().item()
+                    seen += int(off.sum())
+            else:
+                za, zb = net(x.to(device, non_blocking=True)).chunk(2)
+                n = len(za)
+                y = torch.as_tensor(same[seen : seen + n], device=device)  # seen: pairs so far
+                d = network.pair_distance(za, zb)
+                loss = network.contrastive_loss(d, y, margin)
+                correct += ((d.detach() < margin / 2) == y.bool()).sum().item()
+                seen += n
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if tcfg.sampler == "pk":
+                sched.step()
+            if ema is not None:
+                ema.update_parameters(net)
+            losses.append(loss.item())
+        if tcfg.sampler != "pk":
+            sched.step()
+        kept = net if ema is None else ema.module  # what is validated is what is kept
+        val = evaluate_pairs(kept, x_va, va_a, va_b, va_same, margin, device)
+        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "train_acc": correct / max(seen, 1),
+               "val_loss": val["loss"], "val_acc": val["acc"], "val_auc": val["auc"],
+               "seconds": time.perf_counter() - t0}
+        if tcfg.select_on == "val_map":
+            row["val_map"] = val_retrieval(kept, x_va, va, x_tr, tr, device)
+        history.append(row)
+        log(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+            f"val loss {val['loss']:.4f} acc {val['acc']:.4f} auc {val['auc']:.4f}"
+            + (f" mAP@5 {row['val_map']:.4f}" if "val_map" in row else "") + f"  {row['seconds']:.1f}s")
+        # A ranking score, not val loss: the contrastive loss on 2,000 val pairs wobbled
+        # enough to stop runs at epoch 5 of 15. val_map is the retrieval figure itself
+        # (on val queries); val_auc ranks pairs, which mixes subsets with diagnoses.
+        score = row[tcfg.select_on]
+        if best is None or score > best[tcfg.select_on] + 1e-5:
+            best, best_state, bad = row, copy.deepcopy(kept.state_dict()), 0
+        else:
+            bad += 1
+            if tcfg.patience is not None and bad >= tcfg.patience:
+                log(f"early stop: val {tcfg.select_on} has not improved for {bad} epochs "
+                    f"(best epoch {best['epoch']})")
+                break
+    net.load_state_dict(best_state)
+    return net.cpu(), history, best
+
+
+def train(conn, tcfg: TrainConfig, out_dir: Path | str = "medsim_out", set_current: bool = True,
+          progress: bool = True, log=print) -> int:
+    device = resolve_device(tcfg.device)
     tr = data.load_split(conn, ["train"], tcfg.flags, tcfg.image_size)
     va = data.load_split(conn, ["val"], tcfg.flags, tcfg.image_size)
     flags = sorted({tr.flags[int(d)] for d in np.unique(tr.dataset_ids)})
     skipped = tr.skipped + va.skipped
     if skipped:
         log(data.describe_skipped(skipped))
-    log(f"training {cfg.preset} ({tcfg.mode} mode) on {', '.join(flags)}: {len(tr)} train, "
+    log(f"training {tcfg.preset} ({tcfg.mode} mode) on {', '.join(flags)}: {len(tr)} train, "
         f"{len(va)} val images, device {device}")
-
-    net = network.EmbeddingNet(cfg).to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tcfg.epochs)
-    x_tr = network.to_input(tr.images)  # (N, 3, S, S), kept on the CPU; batches move to device
-    x_va = network.to_input(va.images)
-    va_a, va_b, va_same = sample_pairs(va.dataset_ids, va.label_keys, tcfg.val_pairs, tcfg.mode,
-                                       seed=tcfg.seed + 1_000_003)
-    history, best, best_state, bad = [], None, None, 0
     t_start = time.perf_counter()
-    for epoch in range(1, tcfg.epochs + 1):
-        t0 = time.perf_counter()
-        a, b, same = sample_pairs(tr.dataset_ids, tr.label_keys, tcfg.pairs_per_epoch, tcfg.mode,
-                                  seed=tcfg.seed * 7919 + epoch)
-        net.train()
-        gen = torch.Generator().manual_seed(tcfg.seed * 104729 + epoch)
-        losses, correct = [], 0
-        steps = range(0, len(a), tcfg.batch_size)
-        for s in tqdm(steps, desc=f"epoch {epoch}/{tcfg.epochs}", unit="step", disable=not progress, leave=False):
-            ia, ib = a[s : s + tcfg.batch_size], b[s : s + tcfg.batch_size]
-            y = torch.as_tensor(same[s : s + tcfg.batch_size], device=device)
-            x = torch.cat([x_tr[ia], x_tr[ib]])  # (2B, 3, S, S)
-            if tcfg.augment:
-                flip = torch.rand(len(x), generator=gen) < 0.5
-                x[flip] = x[flip].flip(-1)
-            za, zb = net(x.to(device, non_blocking=True)).chunk(2)
-            d = network.pair_distance(za, zb)
-            loss = network.contrastive_loss(d, y, cfg.margin)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-            correct += ((d.detach() < cfg.margin / 2) == y.bool()).sum().item()
-        sched.step()
-        val = evaluate_pairs(net, x_va, va_a, va_b, va_same, cfg.margin, device)
-        row = {"epoch": epoch, "train_loss": float(np.mean(losses)), "train_acc": correct / len(a),
-               "val_loss": val["loss"], "val_acc": val["acc"], "val_auc": val["auc"],
-               "seconds": time.perf_counter() - t0}
-        history.append(row)
-        log(f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-            f"val loss {val['loss']:.4f} acc {val['acc']:.4f} auc {val['auc']:.4f}  {row['seconds']:.1f}s")
-        # Val AUC, not val loss: it is what retrieval needs (ranking), and the contrastive
-        # loss on 2,000 val pairs wobbled enough to stop runs at epoch 5 of 15.
-        if best is None or val["auc"] > best["val_auc"] + 1e-5:
-            best, best_state, bad = row, copy.deepcopy(net.state_dict()), 0
-        else:
-            bad += 1
-            if bad >= tcfg.patience:
-                log(f"early stop: val AUC has not improved for {bad} epochs (best epoch {best['epoch']})")
-                break
+    net, history, best = fit(tr, va, tcfg, device, progress, log, grades=(tr.grades, va.grades))
     train_seconds = time.perf_counter() - t_start
-    net.load_state_dict(best_state)
     with conn.transaction():
-        model_id = registry.register(conn, net.cpu(), mode=tcfg.mode, datasets=flags,
+        model_id = registry.register(conn, net, mode=tcfg.mode, datasets=flags,
                                      train_config={**asdict(tcfg), "skipped_images": [i for i, _ in skipped]},
                                      best_epoch=best["epoch"],
                                      best_val_loss=best["val_loss"], train_seconds=train_seconds)
         for row in history:
-            conn.execute(Q.insert_epoch, {"model_id": model_id, **row})
+            conn.execute(Q.insert_epoch, {"model_id": model_id, **{k: v for k, v in row.items() if k != "val_map"}})
     if set_current:
         registry.set_current(conn, model_id)
     paths = plot_curves(history, Path(out_dir) / f"model-{model_id}")

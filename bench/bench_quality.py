@@ -1,0 +1,154 @@
+"""Retrieval quality against the published MedMNIST anchors, over several training seeds.
+
+Trains each recipe (a named set of TrainConfig / ModelConfig changes) once per seed on
+the real files, then measures what the literature measures (medsim.training.evaluate):
+each subset's test images query its train split, mAP@5 with AP@k over the hits in the
+top k, ACC@1 (Mahbod et al. 2024, masih4/MedImageRetrieval metric.py); plus the
+notebook's dataset-pair verification and the raw-pixel baseline through the same code.
+Model selection uses validation only. Prints one RESULT line per training and a table of
+mean +- std per recipe.
+
+    python bench/bench_quality.py                       # the default recipe, seeds 0 1 2
+    python bench/bench_quality.py --recipes ablation    # every step of the ablation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PRESENT, SHARED, fresh_database, machine  # noqa: E402
+
+from medsim import db  # noqa: E402
+from medsim.sources import ingest  # noqa: E402
+from medsim.training import data, evaluate, network, train  # noqa: E402
+
+# The ablation: each recipe adds one change to the one before it, ending at the default
+# (what `medsim train` and the demo run: TrainConfig() and the "default" preset). Then
+# changes that were measured on top of the default and not adopted.
+_V1 = dict(sampler="pairs", augment="flip", select_on="val_auc", epochs=15, patience=5, dataset_margin=None,
+           model=dict(tta_flip=False))
+_PK = dict(_V1, sampler="pk", epochs=40, patience=None)
+_AFFINE = dict(_PK, augment="affine")
+_MARGIN = dict(_AFFINE, dataset_margin=1.4)
+_SELECT = dict(_MARGIN, select_on="val_map")
+RECIPES: dict[str, dict] = {
+    "v1: independent pairs, flips (the old default)": _V1,
+    "+ P x K batches, every pair, hard negatives": _PK,
+    "+ affine and intensity augmentation": _AFFINE,
+    "+ subsets 1.4 apart, diagnoses 1.0": _MARGIN,
+    "+ select the epoch on val mAP@5": _SELECT,
+    "+ flip test-time augmentation = default": {},
+    "default + EMA of weights (0.99)": dict(ema=0.99),
+    "default + ordinal margins for retina": dict(ordinal=True),
+    "default + 2 member networks": dict(model=dict(members=2)),
+    "default + wider (32, 64, 128)": dict(model=dict(widths=(32, 64, 128))),
+    "default + 56 px input (upsampled)": dict(model=dict(image_size=56)),
+    "default + 60 epochs": dict(epochs=60),
+}
+ABLATION = list(RECIPES)[:6]
+ANCHORS = {  # best published 28 px retrieval figures (mAP@5, ACC@1), Mahbod et al. 2024 Table S.1
+    "breastmnist": (87.9, 87.2), "pneumoniamnist": (88.3, 85.7), "retinamnist": (57.1, 46.8)}
+GOALS = {"breastmnist": (91, 89), "pneumoniamnist": (92, 90), "retinamnist": (62, 52)}
+
+
+def measure(net, tr, va, te) -> dict:
+    z = {name: network.embed(net, s.images) for name, s in (("train", tr), ("val", va), ("test", te))}
+    lit = evaluate.literature(z["test"], te, z["train"], tr, "l2")
+    lit_val = evaluate.literature(z["val"], va, z["train"], tr, "l2")
+    pairs = evaluate.pair_verification(z["val"], va, z["test"], te, "dataset")
+    return {"test": {f: {"map@5": m["map@5"], "acc@1": m["acc@1"], "mmv@5": m["mmv@5"]} for f, m in lit.items()},
+            "val": {f: m["map@5"] for f, m in lit_val.items()},
+            "dataset_pairs": pairs["test_acc"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipes", nargs="+", default=["default"],
+                   help="recipe names, 'ablation' for the six steps to the default, 'all' for every recipe")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--data-dir", default=str(SHARED))
+    p.add_argument("--jsonl", default=None, help="append one JSON line per training here")
+    p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="extra TrainConfig overrides for every recipe (JSON values)")
+    p.add_argument("--report", default=None, metavar="JSONL",
+                   help="print the table from the RESULT lines stored by --jsonl (no training)")
+    a = p.parse_args()
+    if a.report:
+        rows = [json.loads(line) for line in Path(a.report).read_text().splitlines() if line.strip()]
+        results: dict[str, list] = {}
+        for r in rows:
+            results.setdefault(r["recipe"], []).append(r)
+        table(results, rows[0]["baseline"], sorted({r["seed"] for r in rows}))
+        return
+    names = {"ablation": ABLATION, "all": list(RECIPES)}.get(a.recipes[0], a.recipes) if len(a.recipes) == 1 \
+        else a.recipes
+    names = ["+ flip test-time augmentation = default" if n == "default" else n for n in names]
+    unknown = [n for n in names if n not in RECIPES]
+    if unknown:
+        p.error(f"unknown recipe(s) {unknown}; known: {list(RECIPES)}")
+    extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in a.set)}
+    url, server = fresh_database()
+    print(f"machine: {machine()}")
+    with db.connect(url, autocommit=True) as conn:
+        for flag in PRESENT:
+            ingest.ingest(conn, flag, data_dir=a.data_dir, accept_unofficial=True, allow_download=False,
+                          show_progress=False)
+        tr, va, te = (data.load_split(conn, [s]) for s in ("train", "val", "test"))
+    server.cleanup()
+    px = evaluate.literature(evaluate.raw_pixels(te), te, evaluate.raw_pixels(tr), tr, "cosine")
+    print("raw-pixel cosine baseline (same code): "
+          + "  ".join(f"{f} mAP@5 {m['map@5']:.2%} ACC@1 {m['acc@1']:.2%}" for f, m in px.items()))
+    results: dict[str, list] = {}
+    for name in names:
+        recipe = {**RECIPES[name], **extra}
+        model_overrides = dict(recipe.pop("model", {}))
+        if model_overrides and "widths" in model_overrides:
+            model_overrides["widths"] = tuple(model_overrides["widths"])
+        for seed in a.seeds:
+            tcfg = train.TrainConfig(**{**recipe, "seed": seed, "device": "cpu"})
+            t0 = time.perf_counter()
+            net, history, best = train.fit(tr, va, tcfg, log=lambda *_: None, grades=(tr.grades, va.grades),
+                                          model_overrides=model_overrides)
+            secs = time.perf_counter() - t0
+            m = measure(net, tr, va, te)
+            m.update(recipe=name, seed=seed, train_s=secs, epochs=len(history), best_epoch=best["epoch"],
+                     baseline={f: {"map@5": b["map@5"], "acc@1": b["acc@1"]} for f, b in px.items()})
+            results.setdefault(name, []).append(m)
+            print(f"RESULT recipe={name!r} seed={seed} train_s={secs:.0f} epochs={len(history)} "
+                  f"best={best['epoch']} dataset_pairs={m['dataset_pairs']:.4f} "
+                  + " ".join(f"{f}={t['map@5']:.4f}/{t['acc@1']:.4f}(val {m['val'][f]:.4f})"
+                             for f, t in m["test"].items()), flush=True)
+            if a.jsonl:
+                with open(a.jsonl, "a") as fh:
+                    fh.write(json.dumps(m) + "\n")
+    table(results, px, a.seeds)
+
+
+def table(results: dict[str, list], px: dict, seeds) -> None:
+    print("\nliterature's mAP@5 / ACC@1 on test, % (mean +- std over seeds " + ", ".join(map(str, seeds)) + ")")
+    flags = [f for f in ("breastmnist", "pneumoniamnist", "retinamnist") if f in px]
+    print(f"{'recipe':48s}" + "".join(f"{f:>30s}" for f in flags) + f"{'dataset pairs':>16s}{'train s':>9s}")
+    for name, rs in results.items():
+        cells = ""
+        for f in flags:
+            mp = np.array([r["test"][f]["map@5"] for r in rs]) * 100
+            ac = np.array([r["test"][f]["acc@1"] for r in rs]) * 100
+            cells += f"{mp.mean():>9.1f} +-{mp.std():3.1f} /{ac.mean():>6.1f} +-{ac.std():3.1f}  "
+        dp = np.mean([r["dataset_pairs"] for r in rs]) * 100
+        print(f"{name:48s}{cells}{dp:>14.2f}%{np.mean([r['train_s'] for r in rs]):>9.0f}  (n={len(rs)})")
+    print(f"{'raw pixels (cosine)':48s}" + "".join(f"{px[f]['map@5'] * 100:>17.1f} /{px[f]['acc@1'] * 100:>6.1f}      "
+                                                  for f in flags))
+    print(f"{'best published (28 px)':48s}" + "".join(f"{ANCHORS[f][0]:>17.1f} /{ANCHORS[f][1]:>6.1f}      "
+                                                     for f in flags))
+    print(f"{'goal':48s}" + "".join(f"{GOALS[f][0]:>17.1f} /{GOALS[f][1]:>6.1f}      " for f in flags))
+
+
+if __name__ == "__main__":
+    main()
