@@ -42,7 +42,7 @@ def retrieval(xq, q: data.Split, xb, b: data.Split, metric: str) -> dict:
     return out
 
 
-def literature(xq, q: data.Split, xb, b: data.Split, metric: str) -> dict:
+def literature(xq, q: data.Split, xb, b: data.Split, metric: str, intervals: bool = True) -> dict:
     """Per subset: its test queries against its own train split (the published protocol)."""
     out = {}
     for d in np.unique(q.dataset_ids):
@@ -50,7 +50,8 @@ def literature(xq, q: data.Split, xb, b: data.Split, metric: str) -> dict:
         if not bm.any():
             continue
         _, I = metrics.knn_search(xq[qm], xb[bm], k=5, metric=metric)
-        out[q.flags[int(d)]] = metrics.literature_metrics(I, q.label_keys[qm], b.label_keys[bm])
+        out[q.flags[int(d)]] = metrics.literature_metrics(I, q.label_keys[qm], b.label_keys[bm],
+                                                          intervals=intervals)
     return out
 
 

@@ -138,9 +138,10 @@ def bootstrap_ci(values, n_boot: int = 1000, seed: int = 0) -> list[float]:
 
 
 def literature_metrics(I: np.ndarray, q_label: np.ndarray, b_label: np.ndarray, k: int = 5,
-                       acc_ks=(1, 3, 5)) -> dict:
+                       acc_ks=(1, 3, 5), intervals: bool = True) -> dict:
     """I: (nq, >= k) ranked positions in one subset's train split; labels within that subset.
-    -> mean and bootstrap 95% interval of each figure, in the literature's definitions."""
+    -> mean and (intervals) bootstrap 95% interval of each figure, in the literature's
+    definitions. Training's per-epoch selection needs only the means."""
     per = {f"map@{k}": [], f"mmv@{k}": [], **{f"acc@{a}": [] for a in acc_ks}}
     for qi in range(I.shape[0]):
         labels = b_label[I[qi]]
@@ -150,6 +151,7 @@ def literature_metrics(I: np.ndarray, q_label: np.ndarray, b_label: np.ndarray, 
         for a in acc_ks:
             per[f"acc@{a}"].append(float(rel[:a].any()))
     out = {name: float(np.mean(v)) for name, v in per.items()}
-    out["ci95"] = {name: bootstrap_ci(v) for name, v in per.items()}
+    if intervals:
+        out["ci95"] = {name: bootstrap_ci(v) for name, v in per.items()}
     out["n_queries"] = int(I.shape[0])
     return out

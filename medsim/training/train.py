@@ -22,7 +22,7 @@ import torch
 from medsim import registry
 from medsim.errors import BadArgument
 from medsim.queries import Q
-from medsim.training import augment, data, metrics, network
+from medsim.training import augment, data, evaluate, metrics, network
 from medsim.training.config import PRESETS, preset
 from medsim.training.pairs import sample_pairs
 
@@ -62,8 +62,6 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self):
-        if isinstance(self.augment, bool):  # the field was a flip on/off switch
-            self.augment = "flip" if self.augment else "none"
         # checked here so a bad value fails before any data is read (epochs=0 used to end
         # in a TypeError while saving a checkpoint that was never made)
         for name in ("epochs", "pairs_per_epoch", "val_pairs", "batch_size", "patience", "image_size",
@@ -117,17 +115,13 @@ def evaluate_pairs(model, x: torch.Tensor, a, b, same, margin: float, device) ->
 
 def val_retrieval(model, x_va, va: data.Split, x_tr, tr: data.Split, device) -> float:
     """Mean over subsets of the literature's mAP@5, val queries against the same subset's
-    train split: the figure the model is for, measured on validation, never on test."""
+    train split (evaluate.literature): the figure the model is for, measured on
+    validation, never on test."""
     model.eval()
     with torch.inference_mode():
         zq, zb = _embed_all(model, x_va, device).cpu().numpy(), _embed_all(model, x_tr, device).cpu().numpy()
-    scores = []
-    for d in np.unique(va.dataset_ids):
-        qm, bm = va.dataset_ids == d, tr.dataset_ids == d
-        if bm.sum() >= 5:
-            _, ii = metrics.knn_search(zq[qm], zb[bm], k=5)
-            scores.append(metrics.literature_metrics(ii, va.label_keys[qm], tr.label_keys[bm])["map@5"])
-    return float(np.mean(scores)) if scores else float("nan")
+    per_subset = evaluate.literature(zq, va, zb, tr, "l2", intervals=False)
+    return float(np.mean([m["map@5"] for m in per_subset.values()])) if per_subset else float("nan")
 
 
 def pk_batches(label_keys: np.ndarray, per_class: int, steps: int, rng: np.random.Generator):
@@ -140,11 +134,11 @@ def pk_batches(label_keys: np.ndarray, per_class: int, steps: int, rng: np.rando
 
 
 def fit(tr: data.Split, va: data.Split, tcfg: TrainConfig, device=None, progress: bool = False, log=print,
-        grades: tuple[np.ndarray, np.ndarray] | None = None, model_overrides: dict | None = None):
+        model_overrides: dict | None = None):
     """Train one network on in-memory splits -> (net on the CPU, history rows, best row).
 
     The selection score (tcfg.select_on) is measured on val after every epoch; the best
-    epoch's weights are returned. grades: ordinal grade per train / val image (-1: none)."""
+    epoch's weights are returned."""
     from tqdm import tqdm
 
     device = device or resolve_device(tcfg.device)
@@ -163,7 +157,7 @@ def fit(tr: data.Split, va: data.Split, tcfg: TrainConfig, device=None, progress
     x_va = network.to_input(va.images)
     key_tr = torch.as_tensor(tr.label_keys)
     ds_tr = torch.as_tensor(tr.dataset_ids)
-    grade_tr = torch.as_tensor(grades[0]) if (grades is not None and tcfg.ordinal) else None
+    grade_tr = torch.as_tensor(tr.grades) if tcfg.ordinal else None
     margin = cfg.margin
     dataset_margin = tcfg.dataset_margin if tcfg.dataset_margin is not None else margin
     va_a, va_b, va_same = sample_pairs(va.dataset_ids, va.label_keys, tcfg.val_pairs, tcfg.mode,
@@ -257,7 +251,7 @@ def train(conn, tcfg: TrainConfig, out_dir: Path | str = "medsim_out", set_curre
     log(f"training {tcfg.preset} ({tcfg.mode} mode) on {', '.join(flags)}: {len(tr)} train, "
         f"{len(va)} val images, device {device}")
     t_start = time.perf_counter()
-    net, history, best = fit(tr, va, tcfg, device, progress, log, grades=(tr.grades, va.grades))
+    net, history, best = fit(tr, va, tcfg, device, progress, log)
     train_seconds = time.perf_counter() - t_start
     with conn.transaction():
         model_id = registry.register(conn, net, mode=tcfg.mode, datasets=flags,
