@@ -91,12 +91,6 @@ def run(conn, model_ref="current", threshold: float | None = None) -> dict:
     return {"audit_id": audit_id, "model_id": row.id, **summary}
 
 
-def leaked_test_images(conn, model_id: int) -> set[int]:
-    """Test images with an exact or near duplicate, or their patient, in train or val
-    (the latest audit of the model)."""
-    return {r[0] for r in conn.execute(Q.leaked_test_images, {"model_id": model_id})}
-
-
 def format_report(r: dict) -> str:
     return "\n".join([
         f"leakage audit {r['audit_id']} (model {r['model_id']}): {r['images']} images, {r['embedded']} embedded",

@@ -15,21 +15,16 @@ from pathlib import Path
 
 import psycopg
 
+from medsim import settings
 from medsim.errors import DatabaseUnavailable
+from medsim.settings import LIBPQ_VARS  # noqa: F401 (tests clear these)
 
 EMBEDDED_DBNAME = "medsim"
-LIBPQ_VARS = ("PGHOST", "PGDATABASE", "PGSERVICE")
 
 
 def medsim_home() -> Path:
     """Per-user state directory (embedded pgdata lives under it). ``MEDSIM_HOME`` overrides."""
-    if os.environ.get("MEDSIM_HOME"):
-        return Path(os.environ["MEDSIM_HOME"]).expanduser().resolve()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
-        import platformdirs
-
-        return Path(platformdirs.user_data_dir("medsim"))
+    return settings.get().home
 
 
 def pgdata_dir() -> Path:
@@ -87,18 +82,20 @@ def embedded_stop() -> bool:
 
 
 def source() -> str:
-    if os.environ.get("DATABASE_URL"):
+    s = settings.get()
+    if s.database_url:
         return "DATABASE_URL"
-    if any(os.environ.get(v) for v in LIBPQ_VARS):
+    if s.libpq:
         return "libpq PG* environment"
     return f"embedded PostgreSQL ({pgdata_dir()})"
 
 
 def database_url(start: bool = True) -> str:
     """The conninfo to use. An empty string means 'let libpq read the PG* variables'."""
-    if os.environ.get("DATABASE_URL"):
-        return os.environ["DATABASE_URL"]
-    if any(os.environ.get(v) for v in LIBPQ_VARS):
+    s = settings.get()
+    if s.database_url:
+        return s.database_url
+    if s.libpq:
         return ""
     if start:
         return embedded_start()
@@ -106,11 +103,6 @@ def database_url(start: bool = True) -> str:
     if url is None:
         raise DatabaseUnavailable("the embedded database is not running (medsim db start)")
     return url
-
-
-# Where searches read (CLI search, medsim serve) when set: a streaming replica, so reads
-# scale out while ingest, training and workers write to the primary.
-READ_URL_ENV = "DATABASE_READ_URL"
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -143,6 +135,11 @@ def connect(url: str | None = None, **kwargs) -> psycopg.Connection:
         raise DatabaseUnavailable(f"cannot connect to the database ({source()}): {e}") from e
     register(conn)
     return conn
+
+
+def set_lock_timeout(conn: psycopg.Connection, seconds: float) -> None:
+    """For the session: a lock wait longer than this is an error (LockNotAvailable), never a hang."""
+    conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{int(seconds * 1000)}ms",))
 
 
 def pg_tool(name: str) -> str:

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medsim import db, migrate, registry
-from medsim.embed_worker import Worker, WorkerConfig
 from medsim.errors import DataMissing, DataRefused, MedsimError, NotFound, StaleIndex
-from medsim.search import faiss_index, recall, similar
+from medsim.search import faiss_index, pipeline, present, recall
+from medsim.search.context import Context
 from medsim.search.index_kinds import KINDS
+from medsim.search.request import ById, Request
 from medsim.sources import ingest
 from medsim.training import evaluate, train
 
@@ -53,22 +54,22 @@ def run(cfg: DemoConfig, log=print) -> dict:
 
     with db.connect(url, autocommit=True) as conn:
         step("ingest", log)
-        present, missing = [], {}
+        flags, missing = [], {}
         for flag in cfg.flags:
             try:
                 r = ingest.ingest(conn, flag, data_dir=cfg.data_dir, accept_unofficial=cfg.accept_unofficial,
                                   allow_download=cfg.allow_download, show_progress=cfg.progress)
                 log(r.line())
-                present.append(flag)
+                flags.append(flag)
             except MedsimError as err:  # a missing or refused subset is skipped, not fatal
                 missing[flag] = str(err)
                 log(f"{flag}: SKIPPED: {err}")
-        if not present:
+        if not flags:
             raise DataMissing("none of the subsets could be ingested; see the messages above")
 
         step("train", log)
         tcfg = cfg.train or train.TrainConfig()
-        tcfg.flags = sorted(present)
+        tcfg.flags = sorted(flags)
         model_id = registry.reusable(conn, tcfg)
         if model_id is not None:
             log(f"reusing model {model_id} ({tcfg.preset}, {tcfg.mode} mode, trained on {', '.join(tcfg.flags)})")
@@ -79,6 +80,8 @@ def run(cfg: DemoConfig, log=print) -> dict:
             outputs["curves"] = [out / f"model-{model_id}" / f"{n}.png" for n in ("loss", "accuracy")]
 
         step("embed (python -m medsim.embed_worker --once)", log)
+        from medsim.worker import Worker, WorkerConfig
+
         s = Worker(WorkerConfig(model=str(model_id), once=True, database_url=url, progress=cfg.progress)).run()
         log(f"worker: {s.line()}")
 
@@ -105,9 +108,11 @@ def run(cfg: DemoConfig, log=print) -> dict:
         log(("(stored evaluation reused)\n" if prior else "") + evaluate.format_table(ev))
 
         step("montage: one test query per subset", log)
-        results = similar.search(conn, image_ids=similar.example_queries(conn, present), k=4, model_ref=model_id)
-        log(similar.format_results(results))
-        outputs["montage"] = similar.montage(conn, results, out / f"montage-model{model_id}.png")
+        ctx = Context(conn)
+        results = [pipeline.run(ctx, Request(ById(i), k=4, model=model_id))
+                   for i in pipeline.example_queries(conn, flags)]
+        log(present.table(results))
+        outputs["montage"] = present.montage(conn, results, out / f"montage-model{model_id}.png")
 
     log(f"\n== done in {time.perf_counter() - t_all:.0f}s")
     if missing:
@@ -119,7 +124,7 @@ def run(cfg: DemoConfig, log=print) -> dict:
     log(f"{'indexes':12s} {(out / 'indexes').resolve()}")
     serve = "medsim serve" if cfg.database_url is None else f"medsim --database-url '{cfg.database_url}' serve"
     log(f"\nsearch it in your browser: {_venv_hint()}{serve}   then open http://127.0.0.1:8000/")
-    return {"model_id": model_id, "present": present, "missing": missing, "outputs": outputs,
+    return {"model_id": model_id, "present": flags, "missing": missing, "outputs": outputs,
             "recall": rep, "evaluation": ev}
 
 

@@ -42,6 +42,19 @@ class DataRefused(MedsimError, ValueError):
     http_status = 422
 
 
+class Unreadable(DataRefused):
+    """An image that cannot be used, with the reason. Raised without a name by the image
+    readers (an ingest report names the file beside the reason); ``named`` puts the name
+    in front for a person's own query."""
+
+    def __init__(self, reason: str, name: str | None = None):
+        self.reason = reason
+        super().__init__(f"{name}: {reason}" if name else reason)
+
+    def named(self, name: str) -> Unreadable:
+        return Unreadable(self.reason, name)
+
+
 class TooLarge(DataRefused):
     """An upload over the size limit; refused before it is read to the end."""
 

@@ -1,11 +1,13 @@
 """Schema management: Alembic revisions, then the replaceable objects in sql/.
 
 Two kinds of schema change, kept apart (pgai's incremental/idempotent split; Alembic's
-"Replaceable Objects" cookbook):
-- ``db/versions/`` (Alembic): tables, columns, indexes. Forward, never edited once landed.
-- ``sql/NNN_*.sql``: views, functions, triggers and grants, written as ``CREATE OR
+"Replaceable Objects" cookbook), both shipped inside the package (medsim/schema/), so
+that `pip install medsim` (a wheel, not only an editable checkout) can migrate:
+- ``schema/versions/`` (Alembic): tables, columns, indexes. Forward, never edited once
+  landed. Adding one: docs/contributing.md (and bump HEAD below).
+- ``schema/sql/NNN_*.sql``: views, functions, triggers and grants, written as ``CREATE OR
   REPLACE``. They describe the current code, so they are applied once, after the
-  revisions, whenever the database reaches head (``db/env.py`` calls ``apply_sql``).
+  revisions, whenever the database reaches head (``schema/env.py`` calls ``apply_sql``).
   A revision never applies them: an old revision running the *current* view text
   breaks as soon as that view uses a column a later revision adds.
 """
@@ -16,14 +18,14 @@ from pathlib import Path
 
 from medsim.errors import SchemaNotReady
 
-ROOT = Path(__file__).resolve().parent.parent
-SQL_DIR = ROOT / "sql"
+SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
+SQL_DIR = SCHEMA_DIR / "sql"
 
 # The revision this code needs. A constant, so that the check every command makes before
 # touching the database costs no Alembic import (0.2 s of start-up: Alembic loads
 # SQLAlchemy); tests/test_migrations.py asserts it is Alembic's head. Alembic itself is
 # imported only where it runs migrations or explains a mismatch.
-HEAD = "0013"
+HEAD = "0014"
 
 # Concurrent `alembic upgrade head` runs (docker compose starts several workers, each
 # migrating first) would race on DDL; they take turns on this session lock instead.
@@ -34,8 +36,9 @@ MIGRATE_UNLOCK = "SELECT pg_advisory_unlock(hashtext('medsim.migrate'))"
 def alembic_config(url: str):
     from alembic.config import Config
 
-    cfg = Config(str(ROOT / "alembic.ini"))
-    cfg.set_main_option("script_location", str(ROOT / "db"))
+    cfg = Config()  # no alembic.ini: everything it would say is set here
+    cfg.set_main_option("script_location", str(SCHEMA_DIR))
+    cfg.set_main_option("path_separator", "os")
     cfg.attributes["url"] = url
     cfg.attributes["configure_logger"] = False
     return cfg
@@ -54,7 +57,7 @@ def downgrade(url: str, revision: str = "base") -> None:
 
 
 def revisions() -> list[str]:
-    """Every revision in db/versions, head first (from Alembic's script directory)."""
+    """Every revision in schema/versions, head first (from Alembic's script directory)."""
     from alembic.script import ScriptDirectory
 
     return [r.revision for r in ScriptDirectory.from_config(alembic_config("")).walk_revisions()]

@@ -303,6 +303,12 @@ RETURNING failed_at IS NOT NULL AS final;
 -- medsim workers connected from this host (their application_name names it), this one included.
 SELECT count(*) FROM pg_stat_activity WHERE application_name = %(app)s;
 
+-- name: listen_images
+LISTEN medsim_images;
+
+-- name: analyze_embeddings
+ANALYZE medsim.embeddings;
+
 -- name: count_model_embeddings
 SELECT count(*) FROM medsim.embeddings WHERE model_id = %(model_id)s;
 
@@ -369,38 +375,46 @@ ORDER BY image_id;
 
 -- ===================================================================== search
 
--- name: image_for_search
-SELECT i.id, i.pixels, i.height, i.width, i.channels, i.bit_depth, d.flag AS dataset, i.split,
-       medsim.label_name(i.dataset_id, i.labels) AS label_name, i.patient_key, e.embedding
+-- name: query_image
+-- A stored image as a query: what it is and its vector for the model (NULL when not
+-- embedded yet); no pixels (the service's reader may not read them).
+SELECT i.id, d.flag AS dataset, i.split, medsim.label_name(i.dataset_id, i.labels) AS label_name,
+       medsim.label_names(i.dataset_id, i.labels) AS label_names, i.patient_key, e.embedding
 FROM medsim.images i
 JOIN medsim.datasets d ON d.id = i.dataset_id
 LEFT JOIN medsim.embeddings e ON e.image_id = i.id AND e.model_id = %(model_id)s
 WHERE i.id = %(id)s;
 
--- name: gallery_images_by_sha256
-SELECT id FROM medsim.images WHERE sha256 = %(sha256)s AND split = ANY(%(splits)s) ORDER BY id;
+-- name: images_by_sha256
+-- Stored images with exactly these pixels (a query file or upload that is on file), the
+-- lowest id first: the query takes that image's identity.
+SELECT i.id, d.flag AS dataset, i.split, medsim.label_name(i.dataset_id, i.labels) AS label_name,
+       medsim.label_names(i.dataset_id, i.labels) AS label_names, i.patient_key, NULL::vector AS embedding
+FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
+WHERE i.sha256 = %(sha256)s
+ORDER BY i.id;
 
 -- name: search_gallery
-SELECT image_id, dataset, split, label_name, distance, patient_key, study_id
+SELECT image_id, dataset, split, label_name, label_names, distance, patient_key, study_id
 FROM medsim.search_gallery(%(q)s, %(k)s, %(model_id)s, %(filter)s, %(exclude_patient)s, %(exclude)s,
                            %(per_patient)s);
 
 -- name: gallery_count
 SELECT count(*) FROM medsim.gallery g
 WHERE g.model_id = %(model_id)s
-  AND medsim.gallery_match(g.dataset, g.split, g.label_name, g.metadata, g.patient_key, %(filter)s, NULL);
+  AND medsim.gallery_match(g.dataset, g.split, g.label_names, g.metadata, g.patient_key, %(filter)s, NULL);
 
 -- name: gallery_ids_matching
 -- What a FAISS search may return under a filter (its IDSelector), by the same rule as
 -- medsim.search_gallery.
 SELECT g.image_id FROM medsim.gallery g
 WHERE g.model_id = %(model_id)s
-  AND medsim.gallery_match(g.dataset, g.split, g.label_name, g.metadata, g.patient_key, %(filter)s,
+  AND medsim.gallery_match(g.dataset, g.split, g.label_names, g.metadata, g.patient_key, %(filter)s,
                            %(exclude_patient)s);
 
 -- name: image_metadata
-SELECT i.id, d.flag AS dataset, i.split, medsim.label_name(i.dataset_id, i.labels) AS label_name,
-       i.patient_key, i.study_id
+SELECT i.id AS image_id, d.flag AS dataset, i.split, medsim.label_name(i.dataset_id, i.labels) AS label_name,
+       medsim.label_names(i.dataset_id, i.labels) AS label_names, i.patient_key, i.study_id
 FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
 WHERE i.id = ANY(%(ids)s);
 
@@ -437,15 +451,6 @@ GROUP BY d.flag ORDER BY d.flag;
 
 -- ===================================================================== HTTP service (medsim serve)
 -- The search side runs as medsim_reader: no pixels, no checkpoint, no paths here.
-
--- name: service_query_image
--- A stored image as a query: its vector for the model (NULL when not embedded yet), no pixels.
-SELECT i.id, d.flag AS dataset, i.split, medsim.label_name(i.dataset_id, i.labels) AS label_name,
-       i.patient_key, e.embedding
-FROM medsim.images i
-JOIN medsim.datasets d ON d.id = i.dataset_id
-LEFT JOIN medsim.embeddings e ON e.image_id = i.id AND e.model_id = %(model_id)s
-WHERE i.id = %(id)s;
 
 -- name: image_details
 SELECT i.id, d.flag AS dataset, i.split, medsim.label_name(i.dataset_id, i.labels) AS label_name,

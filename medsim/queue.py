@@ -1,6 +1,8 @@
-"""The embedding work queue: what is pending for which model, and how far it has got.
+"""The embedding work queue: what is pending for which model, claims, results, failures.
 
-The worker (medsim.embed_worker) claims from it; this module fills it and reports on it.
+Every statement the worker runs is a function here (procrastinate's manager/worker split:
+the worker never writes SQL). The queries themselves, with the reasoning behind each
+lock, are in queries.sql under the names used below.
 """
 
 from __future__ import annotations
@@ -8,6 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+import numpy as np
+
+from medsim import pgcopy
+from medsim.images import StoredRow
 from medsim.queries import Q, rows, scalar
 
 
@@ -52,9 +58,67 @@ def pending_count(conn, model_id: int) -> int:
     return scalar(conn, Q.pending_count, {"model_id": model_id})
 
 
+def embedded_count(conn, model_id: int) -> int:
+    return scalar(conn, Q.count_model_embeddings, {"model_id": model_id})
+
+
 def status(conn, model_id: int | None = None) -> list[StatusRow]:
     return rows(conn, Q.embedding_status, {"model_id": model_id}, as_=StatusRow)
 
 
 def failures(conn, model_id: int | None = None) -> list[Failure]:
     return rows(conn, Q.failures, {"model_id": model_id}, as_=Failure)
+
+
+# ------------------------------------------------------------------ a worker's batch
+# Each of these runs inside the batch's one transaction (medsim.worker.batch), in this
+# order: claim -> lock_for_write -> write_embeddings -> dequeue -> record_failure.
+def claim(conn, model_id: int, batch_size: int) -> list[StoredRow]:
+    """Lock up to batch_size due queue rows of the model (FOR UPDATE SKIP LOCKED) and
+    return their images' pixels. Why this is safe: Q.claim_batch."""
+    return rows(conn, Q.claim_batch, {"model_id": model_id, "batch_size": batch_size}, as_=StoredRow)
+
+
+def lock_for_write(conn, model_id: int) -> None:
+    """The model's row, shared, from now to commit: no enqueue may overlap a batch that
+    has written but not committed (Q.lock_queue_shared says why, and why not earlier)."""
+    conn.execute(Q.lock_queue_shared, {"model_id": model_id})
+
+
+def write_embeddings(conn, model_id: int, ids: list[int], vectors: np.ndarray) -> None:
+    """Binary COPY of (model_id, image_id, embedding) rows."""
+    with conn.cursor() as cur, cur.copy(Q.copy_embeddings) as copy:
+        copy.write(pgcopy.HEADER)
+        copy.write(pgcopy.embeddings_rows(model_id, ids, vectors))
+        copy.write(pgcopy.TRAILER)
+
+
+def dequeue(conn, model_id: int, ids: list[int]) -> None:
+    conn.execute(Q.dequeue, {"model_id": model_id, "ids": ids})
+
+
+def record_failure(conn, model_id: int, image_id: int, error: str, delay_s: float, max_attempts: int) -> bool:
+    """One more failed attempt for the image (exponential backoff) -> True when that was
+    its last (failed for good, no longer claimed)."""
+    return bool(scalar(conn, Q.record_failure, {"model_id": model_id, "image_id": image_id, "error": error,
+                                                "delay_s": delay_s, "max_attempts": max_attempts}))
+
+
+def drop_embedded(conn, model_id: int) -> int:
+    """Queue rows whose embedding already exists (a COPY would fail on them) -> dropped."""
+    return conn.execute(Q.drop_embedded_from_queue, {"model_id": model_id}).rowcount
+
+
+def workers_on_host(conn, application_name: str) -> int:
+    """Connections with this application name (medsim workers on one host, this one included)."""
+    return scalar(conn, Q.workers_on_host, {"app": application_name}) or 1
+
+
+def refresh_statistics(conn) -> None:
+    """ANALYZE the embeddings after a drain: a bulk load leaves the planner no statistics."""
+    conn.execute(Q.analyze_embeddings)
+
+
+def listen(conn) -> None:
+    """New images NOTIFY medsim_images (sql/002_embeddings.sql): a sleeping worker wakes."""
+    conn.execute(Q.listen_images)

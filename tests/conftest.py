@@ -14,7 +14,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from medsim import db, migrate
+from medsim import db, migrate, settings
 
 os.environ.pop("DATABASE_URL", None)
 os.environ.pop("DATABASE_READ_URL", None)
@@ -22,6 +22,29 @@ for _v in db.LIBPQ_VARS:
     os.environ.pop(_v, None)
 
 _counter = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def fresh_settings():
+    """medsim reads its environment once per process (medsim.settings): each test starts
+    from the environment as it is, and a test's monkeypatch.setenv is read again (below)."""
+    settings.reset()
+    yield
+    settings.reset()
+
+
+@pytest.fixture
+def monkeypatch(monkeypatch):
+    """pytest's monkeypatch, whose setenv/delenv also make medsim read its settings again."""
+    for name in ("setenv", "delenv"):
+        real = getattr(monkeypatch, name)
+
+        def changed(*args, _real=real, **kwargs):
+            _real(*args, **kwargs)
+            settings.reset()
+
+        setattr(monkeypatch, name, changed)
+    return monkeypatch
 
 
 @pytest.fixture(scope="session")

@@ -44,6 +44,24 @@ def start_worker(url, *args) -> subprocess.Popen:
 
 
 def embed_all(url: str) -> None:
-    from medsim.embed_worker import Worker, WorkerConfig
+    from medsim.worker import Worker, WorkerConfig
 
     Worker(WorkerConfig(once=True, database_url=url, progress=False)).run()
+
+
+def search(conn, image_ids=(), image_files=(), dataset=None, filters=None, index_path=None, **options):
+    """The search pipeline for a list of stored ids and files, as `medsim search` runs it
+    -> [(query, hits)]; `dataset` adds that filter."""
+    from medsim.search import pipeline
+    from medsim.search.context import Context
+    from medsim.search.request import ByFile, ById, Filters, Request
+
+    f = filters or Filters()
+    if dataset is not None:
+        f = Filters({**f.where, "dataset": dataset}, f.include_own_patient, f.per_patient)
+    if "model_ref" in options:
+        options["model"] = options.pop("model_ref")
+    ctx = Context(conn, index_path=index_path)
+    results = [pipeline.run(ctx, Request(q, filters=f, **options))
+               for q in [ById(i) for i in image_ids] + [ByFile(str(p)) for p in image_files]]
+    return [(r.query, r.hits) for r in results]

@@ -14,11 +14,10 @@ from PIL import Image
 
 from medsim import cli
 from medsim.errors import BadArgument, DataRefused
-from medsim.pixels import stored
-from medsim.search import similar
+from medsim.images import from_bytes
 from medsim.sources import archive, splits
 from medsim.sources.folder import FolderSource
-from tests.helpers import embed_all, register_model
+from tests.helpers import embed_all, register_model, search
 
 KEY = "a test key that is long enough"
 
@@ -81,7 +80,7 @@ def test_image_folder_ingest_keeps_pixels_and_reports_bad_files(conn, tmp_path):
                        "WHERE source_path = 'benign/benign_3.tif'").fetchone()
     with Image.open(root / "benign" / "benign_3.tif") as im:
         want = np.asarray(im)
-    assert row[4] == 16 and np.array_equal(stored(bytes(row[0]), *row[1:4], row[4])[..., 0], want)
+    assert row[4] == 16 and np.array_equal(from_bytes(bytes(row[0]), *row[1:4], row[4])[..., 0], want)
     # the large image was shrunk to --max-side, its original size recorded
     big = conn.execute("SELECT height, width, original_height, original_width FROM medsim.images "
                        "WHERE source_path = 'malignant/large.png'").fetchone()
@@ -231,8 +230,8 @@ def test_archive_images_embed_and_search(conn, tmp_path, db_url):
     assert conn.execute("SELECT count(*) FROM medsim.embeddings WHERE model_id = %s", (mid,)).fetchone()[0] == total
     tid = conn.execute("SELECT id FROM medsim.images WHERE bit_depth = 16 AND split = 'test' LIMIT 1").fetchone()
     tid = tid[0] if tid else conn.execute("SELECT id FROM medsim.images WHERE bit_depth = 16").fetchone()[0]
-    [(q, hits)] = similar.search(conn, image_ids=[tid], k=3)
-    assert q.dataset == "mylab" and len(hits) == 3 and q.pixels.dtype == np.uint8
+    [(q, hits)] = search(conn, image_ids=[tid], k=3)
+    assert q.dataset == "mylab" and len(hits) == 3 and q.vector.dtype == np.float32
 
 
 def test_train_on_an_archive_of_mixed_sizes(conn, tmp_path):

@@ -49,7 +49,7 @@ def test_audit_finds_planted_leaks_and_evaluation_leaves_them_out(conn, synth_di
     assert (train_ids[1], near) in near_pairs
     row = conn.execute("SELECT copies, across_splits FROM medsim.exact_duplicates").fetchone()
     assert row == (2, True)
-    leaked = audit.leaked_test_images(conn, mid)
+    leaked = evaluate.leaked_test_images(conn, mid)
     assert {exact, near} <= leaked
     full = evaluate.evaluate(conn, mid, store=False)
     honest = evaluate.evaluate(conn, mid, store=False, exclude_leaked=True)

@@ -8,7 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from medsim.search import similar
+from medsim.search import pipeline, present
+from medsim.search.context import Context
+from medsim.search.request import ById, Request
 from medsim.training import calibration, evaluate
 
 
@@ -44,7 +46,8 @@ def test_evaluate_fits_stores_and_searches_return_calibrated_numbers(embedded, t
     assert stored[0][3]["ece_test"] == pytest.approx(cal["breastmnist"]["ece_test"])
     # every neighbour carries P(same), and the SQL function agrees with Python
     gid = conn.execute("SELECT min(image_id) FROM medsim.gallery WHERE dataset = 'breastmnist'").fetchone()[0]
-    [(q, hits)] = similar.search(conn, image_ids=[gid], k=6)
+    result = pipeline.run(Context(conn), Request(ById(gid), k=6))
+    q, hits = result.query, result.hits
     a, b = stored[0][1], stored[0][2]
     for h in hits:
         assert h.p_same is not None and 0 <= h.p_same <= 1
@@ -59,9 +62,9 @@ def test_evaluate_fits_stores_and_searches_return_calibrated_numbers(embedded, t
     # the query's vote: a label of its dataset, a confidence in [0, 1]
     assert q.vote["dataset"] == "breastmnist" and 0 <= q.vote["confidence"] <= 1
     assert q.vote["votes"] <= q.vote["of"] <= 6
-    out = similar.as_json([(q, hits)])[0]
+    out = present.as_json([result])[0]
     assert out["vote"]["label_name"] == q.vote["label_name"] and "p_same" in out["neighbours"][0]
-    assert "P(same)" in similar.format_results([(q, hits)]) and "vote:" in similar.format_results([(q, hits)])
+    assert "P(same)" in present.table([result]) and "vote:" in present.table([result])
     # the reader role may call the function
     with conn.transaction():
         conn.execute("SET LOCAL ROLE medsim_reader")
@@ -73,7 +76,7 @@ def test_the_http_answer_carries_the_calibration(embedded, db_url, tmp_path):
     from fastapi.testclient import TestClient
 
     from medsim.service.app import create_app
-    from medsim.service.core import ServeConfig
+    from medsim.service.state import ServeConfig
 
     conn, mid = embedded
     gid = conn.execute("SELECT min(image_id) FROM medsim.gallery").fetchone()[0]

@@ -14,7 +14,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from medsim import cli
+from medsim import cli, images
 from medsim.sources import archive, dicom
 from medsim.sources.base import Entry
 from medsim.sources.folder import FolderSource
@@ -86,14 +86,14 @@ def test_dicom_folder_ingest(conn, dicom_folder, db_url):
 
 def test_display_values_rescale_window_and_monochrome1(tmp_path):
     ds = read("CT_small.dcm")
-    x2 = dicom.load(FILES / "CT_small.dcm", None)
+    x2 = images.read(FILES / "CT_small.dcm")[..., 0]
     hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
     # rescaled to Hounsfield units, then stretched: the order of values is the HU order
     assert x2.dtype == np.uint16 and x2.max() == 65535 and x2.min() == 0
     assert np.array_equal(np.argsort(x2.ravel(), kind="stable"), np.argsort(hu.ravel(), kind="stable"))
     ds.PhotometricInterpretation = "MONOCHROME1"
     ds.save_as(tmp_path / "m1.dcm")
-    x1 = dicom.load(tmp_path / "m1.dcm", None)
+    x1 = images.read(tmp_path / "m1.dcm")[..., 0]
     assert np.array_equal(x1.astype(int), 65535 - x2.astype(int))  # inverted
 
 

@@ -11,10 +11,11 @@ import pytest
 from PIL import Image
 
 from medsim import cli
-from medsim.search import faiss_index, pgvector_hnsw, similar
+from medsim.search import faiss_index, pgvector_hnsw
+from medsim.search.request import Filters
 from medsim.sources import archive
 from medsim.sources.folder import FolderSource
-from tests.helpers import embed_all, register_model
+from tests.helpers import embed_all, register_model, search
 
 KEY = "a test key that is long enough"
 
@@ -70,20 +71,20 @@ def test_filters_patient_exclusion_and_grouping_match_the_reference(archive_db, 
     conn, mid = archive_db
     qid = query_id(conn)
     cases = [
-        (similar.Filters(), lambda r: True, False, None),
-        (similar.Filters(include_own_patient=True), lambda r: True, True, None),
-        (similar.Filters({"site": "north"}), lambda r: r[3].get("site") == "north", False, None),
-        (similar.Filters({"modality": "DX", "label": "abnormal"}),
+        (Filters(), lambda r: True, False, None),
+        (Filters(include_own_patient=True), lambda r: True, True, None),
+        (Filters({"site": "north"}), lambda r: r[3].get("site") == "north", False, None),
+        (Filters({"modality": "DX", "label": "abnormal"}),
          lambda r: r[3].get("Modality") == "DX" and r[4] == "abnormal", False, None),
-        (similar.Filters({"site": ["north", "south"], "split": "train"}), lambda r: r[5] == "train", False, None),
-        (similar.Filters(per_patient=1), lambda r: True, False, 1),
+        (Filters({"site": ["north", "south"], "split": "train"}), lambda r: r[5] == "train", False, None),
+        (Filters(per_patient=1), lambda r: True, False, 1),
     ]
     for f, where, own, per in cases:
-        [(q, hits)] = similar.search(conn, image_ids=[qid], k=6, engine=engine, filters=f)
+        [(q, hits)] = search(conn, image_ids=[qid], k=6, engine=engine, filters=f)
         assert [h.image_id for h in hits] == reference(conn, mid, qid, 6, where, own, per), f
-    [(q, hits)] = similar.search(conn, image_ids=[qid], k=10, engine=engine)
+    [(q, hits)] = search(conn, image_ids=[qid], k=10, engine=engine)
     assert q.patient_key and all(h.patient_key != q.patient_key for h in hits)
-    [(q, hits)] = similar.search(conn, image_ids=[qid], k=20, engine=engine, filters=similar.Filters(per_patient=2))
+    [(q, hits)] = search(conn, image_ids=[qid], k=20, engine=engine, filters=Filters(per_patient=2))
     keys = [h.patient_key for h in hits]
     assert len(hits) == 20 and max(keys.count(k) for k in keys) == 2
 
@@ -157,7 +158,7 @@ def test_the_selective_filter_does_starve_plain_hnsw(archive_db):
         conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
         n = conn.execute(
             "SELECT count(*) FROM (SELECT g.image_id FROM medsim.gallery g WHERE g.model_id = %s "
-            "AND medsim.gallery_match(g.dataset, g.split, g.label_name, g.metadata, g.patient_key, "
+            "AND medsim.gallery_match(g.dataset, g.split, g.label_names, g.metadata, g.patient_key, "
             "'{\"site\": \"south\", \"modality\": \"DX\", \"label\": \"abnormal\"}', NULL) "
             "ORDER BY g.embedding::vector(64) <-> (SELECT embedding::vector(64) FROM medsim.embeddings "
             "WHERE model_id = %s AND image_id = %s) LIMIT 8) x", (mid, mid, qid)).fetchone()[0]

@@ -1,7 +1,11 @@
+from pathlib import Path
+
 import psycopg
+import pytest
 
 from medsim import migrate
 
+REPO = Path(migrate.__file__).resolve().parents[1]
 EXPECTED_TABLES = {"datasets", "images"}
 
 
@@ -51,7 +55,7 @@ def test_alembic_command_line_reads_database_url(empty_db_url, monkeypatch):
     import sys
 
     env = {"DATABASE_URL": empty_db_url, "PATH": "/usr/bin:/bin"}
-    out = subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=migrate.ROOT,
+    out = subprocess.run([sys.executable, "-m", "alembic", "upgrade", "head"], cwd=REPO,
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert migrate.current(empty_db_url) is not None
@@ -160,3 +164,45 @@ def test_sql_is_reapplied_when_already_at_head(db_url):
                   "LANGUAGE sql AS $$ SELECT 'tampered' $$")
         migrate.upgrade(db_url)
         assert c.execute("SELECT medsim.label_name(1, '{0}')").fetchone() != ("tampered",)
+
+
+@pytest.mark.slow
+def test_a_wheel_install_migrates_an_empty_database(empty_db_url, tmp_path):
+    """`pip install .` (a wheel, not an editable checkout) gives a medsim that creates its own
+    schema: the revisions and sql/ ship inside the package. The wheel is built from a copy
+    of the sources (setuptools builds in the source tree) and installed into a fresh venv
+    whose only medsim is the wheel's; the dependencies come from this venv."""
+    import shutil
+    import site
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "medsim", src / "medsim", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    [wheel] = (tmp_path / "dist").glob("medsim-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    py = venv / "bin" / "python"
+    purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
+                        purelib, str(wheel)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    # the dependencies, not medsim: a plain path line does not run this venv's editable-install hook
+    (Path(purelib) / "medsim-deps.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    env = {"DATABASE_URL": empty_db_url, "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    where = subprocess.run([str(py), "-c", "import medsim; print(medsim.__file__)"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert where.stdout.strip().startswith(purelib), where
+    r = subprocess.run([str(py), "-m", "medsim", "migrate"], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"database at revision {migrate.HEAD}" in r.stdout
+    with psycopg.connect(empty_db_url) as c:  # and the replaceable objects came with it
+        assert c.execute("SELECT to_regprocedure('medsim.search_gallery(vector, integer, integer, jsonb, text, "
+                         "bigint, integer)') IS NOT NULL").fetchone() == (True,)

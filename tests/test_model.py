@@ -189,7 +189,8 @@ def test_checkpoint_round_trip_identical_embeddings():
     torch.manual_seed(0)
     for name in ("default", "seed"):
         net = network.EmbeddingNet(preset(name)).eval()
-        x = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 3), dtype=np.uint8)
+        s = net.cfg.image_size
+        x = np.random.default_rng(0).integers(0, 256, (5, s, s, 3), dtype=np.uint8)
         blob, sha = network.save_checkpoint(net)
         again = network.load_checkpoint(blob, expected_sha256=sha)
         assert again.cfg == net.cfg

@@ -102,7 +102,7 @@ def test_search_reads_a_streaming_replica(replica, synth_dir, capsys):
     from fastapi.testclient import TestClient
 
     from medsim.service.app import create_app
-    from medsim.service.core import ServeConfig
+    from medsim.service.state import ServeConfig
 
     with TestClient(create_app(ServeConfig(database_url=primary, read_url=replica_url))) as client:
         assert client.get("/healthz").json()["read_from"] == "replica (DATABASE_READ_URL)"

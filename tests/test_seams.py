@@ -17,10 +17,10 @@ import psycopg
 import pytest
 
 from medsim import cli, db, errors, queries, queue, registry
-from medsim.search import GALLERY_SPLITS, faiss_index, index_kinds, recall, similar
+from medsim.search import GALLERY_SPLITS, faiss_index, index_kinds, recall
 from medsim.sources import ingest
 from medsim.training import evaluate
-from tests.helpers import embed_all, ingest_synth, register_model
+from tests.helpers import embed_all, ingest_synth, register_model, search
 
 PACKAGE = Path(__file__).resolve().parents[1] / "medsim"
 
@@ -52,9 +52,9 @@ def test_cli_turns_user_errors_into_one_sentence_and_bugs_into_tracebacks(db_url
 
 def test_a_bug_exits_1_with_its_traceback(db_url, tmp_path):
     """As a process: a non-medsim exception prints its traceback and exits 1."""
-    script = ("import sys\nfrom medsim import cli\nfrom medsim.search import similar\n"
+    script = ("import sys\nfrom medsim import cli\nfrom medsim.search import pipeline\n"
               "def broken(*a, **k):\n    raise ZeroDivisionError('a bug')\n"
-              "similar.search = broken\nsys.exit(cli.main(sys.argv[1:]))\n")
+              "pipeline.run = broken\nsys.exit(cli.main(sys.argv[1:]))\n")
     p = subprocess.run([sys.executable, "-c", script, "search", "--image-id", "1"], capture_output=True,
                        text=True, timeout=60, cwd=tmp_path, env={**os.environ, "DATABASE_URL": db_url})
     assert p.returncode == 1
@@ -62,8 +62,14 @@ def test_a_bug_exits_1_with_its_traceback(db_url, tmp_path):
 
 
 # ---------------------------------------------------------------- 2. data access, named rows
-@pytest.mark.parametrize("module", ["cli.py", "demo.py"])
-def test_cli_and_demo_run_no_sql(module):
+NO_SQL = sorted(str(p.relative_to(PACKAGE)) for p in [*(PACKAGE / "cli").glob("*.py"), PACKAGE / "demo.py",
+                                                          *(PACKAGE / "worker").glob("*.py")])
+
+
+@pytest.mark.parametrize("module", NO_SQL)
+def test_cli_demo_and_worker_run_no_sql(module):
+    """The CLI and the demo are shells; the worker's SQL is the queue module's (procrastinate's
+    manager/worker split)."""
     tree = ast.parse((PACKAGE / module).read_text())
     for node in ast.walk(tree):
         if isinstance(node, ast.Attribute):
@@ -100,7 +106,7 @@ def test_library_functions_leave_the_transaction_to_the_caller(db_url, synth_dir
     with db.connect(db_url) as conn:
         ingest_synth(conn, synth_dir)
         mid = register_model(conn)
-        from medsim.embed_worker import Worker, WorkerConfig
+        from medsim.worker import Worker, WorkerConfig
 
         conn.commit()  # the worker is another connection: it must see the data (then we wipe it)
         Worker(WorkerConfig(once=True, database_url=db_url, progress=False, build_index=False)).run()
@@ -191,7 +197,7 @@ def test_faiss_search_loads_and_checks_the_index_once_per_call(embedded, tmp_pat
     monkeypatch.setattr(faiss_index, "fingerprint", fingerprint)
     monkeypatch.setattr(faiss_index, "gallery_version", version)
     ids = [r[0] for r in conn.execute("SELECT image_id FROM medsim.gallery ORDER BY image_id LIMIT 5")]
-    results = similar.search(conn, image_ids=ids, k=3, engine="faiss")
+    results = search(conn, image_ids=ids, k=3, engine="faiss")
     # one load per call; its freshness is one lookup of the gallery version (revision
     # 0011), so the gallery is not hashed at all while nothing changed
     assert len(results) == 5 and calls == {"load": 1, "fingerprint": 0, "version": 1}

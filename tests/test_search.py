@@ -7,9 +7,9 @@ from PIL import Image
 
 from medsim import cli, demo
 from medsim.errors import MedsimError
-from medsim.search import faiss_index, similar
+from medsim.search import faiss_index
 from medsim.training import train
-from tests.helpers import ingest_synth, register_model
+from tests.helpers import ingest_synth, register_model, search
 
 
 def exact(conn, mid, image_id, k, dataset=None):
@@ -28,13 +28,13 @@ def test_search_by_id_excludes_itself_and_matches_exact(embedded, tmp_path):
     for engine in ("pgvector", "faiss"):
         if engine == "faiss":
             faiss_index.build(conn, mid, "flat", out_dir=tmp_path)
-        [(q, hits)] = similar.search(conn, image_ids=[gid], k=5, engine=engine)
+        [(q, hits)] = search(conn, image_ids=[gid], k=5, engine=engine)
         assert q.in_gallery == [gid] and gid not in [h.image_id for h in hits]
         ref = exact(conn, mid, gid, 5)
         assert [h.distance for h in hits] == pytest.approx([d for d, _ in ref], abs=1e-5)
         assert {h.image_id for h in hits} == {i for _, i in ref}
         assert all(h.split in ("train", "val") for h in hits)
-    [(q, hits)] = similar.search(conn, image_ids=[gid], k=3, dataset="retinamnist")
+    [(q, hits)] = search(conn, image_ids=[gid], k=3, dataset="retinamnist")
     assert {h.dataset for h in hits} == {"retinamnist"}
     assert [h.image_id for h in hits] == [i for _, i in exact(conn, mid, gid, 3, "retinamnist")]
 
@@ -42,7 +42,7 @@ def test_search_by_id_excludes_itself_and_matches_exact(embedded, tmp_path):
 def test_search_by_test_image_is_not_in_gallery(embedded):
     conn, mid = embedded
     tid = conn.execute("SELECT min(image_id) FROM medsim.query_images").fetchone()[0]
-    [(q, hits)] = similar.search(conn, image_ids=[tid], k=4)
+    [(q, hits)] = search(conn, image_ids=[tid], k=4)
     assert q.in_gallery == [] and len(hits) == 4 and q.label_name in ("malignant", "normal, benign")
 
 
@@ -52,24 +52,24 @@ def test_search_by_file_of_any_size(embedded, tmp_path):
     gid, pixels = conn.execute("SELECT i.id, i.pixels FROM medsim.images i WHERE split = 'train' "
                                "ORDER BY id LIMIT 1").fetchone()
     Image.fromarray(np.frombuffer(pixels, np.uint8).reshape(28, 28)).save(tmp_path / "same.png")
-    [(q, hits)] = similar.search(conn, image_files=[tmp_path / "same.png"], k=3)
+    [(q, hits)] = search(conn, image_files=[tmp_path / "same.png"], k=3)
     assert q.in_gallery == [gid] and gid not in [h.image_id for h in hits]
     # a big colour JPEG is converted (resized to 28 px) and searched
     big = (np.random.default_rng(0).random((300, 200, 3)) * 255).astype(np.uint8)
     Image.fromarray(big).save(tmp_path / "big.jpg")
-    [(q, hits)] = similar.search(conn, image_files=[tmp_path / "big.jpg"], k=2)
-    assert q.pixels.shape == (28, 28, 3) and len(hits) == 2 and q.in_gallery == []
+    [(q, hits)] = search(conn, image_files=[tmp_path / "big.jpg"], k=2)
+    assert q.pixels.shape == (300, 200, 3) and len(hits) == 2 and q.in_gallery == []
 
 
 def test_clear_errors(embedded, tmp_path, capsys):
     conn, mid = embedded
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(MedsimError, match="not a readable image"):
-        similar.search(conn, image_files=[tmp_path / "notes.txt"])
+        search(conn, image_files=[tmp_path / "notes.txt"])
     with pytest.raises(MedsimError, match="no image with id 999999"):
-        similar.search(conn, image_ids=[999999])
+        search(conn, image_ids=[999999])
     with pytest.raises(MedsimError, match="gallery is empty .* dermamnist"):
-        similar.search(conn, image_ids=[1], dataset="dermamnist")
+        search(conn, image_ids=[1], dataset="dermamnist")
     assert cli.main(["search", "--image-file", str(tmp_path / "notes.txt")]) == 2
     assert "not a readable image" in capsys.readouterr().err
 
@@ -78,7 +78,7 @@ def test_empty_gallery(conn, synth_dir):
     ingest_synth(conn, synth_dir, flags=("breastmnist",))
     register_model(conn)  # nothing embedded yet
     with pytest.raises(MedsimError, match="gallery is empty"):
-        similar.search(conn, image_ids=[1])
+        search(conn, image_ids=[1])
 
 
 def test_montage_and_json_via_cli(embedded, tmp_path, capsys):

@@ -17,7 +17,7 @@ from PIL import Image
 
 from medsim.search import faiss_index
 from medsim.service.app import create_app
-from medsim.service.core import ServeConfig
+from medsim.service.state import ServeConfig
 from tests.helpers import embed_all
 
 
@@ -63,7 +63,7 @@ def test_search_by_id_is_the_sql_answer_with_thumbnails(api):
     assert body["model"]["id"] == mid and body["engine"] == "pgvector"
     assert body["query"] == {"kind": "image_id", "label": f"image {gid}", "image_id": gid,
                              "dataset": body["query"]["dataset"], "label_name": body["query"]["label_name"],
-                             "in_gallery": [gid]}
+                             "label_names": [body["query"]["label_name"]], "in_gallery": [gid]}
     dists = [n["distance"] for n in body["neighbours"]]
     assert dists == sorted(dists)
     n0 = body["neighbours"][0]
@@ -89,13 +89,18 @@ def test_search_by_upload_and_by_vector(api):
     # the upload is a gallery image: recognised as itself by its pixels, not by its name,
     # and sniffed by content (a .txt name and a text/plain type do not matter)
     files = {"image": ("notes.txt", png(stored_pixels(conn, gid)), "text/plain")}
-    r = client.post("/search", files=files, data={"k": "3", "filters": '{"dataset": "breastmnist"}'})
+    r = client.post("/search/upload", files=files, data={"k": "3", "filters": '{"dataset": "breastmnist"}'})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["query"]["kind"] == "upload" and body["query"]["in_gallery"] == [gid]
     assert gid not in [n["image_id"] for n in body["neighbours"]] and len(body["neighbours"]) == 3
     assert {n["dataset"] for n in body["neighbours"]} == {"breastmnist"}
-    assert all(n["same_label"] is None for n in body["neighbours"])  # an upload has no label
+    # recognised, it takes the stored image's identity: its label is known
+    assert body["query"]["image_id"] == gid and body["query"]["label_names"]
+    assert all(n["same_label"] is not None for n in body["neighbours"])
+    r = client.post("/search/upload", files={"image": ("q.png", png(np.full((28, 28), 77, np.uint8)), "image/png")})
+    assert r.json()["query"]["image_id"] is None
+    assert all(n["same_label"] is None for n in r.json()["neighbours"])  # an unknown upload has no label
     # a raw vector: the stored embedding of an image finds that image first, at distance 0
     v = conn.execute("SELECT embedding FROM medsim.embeddings WHERE model_id = %s AND image_id = %s",
                      (mid, gid)).fetchone()[0].to_numpy()
@@ -106,7 +111,7 @@ def test_search_by_upload_and_by_vector(api):
     big = (np.random.default_rng(0).random((300, 200, 3)) * 255).astype(np.uint8)
     buf = io.BytesIO()
     Image.fromarray(big).save(buf, format="JPEG")
-    r = client.post("/search", files={"image": ("x.jpg", buf.getvalue(), "image/jpeg")})
+    r = client.post("/search/upload", files={"image": ("x.jpg", buf.getvalue(), "image/jpeg")})
     assert r.status_code == 200 and len(r.json()["neighbours"]) == 4
 
 
@@ -117,7 +122,7 @@ def test_a_dicom_upload_is_searched(api):
 
     client, conn, mid = api
     f = pathlib.Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
-    r = client.post("/search", files={"image": ("scan", f.read_bytes(), "application/octet-stream")},
+    r = client.post("/search/upload", files={"image": ("scan", f.read_bytes(), "application/octet-stream")},
                     data={"k": "2"})
     assert r.status_code == 200, r.text
     assert len(r.json()["neighbours"]) == 2
@@ -149,20 +154,20 @@ def test_bad_uploads_are_refused_before_they_cost_anything(api, monkeypatch):
     client, conn, _ = api
     svc = client.app.state.service
     embedded = []
-    monkeypatch.setattr(svc, "embed", lambda *a: embedded.append(1))  # must never be reached
+    monkeypatch.setattr(svc, "net", lambda *a: embedded.append(1))  # must never be reached
     # not an image, whatever its name says
-    r = client.post("/search", files={"image": ("scan.png", b"%PDF-1.7 not an image", "image/png")})
+    r = client.post("/search/upload", files={"image": ("scan.png", b"%PDF-1.7 not an image", "image/png")})
     assert r.status_code == 422 and "recognised by content" in r.json()["detail"]
     # PNG magic, broken body
-    r = client.post("/search", files={"image": ("x.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image/png")})
+    r = client.post("/search/upload", files={"image": ("x.png", b"\x89PNG\r\n\x1a\n" + b"\0" * 64, "image/png")})
     assert r.status_code == 422 and "not a readable image" in r.json()["detail"]
     # a decompression bomb: a small file declaring 3000 x 3000 pixels, over the 4 M limit
     bomb = png(np.zeros((3000, 3000), np.uint8))
     assert len(bomb) < 100_000
-    r = client.post("/search", files={"image": ("bomb.png", bomb, "image/png")})
+    r = client.post("/search/upload", files={"image": ("bomb.png", bomb, "image/png")})
     assert r.status_code == 422 and "over the limit of 4,000,000" in r.json()["detail"]
     # over the upload size (2 MB here): refused by its Content-Length
-    r = client.post("/search", files={"image": ("big.png", b"\x89PNG\r\n\x1a\n" + b"\0" * (3 * 1024 * 1024),
+    r = client.post("/search/upload", files={"image": ("big.png", b"\x89PNG\r\n\x1a\n" + b"\0" * (3 * 1024 * 1024),
                                                 "image/png")})
     assert r.status_code == 413 and r.json()["error"] == "TooLarge"
     # ... and while it streams in, when no Content-Length is sent (chunked)
@@ -170,21 +175,21 @@ def test_bad_uploads_are_refused_before_they_cost_anything(api, monkeypatch):
         for _ in range(40):
             yield b"\0" * 100_000
 
-    r = client.post("/search", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+    r = client.post("/search/upload", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
     assert r.status_code == 413 and "over the limit" in r.json()["detail"]
     # an empty file, a missing file field, a file where a value belongs, a wrong content type
-    r = client.post("/search", files={"image": ("e.png", b"", "image/png")})
+    r = client.post("/search/upload", files={"image": ("e.png", b"", "image/png")})
     assert r.status_code == 400 and "empty" in r.json()["detail"]
-    r = client.post("/search", data={"k": "3"}, files={"other": ("a.png", b"x", "image/png")})
+    r = client.post("/search/upload", data={"k": "3"}, files={"other": ("a.png", b"x", "image/png")})
     assert r.status_code == 400
     r = client.post("/search", content=b"image_id=3", headers={"content-type": "application/x-www-form-urlencoded"})
     assert r.status_code == 400 and "send application/json" in r.json()["detail"]
-    r = client.post("/search", files={"image": ("a.png", png(np.zeros((28, 28), np.uint8)), "image/png")},
+    r = client.post("/search/upload", files={"image": ("a.png", png(np.zeros((28, 28), np.uint8)), "image/png")},
                     data={"k": "5000"})
     assert r.status_code == 400 and "k:" in r.json()["detail"]
-    r = client.post("/search", files={"image": ("a.png", png(np.zeros((28, 28), np.uint8)), "image/png")},
+    r = client.post("/search/upload", files={"image": ("a.png", png(np.zeros((28, 28), np.uint8)), "image/png")},
                     data={"filters": "{not json"})
-    assert r.status_code == 400 and "filters must be JSON" in r.json()["detail"]
+    assert r.status_code == 400 and "filters: Invalid JSON" in r.json()["detail"]
     assert embedded == []
 
 
@@ -225,10 +230,11 @@ def test_state_endpoints_and_metrics(api):
     h = client.get("/healthz")
     assert h.status_code == 200 and h.json()["ok"] and h.json()["model_id"] == mid
     client.post("/search", json={"image_id": gallery_id(conn)})
-    client.post("/search", files={"image": ("a.png", png(np.zeros((28, 28), np.uint8)), "image/png")})
+    client.post("/search/upload", files={"image": ("a.png", png(np.zeros((28, 28), np.uint8)), "image/png")})
     client.post("/search", json={"image_id": 987654321})
     text = client.get("/metrics").text
-    assert 'medsim_http_requests_total{method="POST",route="/search",status="200"} 2' in text
+    assert 'medsim_http_requests_total{method="POST",route="/search",status="200"} 1' in text
+    assert 'medsim_http_requests_total{method="POST",route="/search/upload",status="200"} 1' in text
     assert 'medsim_http_requests_total{method="POST",route="/search",status="404"} 1' in text
     for stage in ("decode", "embed", "search", "fetch"):
         count = [line for line in text.splitlines() if line.startswith(f'medsim_search_stage_seconds_count{{stage="{stage}"}}')]
@@ -250,10 +256,10 @@ def test_search_runs_as_the_reader_role(api):
 def test_a_bug_is_a_500_that_leaks_nothing(api, monkeypatch, caplog):
     client, conn, _ = api
 
-    def broken(**kw):
+    def broken(*a, **kw):
         raise RuntimeError("secret internals at /srv/medsim/checkpoint")
 
-    monkeypatch.setattr(client.app.state.service, "search", broken)
+    monkeypatch.setattr("medsim.search.pipeline.run", broken)
     with caplog.at_level(logging.ERROR, logger="medsim.serve"):
         r = client.post("/search", json={"image_id": gallery_id(conn)})
     assert r.status_code == 500 and r.json()["error"] == "InternalError"

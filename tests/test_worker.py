@@ -7,11 +7,12 @@ import psycopg
 import pytest
 
 from medsim import db, queue, registry
-from medsim.embed_worker import Worker, WorkerConfig
-from medsim.pixels import decode
+from medsim.images import from_bytes, model_input
 from medsim.queries import Q
 from medsim.search import pgvector_hnsw
 from medsim.training import network
+from medsim.worker import Worker, WorkerConfig
+from medsim.worker.batch import run_batch
 from tests.helpers import ingest_synth, register_model, run_worker, start_worker
 
 N = 780 + 1600  # synthetic breast + retina
@@ -48,7 +49,7 @@ def test_embeddings_match_the_model_and_status_view(ready, db_url):
                         "FROM medsim.embeddings e JOIN medsim.images i ON i.id = e.image_id "
                         "WHERE e.model_id = %s ORDER BY i.id LIMIT 20", (mid,)).fetchall()
     net = registry.get(conn, mid).load(conn)
-    expect = network.embed(net, np.stack([decode(bytes(r[1]), r[2], r[3], r[4]) for r in rows]))
+    expect = network.embed(net, np.stack([model_input(from_bytes(bytes(r[1]), r[2], r[3], r[4]), 28) for r in rows]))
     got = np.stack([r[5].to_numpy() for r in rows])
     assert np.allclose(got, expect, atol=1e-5)
     per_ds = conn.execute("SELECT dataset, total, embedded, pending, failed FROM medsim.embedding_status "
@@ -83,9 +84,9 @@ def test_enqueue_racing_a_batch_does_not_requeue_its_images(ready, db_url):
                             progress=False, build_index=False))
     w.connect()
     w.load_model()
-    in_batch = threading.Thread(target=w.step)  # one batch (no prefetch on the CPU)
+    in_batch = threading.Thread(target=run_batch, args=(w.conns[0], w.job))  # one batch
     in_batch.start()
-    pid = w.conn.info.backend_pid
+    pid = w.conns[0].info.backend_pid
     # the batch has written and dequeued, and sleeps before its commit
     assert wait_until(lambda: conn.execute(
         "SELECT state = 'idle in transaction' AND query LIKE 'DELETE FROM medsim.embedding_queue%%' "
@@ -97,7 +98,7 @@ def test_enqueue_racing_a_batch_does_not_requeue_its_images(ready, db_url):
     in_batch.join(timeout=60)
     racer.join(timeout=60)
     other.close()
-    w.conn.close()
+    w.close()
     assert added == [0]
     requeued = conn.execute("SELECT count(*) FROM medsim.embedding_queue q JOIN medsim.embeddings e "
                             "USING (model_id, image_id)").fetchone()[0]
@@ -316,7 +317,7 @@ def test_a_large_backlog_is_loaded_without_the_hnsw_index_a_trickle_with_it(read
     conn.execute("INSERT INTO medsim.images (dataset_id, split, split_index, labels, height, width, channels, "
                  "pixels, sha256) SELECT dataset_id, 'train', 100000 + id, labels, height, width, channels, "
                  "pixels, sha256(pixels || id::text::bytea) FROM medsim.images ORDER BY id LIMIT 3")
-    with caplog.at_level(logging.INFO, logger="medsim.embed_worker"):
+    with caplog.at_level(logging.INFO, logger="medsim.worker"):
         Worker(WorkerConfig(once=True, database_url=db_url, progress=False, bulk_threshold=1000)).run()
     assert index_oid(conn, mid) == first and "dropped HNSW" not in caplog.text
     # a backlog larger than a quarter of the model: the index goes, comes back after the drain
@@ -325,7 +326,7 @@ def test_a_large_backlog_is_loaded_without_the_hnsw_index_a_trickle_with_it(read
     synth.write_npz(big, "pneumoniamnist", seed=3)
     ingest_synth(conn, big, flags=("pneumoniamnist",))
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="medsim.embed_worker"):
+    with caplog.at_level(logging.INFO, logger="medsim.worker"):
         s = Worker(WorkerConfig(once=True, database_url=db_url, progress=False, bulk_threshold=1000)).run()
     assert "dropped HNSW index" in caplog.text and s.embedded == 5856
     again = index_oid(conn, mid)
@@ -339,27 +340,27 @@ def test_a_large_backlog_is_loaded_without_the_hnsw_index_a_trickle_with_it(read
 def test_worker_threads_share_the_cores_among_workers_on_this_host(ready, db_url, monkeypatch):
     import torch
 
-    from medsim import embed_worker
+    from medsim.worker import loop, policy
 
     conn, mid = ready
     before = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(embed_worker, "available_cores", lambda: 8)
+    monkeypatch.setattr(policy, "available_cores", lambda: 8)
     try:
         w = Worker(WorkerConfig(once=True, database_url=db_url, progress=False))
         w.connect()
-        assert w.fit_threads(force=True) == 8  # alone on the host: every core
-        others = [db.connect(db_url, application_name=embed_worker.APP_NAME) for _ in range(3)]
-        assert w.fit_threads() == 8  # re-counted at most every 30 s
-        assert w.fit_threads(force=True) == 2 and torch.get_num_threads() == 2  # four workers: 8 / 4
+        assert w.threads.fit(w.conns[0], force=True) == 8  # alone on the host: every core
+        others = [db.connect(db_url, application_name=loop.APP_NAME) for _ in range(3)]
+        assert w.threads.fit(w.conns[0]) == 8  # re-counted at most every 30 s
+        assert w.threads.fit(w.conns[0], force=True) == 2 and torch.get_num_threads() == 2  # four workers: 8 / 4
         for c in others:
             c.close()
-        w.conn.close()
+        w.close()
         # an explicit setting wins
         w = Worker(WorkerConfig(once=True, database_url=db_url, progress=False, threads=3))
         w.connect()
-        assert w.fit_threads(force=True) == 3
-        w.conn.close()
+        assert w.threads.fit(w.conns[0], force=True) == 3
+        w.close()
         with pytest.raises(Exception, match="threads must be at least 1"):
             WorkerConfig(threads=0)
     finally:

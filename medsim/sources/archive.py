@@ -24,10 +24,11 @@ from functools import partial
 
 from psycopg.types.json import Jsonb
 
-from medsim.errors import BadArgument, DataRefused
+from medsim import images
+from medsim.errors import BadArgument, DataRefused, Unreadable
 from medsim.queries import Q, one, rows, scalar
 from medsim.sources import splits as splitting
-from medsim.sources.base import Entry, Problem, patient_hasher
+from medsim.sources.base import Entry, patient_hasher
 
 CHUNK = 500
 COPY_TYPES = ["int4", "text", "int4", "int2[]", "int4", "int4", "int2", "bytea", "bytea", "int2", "text",
@@ -65,10 +66,10 @@ class ArchiveReport:
 
 
 def load_entry(loader, e: Entry):
-    """-> (entry, Loaded or Problem); module-level so worker processes can run it."""
+    """-> (entry, Loaded or Unreadable); module-level so worker processes can run it."""
     try:
         return e, loader(e)
-    except Problem as err:
+    except Unreadable as err:
         return e, err
 
 
@@ -144,7 +145,7 @@ def ingest_archive(conn, source, name: str, *, strict: bool = False, relabel: bo
     with pool:
         if strict:
             unreadable = [(e.path, str(r)) for e, r in pool.map(load, entries, chunksize=64)
-                          if isinstance(r, Problem)]
+                          if isinstance(r, Unreadable)]
             bad = listing_problems + unreadable  # the listing's are in the report already
             if bad:
                 finish(conn, report, "refused", [(p, "skipped", why) for p, why in unreadable])
@@ -158,7 +159,7 @@ def ingest_archive(conn, source, name: str, *, strict: bool = False, relabel: bo
             batch = list(pool.map(load, entries[start : start + chunk], chunksize=32))
             new = []
             for e, r in batch:
-                if isinstance(r, Problem):
+                if isinstance(r, Unreadable):
                     report.problems.append((e.path, "skipped", str(r)))
                     continue
                 x = r.pixels
@@ -258,7 +259,7 @@ def write_chunk(conn, dataset_id: int, new: list, report: ArchiveReport) -> None
                 nxt[e.split] = idx + 1
                 h, w, c = x.shape
                 orig = loaded.original_size or (None, None)
-                copy.write_row((dataset_id, e.split, idx, labels, h, w, c, x.astype(x.dtype.newbyteorder("<")).tobytes(),
+                copy.write_row((dataset_id, e.split, idx, labels, h, w, c, images.stored.to_bytes(x),
                                 digest, 16 if x.dtype.itemsize == 2 else 8, e.patient_key, e.study_id,
                                 Jsonb({**e.metadata, **loaded.metadata}), e.path, orig[0], orig[1]))
                 report.per_split[e.split] = report.per_split.get(e.split, 0) + 1

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from medsim.errors import BadArgument
+from medsim import settings
+from medsim.errors import BadArgument, Unreadable
 
 SPLITS = ("train", "val", "test")
 PATIENT_KEY_ENV = "MEDSIM_PATIENT_KEY"
@@ -44,8 +44,9 @@ class Loaded:
     metadata: dict = field(default_factory=dict)  # found while decoding (DICOM tags)
 
 
-class Problem(Exception):
-    """One entry cannot be used; the message is the reason the report shows."""
+class Problem(Unreadable):
+    """One entry cannot be used; the message is the reason the report shows. An image
+    reader's Unreadable is the same thing, and sources catch both as Unreadable."""
 
 
 def patient_hasher():
@@ -53,7 +54,7 @@ def patient_hasher():
     MEDSIM_PATIENT_KEY environment variable and is never written to the database: without
     it a stored hash cannot be linked back to an id, and with it the same patient gets the
     same hash in every archive (so deletion and patient filters work across datasets)."""
-    key = os.environ.get(PATIENT_KEY_ENV, "")
+    key = settings.get().patient_key or ""
     if len(key) < 16:
         raise BadArgument(f"this archive has patient ids, which medsim stores only as a keyed hash: set "
                           f"{PATIENT_KEY_ENV} to a secret of at least 16 characters (keep it: the same key "
@@ -63,20 +64,3 @@ def patient_hasher():
         return hmac.new(key.encode(), patient_id.strip().encode(), hashlib.sha256).hexdigest()
 
     return keyed
-
-
-def as_stored(x: np.ndarray) -> np.ndarray:
-    """Any decoded image -> (H, W, C) uint8 or uint16 with C in {1, 3}, or Problem."""
-    if x.ndim == 2:
-        x = x[..., None]
-    if x.ndim != 3 or x.shape[2] not in (1, 3, 4):
-        raise Problem(f"unsupported pixel layout {x.shape}")
-    if x.shape[2] == 4:  # RGBA: the alpha channel carries no anatomy
-        x = x[..., :3]
-    if x.shape[0] < 1 or x.shape[1] < 1:
-        raise Problem(f"empty image ({x.shape[0]}x{x.shape[1]})")
-    if x.dtype == np.uint8 or x.dtype == np.uint16:
-        return np.ascontiguousarray(x)
-    if np.issubdtype(x.dtype, np.integer) and x.size and x.min() >= 0 and x.max() <= 65535:
-        return np.ascontiguousarray(x.astype(np.uint16))
-    raise Problem(f"pixel type {x.dtype} with values outside 0..65535 is not supported")

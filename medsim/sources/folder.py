@@ -20,12 +20,10 @@ import os
 from functools import partial
 from pathlib import Path
 
-import numpy as np
-
-from medsim import pixels
-from medsim.errors import DataRefused
+from medsim import images
+from medsim.errors import DataRefused, Unreadable
 from medsim.sources import dicom
-from medsim.sources.base import SPLITS, Entry, Loaded, Problem, as_stored
+from medsim.sources.base import SPLITS, Entry, Loaded, Problem
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 MANIFEST_COLUMNS = ("path", "label", "split", "patient_id", "study_id")
@@ -104,7 +102,7 @@ class FolderSource:
             else:
                 try:
                     entries += self._expand(p, Entry(str(rel), () if self.label_tag else (rel.parts[0],)))
-                except Problem as err:
+                except Unreadable as err:
                     problems.append((str(rel), str(err)))
         if not entries and not problems:
             raise DataRefused(f"{self.root}: no image files found")
@@ -139,7 +137,7 @@ class FolderSource:
                         continue
                     try:
                         entries += self._expand(path, e)
-                    except Problem as err:
+                    except Unreadable as err:
                         problems.append((row["path"], str(err)))
         return entries, problems
 
@@ -171,59 +169,7 @@ def load_file(base: Path, max_side: int, entry: Entry) -> Loaded:
 
 
 def load_image(path: Path, max_side: int) -> Loaded:
-    """One image file -> pixels as they will be stored, or Problem with the reason."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise Problem("no such file")
-    try:
-        with Image.open(path) as img:
-            w, h = img.size
-            if w * h > pixels.MAX_IMAGE_PIXELS:
-                raise Problem(f"{w} x {h} pixels is over the limit of {pixels.MAX_IMAGE_PIXELS:,} "
-                              f"(MEDSIM_MAX_IMAGE_PIXELS)")
-            if getattr(img, "n_frames", 1) > 1:
-                raise Problem(f"a multi-page image ({img.n_frames} pages); save each page as its own file")
-            img.load()
-            x = to_array(img)
-    except Problem:
-        raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError,
-            EOFError) as err:
-        raise Problem(f"not a readable image ({err})") from None
-    x = as_stored(x)
-    original = None
-    if max(x.shape[:2]) > max_side:
-        original = x.shape[:2]
-        x = shrink(x, max_side)
-    return Loaded(x, original)
-
-
-def to_array(img) -> np.ndarray:
-    """A Pillow image -> uint8 (grey or RGB) or uint16 (grey) array, nothing clipped."""
-    mode = img.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-        return np.asarray(img).astype(np.uint16)
-    if mode == "I":
-        return np.asarray(img)  # int32; as_stored keeps it if it fits 16 bits
-    if mode == "F":
-        raise Problem("floating-point pixels are not supported; save the image as 8- or 16-bit")
-    if mode in ("1", "L", "LA") or (mode == "P" and pixels.palette_is_grey(img)):
-        return np.asarray(img.convert("L"))
-    return np.asarray(img.convert("RGB"))
-
-
-def shrink(x: np.ndarray, max_side: int) -> np.ndarray:
-    """Longest side to max_side, aspect kept; 16-bit is resized at full depth."""
-    from PIL import Image
-
-    h, w = x.shape[:2]
-    scale = max_side / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    if x.dtype == np.uint16:  # channel by channel, as 32-bit float images
-        chans = [np.asarray(Image.fromarray(x[..., c].astype(np.float32)).resize(size, Image.Resampling.LANCZOS))
-                 for c in range(x.shape[2])]
-        return np.clip(np.rint(np.stack(chans, axis=-1)), 0, 65535).astype(np.uint16)
-    img = Image.fromarray(x[..., 0] if x.shape[2] == 1 else x)
-    out = np.asarray(img.resize(size, Image.Resampling.LANCZOS))
-    return out[..., None] if out.ndim == 2 else out
+    """One image file -> pixels as they will be stored, or Unreadable with the reason."""
+    x = images.read(path)
+    original = x.shape[:2] if max(x.shape[:2]) > max_side else None
+    return Loaded(images.shrink(x, max_side), original)

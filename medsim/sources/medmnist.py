@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medsim import settings
 from medsim.errors import BadArgument, DataMissing, DataRefused, MedsimError
 
 SPLITS = ("train", "val", "test")
@@ -100,9 +101,7 @@ def search_dirs(data_dir: str | os.PathLike | None = None) -> list[Path]:
     """--data-dir if given; else $MEDSIM_DATA_DIR and the medmnist package's default root."""
     if data_dir is not None:
         return [Path(data_dir).expanduser()]
-    dirs = []
-    if os.environ.get("MEDSIM_DATA_DIR"):
-        dirs.append(Path(os.environ["MEDSIM_DATA_DIR"]).expanduser())
+    dirs = [settings.get().data_dir] if settings.get().data_dir else []
     dirs.append(Path("~/.medmnist").expanduser())  # medmnist's DEFAULT_ROOT
     return dirs
 

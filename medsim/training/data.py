@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from medsim.errors import NotFound
-from medsim.pixels import StoredRow
+from medsim.images import StoredRow
 from medsim.queries import Q, rows
 
 
@@ -17,7 +17,7 @@ class Split:
     dataset_ids: np.ndarray  # (N,)
     label_keys: np.ndarray  # (N,) one int per (dataset, label vector): "same diagnosis"
     labels: list  # (N,) label vectors as stored
-    images: np.ndarray  # (N, S, S, 3) uint8; grey repeated to 3 channels
+    images: np.ndarray  # (N, S, S, 3) uint8: the model's input (medsim.images.model_input)
     flags: dict  # dataset_id -> MedMNIST flag
     skipped: list = field(default_factory=list)  # (image id, reason): rows that cannot be used
     tasks: dict = field(default_factory=dict)  # dataset_id -> task ("ordinal-regression", ...)
@@ -51,9 +51,12 @@ def label_keys(dataset_ids: np.ndarray, labels: list) -> np.ndarray:
     return np.array([index[k] for k in keyed], dtype=np.int64)
 
 
-def load_split(conn, splits, flags=None, image_size: int = 28) -> Split:
-    """All images of the given splits (and datasets, default all) as image_size x image_size:
-    MedMNIST datasets of that size, archive images resized to it."""
+def load_split(conn, splits, flags=None, image_size: int = 28, input_size: int | None = None) -> Split:
+    """All images of the given splits (and datasets, default all) as the network's input
+    (medsim.images.model_input) at input_size (default image_size). image_size says which
+    MedMNIST size to read (each size is its own dataset); archive images come at any size.
+    Every image is resized by the one resize path when its size is not input_size."""
+    input_size = input_size or image_size
     found = rows(conn, Q.load_images, {"splits": list(splits), "flags": flags, "size": image_size},
                  as_=ImageRow)
     if not found:
@@ -66,10 +69,8 @@ def load_split(conn, splits, flags=None, image_size: int = 28) -> Split:
     for r in found:
         # one broken row is skipped and named, never the end of training or evaluation
         try:
-            x = r.decode()
-            if x.shape[:2] != (image_size, image_size):
-                x = resize(x, image_size)  # archives: any size; the network's input is one size
-        except Exception as err:
+            x = r.model_input(input_size)
+        except ValueError as err:
             skipped.append((r.id, str(err)))
             continue
         usable.append(r)
@@ -83,15 +84,6 @@ def load_split(conn, splits, flags=None, image_size: int = 28) -> Split:
     found_ds = rows(conn, Q.dataset_flags, as_=DatasetFlag)
     return Split(ids, ds, label_keys(ds, labels), labels, np.stack(images), {d.id: d.flag for d in found_ds},
                  skipped, {d.id: d.task for d in found_ds})
-
-
-def resize(x: np.ndarray, size: int) -> np.ndarray:
-    """(H, W, 3) uint8 -> (size, size, 3), bilinear (the network's own resize at its input)."""
-    from PIL import Image
-
-    if x.shape[0] < 1 or x.shape[1] < 1:
-        raise ValueError(f"empty image ({x.shape[0]}x{x.shape[1]})")
-    return np.asarray(Image.fromarray(np.ascontiguousarray(x)).resize((size, size), Image.Resampling.BILINEAR))
 
 
 def describe_skipped(skipped: list, limit: int = 5) -> str:

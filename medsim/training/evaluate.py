@@ -64,14 +64,11 @@ def evaluate(conn, model_ref="current", device="cpu", store: bool = True, exclud
     row = registry.get(conn, model_ref)
     net = row.load(conn, device)
     flags = row.datasets
-    train = data.load_split(conn, ["train"], flags)
-    val = data.load_split(conn, ["val"], flags)
-    test = data.load_split(conn, ["test"], flags)
+    size = net.cfg.image_size
+    train, val, test = (data.load_split(conn, [s], flags, input_size=size) for s in ("train", "val", "test"))
     excluded = 0
     if exclude_leaked:
-        from medsim import audit
-
-        leaked = audit.leaked_test_images(conn, row.id)
+        leaked = leaked_test_images(conn, row.id)
         keep = np.array([int(i) not in leaked for i in test.ids])
         excluded = int((~keep).sum())
         test = data.Split(test.ids[keep], test.dataset_ids[keep], test.label_keys[keep],
@@ -99,6 +96,12 @@ def evaluate(conn, model_ref="current", device="cpu", store: bool = True, exclud
         results["evaluation_id"] = scalar(
             conn, Q.insert_evaluation, {"model_id": row.id, "seed": PAIR_SEED_TEST, "results": json.dumps(results)})
     return results
+
+
+def leaked_test_images(conn, model_id: int) -> set[int]:
+    """Test images with an exact or near duplicate, or their patient, in train or val
+    (the model's latest `medsim audit`)."""
+    return {r[0] for r in conn.execute(Q.leaked_test_images, {"model_id": model_id})}
 
 
 @dataclass

@@ -44,15 +44,18 @@ class EmbeddingNet(nn.Module):
         else:
             raise ValueError(f"unknown arch {cfg.arch!r}")
 
-    def _resize(self, x: torch.Tensor) -> torch.Tensor:
+    def check_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs come at the model's size: resizing is medsim.images' job (one filter for
+        every path), never the network's."""
         s = self.cfg.image_size
-        if x.shape[-2:] != (s, s):
-            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False)
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[-2:] != (s, s):
+            raise ValueError(f"the network takes (batch, 3, {s}, {s}) inputs, got {tuple(x.shape)}: "
+                             f"resize with medsim.images.model_input first")
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (batch, 3, H, W) float in [-1, 1] -> (batch, embedding_dim)
-        x = self._resize(x)
+        # (batch, 3, S, S) float in [-1, 1] -> (batch, embedding_dim)
+        x = self.check_input(x)
         z = self.body(x)
         if self.cfg.tta_flip and not self.training:
             z = (z + self.body(x.flip(-1))) / 2
@@ -63,7 +66,7 @@ class EmbeddingNet(nn.Module):
         the one embedding of a single network."""
         if self.cfg.members == 1:
             return [self(x)]
-        return [F.normalize(m(self._resize(x)), dim=1) for m in self.body.members]
+        return [F.normalize(m(self.check_input(x)), dim=1) for m in self.body.members]
 
 
 def _convnet(widths, dim: int) -> nn.Sequential:

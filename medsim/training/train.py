@@ -242,8 +242,9 @@ def fit(tr: data.Split, va: data.Split, tcfg: TrainConfig, device=None, progress
 def train(conn, tcfg: TrainConfig, out_dir: Path | str = "medsim_out", set_current: bool = True,
           progress: bool = True, log=print) -> int:
     device = resolve_device(tcfg.device)
-    tr = data.load_split(conn, ["train"], tcfg.flags, tcfg.image_size)
-    va = data.load_split(conn, ["val"], tcfg.flags, tcfg.image_size)
+    size = preset(tcfg.preset).image_size  # the network's input; tcfg.image_size: which MedMNIST size to read
+    tr = data.load_split(conn, ["train"], tcfg.flags, tcfg.image_size, size)
+    va = data.load_split(conn, ["val"], tcfg.flags, tcfg.image_size, size)
     flags = sorted({tr.flags[int(d)] for d in np.unique(tr.dataset_ids)})
     skipped = tr.skipped + va.skipped
     if skipped:

@@ -152,7 +152,7 @@ async function searchFile(file) {
   $("image-id").value = "";
   setUrl(null);
   try {
-    const res = await api("/search", { method: "POST", body: fd });
+    const res = await api("/search/upload", { method: "POST", body: fd });
     showError("");
     render(res, URL.createObjectURL(file));
   } catch (e) { showError(e.message); }

@@ -6,8 +6,11 @@ SELECT ei.*
 FROM medsim.embedded_images ei
 JOIN medsim.models m ON m.id = ei.model_id AND m.is_current;
 
--- Signatures this file replaced (CREATE OR REPLACE cannot change a function's arguments).
+-- Signatures this file replaced (CREATE OR REPLACE cannot change a function's arguments
+-- or its result columns).
 DROP FUNCTION IF EXISTS medsim.similar_images(bigint, integer, integer, text);
+DROP FUNCTION IF EXISTS medsim.similar_images(bigint, integer, integer, text, jsonb, boolean, integer);
+DROP FUNCTION IF EXISTS medsim.search_gallery(vector, integer, integer, jsonb, text, bigint, integer);
 
 -- The k nearest gallery (train + val) images to a vector, for a model (default: the
 -- current one), passing a filter (medsim.gallery_match: dataset, split, label, any
@@ -24,7 +27,7 @@ CREATE OR REPLACE FUNCTION medsim.search_gallery(
     p_filter jsonb DEFAULT '{}', p_exclude_patient text DEFAULT NULL,
     p_exclude_image_id bigint DEFAULT NULL, p_per_patient integer DEFAULT NULL)
 RETURNS TABLE (image_id bigint, dataset text, split text, label_name text, distance double precision,
-               patient_key text, study_id text)
+               patient_key text, study_id text, label_names text[])
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_model integer := coalesce(p_model_id, (SELECT id FROM medsim.models WHERE is_current));
@@ -67,12 +70,12 @@ BEGIN
     -- the cast below is the partial HNSW index's own expression and the index is used
     v_sql := format(
         'WITH cand AS (
-             SELECT g.image_id, g.dataset, g.split, g.label_name, g.patient_key, g.study_id,
+             SELECT g.image_id, g.dataset, g.split, g.label_name, g.label_names, g.patient_key, g.study_id,
                     (g.embedding::vector(%1$s) <-> $1::vector(%1$s))::double precision AS distance
              FROM medsim.gallery g
              WHERE g.model_id = %2$s
                AND ($4::bigint IS NULL OR g.image_id <> $4)
-               AND medsim.gallery_match(g.dataset, g.split, g.label_name, g.metadata, g.patient_key, $2, $3)
+               AND medsim.gallery_match(g.dataset, g.split, g.label_names, g.metadata, g.patient_key, $2, $3)
              ORDER BY g.embedding::vector(%1$s) <-> $1::vector(%1$s)
              LIMIT $5),
          ranked AS (
@@ -102,9 +105,11 @@ BEGIN
     END LOOP;
     PERFORM set_config('enable_indexscan', v_old_index, true);
     PERFORM set_config('hnsw.iterative_scan', coalesce(v_old_scan, 'off'), true);
-    RETURN QUERY SELECT r.image_id, r.dataset, r.split, r.label_name, r.distance, r.patient_key, r.study_id
+    RETURN QUERY SELECT r.image_id, r.dataset, r.split, r.label_name, r.distance, r.patient_key, r.study_id,
+                        r.label_names
                  FROM jsonb_to_recordset(v_rows) AS r(image_id bigint, dataset text, split text,
-                      label_name text, distance double precision, patient_key text, study_id text);
+                      label_name text, distance double precision, patient_key text, study_id text,
+                      label_names text[]);
 END
 $$;
 
@@ -130,7 +135,7 @@ CREATE OR REPLACE FUNCTION medsim.similar_images(
     p_dataset text DEFAULT NULL, p_filter jsonb DEFAULT '{}', p_include_own_patient boolean DEFAULT false,
     p_per_patient integer DEFAULT NULL)
 RETURNS TABLE (image_id bigint, dataset text, split text, label_name text, distance double precision,
-               patient_key text, study_id text)
+               patient_key text, study_id text, label_names text[])
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_model integer := coalesce(p_model_id, (SELECT id FROM medsim.models WHERE is_current));
@@ -199,9 +204,10 @@ GRANT SELECT (id, model_id, kind, params, source_view, splits, dim, metric, n_ro
 GRANT EXECUTE ON FUNCTION medsim.search_by_vector(vector, integer, integer, text, bigint),
                           medsim.search_gallery(vector, integer, integer, jsonb, text, bigint, integer),
                           medsim.similar_images(bigint, integer, integer, text, jsonb, boolean, integer),
-                          medsim.gallery_match(text, text, text, jsonb, text, jsonb, text),
+                          medsim.gallery_match(text, text, text[], jsonb, text, jsonb, text),
                           medsim.filter_values(jsonb),
                           medsim.label_name(integer, smallint[]),
+                          medsim.label_names(integer, smallint[]),
                           medsim.p_same_label(integer, text, double precision) TO medsim_reader;
 ALTER DEFAULT PRIVILEGES IN SCHEMA medsim GRANT SELECT ON TABLES TO medsim_reader;
 -- A query that runs away is cancelled; it applies to sessions that log in as (or SET ROLE

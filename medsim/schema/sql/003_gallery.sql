@@ -9,6 +9,7 @@ SELECT e.model_id,
        i.split_index,
        i.labels,
        medsim.label_name(i.dataset_id, i.labels) AS label_name,
+       medsim.label_names(i.dataset_id, i.labels) AS label_names,
        i.patient_key,
        i.study_id,
        i.metadata,
@@ -32,13 +33,16 @@ LANGUAGE sql IMMUTABLE AS $$
         CASE jsonb_typeof(p_value) WHEN 'array' THEN p_value ELSE jsonb_build_array(p_value) END))
 $$;
 
+-- Signatures this file replaced (CREATE OR REPLACE cannot change a function's arguments).
+DROP FUNCTION IF EXISTS medsim.gallery_match(text, text, text, jsonb, text, jsonb, text);
+
 -- Whether a gallery row passes a search filter: {"dataset": ..., "split": ..., "label": ...,
 -- any metadata key: value}; each value a string or an array of strings (any of them).
--- "modality" means the DICOM Modality kept in metadata. A label matches a multi-label
--- image when it is one of its labels. The patient, when given, is excluded. Plain SQL, so
--- the planner inlines it into the search query.
+-- "modality" means the DICOM Modality kept in metadata. A label matches an image when it
+-- is one of its label names (an array: a name may itself hold ", "). The patient, when
+-- given, is excluded. Plain SQL, so the planner inlines it into the search query.
 CREATE OR REPLACE FUNCTION medsim.gallery_match(
-    p_dataset text, p_split text, p_label_name text, p_metadata jsonb, p_patient_key text,
+    p_dataset text, p_split text, p_label_names text[], p_metadata jsonb, p_patient_key text,
     p_filter jsonb, p_exclude_patient text)
 RETURNS boolean
 LANGUAGE sql IMMUTABLE AS $$
@@ -47,14 +51,15 @@ LANGUAGE sql IMMUTABLE AS $$
            SELECT 1 FROM jsonb_each(coalesce(p_filter, '{}')) f(key, value)
            WHERE NOT (
                -- coalesce: a key the image lacks is a mismatch, not a NULL that passes
-               coalesce(CASE f.key
-                            WHEN 'dataset' THEN p_dataset
-                            WHEN 'split' THEN p_split
-                            WHEN 'modality' THEN p_metadata ->> 'Modality'
-                            ELSE p_metadata ->> f.key
-                        END = ANY(medsim.filter_values(f.value)), false)
-               OR (f.key = 'label'
-                   AND coalesce(string_to_array(p_label_name, ', ') && medsim.filter_values(f.value), false))
+               CASE f.key
+                   WHEN 'label' THEN coalesce(p_label_names && medsim.filter_values(f.value), false)
+                   ELSE coalesce(CASE f.key
+                                     WHEN 'dataset' THEN p_dataset
+                                     WHEN 'split' THEN p_split
+                                     WHEN 'modality' THEN p_metadata ->> 'Modality'
+                                     ELSE p_metadata ->> f.key
+                                 END = ANY(medsim.filter_values(f.value)), false)
+               END
            ))
 $$;
 

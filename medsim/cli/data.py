@@ -1,0 +1,183 @@
+"""Commands about the data itself: the database (db, psql, migrate), getting images in
+(ingest, ingest-folder), taking them out (delete), and the leakage audit."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from medsim import db
+from medsim.cli.common import DATA, MODEL, QUIET, connect
+from medsim.errors import BadArgument, MedsimError
+
+
+def cmd_db(args) -> int:
+    if args.action == "start":
+        url = db.database_url(start=True)
+        print(f"running ({db.source()}): {url}")
+    elif args.action == "stop":
+        print("stopped" if db.embedded_stop() else "not running")
+    elif args.action == "status":
+        url = db.embedded_url()
+        print(f"embedded: {'running at ' + url if url else 'not running'} (data: {db.pgdata_dir()})")
+        print(f"medsim uses: {db.source()}")
+    elif args.action == "url":
+        print(db.database_url(start=True))
+    else:
+        if args.file is None:
+            raise BadArgument(f"medsim db {args.action} needs a FILE")
+        url = args.database_url or db.database_url()
+        if args.action == "backup":
+            db.backup(url, Path(args.file))
+            print(f"backup written to {args.file} (pg_dump custom format; restore with `medsim db restore`)")
+        else:
+            db.restore(url, Path(args.file))
+            print(f"restored {args.file}")
+    return 0
+
+
+def cmd_psql(args) -> int:
+    """psql on the database medsim uses (the embedded server's own psql binary)."""
+    url = args.database_url or db.database_url()
+    psql = db.pg_tool("psql")
+    os.execv(psql, [psql, url, *args.extra])
+
+
+def cmd_migrate(args) -> int:
+    from alembic.util import CommandError
+
+    from medsim import migrate
+
+    url = args.database_url or db.database_url()
+    try:
+        migrate.upgrade(url, args.revision)
+    except CommandError as err:  # unknown or ambiguous revision
+        raise BadArgument(f"migrate: {err}") from None
+    print(f"database at revision {migrate.current(url)}")
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from medsim.sources import ingest
+
+    refused = None  # the last subset's MedsimError: the exit code of the family (2)
+    with connect(args) as conn:
+        for flag in args.flags:
+            try:
+                r = ingest.ingest(conn, flag, size=args.size, data_dir=args.data_dir,
+                                  accept_unofficial=args.accept_unofficial, allow_download=not args.no_download,
+                                  show_progress=not args.quiet)
+                print(r.line())
+            except MedsimError as err:  # one subset's problem; the others still load
+                refused = err
+                print(f"{flag}: NOT ingested: {err}", file=sys.stderr)
+        for c in ingest.summary(conn, args.flags, args.size):
+            print(f"  {c.flag:16s} {c.split:5s} {c.n:7d}{'' if c.md5_official else '  (unofficial file)'}")
+    return refused.exit_code if refused else 0
+
+
+def cmd_ingest_folder(args) -> int:
+    from medsim.sources import archive, splits
+    from medsim.sources.folder import FolderSource
+
+    source = FolderSource(args.path, manifest=args.manifest, max_side=args.max_side, label_tag=args.label_tag)
+    fractions = splits.parse_fractions(args.split_fractions)
+    with connect(args) as conn:
+        report = archive.ingest_archive(conn, source, args.name, strict=args.strict, relabel=args.relabel,
+                                        seed=args.seed, fractions=fractions, progress=not args.quiet)
+    print("\n".join(report.lines()))
+    for split in ("train", "val", "test"):
+        if report.per_split.get(split):
+            print(f"  {split:5s} {report.per_split[split]:7d} added")
+    return 0
+
+
+def cmd_delete(args) -> int:
+    from medsim.search import faiss_index
+    from medsim.sources import deletion
+
+    with connect(args) as conn:
+        d = deletion.delete(conn, dataset=args.dataset, patient_id=args.patient, image_ids=args.image or (),
+                            reason=args.reason)
+        stale = faiss_index.builds(conn)
+    print(f"deleted {d.images} image(s) and {d.embeddings} embedding(s) ({d.kind}); recorded as "
+          f"medsim.deletions id {d.deletion_id}")
+    if stale:
+        print("FAISS files built before this may hold the deleted vectors; they now refuse to load. Remove them:")
+        for b in stale:
+            print(f"  {b.path}")
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from medsim import audit
+
+    with connect(args) as conn, conn.transaction():
+        r = audit.run(conn, args.model, threshold=args.threshold)
+    print(audit.format_report(r))
+    return 0
+
+
+def register(sub) -> None:
+    s = sub.add_parser("db", help="the embedded PostgreSQL server; backups")
+    s.add_argument("action", choices=["start", "stop", "status", "url", "backup", "restore"],
+                   help="start/stop the embedded server, show its status, print the URL medsim uses, "
+                        "or back the database up to FILE / restore FILE into it (pg_dump/pg_restore)")
+    s.add_argument("file", nargs="?", default=None, metavar="FILE", help="the backup file (backup, restore)")
+    s.set_defaults(func=cmd_db)
+
+    s = sub.add_parser("psql", help="open psql on the database medsim uses (extra args go to psql)")
+    s.set_defaults(func=cmd_psql)
+
+    s = sub.add_parser("migrate", help="create or upgrade the schema (Alembic revisions, then views and functions)")
+    s.add_argument("revision", nargs="?", default="head", help="target revision (default: head)")
+    s.set_defaults(func=cmd_migrate)
+
+    s = sub.add_parser("ingest", parents=[DATA, QUIET], help="load MedMNIST subsets into Postgres")
+    s.add_argument("flags", nargs="+", metavar="FLAG", help="2D MedMNIST flags, e.g. breastmnist retinamnist")
+    s.add_argument("--size", type=int, default=28, choices=[28, 64, 128, 224], help="image size (default 28)")
+    s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("ingest-folder", parents=[QUIET],
+                       help="load a folder of PNG/JPEG/TIFF/BMP or DICOM files (your own archive)",
+                       description="Labels come from PATH/<label>/<file> (the ImageFolder layout) or from "
+                                   "--manifest. Re-running adds only new images; unreadable files are skipped "
+                                   "and reported.")
+    s.add_argument("path", metavar="PATH", help="the folder (with --manifest: the folder its paths are relative to "
+                                                "is the manifest's own)")
+    s.add_argument("--name", required=True, help="the dataset's name in medsim (e.g. chest-xray-2024)")
+    s.add_argument("--manifest", default=None, metavar="CSV",
+                   help="path,label[,split][,patient_id][,study_id][,...]; ';' separates several labels; other "
+                        "columns become metadata")
+    s.add_argument("--label-tag", default=None, metavar="TAG",
+                   help="DICOM only: label each file by this tag's value (e.g. BodyPartExamined, Modality)")
+    s.add_argument("--max-side", type=int, default=1024,
+                   help="shrink images whose longest side is larger (original size recorded; default 1024)")
+    s.add_argument("--split-fractions", default="70,10,20",
+                   help="train,val,test shares when the source gives no split (grouped by patient, "
+                        "stratified by label; default 70,10,20)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the split assignment (default 0)")
+    s.add_argument("--strict", action="store_true", help="refuse the whole folder if any file cannot be used")
+    s.add_argument("--relabel", action="store_true",
+                   help="apply label changes for images already ingested (otherwise only reported)")
+    s.set_defaults(func=cmd_ingest_folder)
+
+    s = sub.add_parser("delete", help="delete a dataset, a patient's images or single images (one transaction)",
+                       description="Embeddings and queue rows go with the images; medsim.deletions records what "
+                                   "went and when (not the content); FAISS files built before refuse to load.")
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--dataset", default=None, metavar="NAME", help="a whole dataset")
+    g.add_argument("--patient", default=None, metavar="PATIENT_ID",
+                   help="every image of this patient, in every dataset (found by its keyed hash: "
+                        "MEDSIM_PATIENT_KEY must be the key used at ingest)")
+    g.add_argument("--image", type=int, nargs="+", default=None, metavar="ID", help="these image ids")
+    s.add_argument("--reason", default=None, help="why (kept with the record, e.g. 'consent withdrawn')")
+    s.set_defaults(func=cmd_delete)
+
+    s = sub.add_parser("audit", parents=[MODEL],
+                       help="leakage audit: duplicates and near duplicates across splits, patients in two splits")
+    s.add_argument("--threshold", type=float, default=None,
+                   help="embedding distance under which two images are near duplicates (default: a tenth of "
+                        "the median nearest-neighbour distance)")
+    s.set_defaults(func=cmd_audit)

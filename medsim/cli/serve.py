@@ -1,0 +1,63 @@
+"""Commands that run everything: serve (the HTTP API and page) and demo."""
+
+from __future__ import annotations
+
+from medsim import db, settings
+from medsim.cli.common import DATA, OUT_DIR, QUIET, READ_URL
+from medsim.errors import BadArgument
+
+
+def cmd_serve(args) -> int:
+    from medsim.service.app import serve
+    from medsim.service.state import ServeConfig
+
+    if args.max_upload_mb <= 0:
+        raise BadArgument(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    cfg = ServeConfig(host=args.host, port=args.port, database_url=args.database_url, read_url=args.read_url,
+                      max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), pool_size=args.pool_size,
+                      max_image_pixels=args.max_image_pixels or settings.get().max_image_pixels)
+    print(f"medsim serve: http://{args.host}:{args.port}/ (the page), /docs (the API); database: {db.source()}",
+          flush=True)
+    serve(cfg, access_log=args.access_log)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from medsim import demo
+    from medsim.training import train
+
+    try:
+        given = {k: getattr(args, k) for k in ("epochs", "steps_per_epoch") if getattr(args, k) is not None}
+        tcfg = train.TrainConfig(device=args.device, **given)
+    except BadArgument as err:
+        raise BadArgument(f"demo: {err}") from None
+    cfg = demo.DemoConfig(flags=tuple(args.flags), data_dir=args.data_dir,
+                          accept_unofficial=args.accept_unofficial, allow_download=not args.no_download,
+                          out_dir=args.out_dir, train=tcfg, database_url=args.database_url,
+                          progress=not args.quiet)
+    demo.run(cfg)
+    return 0
+
+
+def register(sub) -> None:
+    s = sub.add_parser("serve", parents=[READ_URL], help="the HTTP API and the web page (FastAPI + uvicorn)",
+                       description="Keeps the current model and its FAISS index warm; searches run as the "
+                                   "read-only role medsim_reader, on DATABASE_READ_URL when set (a replica).")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--max-upload-mb", type=float, default=20, help="largest request body accepted (default 20)")
+    s.add_argument("--max-image-pixels", type=int, default=None,
+                   help="largest uploaded image, width x height, checked before decoding (default "
+                        "$MEDSIM_MAX_IMAGE_PIXELS, else 40,000,000)")
+    s.add_argument("--pool-size", type=int, default=8, help="read connections at most (default 8)")
+    s.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("demo", parents=[DATA, OUT_DIR, QUIET],
+                       help="run everything: ingest, train, embed, index, recall, evaluate, montage")
+    s.add_argument("--flags", nargs="+", default=["dermamnist", "pneumoniamnist", "retinamnist", "breastmnist"],
+                   metavar="FLAG", help="subsets to use (default: the starting four)")
+    s.add_argument("--epochs", type=int, default=None, help="training epochs (default: the recipe's)")
+    s.add_argument("--steps-per-epoch", type=int, default=None, help="training steps per epoch (default: the recipe's)")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
+    s.set_defaults(func=cmd_demo)

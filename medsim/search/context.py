@@ -1,0 +1,82 @@
+"""What a search needs besides its request: where it reads, and the expensive things it
+may need (the network, a FAISS index, calibrations, stored pixels).
+
+This Context loads each on first use and keeps it for its own life: one CLI call. The
+service's context (medsim.service.state) serves the same from caches kept warm across
+requests; the pipeline cannot tell them apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import numpy as np
+from psycopg.types.json import Jsonb
+
+from medsim import registry
+from medsim.images import StoredRow
+from medsim.queries import Q, one
+
+
+class Context:
+    def __init__(self, conn, owner=None, index_path=None):
+        self.conn = conn  # where searches read (a replica, or the service's reader role)
+        self.owner = owner or conn  # where checkpoints and pixels are read (the reader may not)
+        self.index_path = index_path  # a FAISS file to search instead of the model's latest build
+        self._nets, self._indexes, self._cals, self._selectors = {}, {}, {}, {}
+
+    def stage(self, name: str):
+        """A context manager around each stage of a search (the service times them)."""
+        return contextlib.nullcontext()
+
+    def model(self, ref) -> registry.ModelRow:
+        return registry.get(self.conn, ref)
+
+    def network(self, model: registry.ModelRow):
+        if model.id not in self._nets:
+            self._nets[model.id] = model.load(self.owner)
+        return self._nets[model.id]
+
+    def embed(self, model: registry.ModelRow, x: np.ndarray) -> np.ndarray:
+        """One model input (S, S, 3) uint8 -> its (dim,) float32 vector."""
+        from medsim.training import network
+
+        return network.embed(self.network(model), x[None])[0]
+
+    def stored(self, image_id: int) -> StoredRow | None:
+        return one(self.owner, Q.image_pixels_one, {"id": image_id}, as_=StoredRow)
+
+    def faiss(self, model_id: int):
+        """The FAISS index to search (loaded and checked once per context)."""
+        from medsim.search import faiss_index
+
+        if model_id not in self._indexes:
+            if self.index_path is not None:
+                built = faiss_index.load(self.owner, self.index_path, model_ref=model_id)
+            else:
+                built = faiss_index.load_build(self.owner, faiss_index.latest_build(self.owner, model_id),
+                                               model_ref=model_id)
+            self._indexes[model_id] = built
+        return self._indexes[model_id]
+
+    def calibrations(self, model_id: int) -> dict:
+        from medsim.training import calibration
+
+        if model_id not in self._cals:
+            self._cals[model_id] = calibration.load(self.conn, model_id)
+        return self._cals[model_id]
+
+    def selector(self, model_id: int, where: dict, exclude_patient: str | None):
+        """FAISS search parameters allowing only the gallery rows that pass the filter (the
+        same rule as medsim.search_gallery), or None when everything may come back."""
+        import faiss
+
+        if not where and exclude_patient is None:
+            return None
+        key = (model_id, json.dumps(where, sort_keys=True), exclude_patient)
+        if key not in self._selectors:
+            ids = np.array([r[0] for r in self.conn.execute(Q.gallery_ids_matching, {
+                "model_id": model_id, "filter": Jsonb(where), "exclude_patient": exclude_patient})], np.int64)
+            self._selectors[key] = faiss.SearchParameters(sel=faiss.IDSelectorBatch(ids))
+        return self._selectors[key]

@@ -1,0 +1,181 @@
+"""One search pipeline for every door (CLI, HTTP, the demo): a Request and a Context go in,
+a Result comes out, and only the presenters differ.
+
+    run(): the model -> the query (a stored image's vector, or an image embedded the way
+    training inputs were) -> the engine -> the gallery check (only when nothing came back)
+    -> max_distance -> calibration (P(same), the vote) -> notes
+
+Cost follows need: a stored image that is already embedded is searched with its stored
+vector, so search by id through pgvector imports neither torch nor FAISS, and no step
+reads the whole gallery (the count that says "the gallery is empty" runs only when a
+search found nothing). A query that is itself on file (the same id, or the same pixels)
+takes that image's identity: its dataset, label and patient, and it is left out of its
+own neighbours.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from psycopg.types.json import Jsonb
+
+from medsim import images
+from medsim.errors import BadArgument, NotFound
+from medsim.queries import Q, one, rows, scalar
+from medsim.search import GALLERY_SPLITS, engines
+from medsim.search.engines import Hit
+from medsim.search.request import ByFile, ById, ByUpload, ByVector, Filters, Request
+
+__all__ = ["Hit", "Query", "Request", "Result", "run", "Filters"]
+
+
+@dataclass
+class Query:
+    kind: str  # image_id, file, upload or vector
+    label: str  # how to show it: "image 123" or the file name
+    vector: np.ndarray  # (dim,) float32
+    image_id: int | None = None  # the stored image it is (by id, or by its pixels)
+    dataset: str | None = None
+    label_name: str | None = None
+    label_names: list = field(default_factory=list)
+    in_gallery: list = field(default_factory=list)  # gallery ids holding this very image
+    patient_key: str | None = None  # the query's patient, excluded from its neighbours by default
+    pixels: np.ndarray | None = None  # stored-form pixels of a file or upload (a montage shows them)
+    vote: dict | None = None  # the neighbours' label vote and its calibrated confidence
+
+
+@dataclass
+class Result:
+    model: object  # registry.ModelRow
+    engine: str
+    query: Query
+    hits: list
+    index_build: int | None = None  # the FAISS build that answered
+    notes: list = field(default_factory=list)
+
+
+@dataclass
+class _Stored:
+    id: int
+    dataset: str
+    split: str
+    label_name: str
+    label_names: list
+    patient_key: str | None
+    embedding: object  # pgvector Vector, or None when not embedded for this model
+
+
+def run(ctx, req: Request) -> Result:
+    with ctx.stage("fetch"):
+        model = ctx.model(req.model)
+    q = resolve(ctx, model, req.query)
+    build = None
+    with ctx.stage("search"):
+        if req.engine == "faiss":
+            hits, build = engines.faiss(ctx, model.id, q, req.k, req.filters)
+        else:
+            hits = engines.pgvector(ctx, model.id, q, req.k, req.filters, exact=req.engine == "exact")
+    if not hits:
+        check_gallery(ctx.conn, model.id, req.filters.where)
+    out = Result(model, req.engine, q, hits, build)
+    if req.max_distance is not None:
+        out.hits = [h for h in hits if h.distance <= req.max_distance]
+        out.notes.append(f"{len(hits) - len(out.hits)} of {len(hits)} neighbours were farther than max_distance "
+                         f"{req.max_distance}")
+    calibrate(ctx.calibrations(model.id), q, out.hits)
+    if q.in_gallery and q.kind != "image_id":
+        out.notes.append(f"the {'uploaded image' if q.kind == 'upload' else 'query file'} is itself in the "
+                         f"gallery (image id {', '.join(map(str, q.in_gallery))}); left out of its neighbours")
+    return out
+
+
+def resolve(ctx, model, spec) -> Query:
+    """A request's query -> the vector to search with, and what is known of the image."""
+    if isinstance(spec, ByVector):
+        v = np.asarray(spec.values, dtype=np.float32)
+        if v.ndim != 1 or len(v) != model.embedding_dim:
+            raise BadArgument(f"the vector has {v.size} values; model {model.id} embeds into "
+                              f"{model.embedding_dim} dimensions")
+        if not np.isfinite(v).all():
+            raise BadArgument("the vector holds NaN or infinite values")
+        return Query("vector", "a vector", v)
+    if isinstance(spec, ById):
+        return _stored_query(ctx, model, spec.image_id)
+    with ctx.stage("decode"):
+        if isinstance(spec, ByFile):
+            x = images.read(spec.path, name=Path(spec.path).name)
+            label = Path(spec.path).name
+        elif isinstance(spec, ByUpload):
+            if not spec.data:
+                raise BadArgument(f"{spec.name} is empty")
+            x = images.read(spec.data, name=spec.name, max_pixels=spec.max_pixels)
+            label = spec.name
+        else:
+            raise BadArgument(f"not a query: {spec!r}")
+        size = int(model.config.get("image_size", 28))
+        model_x = images.model_input(x, size)
+    with ctx.stage("embed"):
+        v = ctx.embed(model, model_x)
+    q = Query(spec.kind, label, v.astype(np.float32), pixels=x)
+    # the same pixels on file (as an ingest would store them): that image's identity
+    same = rows(ctx.conn, Q.images_by_sha256, {"sha256": hashlib.sha256(x.tobytes()).digest()}, as_=_Stored)
+    if same:
+        _take_identity(q, same[0])
+        q.in_gallery = [s.id for s in same if s.split in GALLERY_SPLITS]
+    return q
+
+
+def _stored_query(ctx, model, image_id: int) -> Query:
+    with ctx.stage("fetch"):
+        r = one(ctx.conn, Q.query_image, {"id": image_id, "model_id": model.id}, as_=_Stored)
+    if r is None:
+        raise NotFound(f"no image with id {image_id}")
+    if r.embedding is not None:
+        v = r.embedding.to_numpy().astype(np.float32)
+    else:  # not embedded yet for this model: its pixels
+        with ctx.stage("fetch"):
+            p = ctx.stored(image_id)
+        x = p.model_input_or_refuse(int(model.config.get("image_size", 28)))
+        with ctx.stage("embed"):
+            v = ctx.embed(model, x).astype(np.float32)
+    q = Query("image_id", f"image {image_id}", v)
+    _take_identity(q, r)
+    if r.split in GALLERY_SPLITS:
+        q.in_gallery = [image_id]
+    return q
+
+
+def _take_identity(q: Query, r: _Stored) -> None:
+    q.image_id, q.dataset, q.label_name, q.label_names, q.patient_key = (
+        r.id, r.dataset, r.label_name, list(r.label_names or []), r.patient_key)
+
+
+def check_gallery(conn, model_id: int, where: dict) -> None:
+    """NotFound, saying what to do, when no gallery image of the model passes the filter.
+    A count over the gallery: run only when a search found nothing."""
+    if scalar(conn, Q.gallery_count, {"model_id": model_id, "filter": Jsonb(where)}) == 0:
+        raise NotFound(f"the gallery is empty for model {model_id}"
+                       + (f" and {', '.join(f'{k_} {v}' for k_, v in where.items())}" if where else "")
+                       + ": ingest images and run the embedding worker first, or loosen the filter")
+
+
+def calibrate(cals: dict, q: Query, hits: list) -> None:
+    """Each neighbour's calibrated P(same diagnosis), whether it shares the query's label,
+    and the query's vote (the model's medsim.calibrations rows; none fitted, no numbers)."""
+    from medsim.training import calibration
+
+    wanted = set(q.label_names)
+    for h in hits:
+        c = cals.get(h.dataset)
+        h.p_same = c.p_same(h.distance) if c else None
+        if wanted:
+            h.same_label = h.dataset == q.dataset and bool(wanted & set(h.label_names or []))
+    q.vote = calibration.vote(hits, cals, q.dataset) if cals else None
+
+
+def example_queries(conn, flags) -> list[int]:
+    """The first test image of each of these datasets (the demo's montage): a stated rule."""
+    return [r[0] for r in conn.execute(Q.first_test_image_per_dataset, {"flags": list(flags)})]

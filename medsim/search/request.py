@@ -1,0 +1,82 @@
+"""What a person asks a search for: the query (a stored image, a file, an upload's bytes, a
+raw vector), how many neighbours, from which engine, under which filters. Built by the CLI
+and by the HTTP service alike; checked here, before any work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from medsim.errors import BadArgument
+from medsim.search import ENGINES, GALLERY_SPLITS, MAX_K
+
+
+@dataclass(frozen=True)
+class ById:
+    image_id: int
+    kind = "image_id"
+
+
+@dataclass(frozen=True)
+class ByFile:
+    path: str
+    kind = "file"
+
+
+@dataclass(frozen=True)
+class ByUpload:
+    data: bytes = field(repr=False)
+    name: str = "the upload"
+    max_pixels: int | None = None  # the service's own limit (default: settings)
+    kind = "upload"
+
+
+@dataclass(frozen=True)
+class ByVector:
+    values: tuple
+    kind = "vector"
+
+
+@dataclass
+class Filters:
+    """What a search may return. `where`: dataset, split, label, modality or any metadata
+    key -> a value or a list of values (medsim.gallery_match). The query's own patient is
+    left out unless include_own_patient; per_patient caps images per patient."""
+
+    where: dict = field(default_factory=dict)
+    include_own_patient: bool = False
+    per_patient: int | None = None
+
+    def __post_init__(self):
+        if self.per_patient is not None and self.per_patient < 1:
+            raise BadArgument(f"per_patient must be at least 1, got {self.per_patient}")
+        bad = [k for k, v in self.where.items()
+               if not isinstance(v, str) and not (isinstance(v, list) and all(isinstance(x, str) for x in v))]
+        if bad:
+            raise BadArgument(f"filter values must be strings or lists of strings: {', '.join(bad)}")
+        if "split" in self.where:
+            wanted = [self.where["split"]] if isinstance(self.where["split"], str) else self.where["split"]
+            outside = sorted(set(wanted) - set(GALLERY_SPLITS))
+            if outside:
+                raise BadArgument(f"the gallery holds only {', '.join(GALLERY_SPLITS)}; split {', '.join(outside)} "
+                                  f"is never returned")
+
+    def exclude_patient(self, patient_key: str | None) -> str | None:
+        return None if self.include_own_patient else patient_key
+
+
+@dataclass
+class Request:
+    query: ById | ByFile | ByUpload | ByVector
+    k: int = 4
+    engine: str = "pgvector"
+    filters: Filters = field(default_factory=Filters)
+    model: int | str | None = "current"
+    max_distance: float | None = None  # neighbours farther than this are dropped
+
+    def __post_init__(self):
+        if not isinstance(self.k, int) or not 1 <= self.k <= MAX_K:
+            raise BadArgument(f"k must be between 1 and {MAX_K}, got {self.k}")
+        if self.engine not in ENGINES:
+            raise BadArgument(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.max_distance is not None and not self.max_distance >= 0:
+            raise BadArgument(f"max_distance must not be negative, got {self.max_distance}")

@@ -1,0 +1,98 @@
+"""What the service reads besides searches: an image's record and thumbnail, a random image,
+models, datasets, embedding status, health. Functions over the Service's pools."""
+
+from __future__ import annotations
+
+import io
+
+from medsim import migrate, queue, registry
+from medsim.errors import NotFound
+from medsim.images import StoredRow
+from medsim.queries import Q, one, scalar
+
+
+def image(svc, image_id: int) -> dict:
+    with svc.reader.connection() as conn, svc.metrics.stage("fetch"):
+        cur = conn.execute(Q.image_details, {"id": image_id})
+        r = cur.fetchone()
+        if r is None:
+            raise NotFound(f"no image with id {image_id}")
+        return dict(zip([d.name for d in cur.description], r, strict=True))
+
+
+def thumbnail(svc, image_id: int, size: int) -> bytes:
+    """PNG bytes, rendered from the stored pixels (16-bit by the bit-depth rule), at most
+    size px on the long side, never enlarged; grey stays grey."""
+    from PIL import Image
+
+    with svc.owner.connection() as conn:
+        p = one(conn, Q.image_pixels_one, {"id": image_id}, as_=StoredRow)
+    if p is None:
+        raise NotFound(f"no image with id {image_id}")
+    img = Image.fromarray(p.display_or_refuse())
+    if max(img.size) > size:
+        img.thumbnail((size, size), Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sha256(svc, image_id: int) -> str | None:
+    with svc.reader.connection() as conn:
+        return scalar(conn, Q.image_sha256, {"id": image_id})
+
+
+def random_image(svc, split: str, dataset: str | None) -> int:
+    with svc.reader.connection() as conn:
+        args = {"split": split, "dataset": dataset}
+        found = scalar(conn, Q.random_image, args) or scalar(conn, Q.first_image_in, args)
+    if found is None:
+        raise NotFound(f"no {split} image" + (f" in {dataset}" if dataset else ""))
+    return found
+
+
+def models(svc) -> list:
+    with svc.reader.connection() as conn:
+        return registry.list_models(conn)
+
+
+def datasets(svc) -> list[dict]:
+    with svc.reader.connection() as conn:
+        cur = conn.execute(Q.datasets_overview)
+        names = [d.name for d in cur.description]
+        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+
+def status(svc) -> list:
+    with svc.reader.connection() as conn:
+        return queue.status(conn)
+
+
+def health(svc) -> tuple[bool, dict]:
+    checks: dict = {"database": None, "schema": None, "model": None}
+    ok = {"database": False, "schema": False, "model": False}
+    try:
+        with svc.reader.connection(timeout=2) as conn:
+            conn.execute("SELECT 1")
+            checks["database"], ok["database"] = "reachable", True
+            try:
+                with svc.owner.connection(timeout=2) as oc:  # alembic_version is not the reader's
+                    migrate.check(oc)
+                checks["schema"], ok["schema"] = f"current ({migrate.HEAD})", True
+            except Exception as err:
+                checks["schema"] = str(err)
+                raise
+            try:
+                row = registry.get(conn, "current")
+                checks["model_id"] = row.id
+                svc.net(row)  # a model made current since start is loaded here, once
+                checks["model"], ok["model"] = f"model {row.id} loaded", True
+            except NotFound:
+                checks["model"] = "no current model: train one (medsim train)"
+            except Exception as err:
+                checks["model"] = f"cannot load: {err}"
+    except Exception as err:
+        if not ok["database"]:
+            checks["database"] = f"unreachable: {(str(err).strip().splitlines() or [repr(err)])[0]}"
+    checks["read_from"] = "replica (DATABASE_READ_URL)" if svc.read_is_replica else "primary"
+    return all(ok.values()), checks

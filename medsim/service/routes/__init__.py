@@ -1,0 +1,1 @@
+"""One router per resource: search, images, state (models, datasets, status, health, metrics)."""

@@ -1,0 +1,50 @@
+"""What is on file and how the service is: models, datasets, embedding status, health,
+Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from medsim.service import reads
+from medsim.service.deps import ServiceDep
+
+router = APIRouter(tags=["state"])
+
+
+@router.get("/models")
+def models(svc: ServiceDep) -> list[dict]:
+    """Registered models, the current one marked."""
+    return [vars(m) for m in reads.models(svc)]
+
+
+@router.get("/datasets")
+def datasets(svc: ServiceDep) -> list[dict]:
+    """Datasets with their label names and images per split (the page's filters)."""
+    return reads.datasets(svc)
+
+
+@router.get("/status")
+def status(svc: ServiceDep) -> list[dict]:
+    """Embedding progress per model and dataset (the medsim.embedding_status view)."""
+    return [r.__dict__ for r in reads.status(svc)]
+
+
+@router.get("/healthz", responses={503: {"description": "not ready; the body says why"}})
+def healthz(svc: ServiceDep) -> JSONResponse:
+    """200 when the database is reachable, the schema current and the current model
+    loaded; 503 with the failing check otherwise."""
+    ok, checks = reads.health(svc)
+    return JSONResponse({"ok": ok, **checks}, status_code=200 if ok else 503)
+
+
+@router.get("/metrics", response_class=PlainTextResponse)
+def metrics(svc: ServiceDep) -> PlainTextResponse:
+    """Prometheus text format: requests by route and status, latency per route and per
+    search stage (decode, embed, search, fetch), pool usage."""
+    st = svc.reader.get_stats()
+    gauges = {"medsim_read_pool_size": st.get("pool_size", 0),
+              "medsim_read_pool_available": st.get("pool_available", 0),
+              "medsim_read_pool_waiting": st.get("requests_waiting", 0),
+              "medsim_models_loaded": len(svc.nets), "medsim_faiss_indexes_loaded": len(svc.indexes)}
+    return PlainTextResponse(svc.metrics.render(gauges), media_type="text/plain; version=0.0.4")

@@ -1,0 +1,121 @@
+"""The HTTP API's request and response shapes (pydantic): they validate requests and become
+the OpenAPI schema at /docs. Unknown fields are refused."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from fastapi import UploadFile
+from pydantic import BaseModel, ConfigDict, Field, Json
+
+from medsim.search import ENGINES, MAX_K
+from medsim.search.pipeline import Result
+
+FILTERS_HELP = ('only neighbours matching: {"dataset": ..., "label": [...], "split": "train"|"val", '
+                '"modality": ..., any metadata key}')
+
+
+class SearchOptions(BaseModel):
+    """How to search: the same for every kind of query."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(4, ge=1, le=MAX_K, description="neighbours to return")
+    engine: Literal[ENGINES] = Field("pgvector", description="pgvector (HNSW), exact (pgvector, no index) "
+                                                             "or faiss (the model's latest FAISS build)")
+    include_own_patient: bool = Field(False, description="also return other images of the query's patient")
+    per_patient: int | None = Field(None, ge=1, le=MAX_K, description="at most this many neighbours per patient")
+    max_distance: float | None = Field(None, ge=0, description="drop neighbours farther than this")
+    model: int | None = Field(None, description="a model id (default: the current model)")
+
+
+class SearchRequest(SearchOptions):
+    """A JSON search: exactly one of `image_id` (a stored image) or `vector` (a raw
+    embedding of the model's dimension). Uploads go to POST /search/upload."""
+
+    image_id: int | None = Field(None, description="a stored image to search from")
+    vector: list[float] | None = Field(None, description="a raw embedding of the model's dimension")
+    filters: dict[str, str | list[str]] = Field(default_factory=dict, description=FILTERS_HELP)
+
+
+class SearchUpload(SearchOptions):
+    """A multipart search: the image file in the field `image`, options as form fields
+    (`filters` as a JSON object in a string)."""
+
+    image: UploadFile = Field(description="PNG, JPEG, TIFF, BMP, GIF, WebP or DICOM (recognised by content)")
+    filters: Json[dict[str, str | list[str]]] | None = Field(None, description=FILTERS_HELP + ", as JSON")
+
+
+class Neighbour(BaseModel):
+    rank: int
+    image_id: int
+    dataset: str
+    split: str
+    label_name: str = Field(description="for display; label_names holds the names themselves")
+    label_names: list[str]
+    distance: float
+    p_same: float | None = Field(description="calibrated probability that it shares the query's diagnosis "
+                                             "(fitted by `medsim evaluate` on validation pairs; None if not fitted)")
+    same_label: bool | None = Field(description="it has the query's label, in the query's dataset (None: the "
+                                                "query has no label)")
+    patient_key: str | None
+    study_id: str | None
+    thumbnail_url: str
+
+
+class QueryInfo(BaseModel):
+    kind: Literal["image_id", "upload", "vector"]
+    label: str
+    image_id: int | None = Field(description="the stored image the query is (by id, or by identical pixels)")
+    dataset: str | None
+    label_name: str | None
+    label_names: list[str]
+    in_gallery: list[int]
+
+
+class Vote(BaseModel):
+    dataset: str
+    label_name: str
+    votes: int
+    of: int
+    share: float
+    confidence: float | None = Field(description="calibrated probability that the vote is the query's label "
+                                                 "(fitted at k=10 on validation queries)")
+    calibrated_at_k: int
+
+
+class ModelBrief(BaseModel):
+    id: int
+    name: str
+    embedding_dim: int
+
+
+class SearchResponse(BaseModel):
+    model: ModelBrief
+    engine: str
+    index_build: int | None = Field(description="the FAISS build that answered (engine faiss)")
+    query: QueryInfo
+    vote: Vote | None = Field(None, description="the label the neighbours vote for")
+    neighbours: list[Neighbour]
+    notes: list[str]
+    timing_ms: float
+
+    @classmethod
+    def of(cls, r: Result, timing_ms: float) -> SearchResponse:
+        q = r.query
+        return cls(model=ModelBrief(id=r.model.id, name=r.model.name, embedding_dim=r.model.embedding_dim),
+                   engine=r.engine, index_build=r.index_build,
+                   query=QueryInfo(kind=q.kind, label=q.label, image_id=q.image_id, dataset=q.dataset,
+                                   label_name=q.label_name, label_names=q.label_names, in_gallery=q.in_gallery),
+                   vote=q.vote, notes=r.notes, timing_ms=round(timing_ms, 3),
+                   neighbours=[Neighbour(rank=i, thumbnail_url=f"/images/{h.image_id}/thumbnail.png",
+                                         **{k: v for k, v in vars(h).items()})
+                               for i, h in enumerate(r.hits, 1)])
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: str
+
+
+ERRORS = {s: {"model": ErrorBody} for s in (400, 404, 409, 413, 422, 503)}

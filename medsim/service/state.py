@@ -1,0 +1,178 @@
+"""What `medsim serve` keeps warm between requests, created once at start-up.
+
+Two connection pools:
+- **reader**: every search and listing. Each connection runs ``SET ROLE medsim_reader``
+  (and the role's statement timeout) when the pool opens it, so a search endpoint can
+  read what an analyst can and nothing more: no pixels, no checkpoints, no file paths.
+  Its URL is ``DATABASE_READ_URL`` when set (a streaming replica), else the main one.
+- **owner**: the few things the reader may not touch: a model's checkpoint (read once
+  per model), pixels for thumbnails, and pixels of a stored image not embedded yet.
+
+The network is loaded once per model, the FAISS index once per model and build; a
+request checks the index with one indexed lookup (medsim.gallery_versions) and reloads it
+only when that says the gallery changed. Searches run the one pipeline
+(medsim.search.pipeline) through a WarmContext that serves these caches.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from medsim import db, migrate, registry, settings
+from medsim.errors import DatabaseUnavailable, NotFound
+from medsim.images import StoredRow
+from medsim.queries import Q, one
+from medsim.search.context import Context
+from medsim.service.metrics import Metrics
+
+log = logging.getLogger("medsim.serve")
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    database_url: str | None = None  # default: DATABASE_URL, PG*, then the embedded server
+    read_url: str | None = None  # default: $DATABASE_READ_URL, then database_url
+    reader_role: str | None = "medsim_reader"  # None: search as the login role (not advised)
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = settings.DEFAULT_MAX_IMAGE_PIXELS
+    pool_size: int = 8
+    statement_timeout_ms: int = 30_000
+    preload: bool = True  # load the current model (and its FAISS index, if built) at start
+
+
+class Service:
+    # Calibrations change only when `medsim evaluate` runs: read once per model and kept
+    # for CALIBRATION_TTL_S (one query per search cost 18% of the search-by-id throughput)
+    CALIBRATION_TTL_S = 30.0
+
+    def __init__(self, cfg: ServeConfig):
+        from psycopg_pool import ConnectionPool
+
+        self.cfg = cfg
+        owner_url = cfg.database_url if cfg.database_url is not None else db.database_url()
+        read_url = cfg.read_url or settings.get().read_url or owner_url
+        self.read_is_replica = read_url != owner_url
+        self.metrics = Metrics()
+        self.reader = ConnectionPool(read_url, min_size=2, max_size=cfg.pool_size, open=False, name="medsim-read",
+                                     kwargs={"autocommit": True}, configure=self._configure_reader, timeout=10)
+        self.owner = ConnectionPool(owner_url, min_size=1, max_size=4, open=False, name="medsim-owner",
+                                    kwargs={"autocommit": True}, configure=db.register, timeout=10)
+        self.nets: dict[int, object] = {}  # model id -> network (torch), loaded once
+        self.indexes: dict[int, object] = {}  # model id -> faiss_index.Built
+        self.cals: dict[int, tuple] = {}  # model id -> (loaded at, calibrations)
+        self.lock = threading.Lock()  # loading a model or an index happens once, not per racing request
+
+    def _configure_reader(self, conn: psycopg.Connection) -> None:
+        db.register(conn)
+        if self.cfg.reader_role:
+            # ALTER ROLE ... SET applies at login only, so the timeout is set here too
+            conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(self.cfg.reader_role)))
+        conn.execute("SELECT set_config('statement_timeout', %s, false)", (f"{self.cfg.statement_timeout_ms}ms",))
+
+    # ------------------------------------------------------------------ lifecycle
+    def open(self) -> None:
+        try:
+            self.owner.open(wait=True, timeout=15)
+            self.reader.open(wait=True, timeout=15)
+        except Exception as err:  # PoolTimeout, or a configure() failure (no such role)
+            self.close()
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise DatabaseUnavailable(f"cannot open connections to the database ({db.source()}): {first}") from err
+        with self.owner.connection() as conn:
+            migrate.check(conn)
+        if self.cfg.preload:
+            self.preload()
+
+    def preload(self) -> None:
+        with self.reader.connection() as conn:
+            try:
+                row = registry.get(conn, "current")
+            except NotFound:
+                log.warning("no current model yet: searches answer 404 until one is trained")
+                return
+            self.net(row)
+            try:
+                self.faiss(conn, row.id)
+            except Exception as err:  # no build yet, or stale: pgvector still answers
+                log.info("FAISS not preloaded for model %s: %s", row.id, err)
+
+    def close(self) -> None:
+        self.reader.close()
+        self.owner.close()
+
+    @contextmanager
+    def context(self):
+        """A search context on a reader connection, served from the warm caches."""
+        with self.reader.connection() as conn:
+            yield WarmContext(self, conn)
+
+    # ------------------------------------------------------------------ warm state
+    def net(self, model: registry.ModelRow):
+        if model.id not in self.nets:
+            with self.lock:
+                if model.id not in self.nets:
+                    with self.owner.connection() as conn:
+                        self.nets[model.id] = model.load(conn)
+                    log.info("model %s (%s) loaded", model.id, model.name)
+        return self.nets[model.id]
+
+    def faiss(self, conn, model_id: int):
+        """The model's loaded FAISS index, reloaded (the latest build) when the gallery
+        version moved; StaleIndex when even the latest build no longer matches."""
+        from medsim.search import faiss_index
+
+        built = self.indexes.get(model_id)
+        if built is not None and faiss_index.still_fresh(conn, built):
+            return built
+        with self.lock:
+            built = self.indexes.get(model_id)
+            if built is None or not faiss_index.still_fresh(conn, built):
+                with self.owner.connection() as oc:  # the build's path is not the reader's to see
+                    built = faiss_index.load_build(oc, faiss_index.latest_build(oc, model_id), model_ref=model_id)
+                self.indexes[model_id] = built
+                log.info("FAISS build %s (%s) loaded for model %s", built.meta["build_id"], built.meta["kind"],
+                         model_id)
+        return built
+
+    def calibrations(self, conn, model_id: int) -> dict:
+        from medsim.training import calibration
+
+        hit = self.cals.get(model_id)
+        if hit is None or time.monotonic() - hit[0] > self.CALIBRATION_TTL_S:
+            hit = (time.monotonic(), calibration.load(conn, model_id))
+            self.cals[model_id] = hit
+        return hit[1]
+
+
+class WarmContext(Context):
+    """The pipeline's context for one request: the reader connection it holds, and the
+    service's warm network, FAISS index and calibrations instead of loading its own."""
+
+    def __init__(self, service: Service, conn):
+        super().__init__(conn)
+        self.service = service
+
+    def stage(self, name: str):
+        return self.service.metrics.stage(name)
+
+    def network(self, model):
+        return self.service.net(model)
+
+    def stored(self, image_id: int) -> StoredRow | None:
+        with self.service.owner.connection() as oc:  # pixels are not the reader's
+            return one(oc, Q.image_pixels_one, {"id": image_id}, as_=StoredRow)
+
+    def faiss(self, model_id: int):
+        return self.service.faiss(self.conn, model_id)
+
+    def calibrations(self, model_id: int) -> dict:
+        return self.service.calibrations(self.conn, model_id)

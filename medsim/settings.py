@@ -1,0 +1,91 @@
+"""Every setting medsim reads from the environment, read in one place.
+
+``get()`` reads the environment once per process and keeps the result; a command line flag
+that overrides a setting is applied by the command (``--database-url``), never by writing
+to the environment. Tests that change the environment call ``reset()`` (an autouse
+fixture does).
+
+| variable | setting | default |
+| --- | --- | --- |
+| DATABASE_URL | database_url | unset: libpq's PG* variables, else the embedded server |
+| PGHOST, PGDATABASE, PGSERVICE | libpq | (any of them set: let libpq resolve the server) |
+| DATABASE_READ_URL | read_url | unset: searches read the main database |
+| MEDSIM_HOME | home | the per-user data directory (platformdirs) |
+| MEDSIM_PATIENT_KEY | patient_key | unset: archives with patient ids are refused |
+| MEDSIM_MAX_IMAGE_PIXELS | max_image_pixels | 40,000,000 |
+| MEDSIM_DATA_DIR | data_dir | unset: MedMNIST files are looked for in ~/.medmnist |
+| OMP_NUM_THREADS | omp_threads | unset: workers divide the cores among themselves |
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+LIBPQ_VARS = ("PGHOST", "PGDATABASE", "PGSERVICE")
+
+# A query image is untrusted input: its size is checked from the header, before any
+# pixel is decoded (Pillow's own decompression-bomb limit is 89 M pixels, and it only warns
+# below twice that). The same limit applies to files an ingest reads and to uploads.
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None = None
+    libpq: bool = False
+    read_url: str | None = None
+    home: Path | None = None
+    patient_key: str | None = field(default=None, repr=False)  # a secret: never printed
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    data_dir: Path | None = None
+    omp_threads: int | None = None
+
+    @classmethod
+    def from_env(cls, env=None) -> Settings:
+        env = os.environ if env is None else env
+
+        def text(name):
+            return env.get(name) or None
+
+        def number(name, default=None):
+            value = text(name)
+            if value is None:
+                return default
+            try:
+                return int(value)
+            except ValueError:
+                from medsim.errors import BadArgument
+
+                raise BadArgument(f"{name} must be a whole number, got {value!r}") from None
+
+        home = text("MEDSIM_HOME")
+        data_dir = text("MEDSIM_DATA_DIR")
+        return cls(database_url=text("DATABASE_URL"), libpq=any(text(v) for v in LIBPQ_VARS),
+                   read_url=text("DATABASE_READ_URL"),
+                   home=Path(home).expanduser().resolve() if home else _user_data_dir(),
+                   patient_key=text("MEDSIM_PATIENT_KEY"),
+                   max_image_pixels=number("MEDSIM_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS),
+                   data_dir=Path(data_dir).expanduser() if data_dir else None,
+                   omp_threads=number("OMP_NUM_THREADS"))
+
+
+def _user_data_dir() -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns when XDG_RUNTIME_DIR is unset
+        import platformdirs
+
+        return Path(platformdirs.user_data_dir("medsim"))
+
+
+@lru_cache(maxsize=1)
+def get() -> Settings:
+    return Settings.from_env()
+
+
+def reset() -> None:
+    """Forget what was read: the next get() reads the environment again."""
+    get.cache_clear()
