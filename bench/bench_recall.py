@@ -17,7 +17,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PRESENT, SHARED, fresh_database, machine  # noqa: E402
 
 from medsim import db, registry  # noqa: E402
-from medsim.embed_worker import Worker, WorkerConfig  # noqa: E402
 from medsim.queries import Q  # noqa: E402
 from medsim.search import (
     faiss_index,  # noqa: E402
@@ -26,6 +25,7 @@ from medsim.search import (
 )
 from medsim.sources import ingest  # noqa: E402
 from medsim.training import train  # noqa: E402
+from medsim.worker import Worker, WorkerConfig  # noqa: E402
 
 SWEEP = ((16, 64), (16, 128), (16, 200), (32, 200))  # (m, ef_construction); pgvector's default first
 

@@ -92,12 +92,12 @@ def json_request(body: dict) -> bytes:
             b"Content-Length: %d\r\n\r\n" % len(data)) + data
 
 
-def upload_request(png: bytes, k: int) -> bytes:
+def upload_request(png: bytes, k: int, path: bytes = b"/search/upload") -> bytes:
     b = b"medsimbenchboundary"
     data = (b"--" + b + b'\r\nContent-Disposition: form-data; name="image"; filename="q.png"\r\n'
             b"Content-Type: image/png\r\n\r\n" + png + b"\r\n--" + b +
             b'\r\nContent-Disposition: form-data; name="k"\r\n\r\n' + str(k).encode() + b"\r\n--" + b + b"--\r\n")
-    return (b"POST /search HTTP/1.1\r\nHost: bench\r\nContent-Type: multipart/form-data; boundary=" + b +
+    return (b"POST " + path + b" HTTP/1.1\r\nHost: bench\r\nContent-Type: multipart/form-data; boundary=" + b +
             b"\r\nContent-Length: %d\r\n\r\n" % len(data)) + data
 
 
@@ -151,6 +151,9 @@ def main() -> int:
                 if time.time() > deadline or server.poll() is not None:
                     sys.exit("medsim serve did not start")
                 time.sleep(0.3)
+        # uploads go to POST /search/upload (before issue 19: POST /search); the bench runs against both
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/openapi.json", timeout=5) as resp:
+            upload_path = b"/search/upload" if "/search/upload" in json.load(resp)["paths"] else b"/search"
         print(f"gallery {n_gallery} images, {len(ids)} test queries; k={args.k}; {os.cpu_count()} cores; "
               f"server and client on this machine")
         print(f"CLI baseline `medsim search --image-id` (a process per search, median of 5): "
@@ -163,7 +166,7 @@ def main() -> int:
                     reqs = [json_request({"image_id": int(ids[j % len(ids)]), "k": args.k})
                             for j in rng.permutation(args.requests)]
                 else:
-                    reqs = [upload_request(pngs[j % len(pngs)], args.k) for j in range(args.requests)]
+                    reqs = [upload_request(pngs[j % len(pngs)], args.k, upload_path) for j in range(args.requests)]
                 # warm-up (connections, caches), not counted
                 run_cell(port, reqs[: min(100, len(reqs))], c, server.pid)
                 r = run_cell(port, reqs, c, server.pid)

@@ -19,13 +19,13 @@ import torch  # noqa: E402
 from common import PRESENT, SHARED, fresh_database, machine  # noqa: E402
 
 from medsim import db, registry  # noqa: E402
-from medsim.embed_worker import Worker, WorkerConfig  # noqa: E402
 from medsim.sources import ingest  # noqa: E402
 from medsim.training import (
     data,  # noqa: E402
     network,  # noqa: E402
 )
 from medsim.training.config import preset  # noqa: E402
+from medsim.worker import Worker, WorkerConfig  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +48,7 @@ def main() -> None:
         net = network.EmbeddingNet(preset(a.preset)).eval()
         mid = registry.register(conn, net, mode="label", datasets=PRESENT, train_config={"bench": True})
         registry.set_current(conn, mid)
-        images = data.load_split(conn, ["train", "val", "test"], PRESENT).images
+        images = data.load_split(conn, ["train", "val", "test"], PRESENT, input_size=net.cfg.image_size).images
         n = len(images)
         net = net.to(dev)
         network.embed(net, images[:512], device=dev)  # warm-up

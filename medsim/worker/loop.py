@@ -43,26 +43,8 @@ class Worker:
         self.stopping = True
 
     # -- connections and the model ---------------------------------------------------
-    def session(self, application_name: str) -> psycopg.Connection:
-        """Autocommit: each batch's `with conn.transaction()` is then a real transaction. The
-        application name says "a medsim worker on this host" (policy.Threads counts them)."""
-        conn = db.connect(self.url, autocommit=True, application_name=application_name)
-        db.set_lock_timeout(conn, self.cfg.lock_timeout_s)
-        return conn
-
     def connect(self) -> None:
-        delay = 1.0
-        for attempt in range(self.cfg.db_retries + 1):
-            try:
-                self.conns = [self.session(APP_NAME if i == 0 else LANE_NAME) for i in range(self.cfg.lanes)]
-                return
-            except DatabaseUnavailable as err:
-                self.close()
-                if attempt == self.cfg.db_retries or self.stopping:
-                    raise DatabaseUnavailable(f"database unavailable after {attempt + 1} attempts: {err}") from err
-                log.warning("database unavailable (%s); retrying in %.0fs", err, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 30)
+        self.conns = sessions(self.url, self.cfg, lambda: self.stopping)
 
     def close(self) -> None:
         for c in [*self.conns, self.listener]:
@@ -158,37 +140,22 @@ class Worker:
                     # the batch rolled back; its images are simply claimable again
                     log.warning("waited %.0fs for a lock (%s); trying again", self.cfg.lock_timeout_s, one_line(err))
                     self.summary.lock_waits += 1
-                    self.settle_quietly(lanes)
+                    settle_quietly(lanes, self.summary)
                 except psycopg.errors.UniqueViolation as err:
-                    self.settle_quietly(lanes)
-                    self.drop_already_embedded(err)
+                    settle_quietly(lanes, self.summary)
+                    drop_already_embedded(self.conns[0], self.model_row.id, err)
                 except (psycopg.OperationalError, DatabaseUnavailable) as err:
                     # the batches in flight rolled back with their connections; reconnect with
                     # backoff, or give up with DatabaseUnavailable after db_retries
                     log.warning("lost the database (%s); reconnecting", one_line(err))
-                    self.settle_quietly(lanes)
+                    settle_quietly(lanes, self.summary)
                     lanes.close()
                     self.close()
                     self.connect()
                     lanes = Lanes(self.conns)
-            self.settle_quietly(lanes)
+            settle_quietly(lanes, self.summary)
         finally:
             lanes.close()
-
-    def settle_quietly(self, lanes: Lanes) -> None:
-        """After one batch's error: the other lane's batch finishes on its own; its error, if
-        any, is the same trouble seen twice and is logged, not raised."""
-        for err in lanes.settle(self.summary)[1]:
-            log.warning("a batch in flight also failed: %s", one_line(err))
-
-    def drop_already_embedded(self, err) -> None:
-        """A queue row whose embedding already exists made the COPY fail on the primary key
-        and the batch roll back: drop such rows (anything else is raised)."""
-        dropped = queue.drop_embedded(self.conns[0], self.model_row.id)
-        if not dropped:
-            raise err
-        log.warning("dropped %d queue rows of model %s that were already embedded (%s)", dropped,
-                    self.model_row.id, one_line(err))
 
     # -- idle ---------------------------------------------------------------------------
     def wait_for_work(self) -> None:
@@ -209,3 +176,42 @@ class Worker:
             if current != self.model_row.id:
                 log.info("current model changed to %s", current)
                 self.load_model()
+
+
+def sessions(url: str, cfg: WorkerConfig, stopping) -> list:
+    """One connection per lane, with exponential backoff while the database is away ->
+    the connections, or DatabaseUnavailable after cfg.db_retries. Autocommit: each batch's
+    `with conn.transaction()` is then a real transaction. The application name says "a
+    medsim worker on this host" (policy.Threads counts them; a second lane is not one)."""
+    delay, conns = 1.0, []
+    for attempt in range(cfg.db_retries + 1):
+        try:
+            for i in range(cfg.lanes):
+                conns.append(db.connect(url, autocommit=True, application_name=APP_NAME if i == 0 else LANE_NAME))
+                db.set_lock_timeout(conns[-1], cfg.lock_timeout_s)
+            return conns
+        except DatabaseUnavailable as err:
+            for c in conns:
+                c.close()
+            conns = []
+            if attempt == cfg.db_retries or stopping():
+                raise DatabaseUnavailable(f"database unavailable after {attempt + 1} attempts: {err}") from err
+            log.warning("database unavailable (%s); retrying in %.0fs", err, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 30)
+
+
+def settle_quietly(lanes: Lanes, summary: Summary) -> None:
+    """After one batch's error: the other lane's batch finishes on its own; its error, if
+    any, is the same trouble seen twice and is logged, not raised."""
+    for err in lanes.settle(summary)[1]:
+        log.warning("a batch in flight also failed: %s", one_line(err))
+
+
+def drop_already_embedded(conn, model_id: int, err) -> None:
+    """A queue row whose embedding already exists made the COPY fail on the primary key and
+    the batch roll back: drop such rows (anything else is raised)."""
+    dropped = queue.drop_embedded(conn, model_id)
+    if not dropped:
+        raise err
+    log.warning("dropped %d queue rows of model %s that were already embedded (%s)", dropped, model_id, one_line(err))
