@@ -391,3 +391,15 @@ def test_a_prefetching_worker_embeds_each_image_once_and_a_kill_loses_nothing(re
     outs = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0, 0], [o[1][-2000:] for o in outs]
     assert sum(int(o[0].split("embedded ")[1].split(",")[0]) for o in outs) == N == n_embedded(conn, mid)
+
+
+def test_medsim_worker_is_the_embedding_worker(ready, db_url, capsys):
+    """`medsim worker` and `python -m medsim.embed_worker` are one command."""
+    from medsim import cli
+
+    conn, mid = ready
+    assert cli.main(["worker", "--once", "--quiet", "--no-index", "--batch-size", "500"]) == 0
+    assert f"medsim worker: model {mid}: embedded {N}, failed 0" in capsys.readouterr().out
+    assert n_embedded(conn, mid) == N
+    assert cli.main(["worker", "--batch-size", "0"]) == 2
+    assert capsys.readouterr().err == "medsim: error: batch_size must be at least 1, got 0\n"

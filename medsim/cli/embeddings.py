@@ -7,9 +7,10 @@ from medsim.search.pgvector_hnsw import DEFAULT_EF_CONSTRUCTION, DEFAULT_M
 
 
 def cmd_worker(args) -> int:
-    from medsim.worker import config, main
+    from medsim.worker.config import from_args
+    from medsim.worker.main import run
 
-    return main.run(config.from_args(args), prog="medsim worker")
+    return run(from_args(args), prog="medsim worker")
 
 
 def cmd_status(args) -> int:

@@ -121,7 +121,8 @@ def resolve(ctx, model, spec) -> Query:
         v = ctx.embed(model, model_x)
     q = Query(spec.kind, label, v.astype(np.float32), pixels=x)
     # the same pixels on file (as an ingest would store them): that image's identity
-    same = rows(ctx.conn, Q.images_by_sha256, {"sha256": hashlib.sha256(x.tobytes()).digest()}, as_=_Stored)
+    digest = hashlib.sha256(images.stored.to_bytes(x)).digest()  # as an ingest would store it
+    same = rows(ctx.conn, Q.images_by_sha256, {"sha256": digest}, as_=_Stored)
     if same:
         _take_identity(q, same[0])
         q.in_gallery = [s.id for s in same if s.split in GALLERY_SPLITS]

@@ -6,11 +6,18 @@
 - policy.py: torch threads, the bulk-load index drop, what happens after a drain
 - loop.py: connect, load the model, drain, wait for work, reconnect
 - main.py: the command
+
+The names below load on first use: `medsim status` builds its parser from config.py
+without paying for the loop's imports.
 """
 
-from medsim.worker.config import WorkerConfig
-from medsim.worker.loop import Worker
-from medsim.worker.main import main
-from medsim.worker.summary import Summary
+import importlib
 
-__all__ = ["Summary", "Worker", "WorkerConfig", "main"]
+_EXPORTS = {"WorkerConfig": "config", "Worker": "loop", "Summary": "summary", "main": "main"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"medsim.worker.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'medsim.worker' has no attribute {name!r}")

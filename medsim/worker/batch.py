@@ -87,7 +87,8 @@ def run_batch(conn, job: Job) -> Result:
         # worker's two overlapping batches would otherwise hold it without a gap and starve
         # every enqueue (seen in testing: three of four workers waited out their start-up).
         queue.lock_for_write(conn, job.model_id)
-        queue.write_embeddings(conn, job.model_id, ids, vectors)
+        if ids:
+            queue.write_embeddings(conn, job.model_id, ids, vectors)
         lap("copy")
         queue.dequeue(conn, job.model_id, ids)
         for image_id, error in bad + failed:
