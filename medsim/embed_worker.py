@@ -3,7 +3,8 @@ compose files and scripts already use. `medsim worker` is the same command."""
 
 import sys
 
-from medsim.worker import Summary, Worker, WorkerConfig, main
+from medsim.worker import Summary, Worker, WorkerConfig
+from medsim.worker.main import main
 
 __all__ = ["Summary", "Worker", "WorkerConfig", "main"]
 

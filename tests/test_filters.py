@@ -148,21 +148,23 @@ def test_cli_filters(archive_db, capsys):
 
 def test_the_selective_filter_does_starve_plain_hnsw(archive_db):
     """The case above is a real one: the same query without the exact fallback, under the
-    same settings, comes back short."""
+    same settings, comes back short. (An HNSW graph differs from build to build, and one
+    query can be lucky: over ten queries, at least one comes back short.)"""
     conn, mid = archive_db
-    qid = query_id(conn)
-    with conn.transaction():
-        conn.execute("SET LOCAL hnsw.max_scan_tuples = 1")
-        conn.execute("SET LOCAL hnsw.ef_search = 1")
-        conn.execute("SET LOCAL enable_seqscan = off")
-        conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
-        n = conn.execute(
-            "SELECT count(*) FROM (SELECT g.image_id FROM medsim.gallery g WHERE g.model_id = %s "
-            "AND medsim.gallery_match(g.dataset, g.split, g.label_names, g.metadata, g.patient_key, "
-            "'{\"site\": \"south\", \"modality\": \"DX\", \"label\": \"abnormal\"}', NULL) "
-            "ORDER BY g.embedding::vector(64) <-> (SELECT embedding::vector(64) FROM medsim.embeddings "
-            "WHERE model_id = %s AND image_id = %s) LIMIT 8) x", (mid, mid, qid)).fetchone()[0]
-    assert n < 8
+    found = []
+    for (qid,) in conn.execute("SELECT image_id FROM medsim.gallery ORDER BY image_id LIMIT 10").fetchall():
+        with conn.transaction():
+            conn.execute("SET LOCAL hnsw.max_scan_tuples = 1")
+            conn.execute("SET LOCAL hnsw.ef_search = 1")
+            conn.execute("SET LOCAL enable_seqscan = off")
+            conn.execute("SET LOCAL hnsw.iterative_scan = strict_order")
+            found.append(conn.execute(
+                "SELECT count(*) FROM (SELECT g.image_id FROM medsim.gallery g WHERE g.model_id = %s "
+                "AND medsim.gallery_match(g.dataset, g.split, g.label_names, g.metadata, g.patient_key, "
+                "'{\"site\": \"south\", \"modality\": \"DX\", \"label\": \"abnormal\"}', NULL) "
+                "ORDER BY g.embedding::vector(64) <-> (SELECT embedding::vector(64) FROM medsim.embeddings "
+                "WHERE model_id = %s AND image_id = %s) LIMIT 8) x", (mid, mid, qid)).fetchone()[0])
+    assert min(found) < 8, found
 
 
 # ---------------------------------------------------------------- deletion

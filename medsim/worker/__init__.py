@@ -13,7 +13,9 @@ without paying for the loop's imports.
 
 import importlib
 
-_EXPORTS = {"WorkerConfig": "config", "Worker": "loop", "Summary": "summary", "main": "main"}
+# (not `main`: a function named like its submodule would be shadowed by the submodule
+# once imported; the command is medsim.worker.main.main)
+_EXPORTS = {"WorkerConfig": "config", "Worker": "loop", "Summary": "summary"}
 __all__ = list(_EXPORTS)
 
 
