@@ -172,14 +172,22 @@ def backup(url: str, out: Path) -> None:
 
 
 def restore(url: str, dump: Path) -> None:
-    """Into an empty database (create it first). --no-owner: the restoring login owns
-    everything; grants to medsim_reader come back if that role exists on the server."""
+    """Into an empty database: the embedded one of a fresh MEDSIM_HOME, or one made with
+    createdb. --no-owner: the restoring login owns everything. Roles are not in a dump
+    (they belong to the server), so medsim's are made first: the dump's grants to
+    medsim_reader then restore, and the restored database works without a migrate."""
     import subprocess
 
+    from medsim import migrate
     from medsim.errors import DataRefused, MedsimError
 
     if not Path(dump).is_file():
         raise DataRefused(f"{dump}: no such backup file")
+    with connect(url, autocommit=True) as conn:
+        if conn.execute("SELECT to_regnamespace('medsim') IS NOT NULL").fetchone()[0]:
+            raise DataRefused("the database already holds a medsim schema: restore into an empty database "
+                              "(a fresh MEDSIM_HOME, or `createdb NAME` and --database-url)")
+        migrate.ensure_roles(conn)
     r = subprocess.run([pg_tool("pg_restore"), "--no-owner", "--exit-on-error", "--dbname", url, str(dump)],
                        capture_output=True, text=True)
     if r.returncode != 0:

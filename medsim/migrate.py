@@ -25,12 +25,39 @@ SQL_DIR = SCHEMA_DIR / "sql"
 # touching the database costs no Alembic import (0.2 s of start-up: Alembic loads
 # SQLAlchemy); tests/test_migrations.py asserts it is Alembic's head. Alembic itself is
 # imported only where it runs migrations or explains a mismatch.
-HEAD = "0014"
+HEAD = "0015"
 
 # Concurrent `alembic upgrade head` runs (docker compose starts several workers, each
-# migrating first) would race on DDL; they take turns on this session lock instead.
-MIGRATE_LOCK = "SELECT pg_advisory_lock(hashtext('medsim.migrate'))"
+# migrating first) would race on DDL; they take turns on this session lock instead. Any
+# login can take an advisory lock (a reader's psql once held this one and `medsim migrate`
+# hung without a word), so the wait is bounded and the answer names who holds it.
+MIGRATE_LOCK_KEY = "SELECT hashtext('medsim.migrate')::bigint"
+MIGRATE_TRY_LOCK = "SELECT pg_try_advisory_lock(hashtext('medsim.migrate'))"
 MIGRATE_UNLOCK = "SELECT pg_advisory_unlock(hashtext('medsim.migrate'))"
+LOCK_HOLDER = """
+SELECT a.pid, a.usename, coalesce(nullif(a.application_name, ''), 'no application name'), a.backend_start
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.classid::bigint = %(high)s AND l.objid::bigint = %(low)s AND l.database = (
+      SELECT oid FROM pg_database WHERE datname = current_database())
+"""
+DEFAULT_LOCK_WAIT_S = 60.0
+
+
+def take_migration_lock(raw_conn, wait_s: float = DEFAULT_LOCK_WAIT_S) -> None:
+    """The migration lock, or SchemaNotReady after wait_s naming the session that holds it."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while not raw_conn.execute(MIGRATE_TRY_LOCK).fetchone()[0]:
+        if time.monotonic() >= deadline:
+            key = raw_conn.execute(MIGRATE_LOCK_KEY).fetchone()[0] & 0xFFFFFFFFFFFFFFFF
+            holder = raw_conn.execute(LOCK_HOLDER, {"high": key >> 32, "low": key & 0xFFFFFFFF}).fetchone()
+            who = (f"session {holder[0]} (user {holder[1]}, {holder[2]}, connected {holder[3]:%Y-%m-%d %H:%M})"
+                   if holder else "another session")
+            raise SchemaNotReady(f"waited {wait_s:.0f}s for the migration lock, which {who} holds: another medsim "
+                                 f"migrate is running, or that session took the lock; end it or wait")
+        time.sleep(0.2)
 
 
 def alembic_config(url: str):
@@ -44,10 +71,12 @@ def alembic_config(url: str):
     return cfg
 
 
-def upgrade(url: str, revision: str = "head") -> None:
+def upgrade(url: str, revision: str = "head", lock_wait_s: float = DEFAULT_LOCK_WAIT_S) -> None:
     from alembic import command
 
-    command.upgrade(alembic_config(url), revision)
+    cfg = alembic_config(url)
+    cfg.attributes["lock_wait_s"] = lock_wait_s
+    command.upgrade(cfg, revision)
 
 
 def downgrade(url: str, revision: str = "base") -> None:
@@ -94,6 +123,11 @@ def check(conn) -> None:
                              "run `medsim migrate` (or `alembic upgrade head`)")
     raise SchemaNotReady(f"the database is at revision {have}, which this medsim does not know "
                          f"(it needs {HEAD}): it was migrated by a newer medsim")
+
+
+def ensure_roles(raw_conn) -> None:
+    """The cluster-wide roles medsim grants to (000_roles.sql), e.g. before a restore."""
+    raw_conn.execute((SQL_DIR / "000_roles.sql").read_text())
 
 
 def sql_files() -> list[Path]:

@@ -31,17 +31,21 @@ ORDER BY 1, 2, array_position(ARRAY['train', 'val', 'test'], i.split);
 
 -- ===================================================================== archives (folders, DICOM)
 
--- name: archive_dataset
-SELECT id, source_kind, label_names, task FROM medsim.datasets
-WHERE flag = %(flag)s AND image_size = %(size)s;
+-- name: archive_datasets_named
+-- An archive is found by its name alone (its image_size column holds the --max-side it was
+-- ingested with); a MedMNIST dataset of that name is reported so the ingest can refuse.
+SELECT id, source_kind, label_names, task, image_size FROM medsim.datasets
+WHERE flag = %(flag)s ORDER BY (source_kind = 'medmnist') DESC, id;
 
 -- name: insert_archive_dataset
 -- image_size is the longest side allowed at ingest (images keep their own sizes);
 -- n_channels is nominal (each image records its own); n_samples is filled at the end.
+-- Two ingests creating the same dataset at once: one inserts, the other finds it.
 INSERT INTO medsim.datasets (flag, image_size, is_medmnist, task, n_channels, label_names, n_samples,
                              source_file, source_md5, md5_official, source_kind, split_method)
 VALUES (%(flag)s, %(size)s, false, %(task)s, 1, %(label_names)s, '{}', %(source_file)s, %(source_md5)s,
         false, %(source_kind)s, %(split_method)s)
+ON CONFLICT (flag, image_size) DO NOTHING
 RETURNING id;
 
 -- name: update_label_names
@@ -50,15 +54,19 @@ UPDATE medsim.datasets SET label_names = %(label_names)s WHERE id = %(id)s;
 -- name: set_split_method
 UPDATE medsim.datasets SET split_method = %(split_method)s WHERE id = %(id)s;
 
--- name: dataset_images
--- What a re-run compares against: the content hash, labels, split and patient of every
--- image already in the dataset.
-SELECT id, sha256, labels, split, patient_key FROM medsim.images WHERE dataset_id = %(dataset_id)s;
+-- name: dataset_patients
+-- The split each patient already in the dataset has (a returning patient keeps it).
+SELECT DISTINCT ON (patient_key) patient_key, split FROM medsim.images
+WHERE dataset_id = %(dataset_id)s AND patient_key IS NOT NULL;
 
 -- name: lock_dataset
--- Each chunk of an archive ingest takes this first: two ingests into one dataset take
--- turns, and the split indexes below are read under the lock.
-SELECT 1 FROM medsim.datasets WHERE id = %(id)s FOR UPDATE;
+-- Each chunk of an archive ingest takes this first, and only then looks for its images:
+-- ingests into one dataset take turns, so N runs of one folder at once store each image
+-- once (each chunk sees what the others committed), and split indexes are read under it.
+SELECT label_names FROM medsim.datasets WHERE id = %(id)s FOR UPDATE;
+
+-- name: images_with_digests
+SELECT id, sha256, labels FROM medsim.images WHERE dataset_id = %(dataset_id)s AND sha256 = ANY(%(digests)s);
 
 -- name: max_split_index
 SELECT split, max(split_index) FROM medsim.images WHERE dataset_id = %(dataset_id)s GROUP BY split;
@@ -75,6 +83,20 @@ UPDATE medsim.images SET labels = %(labels)s WHERE id = %(id)s;
 INSERT INTO medsim.ingest_reports (dataset_id, source, options) VALUES (%(dataset_id)s, %(source)s, %(options)s)
 RETURNING id;
 
+-- name: hold_ingest_report
+-- A session lock for the life of the run: when the run dies, the lock goes with its session.
+SELECT pg_advisory_lock(hashtext('medsim.ingest'), %(id)s);
+
+-- name: release_ingest_report
+SELECT pg_advisory_unlock(hashtext('medsim.ingest'), %(id)s);
+
+-- name: interrupted_ingest_reports
+-- A 'running' report whose lock anyone can take has no run any more (the transaction-level
+-- lock taken to find out ends with this statement).
+UPDATE medsim.ingest_reports SET status = 'interrupted', finished_at = now()
+WHERE status = 'running' AND pg_try_advisory_xact_lock(hashtext('medsim.ingest'), id)
+RETURNING id;
+
 -- name: insert_ingest_problem
 INSERT INTO medsim.ingest_problems (report_id, path, kind, reason)
 VALUES (%(report_id)s, %(path)s, %(kind)s, %(reason)s);
@@ -82,7 +104,8 @@ VALUES (%(report_id)s, %(path)s, %(kind)s, %(reason)s);
 -- name: finish_ingest_report
 UPDATE medsim.ingest_reports
 SET status = %(status)s, added = %(added)s, duplicates = %(duplicates)s, skipped = %(skipped)s,
-    label_changes = %(label_changes)s, relabelled = %(relabelled)s, finished_at = now()
+    label_changes = %(label_changes)s, relabelled = %(relabelled)s, label_conflicts = %(label_conflicts)s,
+    finished_at = now()
 WHERE id = %(id)s;
 
 -- name: update_n_samples
@@ -91,6 +114,40 @@ SET n_samples = coalesce((SELECT jsonb_object_agg(split, n) FROM
                             (SELECT split, count(*) AS n FROM medsim.images WHERE dataset_id = d.id
                              GROUP BY split) s), '{}')
 WHERE d.id = %(id)s;
+
+-- ===================================================================== pseudonym keys
+
+-- name: record_key_fingerprints
+-- The first key chain to hash anything here is this database's (one row, so two
+-- concurrent first ingests agree on whichever committed first).
+INSERT INTO medsim.pseudonym_keys (fingerprints) VALUES (%(fingerprints)s) ON CONFLICT DO NOTHING;
+
+-- name: key_fingerprints
+SELECT fingerprints FROM medsim.pseudonym_keys;
+
+-- name: set_key_fingerprints
+UPDATE medsim.pseudonym_keys SET fingerprints = %(fingerprints)s, rotated_at = now();
+
+-- name: lock_key_fingerprints
+-- A rotation holds the key row from its check to its commit: an ingest (which reads the
+-- fingerprints first) waits, and then hashes with the new chain or is refused.
+SELECT 1 FROM medsim.pseudonym_keys FOR UPDATE;
+
+-- name: distinct_metadata_values
+SELECT DISTINCT metadata ->> %(tag)s FROM medsim.images WHERE metadata ? %(tag)s;
+
+-- name: rewrite_metadata_values
+UPDATE medsim.images i SET metadata = jsonb_set(i.metadata, ARRAY[%(tag)s], to_jsonb(m.new))
+FROM unnest(%(old)s::text[], %(new)s::text[]) AS m(old, new)
+WHERE i.metadata ->> %(tag)s = m.old;
+
+-- name: deleted_patients
+SELECT DISTINCT target FROM medsim.deletions WHERE kind = 'patient';
+
+-- name: rewrite_deleted_patients
+UPDATE medsim.deletions d SET target = m.new
+FROM unnest(%(old)s::text[], %(new)s::text[]) AS m(old, new)
+WHERE d.kind = 'patient' AND d.target = m.old;
 
 -- ===================================================================== deletion
 
@@ -109,9 +166,24 @@ SELECT id FROM medsim.images WHERE id = ANY(%(ids)s);
 -- name: count_embeddings_of
 SELECT count(*) FROM medsim.embeddings WHERE image_id = ANY(%(ids)s);
 
+-- name: copies_elsewhere
+-- Images outside the set with the same pixels as one in it (another archive, no patient id).
+SELECT i.id, d.flag FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
+WHERE i.sha256 IN (SELECT sha256 FROM medsim.images WHERE id = ANY(%(ids)s)) AND NOT i.id = ANY(%(ids)s)
+ORDER BY i.id;
+
+-- name: dequeue_images
+-- Before the images: waits for a worker's batch that holds these queue rows (claimed) to
+-- commit, while no image row is locked yet (the batch's COPY locks image rows for its
+-- foreign-key check; the other order deadlocked).
+DELETE FROM medsim.embedding_queue WHERE image_id = ANY(%(ids)s);
+
 -- name: delete_images
--- Embeddings and queue rows go with their images (ON DELETE CASCADE).
+-- Embeddings (and any queue row added since) go with their images (ON DELETE CASCADE).
 DELETE FROM medsim.images WHERE id = ANY(%(ids)s);
+
+-- name: delete_calibrations_of
+DELETE FROM medsim.calibrations WHERE dataset = %(name)s;
 
 -- name: delete_dataset
 DELETE FROM medsim.datasets WHERE flag = %(name)s;
@@ -130,15 +202,34 @@ ORDER BY d.id LIMIT 1;
 -- ===================================================================== leakage audit
 
 -- name: model_vectors
-SELECT e.image_id, i.split, e.embedding FROM medsim.embeddings e JOIN medsim.images i ON i.id = e.image_id
-WHERE e.model_id = %(model_id)s ORDER BY e.image_id;
+-- A model's embeddings with their splits, in the datasets audited (NULL: every one).
+SELECT e.image_id, i.split, e.embedding
+FROM medsim.embeddings e JOIN medsim.images i ON i.id = e.image_id JOIN medsim.datasets d ON d.id = i.dataset_id
+WHERE e.model_id = %(model_id)s AND (%(datasets)s::text[] IS NULL OR d.flag = ANY(%(datasets)s::text[]))
+ORDER BY e.image_id;
+
+-- name: audit_sample
+-- Up to n images of each audited dataset, the same ones every time (ordered by a hash of
+-- the id): the model's own copies of them set the near-duplicate threshold.
+SELECT id, pixels, height, width, channels, bit_depth FROM (
+    SELECT i.*, row_number() OVER (PARTITION BY i.dataset_id ORDER BY hashint8(i.id)) AS nth
+    FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
+    WHERE (%(datasets)s::text[] IS NULL OR d.flag = ANY(%(datasets)s::text[]))) s
+WHERE nth <= %(n)s;
 
 -- name: count_images
-SELECT count(*) FROM medsim.images;
+SELECT count(*) FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
+WHERE (%(datasets)s::text[] IS NULL OR d.flag = ANY(%(datasets)s::text[]));
 
 -- name: exact_duplicate_pairs
-SELECT a.id AS image_a, b.id AS image_b, a.split AS split_a, b.split AS split_b
+-- Identical pixels, with whether their labels differ (by name: datasets number labels
+-- their own way).
+SELECT a.id AS image_a, b.id AS image_b, a.split AS split_a, b.split AS split_b,
+       medsim.label_names(a.dataset_id, a.labels) IS DISTINCT FROM medsim.label_names(b.dataset_id, b.labels)
+           AS labels_differ
 FROM medsim.images a JOIN medsim.images b ON b.sha256 = a.sha256 AND b.id > a.id
+JOIN medsim.datasets da ON da.id = a.dataset_id JOIN medsim.datasets db ON db.id = b.dataset_id
+WHERE %(datasets)s::text[] IS NULL OR (da.flag = ANY(%(datasets)s::text[]) AND db.flag = ANY(%(datasets)s::text[]))
 ORDER BY 1, 2;
 
 -- name: patient_split_pairs
@@ -147,7 +238,9 @@ ORDER BY 1, 2;
 SELECT a.id AS image_a, min(b.id) AS image_b, a.split AS split_a, b.split AS split_b
 FROM medsim.images a JOIN medsim.images b
      ON b.patient_key = a.patient_key AND b.split > a.split
+JOIN medsim.datasets da ON da.id = a.dataset_id JOIN medsim.datasets db ON db.id = b.dataset_id
 WHERE a.patient_key IS NOT NULL
+  AND (%(datasets)s::text[] IS NULL OR (da.flag = ANY(%(datasets)s::text[]) AND db.flag = ANY(%(datasets)s::text[])))
 GROUP BY a.id, a.split, b.split
 ORDER BY 1, 2;
 
@@ -156,14 +249,19 @@ INSERT INTO medsim.audits (model_id, threshold, summary) VALUES (%(model_id)s, %
 RETURNING id;
 
 -- name: copy_audit_findings
-COPY medsim.audit_findings (audit_id, kind, image_a, image_b, split_a, split_b, distance) FROM STDIN;
+COPY medsim.audit_findings (audit_id, kind, image_a, image_b, split_a, split_b, distance, labels_differ) FROM STDIN;
 
 -- name: leaked_test_images
--- Test images paired, in the model's latest audit, with a train or val image.
+-- Test images paired, in the model's latest audit, with a train or val image, where both
+-- belong to the model's own datasets (a copy in an archive the model never saw does not
+-- flatter its figures).
 SELECT CASE WHEN l.split_a = 'test' THEN l.image_a ELSE l.image_b END
 FROM medsim.leakage l
+JOIN medsim.images ia ON ia.id = l.image_a JOIN medsim.datasets da ON da.id = ia.dataset_id
+JOIN medsim.images ib ON ib.id = l.image_b JOIN medsim.datasets db ON db.id = ib.dataset_id
 WHERE l.model_id = %(model_id)s AND l.across_splits AND 'test' IN (l.split_a, l.split_b)
-  AND (l.split_a IN ('train', 'val') OR l.split_b IN ('train', 'val'));
+  AND (l.split_a IN ('train', 'val') OR l.split_b IN ('train', 'val'))
+  AND da.flag = ANY(%(datasets)s) AND db.flag = ANY(%(datasets)s);
 
 -- ===================================================================== training data
 
@@ -422,12 +520,19 @@ WHERE i.id = ANY(%(ids)s);
 SELECT id, pixels, height, width, channels, bit_depth FROM medsim.images WHERE id = ANY(%(ids)s);
 
 -- name: latest_index_build
--- The newest gallery build of a model (of one kind, or an exact one first).
-SELECT id FROM medsim.index_builds
-WHERE model_id = %(model_id)s AND splits = %(splits)s::text[]
-  AND (%(kind)s::text IS NULL OR kind = %(kind)s::text)
-ORDER BY (kind = 'flat') DESC, id DESC
+-- A model's gallery build to search: of one kind if asked; fresh first (its gallery
+-- version is the model's now), then exact (flat), then the newest.
+SELECT b.id FROM medsim.index_builds b
+WHERE b.model_id = %(model_id)s AND b.splits = %(splits)s::text[]
+  AND (%(kind)s::text IS NULL OR b.kind = %(kind)s::text)
+ORDER BY (b.gallery_version IS NOT DISTINCT FROM
+          (SELECT g.version FROM medsim.gallery_versions g WHERE g.model_id = b.model_id)) DESC,
+         (b.kind = 'flat') DESC, b.id DESC
 LIMIT 1;
+
+-- name: builds_before_deletion
+SELECT b.path FROM medsim.index_builds b, medsim.deletions d
+WHERE d.id = %(deletion_id)s AND b.created_at < d.deleted_at;
 
 -- ===================================================================== demo
 

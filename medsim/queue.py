@@ -11,10 +11,13 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
+import psycopg
 
 from medsim import pgcopy
 from medsim.images import StoredRow
 from medsim.queries import Q, rows, scalar
+
+ENQUEUE_RETRIES = 5
 
 
 @dataclass
@@ -48,10 +51,19 @@ def enqueue(conn, model_id: int) -> int:
     "not embedded yet" set is computed (see Q.lock_queue_shared for the race it closes).
     Inside an outer transaction this is a savepoint: the lock is then held until the
     outer transaction ends. The outer transaction must be READ COMMITTED (the default).
+
+    An image deleted while it is being queued (its deletion commits between this
+    statement's snapshot and its foreign-key check) fails the statement; it runs again
+    without it, a few times at most.
     """
-    with conn.transaction():
-        conn.execute(Q.lock_queue_exclusive, {"model_id": model_id})
-        return conn.execute(Q.enqueue_model, {"model_id": model_id}).rowcount
+    for attempt in range(ENQUEUE_RETRIES):
+        try:
+            with conn.transaction():
+                conn.execute(Q.lock_queue_exclusive, {"model_id": model_id})
+                return conn.execute(Q.enqueue_model, {"model_id": model_id}).rowcount
+        except psycopg.errors.ForeignKeyViolation:
+            if attempt == ENQUEUE_RETRIES - 1:
+                raise
 
 
 def pending_count(conn, model_id: int) -> int:

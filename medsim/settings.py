@@ -11,7 +11,9 @@ fixture does).
 | PGHOST, PGDATABASE, PGSERVICE | libpq | (any of them set: let libpq resolve the server) |
 | DATABASE_READ_URL | read_url | unset: searches read the main database |
 | MEDSIM_HOME | home | the per-user data directory (platformdirs) |
-| MEDSIM_PATIENT_KEY | patient_key | unset: archives with patient ids are refused |
+| MEDSIM_PATIENT_KEY | patient_key | unset: archives are refused (identifiers are stored keyed) |
+| MEDSIM_PATIENT_KEY_PREVIOUS | patient_keys_previous | keys before the last rotation, one per line |
+| MEDSIM_NEW_PATIENT_KEY | new_patient_key | (medsim keys rotate only) the key to rotate to |
 | MEDSIM_MAX_IMAGE_PIXELS | max_image_pixels | 40,000,000 |
 | MEDSIM_DATA_DIR | data_dir | unset: MedMNIST files are looked for in ~/.medmnist |
 | OMP_NUM_THREADS | omp_threads | unset: workers divide the cores among themselves |
@@ -40,6 +42,8 @@ class Settings:
     read_url: str | None = None
     home: Path | None = None
     patient_key: str | None = field(default=None, repr=False)  # a secret: never printed
+    patient_keys_previous: tuple = field(default=(), repr=False)  # oldest first (medsim keys rotate)
+    new_patient_key: str | None = field(default=None, repr=False)
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     data_dir: Path | None = None
     omp_threads: int | None = None
@@ -68,6 +72,9 @@ class Settings:
                    read_url=text("DATABASE_READ_URL"),
                    home=Path(home).expanduser().resolve() if home else _user_data_dir(),
                    patient_key=text("MEDSIM_PATIENT_KEY"),
+                   patient_keys_previous=tuple(k for k in (text("MEDSIM_PATIENT_KEY_PREVIOUS") or "").splitlines()
+                                               if k),
+                   new_patient_key=text("MEDSIM_NEW_PATIENT_KEY"),
                    max_image_pixels=number("MEDSIM_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS),
                    data_dir=Path(data_dir).expanduser() if data_dir else None,
                    omp_threads=number("OMP_NUM_THREADS"))

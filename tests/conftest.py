@@ -18,6 +18,11 @@ from medsim import db, migrate, settings
 
 os.environ.pop("DATABASE_URL", None)
 os.environ.pop("DATABASE_READ_URL", None)
+# archives store identifiers as keyed hashes: every test (and every process it starts) has
+# this key unless it takes it away; each test's database records it on first use
+TEST_KEY = "a test key that is long enough"
+os.environ["MEDSIM_PATIENT_KEY"] = TEST_KEY
+os.environ.pop("MEDSIM_PATIENT_KEY_PREVIOUS", None)
 for _v in db.LIBPQ_VARS:
     os.environ.pop(_v, None)
 

@@ -65,3 +65,17 @@ def search(conn, image_ids=(), image_files=(), dataset=None, filters=None, index
     results = [pipeline.run(ctx, Request(q, filters=f, **options))
                for q in [ById(i) for i in image_ids] + [ByFile(str(p)) for p in image_files]]
     return [(r.query, r.hits) for r in results]
+
+
+def keyed(kind: str, value: str) -> str:
+    """A value as the database stores it (patient, path or uid), with the test suite's key."""
+    from medsim.sources import keys
+    from tests.conftest import TEST_KEY
+
+    return keys.Keyring((TEST_KEY,)).hash(kind, value)
+
+
+def image_by_path(conn, rel: str, columns: str = "id"):
+    """The row of the image ingested from this file (its path is stored keyed)."""
+    return conn.execute(f"SELECT {columns} FROM medsim.images WHERE source_path = %s",  # columns: the test's own
+                        (keyed("path", rel),)).fetchone()

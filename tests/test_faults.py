@@ -301,13 +301,13 @@ def test_builds_do_not_overwrite_each_other(two_builds, tmp_path):
 
 @pytest.mark.parametrize("damage, error, message", [
     ("swap_index", StaleIndex, "is not the file build"),
-    ("swap_both", StaleIndex, "is recorded for build"),
+    ("swap_both", StaleIndex, "now holds build"),
     ("truncate", StaleIndex, "replaced, truncated or overwritten"),
     ("bad_json", DataRefused, "is not valid JSON"),
     ("json_not_dict", DataRefused, "is not index metadata"),
     ("json_missing_key", DataRefused, "lacks or mangles splits"),
     ("no_json", NotFound, "has no metadata"),
-    ("no_file", NotFound, "not found"),
+    ("no_file", NotFound, "is missing"),
 ])
 def test_damaged_index_files_are_refused_with_the_fix(two_builds, damage, error, message, capsys):
     conn, mid, a, b = two_builds
@@ -339,6 +339,10 @@ def test_damaged_index_files_are_refused_with_the_fix(two_builds, damage, error,
     err = capsys.readouterr().err
     assert err.startswith("medsim: error:") and err.count("\n") == 1
     assert cli.main(["recall", "--build-id", str(a.meta["build_id"]), "-k", "1"]) == 2
+    if damage == "swap_both":  # by its file: consistent with itself and its own row, but not this file
+        capsys.readouterr()
+        assert cli.main(["search", "--image-id", str(gid), "--engine", "faiss", "--index", str(a.path)]) == 2
+        assert "medsim.index_builds records at another file" in capsys.readouterr().err
 
 
 def test_index_of_another_database_is_refused(two_builds):

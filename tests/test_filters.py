@@ -173,7 +173,7 @@ def test_a_patient_withdraws_consent(archive_db, capsys, monkeypatch):
     import hmac
 
     from medsim import queries
-    from medsim.errors import StaleIndex
+    from medsim.errors import NotFound
 
     conn, mid = archive_db
     key = hmac.new(KEY.encode(), b"P3", hashlib.sha256).hexdigest()
@@ -191,13 +191,16 @@ def test_a_patient_withdraws_consent(archive_db, capsys, monkeypatch):
     assert conn.execute("SELECT count(*) FROM medsim.images WHERE patient_key = %s", (key,)).fetchone() == (3,)
     assert cli.main(["delete", "--patient", "P3", "--reason", "consent withdrawn"]) == 0
     out = capsys.readouterr().out
-    assert "deleted 3 image(s) and 3 embedding(s) (patient)" in out and "refuse to load. Remove them" in out
+    assert "deleted 3 image(s) and 3 embedding(s) (patient)" in out
+    assert "removed 1 FAISS file(s) built before this deletion (they held the deleted vectors)" in out
     for table in ("images", "embeddings", "embedding_queue"):
         col = "id" if table == "images" else "image_id"
         assert conn.execute(f"SELECT count(*) FROM medsim.{table} WHERE {col} = ANY(%s)", (ids,)).fetchone() == (0,)
     rec = conn.execute("SELECT kind, target, images, embeddings, reason FROM medsim.deletions").fetchone()
     assert rec == ("patient", key, 3, 3, "consent withdrawn")
-    with pytest.raises(StaleIndex, match="built before deletion"):
+    path = conn.execute("SELECT path FROM medsim.index_builds WHERE id = %s", (build_id,)).fetchone()[0]
+    assert not __import__("os").path.exists(path)  # the deleted vectors are not on disk either
+    with pytest.raises(NotFound, match=f"FAISS build {build_id}'s file is missing"):
         faiss_index.load_build(conn, build_id)
     assert cli.main(["delete", "--patient", "P3"]) == 2
     assert "no images of that patient" in capsys.readouterr().err

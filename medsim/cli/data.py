@@ -51,7 +51,7 @@ def cmd_migrate(args) -> int:
 
     url = args.database_url or db.database_url()
     try:
-        migrate.upgrade(url, args.revision)
+        migrate.upgrade(url, args.revision, lock_wait_s=args.lock_wait)
     except CommandError as err:  # unknown or ambiguous revision
         raise BadArgument(f"migrate: {err}") from None
     print(f"database at revision {migrate.current(url)}")
@@ -81,10 +81,12 @@ def cmd_ingest_folder(args) -> int:
     from medsim.sources import archive, splits
     from medsim.sources.folder import FolderSource
 
-    source = FolderSource(args.path, manifest=args.manifest, max_side=args.max_side, label_tag=args.label_tag)
+    source = FolderSource(args.path, manifest=args.manifest, max_side=args.max_side, label_tag=args.label_tag,
+                          follow_links=args.follow_links)
     fractions = splits.parse_fractions(args.split_fractions)
+    on_conflict = "relabel" if args.relabel else args.on_conflict
     with connect(args) as conn:
-        report = archive.ingest_archive(conn, source, args.name, strict=args.strict, relabel=args.relabel,
+        report = archive.ingest_archive(conn, source, args.name, strict=args.strict, on_conflict=on_conflict,
                                         seed=args.seed, fractions=fractions, progress=not args.quiet)
     print("\n".join(report.lines()))
     for split in ("train", "val", "test"):
@@ -99,14 +101,18 @@ def cmd_delete(args) -> int:
 
     with connect(args) as conn:
         d = deletion.delete(conn, dataset=args.dataset, patient_id=args.patient, image_ids=args.image or (),
-                            reason=args.reason)
-        stale = faiss_index.builds(conn)
+                            reason=args.reason, with_copies=args.with_copies)
+        removed = faiss_index.remove_files_before(conn, d.deletion_id)
     print(f"deleted {d.images} image(s) and {d.embeddings} embedding(s) ({d.kind}); recorded as "
           f"medsim.deletions id {d.deletion_id}")
-    if stale:
-        print("FAISS files built before this may hold the deleted vectors; they now refuse to load. Remove them:")
-        for b in stale:
-            print(f"  {b.path}")
+    if d.copies:
+        where = sorted({flag for _, flag in d.copies})
+        print(f"{len(d.copies)} image(s) elsewhere hold the same pixels (in {', '.join(where)}: ids "
+              f"{', '.join(str(i) for i, _ in d.copies[:10])}{' ...' if len(d.copies) > 10 else ''}); they were not "
+              f"deleted: run again with --with-copies to delete them too")
+    if removed:
+        print(f"removed {len(removed)} FAISS file(s) built before this deletion (they held the deleted vectors); "
+              f"rebuild with `medsim index build`")
     return 0
 
 
@@ -114,7 +120,7 @@ def cmd_audit(args) -> int:
     from medsim import audit
 
     with connect(args) as conn, conn.transaction():
-        r = audit.run(conn, args.model, threshold=args.threshold)
+        r = audit.run(conn, args.model, threshold=args.threshold, datasets=args.datasets)
     print(audit.format_report(r))
     return 0
 
@@ -132,6 +138,8 @@ def register(sub) -> None:
 
     s = sub.add_parser("migrate", help="create or upgrade the schema (Alembic revisions, then views and functions)")
     s.add_argument("revision", nargs="?", default="head", help="target revision (default: head)")
+    s.add_argument("--lock-wait", type=float, default=60.0,
+                   help="seconds to wait for another session's migration lock before saying who holds it (default 60)")
     s.set_defaults(func=cmd_migrate)
 
     s = sub.add_parser("ingest", parents=[DATA, QUIET], help="load MedMNIST subsets into Postgres")
@@ -152,15 +160,22 @@ def register(sub) -> None:
                         "columns become metadata")
     s.add_argument("--label-tag", default=None, metavar="TAG",
                    help="DICOM only: label each file by this tag's value (e.g. BodyPartExamined, Modality)")
-    s.add_argument("--max-side", type=int, default=1024,
-                   help="shrink images whose longest side is larger (original size recorded; default 1024)")
+    s.add_argument("--max-side", type=int, default=None,
+                   help="shrink images whose longest side is larger (original size recorded; default: the "
+                        "dataset's own, 1024 for a new one)")
+    s.add_argument("--follow-links", action="store_true",
+                   help="follow links that point out of the folder (by default they are refused, like absolute "
+                        "and '..' paths in a manifest)")
     s.add_argument("--split-fractions", default="70,10,20",
                    help="train,val,test shares when the source gives no split (grouped by patient, "
                         "stratified by label; default 70,10,20)")
     s.add_argument("--seed", type=int, default=0, help="seed of the split assignment (default 0)")
     s.add_argument("--strict", action="store_true", help="refuse the whole folder if any file cannot be used")
-    s.add_argument("--relabel", action="store_true",
-                   help="apply label changes for images already ingested (otherwise only reported)")
+    s.add_argument("--on-conflict", choices=["keep", "relabel"], default="keep",
+                   help="the same pixels under another label: keep (default) the stored label and report it; "
+                        "relabel: apply the source's label when all of its files agree. Pixels the source itself "
+                        "labels two ways are always reported and stored once, as the first file labels them")
+    s.add_argument("--relabel", action="store_true", help="the same as --on-conflict relabel")
     s.set_defaults(func=cmd_ingest_folder)
 
     s = sub.add_parser("delete", help="delete a dataset, a patient's images or single images (one transaction)",
@@ -173,11 +188,15 @@ def register(sub) -> None:
                         "MEDSIM_PATIENT_KEY must be the key used at ingest)")
     g.add_argument("--image", type=int, nargs="+", default=None, metavar="ID", help="these image ids")
     s.add_argument("--reason", default=None, help="why (kept with the record, e.g. 'consent withdrawn')")
+    s.add_argument("--with-copies", action="store_true",
+                   help="also delete images elsewhere with the same pixels (an archive without patient ids, say)")
     s.set_defaults(func=cmd_delete)
 
     s = sub.add_parser("audit", parents=[MODEL],
                        help="leakage audit: duplicates and near duplicates across splits, patients in two splits")
     s.add_argument("--threshold", type=float, default=None,
-                   help="embedding distance under which two images are near duplicates (default: a tenth of "
-                        "the median nearest-neighbour distance)")
+                   help="embedding distance under which two images are near duplicates (default: the 95th "
+                        "percentile of the model's distances between images and their flipped, shifted or "
+                        "brightened copies)")
+    s.add_argument("--datasets", nargs="+", default=None, metavar="NAME", help="audit only these datasets")
     s.set_defaults(func=cmd_audit)

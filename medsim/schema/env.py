@@ -33,7 +33,7 @@ def run_migrations_online() -> None:
     engine = create_engine(db.sqlalchemy_url(url), poolclass=pool.NullPool)
     with engine.connect() as connection:
         raw = connection.connection.driver_connection
-        connection.exec_driver_sql(migrate.MIGRATE_LOCK)
+        migrate.take_migration_lock(raw, config.attributes.get("lock_wait_s", migrate.DEFAULT_LOCK_WAIT_S))
         connection.commit()  # the session lock stays; the revisions get clean transactions
         try:
             context.configure(connection=connection, transaction_per_migration=True)

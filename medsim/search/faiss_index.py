@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -176,15 +177,21 @@ def build(conn, model_ref="current", kind_name: str = "flat", params: dict | Non
     build_id = scalar(conn, Q.next_index_build_id)
     path = Path(out) if out else default_path(index_dir or Path(out_dir) / "indexes", row.id, k.name, build_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    faiss.write_index(index, str(path))
-    sha, size = file_sha256(path)
+    # written under a temporary name and renamed into place: a reader never opens half a
+    # file, and a crash leaves no file under the build's name
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    faiss.write_index(index, str(tmp))
+    sha, size = file_sha256(tmp)
     meta = {"build_id": build_id, "model_id": row.id, "model_name": row.name, "kind": k.name,
             "factory": k.factory.format(**p), "params": p, "source_view": source_view(splits),
             "splits": list(splits), "dim": row.embedding_dim, "metric": "l2",
             "n_rows": int(index.ntotal), "fingerprint": fp, "gallery_version": version,
             "file_sha256": sha, "file_bytes": size,
             "build_seconds": round(seconds, 4), "faiss_version": faiss.__version__}
-    meta_path(path).write_text(json.dumps(meta, indent=2))
+    tmp_meta = tmp.with_name(tmp.name + ".json")
+    tmp_meta.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, path)
+    os.replace(tmp_meta, meta_path(path))
     conn.execute(Q.insert_index_build, {
         **{key: meta[key] for key in ("build_id", "model_id", "kind", "source_view", "splits", "dim",
                                       "metric", "n_rows", "fingerprint", "file_sha256", "file_bytes",
@@ -221,24 +228,31 @@ def load(conn, path: Path | str, model_ref=None, rebuild_if_stale: bool = False,
     still describes the database: StaleIndex (or DataRefused, NotFound) with the fix if
     not. Its search-time parameters are set from the metadata."""
     path = Path(path)
+    # Loaded by build id (the service, --engine faiss), a message names the build, never a
+    # server path (an HTTP answer carries it); given a file (--index), it names the file.
+    where = f"FAISS build {build_id}'s file" if build_id is not None else str(path)
     if not path.exists():
-        raise NotFound(f"{path} not found: build it with `medsim index build`")
+        raise NotFound(f"{where} is missing: build it again with `medsim index build`")
     meta = read_meta(path)
     rebuild = f"Rebuild it (medsim index build --kind {meta['kind']}, or --rebuild)."
     if build_id is not None and meta["build_id"] != build_id:
-        raise StaleIndex(f"{path} is recorded for build {build_id} but now holds build {meta['build_id']} "
-                         f"(another build was written over it). {rebuild}")
+        raise StaleIndex(f"{where} now holds build {meta['build_id']} (another build was written over it). "
+                         f"{rebuild}")
     sha, size = file_sha256(path)
     if sha != meta["file_sha256"]:
-        raise StaleIndex(f"{path} is not the file build {meta['build_id']} wrote ({size} bytes, sha256 "
+        raise StaleIndex(f"{where} is not the file build {meta['build_id']} wrote ({size} bytes, sha256 "
                          f"{sha[:12]}..., the metadata says {meta['file_sha256'][:12]}...): it was replaced, "
                          f"truncated or overwritten. {rebuild}")
     recorded = one(conn, Q.index_build, {"id": meta["build_id"]}, as_=BuildRow)
     if recorded is None or recorded.file_sha256 != sha:
-        raise StaleIndex(f"{path} holds build {meta['build_id']}, which "
+        raise StaleIndex(f"{where} holds build {meta['build_id']}, which "
                          + ("this database has no record of" if recorded is None else
-                            f"medsim.index_builds records with other contents ({recorded.path})")
-                         + f". {rebuild}")
+                            "medsim.index_builds records with other contents") + f". {rebuild}")
+    if os.path.realpath(recorded.path) != os.path.realpath(path):
+        # a build's .faiss and .json copied over another build's: consistent with each other,
+        # and with their own row, but not the file asked for
+        raise StaleIndex(f"{where} holds build {meta['build_id']}, which medsim.index_builds records at another "
+                         f"file: it was copied or moved. {rebuild}")
     deleted = one(conn, Q.deletion_after, {"build_id": meta["build_id"]}, as_=DeletionAfter)
     wanted = registry.get(conn, model_ref).id if model_ref is not None else meta["model_id"]
     problem = None
@@ -260,15 +274,15 @@ def load(conn, path: Path | str, model_ref=None, rebuild_if_stale: bool = False,
         if rebuild_if_stale:
             return build(conn, meta["model_id"], meta["kind"], meta["params"], splits=meta["splits"],
                          index_dir=path.parent)
-        raise StaleIndex(f"{path} is stale: {problem}. {rebuild}")
+        raise StaleIndex(f"{where} is stale: {problem}. {rebuild}")
     import faiss
 
     try:
         index = faiss.read_index(str(path))
     except RuntimeError as err:  # checksum matched, so the build itself wrote a bad file
-        raise DataRefused(f"{path}: FAISS cannot read it ({str(err).splitlines()[0]}). {rebuild}") from None
+        raise DataRefused(f"{where}: FAISS cannot read it ({str(err).splitlines()[0]}). {rebuild}") from None
     if index.ntotal != meta["n_rows"] or index.d != meta["dim"]:
-        raise StaleIndex(f"{path} holds {index.ntotal} vectors of dimension {index.d}, its metadata says "
+        raise StaleIndex(f"{where} holds {index.ntotal} vectors of dimension {index.d}, its metadata says "
                          f"{meta['n_rows']} of {meta['dim']}. {rebuild}")
     set_params(index, meta["params"], kind(meta["kind"]).search_params)
     return Built(index, meta, path)
@@ -308,6 +322,19 @@ def builds(conn, model_id: int | None = None) -> list[BuildLine]:
     return rows(conn, Q.index_builds, {"model_id": model_id}, as_=BuildLine)
 
 
+def remove_files_before(conn, deletion_id: int) -> list[str]:
+    """Delete the files (and metadata) of every build made before this deletion: they may
+    hold the deleted vectors. Their rows stay, as history; loading them says to rebuild."""
+    removed = []
+    for (path,) in conn.execute(Q.builds_before_deletion, {"deletion_id": deletion_id}).fetchall():
+        for p in (Path(path), meta_path(Path(path))):
+            if p.exists():
+                p.unlink()
+                if p.suffix == ".faiss":
+                    removed.append(str(p))
+    return removed
+
+
 def load_build(conn, build_id: int, model_ref=None, rebuild_if_stale: bool = False) -> Built:
     recorded = one(conn, Q.index_build, {"id": build_id}, as_=BuildRow)
     if recorded is None:
@@ -316,7 +343,9 @@ def load_build(conn, build_id: int, model_ref=None, rebuild_if_stale: bool = Fal
 
 
 def latest_build(conn, model_id: int, kind_name: str | None = None) -> int:
-    """The newest gallery build of the model (of this kind; else an exact one first)."""
+    """The model's gallery build to search: of this kind if given; builds that still match
+    the gallery first (a stale build of one kind never hides a fresh one of another), then
+    an exact one (flat), then the newest."""
     build_id = scalar(conn, Q.latest_index_build, {"model_id": model_id, "splits": list(GALLERY_SPLITS),
                                                    "kind": kind_name})
     if build_id is None:

@@ -47,8 +47,8 @@ class Filters:
     per_patient: int | None = None
 
     def __post_init__(self):
-        if self.per_patient is not None and self.per_patient < 1:
-            raise BadArgument(f"per_patient must be at least 1, got {self.per_patient}")
+        if self.per_patient is not None and not 1 <= self.per_patient <= MAX_K:
+            raise BadArgument(f"per_patient must be between 1 and {MAX_K}, got {self.per_patient}")
         bad = [k for k, v in self.where.items()
                if not isinstance(v, str) and not (isinstance(v, list) and all(isinstance(x, str) for x in v))]
         if bad:

@@ -1,68 +1,52 @@
-"""Ingest an archive (a folder, a DICOM export) into medsim.datasets / medsim.images.
+"""Ingest an archive (a folder, a manifest, a DICOM export) into medsim.datasets / images.
 
 The guarantees are MedMNIST's: Postgres holds everything, nothing is half-written, bad
 input gets a clear reason. What differs is that an archive is large, grows and is messy:
-- it is written in chunks, each its own transaction, so a crash loses at most the chunk
-  in flight, and a re-run adds only what is not there yet (content sha256 per dataset);
-- a file that cannot be read is skipped and reported (printed, and kept in
-  medsim.ingest_problems); --strict reads everything first and refuses the whole archive
-  if anything is wrong;
-- a changed label for the same pixels is reported, and applied only with relabel=True;
-- without a split from the source, splits are assigned (sources/splits.py) grouped by
-  patient and stratified by label, and an already-known patient keeps their split.
+- it is written in chunks, each its own transaction, so a crash loses at most the chunk in
+  flight and a re-run adds only what is not there yet. Each chunk locks the dataset's row
+  and only then asks which of its images (by content sha256) are there: any number of runs
+  of one folder at once store each image once;
+- a file that cannot be read is skipped and reported; --strict reads everything first and
+  refuses the whole archive if anything is wrong;
+- the same pixels under two labels are a finding, never a coin toss: within one source the
+  first file (in path order) gives the label and every other label is a `label_conflict`;
+  a source that labels stored pixels otherwise is a `label_changed` finding, applied only
+  with on_conflict="relabel" and only when all of the source's files agree, so re-running
+  an unchanged source never changes a label;
+- file paths, patient ids, study ids and DICOM UIDs are stored as keyed hashes (keys.py);
+- without a split from the source, splits are assigned (splits.py) grouped by patient and
+  stratified by label, and an already-known patient keeps their split.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import json
 import os
+import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 from psycopg.types.json import Jsonb
 
 from medsim import images
 from medsim.errors import BadArgument, DataRefused, Unreadable
-from medsim.queries import Q, one, rows, scalar
+from medsim.queries import Q, rows, scalar
+from medsim.sources import keys
+from medsim.sources import report as reports
 from medsim.sources import splits as splitting
-from medsim.sources.base import Entry, patient_hasher
+from medsim.sources.base import Entry
+from medsim.sources.report import ArchiveReport
 
 CHUNK = 500
 COPY_TYPES = ["int4", "text", "int4", "int2[]", "int4", "int4", "int2", "bytea", "bytea", "int2", "text",
               "text", "jsonb", "text", "int4", "int4"]
-
-
-@dataclass
-class ArchiveReport:
-    dataset: str
-    dataset_id: int
-    report_id: int
-    listed: int = 0
-    added: int = 0
-    unchanged: int = 0  # already in the dataset with the same labels (a re-run)
-    duplicates: int = 0  # the same pixels as another file of this run
-    skipped: int = 0
-    label_changes: int = 0
-    relabelled: int = 0
-    seconds: float = 0.0
-    per_split: dict = field(default_factory=dict)
-    problems: list = field(default_factory=list)  # (path, kind, reason)
-    flushed: int = 0  # how many of the problems are in medsim.ingest_problems already
-
-    def lines(self, limit: int = 20) -> list[str]:
-        rate = self.added / self.seconds if self.seconds else 0.0
-        out = [f"{self.dataset}: {self.added} images added, {self.unchanged} already there, "
-               f"{self.duplicates} duplicate(s), {self.skipped} skipped, {self.label_changes} label change(s)"
-               f"{f' ({self.relabelled} applied)' if self.relabelled else ''}; {self.seconds:.1f}s "
-               f"({rate:,.0f} images/s); report {self.report_id}"]
-        out += [f"  {kind}: {path}: {reason}" for path, kind, reason in self.problems[:limit]]
-        if len(self.problems) > limit:
-            out.append(f"  ... {len(self.problems) - limit} more: SELECT * FROM medsim.ingest_problems "
-                       f"WHERE report_id = {self.report_id}")
-        return out
+ON_CONFLICT = ("keep", "relabel")
+UID_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
 
 def load_entry(loader, e: Entry):
@@ -71,6 +55,13 @@ def load_entry(loader, e: Entry):
         return e, loader(e)
     except Unreadable as err:
         return e, err
+
+
+def _die_with_parent() -> None:
+    """A decoding process ends when the ingest that started it does, even by SIGKILL
+    (Linux's PR_SET_PDEATHSIG; elsewhere it ends when its pipe closes)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
 class InlinePool:
@@ -92,15 +83,14 @@ class DatasetRow:
     source_kind: str
     label_names: dict
     task: str
+    image_size: int
 
 
 @dataclass
-class Known:
+class Stored:
     id: int
     sha256: bytes
     labels: list
-    split: str
-    patient_key: str | None
 
 
 def label_vector(names: tuple, vocab: dict[str, int], multi: bool) -> list[int]:
@@ -112,123 +102,206 @@ def label_vector(names: tuple, vocab: dict[str, int], multi: bool) -> list[int]:
     return [vocab[names[0]]]
 
 
-def ingest_archive(conn, source, name: str, *, strict: bool = False, relabel: bool = False, seed: int = 0,
+def ingest_archive(conn, source, name: str, *, strict: bool = False, on_conflict: str = "keep", seed: int = 0,
                    fractions=splitting.DEFAULT_FRACTIONS, progress: bool = True, workers: int | None = None,
-                   chunk: int = CHUNK) -> ArchiveReport:
+                   chunk: int = CHUNK, relabel: bool | None = None) -> ArchiveReport:
     """Load every usable image of `source` into the dataset `name` (created if new)."""
+    if relabel is not None:  # the older spelling
+        on_conflict = "relabel" if relabel else on_conflict
+    if on_conflict not in ON_CONFLICT:
+        raise BadArgument(f"on_conflict must be one of {', '.join(ON_CONFLICT)}, got {on_conflict!r}")
     t0 = time.perf_counter()
+    ring = keys.keyring(conn, "an archive's file names, patient ids and DICOM UIDs can name a person")
+    reports.mark_interrupted(conn)
     workers = workers if workers is not None else (os.cpu_count() or 1)
     entries, listing_problems = source.entries()
-    keyed = patient_hasher() if any(e.patient_id for e in entries) else None
-    for e in entries:
-        e.patient_key = keyed(e.patient_id) if keyed and e.patient_id else None
     multi = any(len(e.labels) > 1 for e in entries)
-    with conn.transaction():
-        ds, vocab = dataset_for(conn, source, name, entries, multi)
-        report_id = scalar(conn, Q.insert_ingest_report, {"dataset_id": ds.id, "source": source.describe(),
-                                                           "options": json.dumps({"strict": strict, "relabel": relabel,
-                                                                                  "seed": seed,
-                                                                                  "fractions": list(fractions),
-                                                                                  "max_side": source.max_side})})
-    report = ArchiveReport(name, ds.id, report_id, listed=len(entries))
+    for e in entries:
+        e.patient_key = ring.patient(e.patient_id) if e.patient_id else None
+    ds, vocab = dataset_for(conn, source, name, entries, multi, ring)
+    options = json.dumps({"strict": strict, "on_conflict": on_conflict, "seed": seed, "fractions": list(fractions),
+                          "max_side": source.max_side})
+    report = ArchiveReport(name, ds.id, reports.open_report(conn, ds.id, ring.path(source.describe()), options),
+                           listed=len(entries))
+    scrub = partial(_scrub, source.base())
     for path, reason in listing_problems:
-        report.problems.append((path, "skipped", reason))
+        report.add(path, "skipped", reason)
     multi = ds.task.startswith("multi-label")
-    known = {k.sha256: k for k in rows(conn, Q.dataset_images, {"dataset_id": ds.id}, as_=Known)}
-    assign_splits(conn, ds, entries, known, seed, fractions)
+    assign_splits(conn, ds, entries, seed, fractions)
 
     load = partial(load_entry, source.loader())
     # Decoding runs in worker processes, one per core: Pillow's per-file Python overhead
     # holds the GIL, and threads gave 2,900 images/s on 2 cores where processes keep both
     # busy. A small archive is not worth starting them for.
-    pool = ProcessPoolExecutor(workers) if workers > 1 and len(entries) >= 500 else InlinePool()
+    pool = (ProcessPoolExecutor(workers, initializer=_die_with_parent) if workers > 1 and len(entries) >= 500
+            else InlinePool())
+    seen: dict[bytes, tuple] = {}  # digest -> (first path, labels) in this run
+    disagree: set[bytes] = set()  # digests this run labels several ways
+    changes: dict[bytes, tuple] = {}  # digest -> (stored id, the source's labels) where they differ
     with pool:
         if strict:
             unreadable = [(e.path, str(r)) for e, r in pool.map(load, entries, chunksize=64)
                           if isinstance(r, Unreadable)]
             bad = listing_problems + unreadable  # the listing's are in the report already
             if bad:
-                finish(conn, report, "refused", [(p, "skipped", why) for p, why in unreadable])
+                for path, reason in unreadable:
+                    report.add(path, "skipped", reason)
+                reports.finish(conn, report, "refused", ring, scrub)
                 raise DataRefused(f"{source.describe()}: {len(bad)} file(s) cannot be used (first: {bad[0][0]}: "
                                   f"{bad[0][1]}); nothing was ingested (--strict). Report {report.report_id}.")
         from tqdm import tqdm
 
         bar = tqdm(total=len(entries), unit="img", desc=f"ingest {name}", disable=not progress, leave=False)
-        seen = {}
         for start in range(0, len(entries), chunk):
-            batch = list(pool.map(load, entries[start : start + chunk], chunksize=32))
-            new = []
+            batch = list(pool.map(load, entries[start: start + chunk], chunksize=32))
+            fresh = []
             for e, r in batch:
                 if isinstance(r, Unreadable):
-                    report.problems.append((e.path, "skipped", str(r)))
+                    report.add(e.path, "skipped", str(r))
                     continue
-                x = r.pixels
-                digest = hashlib.sha256(x.tobytes()).digest()
+                digest = hashlib.sha256(r.pixels.tobytes()).digest()
                 labels = label_vector(e.labels, vocab, multi)
-                if digest in known:
-                    k = known[digest]
-                    if list(k.labels) == labels:
-                        report.unchanged += 1
-                    else:
-                        report.label_changes += 1
-                        verb = "relabelled" if relabel else "kept (pass --relabel to apply)"
-                        report.problems.append((e.path, "label_changed", f"image {k.id} is labelled {k.labels}, "
-                                                f"the source now says {labels} ({'; '.join(e.labels)}): {verb}"))
-                        if relabel:
-                            conn.execute(Q.relabel_image, {"id": k.id, "labels": labels})
-                            report.relabelled += 1
-                    continue
                 if digest in seen:
-                    report.duplicates += 1
-                    report.problems.append((e.path, "duplicate", f"the same pixels as {seen[digest]}"))
+                    first, first_labels = seen[digest]
+                    if first_labels == labels:
+                        report.duplicates += 1
+                        report.add(e.path, "duplicate", "the same pixels as {other}", first)
+                    else:
+                        report.label_conflicts += 1
+                        disagree.add(digest)
+                        report.add(e.path, "label_conflict", f"the same pixels as {{other}}, labelled "
+                                   f"{'; '.join(e.labels)} here: kept as first labelled", first)
                     continue
-                seen[digest] = e.path
-                new.append((e, r, digest, labels))
-            write_chunk(conn, ds.id, new, report)
+                seen[digest] = (e.path, labels)
+                fresh.append((e, r, digest, labels))
+            write_chunk(conn, ds.id, fresh, report, changes, ring, scrub)
             bar.update(len(batch))
         bar.close()
-    finish(conn, report, "done", [])
+    relabel_agreed(conn, report, changes, disagree, on_conflict, vocab)
+    reports.finish(conn, report, "done", ring, scrub)
     conn.execute("ANALYZE medsim.images")
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def dataset_for(conn, source, name: str, entries, multi: bool) -> tuple[DatasetRow, dict[str, int]]:
-    """The dataset row (created, or checked and its label names extended) -> (row, vocab)."""
-    ds = one(conn, Q.archive_dataset, {"flag": name, "size": source.max_side}, as_=DatasetRow)
+def write_chunk(conn, dataset_id: int, fresh: list, report: ArchiveReport, changes: dict, ring, scrub) -> None:
+    """One chunk, one transaction: the dataset's row first, then which of the chunk's images
+    are stored already (by digest), then the rest by binary COPY and the chunk's findings.
+    Two runs of one folder take turns here, and the second finds the first's images."""
+    with conn.transaction():
+        conn.execute(Q.lock_dataset, {"id": dataset_id})
+        stored = {s.sha256: s for s in rows(conn, Q.images_with_digests, {
+            "dataset_id": dataset_id, "digests": [d for _, _, d, _ in fresh]}, as_=Stored)}
+        nxt = {r[0]: r[1] + 1 for r in conn.execute(Q.max_split_index, {"dataset_id": dataset_id})}
+        written = 0
+        with conn.cursor() as cur, cur.copy(Q.copy_archive_images) as copy:
+            copy.set_types(COPY_TYPES)
+            for e, loaded, digest, labels in fresh:
+                old = stored.get(bytes(digest))
+                if old is not None:
+                    if list(old.labels) == labels:
+                        report.unchanged += 1
+                    else:
+                        changes[digest] = (old.id, labels, e.path, list(old.labels))
+                    continue
+                x = loaded.pixels
+                idx = nxt.get(e.split, 0)
+                nxt[e.split] = idx + 1
+                h, w, c = x.shape
+                orig = loaded.original_size or (None, None)
+                meta = {k: (ring.uid(v) if k in UID_TAGS else v) for k, v in {**e.metadata, **loaded.metadata}.items()}
+                copy.write_row((dataset_id, e.split, idx, labels, h, w, c, images.stored.to_bytes(x), digest,
+                                16 if x.dtype.itemsize == 2 else 8, e.patient_key,
+                                ring.uid(e.study_id) if e.study_id else None, Jsonb(meta), ring.path(e.path),
+                                orig[0], orig[1]))
+                report.per_split[e.split] = report.per_split.get(e.split, 0) + 1
+                written += 1
+        reports.flush(conn, report, ring, scrub)
+    report.added += written
+
+
+def relabel_agreed(conn, report: ArchiveReport, changes: dict, disagree: set, on_conflict: str, vocab) -> None:
+    """Stored pixels that this source labels otherwise: a finding each; applied (relabel)
+    only where every file of the source with those pixels agrees."""
+    names = {i: n for n, i in vocab.items()}
+    with conn.transaction():
+        for digest, (image_id, labels, path, old) in changes.items():
+            report.label_changes += 1
+            agreed = digest not in disagree
+            apply = on_conflict == "relabel" and agreed
+            verb = ("relabelled" if apply else "kept (the source's files disagree)" if not agreed
+                    else "kept (--on-conflict relabel applies it)")
+            report.add(path, "label_changed", f"image {image_id} is labelled {_names(old, names)}, the source now "
+                       f"says {_names(labels, names)}: {verb}")
+            if apply:
+                conn.execute(Q.relabel_image, {"id": image_id, "labels": labels})
+                report.relabelled += 1
+
+
+def _names(labels: list, names: dict) -> str:
+    if len(labels) > 1 and set(labels) <= {0, 1}:  # a multi-label flag vector
+        return "; ".join(names.get(i, str(i)) for i, f in enumerate(labels) if f) or "none"
+    return "; ".join(names.get(i, str(i)) for i in labels)
+
+
+def _scrub(root, text: str, rel: str) -> str:
+    """A reason as the database keeps it: without the file's name or any server path."""
+    for name in (os.path.join(str(root), rel), str(root), rel):
+        if name:
+            text = text.replace(name, "<the file>" if name != str(root) else "<the archive>")
+    return text
+
+
+def dataset_for(conn, source, name: str, entries, multi: bool, ring) -> tuple[DatasetRow, dict[str, int]]:
+    """The dataset row (created, or checked and its label names extended) -> (row, vocab).
+    An archive is its name: a re-run with another --max-side is refused, not a second dataset."""
+    found = rows(conn, Q.archive_datasets_named, {"flag": name}, as_=DatasetRow)
+    if found and found[0].source_kind == "medmnist":
+        raise BadArgument(f"{name} is a MedMNIST dataset; give the archive another --name")
+    ds = found[0] if found else None
     names = sorted({n for e in entries for n in e.labels})
+    if ds is not None and ds.image_size != source.max_side:
+        if source.max_side_given:
+            raise DataRefused(f"{name} was ingested with --max-side {ds.image_size}; re-run with that (or without "
+                              f"--max-side), or give another --name")
+        source.max_side = ds.image_size
     if ds is None:
         label_names = {str(i): n for i, n in enumerate(names)}
         task = "multi-label" if multi else "multi-class"
-        ds_id = scalar(conn, Q.insert_archive_dataset, {
-            "flag": name, "size": source.max_side, "task": task, "label_names": json.dumps(label_names),
-            "source_file": source.describe(), "source_md5": source.fingerprint(), "source_kind": source.kind,
-            "split_method": json.dumps({"method": "given" if all(e.split for e in entries) else "assigned"})})
-        ds = DatasetRow(ds_id, source.kind, label_names, task)
-    elif ds.source_kind == "medmnist":
-        raise BadArgument(f"{name} is a MedMNIST dataset; give the archive another --name")
+        with conn.transaction():
+            ds_id = scalar(conn, Q.insert_archive_dataset, {
+                "flag": name, "size": source.max_side, "task": task, "label_names": json.dumps(label_names),
+                "source_file": ring.path(source.describe()), "source_md5": source.fingerprint(),
+                "source_kind": source.kind,
+                "split_method": json.dumps({"method": "given" if all(e.split for e in entries) else "assigned"})})
+        if ds_id is None:  # another run created it a moment ago: use theirs
+            return dataset_for(conn, source, name, entries, multi, ring)
+        ds = DatasetRow(ds_id, source.kind, label_names, task, source.max_side)
     elif multi and not ds.task.startswith("multi-label"):
         raise DataRefused(f"{name} was ingested with one label per image; this source has several "
                           f"(';' in the label column). Use another --name.")
-    vocab = {n: int(i) for i, n in ds.label_names.items()}
-    added = [n for n in names if n not in vocab]
-    if added:  # new label names go at the end: existing rows keep their meaning
+    with conn.transaction():  # new label names go at the end (existing rows keep their meaning)
+        ds.label_names = scalar(conn, Q.lock_dataset, {"id": ds.id})
+        vocab = {n: int(i) for i, n in ds.label_names.items()}
+        added = [n for n in names if n not in vocab]
         for n in added:
             vocab[n] = len(vocab)
-        ds.label_names = {str(i): n for n, i in vocab.items()}
-        conn.execute(Q.update_label_names, {"id": ds.id, "label_names": json.dumps(ds.label_names)})
+        if added:
+            ds.label_names = {str(i): n for n, i in vocab.items()}
+            conn.execute(Q.update_label_names, {"id": ds.id, "label_names": json.dumps(ds.label_names)})
     return ds, vocab
 
 
-def assign_splits(conn, ds: DatasetRow, entries: list[Entry], known: dict, seed: int, fractions) -> None:
+def assign_splits(conn, ds: DatasetRow, entries: list[Entry], seed: int, fractions) -> None:
     """Entries without a split get one: a known patient keeps theirs; new patients (or
-    single images) are assigned together, grouped and stratified."""
+    single images) are assigned together, grouped and stratified. Deterministic: two runs
+    of one source assign the same splits."""
     if all(e.split for e in entries):
         return
     if any(e.split for e in entries):
         raise DataRefused("the manifest gives a split for some rows and not for others: give it for all, or drop "
                           "the column so medsim assigns splits grouped by patient")
-    patients = {k.patient_key: k.split for k in known.values() if k.patient_key}
+    patients = dict(conn.execute(Q.dataset_patients, {"dataset_id": ds.id}).fetchall())
     groups = {}
     for e in entries:
         if e.patient_key in patients:
@@ -239,47 +312,7 @@ def assign_splits(conn, ds: DatasetRow, entries: list[Entry], known: dict, seed:
     for e in entries:
         if e.split is None:
             e.split = chosen[e.patient_key or f"image:{e.path}"]
-    conn.execute(Q.set_split_method, {"id": ds.id, "split_method": json.dumps(
-        {"method": "grouped-stratified", "group": "patient", "stratify": "label", "seed": seed,
-         "fractions": [round(f, 6) for f in fractions]})})
-
-
-def write_chunk(conn, dataset_id: int, new: list, report: ArchiveReport) -> None:
-    """One chunk, one transaction. The dataset row is locked first, so two ingests into
-    the same dataset take turns (split indexes are read under the lock), and a crash
-    rolls back only this chunk."""
     with conn.transaction():
-        conn.execute(Q.lock_dataset, {"id": dataset_id})
-        nxt = {r[0]: r[1] + 1 for r in conn.execute(Q.max_split_index, {"dataset_id": dataset_id})}
-        with conn.cursor() as cur, cur.copy(Q.copy_archive_images) as copy:
-            copy.set_types(COPY_TYPES)
-            for e, loaded, digest, labels in new:
-                x = loaded.pixels
-                idx = nxt.get(e.split, 0)
-                nxt[e.split] = idx + 1
-                h, w, c = x.shape
-                orig = loaded.original_size or (None, None)
-                copy.write_row((dataset_id, e.split, idx, labels, h, w, c, images.stored.to_bytes(x),
-                                digest, 16 if x.dtype.itemsize == 2 else 8, e.patient_key, e.study_id,
-                                Jsonb({**e.metadata, **loaded.metadata}), e.path, orig[0], orig[1]))
-                report.per_split[e.split] = report.per_split.get(e.split, 0) + 1
-        flush_problems(conn, report)
-    report.added += len(new)
-
-
-def flush_problems(conn, report: ArchiveReport) -> None:
-    for path, kind, reason in report.problems[report.flushed:]:
-        conn.execute(Q.insert_ingest_problem, {"report_id": report.report_id, "path": path, "kind": kind,
-                                               "reason": reason})
-    report.flushed = len(report.problems)
-
-
-def finish(conn, report: ArchiveReport, status: str, problems: list) -> None:
-    with conn.transaction():
-        report.problems += problems
-        flush_problems(conn, report)
-        report.skipped = sum(1 for _, kind, _ in report.problems if kind == "skipped")
-        conn.execute(Q.finish_ingest_report, {
-            "id": report.report_id, "status": status, "added": report.added, "duplicates": report.duplicates,
-            "skipped": report.skipped, "label_changes": report.label_changes, "relabelled": report.relabelled})
-        conn.execute(Q.update_n_samples, {"id": report.dataset_id})
+        conn.execute(Q.set_split_method, {"id": ds.id, "split_method": json.dumps(
+            {"method": "grouped-stratified", "group": "patient", "stratify": "label", "seed": seed,
+             "fractions": [round(f, 6) for f in fractions]})})

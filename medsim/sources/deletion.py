@@ -1,20 +1,32 @@
 """Deleting is part of owning data: a dataset, one patient's images, or single images go,
-with their embeddings and queue rows, in one transaction, and medsim.deletions records
-what went and when (names, counts, the patient's keyed hash; never content).
+with their embeddings, queue rows and (for a dataset) calibrations, in one transaction, and
+medsim.deletions records what went and when (names, counts, the patient's keyed hash; never
+content).
 
 The case designed for is a patient withdrawing consent: their images are found by the
-same keyed hash the ingest stored (MEDSIM_PATIENT_KEY), in every dataset. FAISS files
-built before a deletion may still hold the deleted vectors, so they refuse to load
-(search/faiss_index.py) and the command names the files to remove.
+same keyed hash the ingest stored (sources/keys.py), in every dataset. Copies of the same
+pixels stored without the patient (another archive, an export without ids) are found by
+their content hash and reported; with_copies deletes them too.
+
+Workers may be embedding the same images meanwhile. A worker locks its queue rows first
+(the claim) and the image rows only at its COPY (the foreign-key check); a deletion that
+locked images first and then waited for the queue rows deadlocked against it. So the queue
+rows go first, waiting for any batch that holds them to commit, and only then the images.
+A deadlock that still happens (some other writer) is retried a few times.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
-from medsim.errors import BadArgument, NotFound
+import psycopg
+
+from medsim.errors import BadArgument, DatabaseUnavailable, NotFound
 from medsim.queries import Q, scalar
-from medsim.sources.base import patient_hasher
+from medsim.sources import keys
+
+RETRIES = 5
 
 
 @dataclass
@@ -24,13 +36,25 @@ class Deleted:
     target: str
     images: int
     embeddings: int
+    copies: list = field(default_factory=list)  # (image id, dataset) with the same pixels, not deleted
 
 
 def delete(conn, *, dataset: str | None = None, patient_id: str | None = None, image_ids=(),
-           reason: str | None = None) -> Deleted:
+           reason: str | None = None, with_copies: bool = False) -> Deleted:
     """Exactly one of dataset, patient_id, image_ids. The caller's transaction, or its own."""
     if sum(x is not None and x != () and x != [] for x in (dataset, patient_id, list(image_ids) or None)) != 1:
         raise BadArgument("give exactly one of a dataset, a patient id or image ids")
+    for attempt in range(RETRIES):
+        try:
+            return _delete(conn, dataset, patient_id, image_ids, reason, with_copies)
+        except psycopg.errors.DeadlockDetected as err:
+            if attempt == RETRIES - 1:
+                raise DatabaseUnavailable(f"the deletion deadlocked {RETRIES} times with other writers ({err}); "
+                                          f"nothing was deleted: try again") from None
+            time.sleep(0.1 * 2**attempt)
+
+
+def _delete(conn, dataset, patient_id, image_ids, reason, with_copies) -> Deleted:
     with conn.transaction():
         if dataset is not None:
             ids = [r[0] for r in conn.execute(Q.images_of_dataset, {"name": dataset})]
@@ -38,7 +62,7 @@ def delete(conn, *, dataset: str | None = None, patient_id: str | None = None, i
             if not ids and scalar(conn, Q.archive_dataset_exists, {"name": dataset}) is None:
                 raise NotFound(f"no dataset named {dataset!r}")
         elif patient_id is not None:
-            key = patient_hasher()(patient_id)
+            key = keys.keyring(conn, "a patient is found by the keyed hash of their id").patient(patient_id)
             ids = [r[0] for r in conn.execute(Q.images_of_patient, {"patient_key": key})]
             kind, target = "patient", key
             if not ids:
@@ -50,10 +74,15 @@ def delete(conn, *, dataset: str | None = None, patient_id: str | None = None, i
             if missing:
                 raise NotFound(f"no image with id {', '.join(map(str, missing[:10]))}; nothing was deleted")
             kind, target = "images", f"{len(ids)} image id(s)"
+        copies = [tuple(r) for r in conn.execute(Q.copies_elsewhere, {"ids": ids})]
+        if with_copies:
+            ids = ids + [i for i, _ in copies]
         embeddings = scalar(conn, Q.count_embeddings_of, {"ids": ids})
+        conn.execute(Q.dequeue_images, {"ids": ids})  # first: see the module's docstring
         conn.execute(Q.delete_images, {"ids": ids})
         if kind == "dataset":
             conn.execute(Q.delete_dataset, {"name": dataset})
+            conn.execute(Q.delete_calibrations_of, {"name": dataset})
         deletion_id = scalar(conn, Q.insert_deletion, {"kind": kind, "target": target, "images": len(ids),
                                                        "embeddings": embeddings, "reason": reason})
-    return Deleted(deletion_id, kind, target, len(ids), embeddings)
+    return Deleted(deletion_id, kind, target, len(ids), embeddings, [] if with_copies else copies)

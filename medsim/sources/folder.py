@@ -10,6 +10,12 @@
 Pixels are kept as decoded: 8-bit grey or RGB, and 16-bit grey stays 16-bit (lossless).
 An image larger than max_side on its longest side is shrunk to it (aspect kept), and its
 original size is recorded.
+
+The archive's folder is a boundary: a manifest's absolute paths and paths with `..` that
+leave it, and links (files or folders) that point out of it, are refused without being
+opened or even looked up (the sentence is the same whether the target exists or not), and
+so is anything that is not a regular file (a FIFO would block the reader). `follow_links`
+(--follow-links) lets links point anywhere.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import stat
 from functools import partial
 from pathlib import Path
 
@@ -28,18 +35,24 @@ from medsim.sources.base import SPLITS, Entry, Loaded, Problem
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 MANIFEST_COLUMNS = ("path", "label", "split", "patient_id", "study_id")
 DEFAULT_MAX_SIDE = 1024
+OUTSIDE = ("outside the archive's folder: absolute paths, '..' and links out of it are not followed "
+           "(--follow-links follows links)")
 
 
 class FolderSource:
     kind = "folder"
 
-    def __init__(self, root, manifest=None, max_side: int = DEFAULT_MAX_SIDE, label_tag: str | None = None):
+    def __init__(self, root, manifest=None, max_side: int | None = None, label_tag: str | None = None,
+                 follow_links: bool = False):
         self.root = Path(root)
         self.manifest = Path(manifest) if manifest else None
-        self.max_side = max_side
+        # None: the dataset's own (a re-run), else DEFAULT_MAX_SIDE for a new one
+        self.max_side_given = max_side is not None
+        self.max_side = max_side if max_side is not None else DEFAULT_MAX_SIDE
         self.label_tag = label_tag  # DICOM files only: the tag whose value is the label
-        if max_side < 8:
-            raise DataRefused(f"--max-side {max_side} is too small (at least 8)")
+        self.follow_links = follow_links
+        if self.max_side < 8:
+            raise DataRefused(f"--max-side {self.max_side} is too small (at least 8)")
         if not self.root.is_dir():
             raise DataRefused(f"{self.root}: not a folder")
         if self.manifest is not None and not self.manifest.is_file():
@@ -48,11 +61,39 @@ class FolderSource:
     def describe(self) -> str:
         return str(self.manifest or self.root)
 
+    def base(self) -> Path:
+        """The folder the source's paths are relative to, and may not leave."""
+        return self.manifest.parent if self.manifest else self.root
+
+    def inside(self, rel: str) -> tuple[Path | None, str | None]:
+        """A path as the source names it -> (the file, None) or (None, why it is refused).
+        Nothing outside the folder is looked up: the answer cannot tell whether it exists."""
+        base = self.base()
+        if os.path.isabs(rel):
+            return None, OUTSIDE
+        norm = os.path.normpath(rel)
+        if norm == ".." or norm.startswith(".." + os.sep):
+            return None, OUTSIDE
+        full = base / norm
+        if not self.follow_links:
+            real, root = os.path.realpath(full), os.path.realpath(base)  # reads links, never a file
+            if real != root and not real.startswith(root + os.sep):
+                return None, OUTSIDE
+        try:
+            st = os.stat(full)
+        except FileNotFoundError:
+            return None, "no such file"
+        except OSError as err:
+            return None, f"cannot be read ({err.strerror})"
+        if not stat.S_ISREG(st.st_mode):
+            return None, "not a regular file"
+        return full, None
+
     # -- listing --------------------------------------------------------------------
     def entries(self) -> tuple[list[Entry], list[tuple[str, str]]]:
         """-> (entries, problems found while listing: (path, reason))."""
         self.n_dicom = self.n_other = 0
-        self._files = None  # list the folder afresh: a re-run must see what changed
+        self._files = self._refused = None  # list the folder afresh: a re-run must see what changed
         found, problems = self._from_manifest() if self.manifest else self._from_folders()
         if self.n_dicom and not self.n_other:
             self.kind = "dicom"
@@ -78,21 +119,53 @@ class FolderSource:
         return frames
 
     def files(self) -> list[tuple[Path, int]]:
-        """Every non-hidden file under the root with its size, sorted (os.walk: pathlib's
-        rglob and relative_to cost 2 s per 20,000 files)."""
+        """Every non-hidden regular file under the root with its size, sorted (os.walk:
+        pathlib's rglob and relative_to cost 2 s per 20,000 files). Links out of the root
+        and what is not a regular file are set aside with the reason (self._refused)."""
         if getattr(self, "_files", None) is None:
-            found = []
-            for d, dirs, names in os.walk(self.root):
-                dirs[:] = [x for x in dirs if not x.startswith(".")]  # hidden folders, hidden files
+            found, refused, visited = [], [], set()
+            for d, dirs, names in os.walk(self.root, followlinks=self.follow_links):
+                if self.follow_links:  # a link back up the tree would loop for ever
+                    real = os.path.realpath(d)
+                    if real in visited:
+                        dirs[:] = []
+                        continue
+                    visited.add(real)
+                keep = []
+                for x in dirs:
+                    if x.startswith("."):  # hidden folders, hidden files
+                        continue
+                    if not self.follow_links and os.path.islink(os.path.join(d, x)):
+                        refused.append((os.path.relpath(os.path.join(d, x), self.root), OUTSIDE))
+                        continue
+                    keep.append(x)
+                dirs[:] = keep
                 for n in names:
-                    if not n.startswith("."):
-                        full = os.path.join(d, n)
-                        found.append((Path(os.path.relpath(full, self.root)), os.path.getsize(full)))
-            self._files = sorted(found)
+                    if n.startswith("."):
+                        continue
+                    rel = os.path.relpath(os.path.join(d, n), self.root)
+                    # os.walk reached this through real folders: only the file itself can be a link
+                    path, why = self.inside(rel) if os.path.islink(os.path.join(d, n)) or self.follow_links \
+                        else self._regular(rel)
+                    if why:
+                        refused.append((rel, why))
+                    else:
+                        found.append((Path(rel), path.stat().st_size))
+            self._files, self._refused = sorted(found), sorted(refused)
         return self._files
+
+    def _regular(self, rel: str) -> tuple[Path | None, str | None]:
+        full = self.root / rel
+        try:
+            mode = os.lstat(full).st_mode
+        except OSError as err:
+            return None, f"cannot be read ({err.strerror})"
+        return (full, None) if stat.S_ISREG(mode) else (None, "not a regular file")
 
     def _from_folders(self):
         entries, problems = [], []
+        self.files()
+        problems += self._refused
         for rel, _size in self.files():
             p = self.root / rel
             if p.suffix.lower() not in IMAGE_SUFFIXES and not dicom.is_dicom(p):
@@ -129,16 +202,16 @@ class FolderSource:
                                             f"{', '.join(SPLITS)}"))
                 else:
                     meta = {k: v for k, v in row.items() if k not in MANIFEST_COLUMNS and v != ""}
-                    e = Entry(row["path"], labels, split, row.get("patient_id") or None,
-                              row.get("study_id") or None, meta)
-                    path = self.manifest.parent / row["path"]
-                    if not path.is_file():
-                        problems.append((row["path"], "no such file"))
+                    path, why = self.inside(row["path"])
+                    if why:
+                        problems.append((row["path"], why))
                         continue
+                    rel = os.path.relpath(path, self.base())
+                    e = Entry(rel, labels, split, row.get("patient_id") or None, row.get("study_id") or None, meta)
                     try:
                         entries += self._expand(path, e)
                     except Unreadable as err:
-                        problems.append((row["path"], str(err)))
+                        problems.append((rel, str(err)))
         return entries, problems
 
     def fingerprint(self) -> str:
@@ -155,7 +228,7 @@ class FolderSource:
     # -- pixels ---------------------------------------------------------------------
     def loader(self):
         """entry -> Loaded (or Problem): small enough to send to worker processes."""
-        return partial(load_file, self.manifest.parent if self.manifest else self.root, self.max_side)
+        return partial(load_file, self.base(), self.max_side)
 
     def load(self, entry: Entry) -> Loaded:
         return self.loader()(entry)

@@ -152,11 +152,19 @@ def reliability_png(cal: dict, out_dir: Path, model_id: int | None) -> Path:
     return path
 
 
+def without_files(doc):
+    """A copy to store: the reliability diagram's file is where this machine wrote it, a
+    server path the database (and its read-only role) has no business knowing."""
+    if isinstance(doc, dict):
+        return {k: without_files(v) for k, v in doc.items() if k != "diagram_png"}
+    return doc
+
+
 def store(conn, model_id: int, cal: dict) -> None:
     for flag, c in cal.items():
         conn.execute(Q.upsert_calibration, {"model_id": model_id, "dataset": flag, "a": c["a"], "b": c["b"],
                                             "vote_a": c["vote_a"], "vote_b": c["vote_b"],
-                                            "report": json.dumps(c)})
+                                            "report": json.dumps(without_files(c))})
 
 
 def load(conn, model_id: int) -> dict[str, Calibration]:

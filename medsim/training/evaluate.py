@@ -68,7 +68,7 @@ def evaluate(conn, model_ref="current", device="cpu", store: bool = True, exclud
     train, val, test = (data.load_split(conn, [s], flags, input_size=size) for s in ("train", "val", "test"))
     excluded = 0
     if exclude_leaked:
-        leaked = leaked_test_images(conn, row.id)
+        leaked = leaked_test_images(conn, row.id, flags)
         keep = np.array([int(i) not in leaked for i in test.ids])
         excluded = int((~keep).sum())
         test = data.Split(test.ids[keep], test.dataset_ids[keep], test.label_keys[keep],
@@ -94,14 +94,15 @@ def evaluate(conn, model_ref="current", device="cpu", store: bool = True, exclud
     if store:
         calibration.store(conn, row.id, results["calibration"])
         results["evaluation_id"] = scalar(
-            conn, Q.insert_evaluation, {"model_id": row.id, "seed": PAIR_SEED_TEST, "results": json.dumps(results)})
+            conn, Q.insert_evaluation, {"model_id": row.id, "seed": PAIR_SEED_TEST,
+                                        "results": json.dumps(calibration.without_files(results))})
     return results
 
 
-def leaked_test_images(conn, model_id: int) -> set[int]:
-    """Test images with an exact or near duplicate, or their patient, in train or val
-    (the model's latest `medsim audit`)."""
-    return {r[0] for r in conn.execute(Q.leaked_test_images, {"model_id": model_id})}
+def leaked_test_images(conn, model_id: int, datasets: list[str]) -> set[int]:
+    """Test images with an exact or near duplicate, or their patient, in train or val of
+    these datasets (the model's latest `medsim audit`)."""
+    return {r[0] for r in conn.execute(Q.leaked_test_images, {"model_id": model_id, "datasets": list(datasets)})}
 
 
 @dataclass

@@ -136,9 +136,12 @@ class Worker:
                     if self.cfg.once:
                         break
                     self.wait_for_work()
-                except psycopg.errors.LockNotAvailable as err:
-                    # the batch rolled back; its images are simply claimable again
-                    log.warning("waited %.0fs for a lock (%s); trying again", self.cfg.lock_timeout_s, one_line(err))
+                except (psycopg.errors.LockNotAvailable, psycopg.errors.TransactionRollback) as err:
+                    # the batch rolled back (a lock wait too long, or a deadlock with a deletion
+                    # that Postgres resolved against us); its images are simply claimable again
+                    waited = isinstance(err, psycopg.errors.LockNotAvailable)
+                    log.warning("%s (%s); trying again", f"waited {self.cfg.lock_timeout_s:.0f}s for a lock" if waited
+                                else "the database rolled the batch back", one_line(err))
                     self.summary.lock_waits += 1
                     settle_quietly(lanes, self.summary)
                 except psycopg.errors.UniqueViolation as err:

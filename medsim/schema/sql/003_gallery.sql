@@ -63,11 +63,14 @@ LANGUAGE sql IMMUTABLE AS $$
            ))
 $$;
 
--- Leakage, live from the data: images stored more than once (same pixels), with splits.
+-- Leakage, live from the data: images stored more than once (same pixels), with splits,
+-- and whether the copies carry different labels (a finding of its own: the same picture
+-- cannot be two diagnoses).
 CREATE OR REPLACE VIEW medsim.exact_duplicates AS
 SELECT i.sha256, count(*) AS copies, array_agg(i.id ORDER BY i.id) AS image_ids,
        array_agg(DISTINCT i.split) AS splits, array_agg(DISTINCT d.flag) AS datasets,
-       count(DISTINCT i.split) > 1 AS across_splits
+       count(DISTINCT i.split) > 1 AS across_splits,
+       count(DISTINCT medsim.label_names(i.dataset_id, i.labels)) > 1 AS labels_differ
 FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
 GROUP BY i.sha256 HAVING count(*) > 1;
 
@@ -80,7 +83,7 @@ GROUP BY patient_key HAVING count(DISTINCT split) > 1;
 -- The latest audit's findings per model (near duplicates need a model's embeddings).
 CREATE OR REPLACE VIEW medsim.leakage AS
 SELECT a.model_id, a.id AS audit_id, a.threshold, f.kind, f.image_a, f.image_b, f.split_a, f.split_b,
-       f.distance, f.split_a <> f.split_b AS across_splits
+       f.distance, f.split_a <> f.split_b AS across_splits, f.labels_differ
 FROM medsim.audit_findings f
 JOIN medsim.audits a ON a.id = f.audit_id
 WHERE a.id = (SELECT max(a2.id) FROM medsim.audits a2 WHERE a2.model_id IS NOT DISTINCT FROM a.model_id);

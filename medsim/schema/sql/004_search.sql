@@ -170,15 +170,9 @@ LANGUAGE sql STABLE AS $$
       AND c.dataset = p_dataset
 $$;
 
--- Read-only access for analysts: SELECT and the functions above, nothing else.
--- Roles are cluster-wide, so create it only if another database has not already.
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'medsim_reader') THEN
-        CREATE ROLE medsim_reader NOLOGIN;
-    END IF;
-END
-$$;
+-- Read-only access for analysts: SELECT and the functions above, nothing else. The role
+-- itself is made by 000_roles.sql (roles are cluster-wide: a restore into a fresh server
+-- needs it before the dump's grants).
 GRANT USAGE ON SCHEMA medsim TO medsim_reader;
 GRANT SELECT ON ALL TABLES IN SCHEMA medsim TO medsim_reader;
 -- What a read-only analyst does not get: model checkpoint bytes (the weights), image
@@ -186,7 +180,7 @@ GRANT SELECT ON ALL TABLES IN SCHEMA medsim TO medsim_reader;
 -- Table-level SELECT is replaced by the columns below; a column added by a later
 -- revision stays unreadable until it is listed here. The views expose none of the three.
 REVOKE SELECT ON medsim.models, medsim.images, medsim.datasets, medsim.index_builds,
-                 medsim.ingest_problems FROM medsim_reader;
+                 medsim.ingest_problems, medsim.ingest_reports, medsim.pseudonym_keys FROM medsim_reader;
 GRANT SELECT (id, name, preset, mode, config, train_config, datasets, embedding_dim, checkpoint_sha256,
               best_epoch, best_val_loss, train_seconds, is_current, created_at)
     ON medsim.models TO medsim_reader;
@@ -198,6 +192,9 @@ GRANT SELECT (id, flag, image_size, is_medmnist, python_class, description, task
               split_method)
     ON medsim.datasets TO medsim_reader;
 GRANT SELECT (report_id, kind, reason) ON medsim.ingest_problems TO medsim_reader;
+GRANT SELECT (id, dataset_id, options, status, added, duplicates, skipped, label_changes, relabelled,
+              label_conflicts, started_at, finished_at)
+    ON medsim.ingest_reports TO medsim_reader;
 GRANT SELECT (id, model_id, kind, params, source_view, splits, dim, metric, n_rows, fingerprint,
               build_seconds, created_at, file_sha256, file_bytes, gallery_version)
     ON medsim.index_builds TO medsim_reader;
@@ -210,6 +207,3 @@ GRANT EXECUTE ON FUNCTION medsim.search_by_vector(vector, integer, integer, text
                           medsim.label_names(integer, smallint[]),
                           medsim.p_same_label(integer, text, double precision) TO medsim_reader;
 ALTER DEFAULT PRIVILEGES IN SCHEMA medsim GRANT SELECT ON TABLES TO medsim_reader;
--- A query that runs away is cancelled; it applies to sessions that log in as (or SET ROLE
--- to) medsim_reader. Per-person logins set their own: ALTER ROLE alice SET statement_timeout.
-ALTER ROLE medsim_reader SET statement_timeout = '30s';
