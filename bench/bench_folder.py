@@ -57,6 +57,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="medsim-bench-folder-"))
     env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL" and not k.startswith("PG")}
     env["MEDSIM_HOME"] = str(work)
+    env.setdefault("MEDSIM_PATIENT_KEY", "bench key, long enough, throw-away")  # paths are stored keyed
     print(f"machine: {machine()}")
     write_s = write_pngs(work / "pngs", a.n)
     print(f"wrote {a.n} PNG files in {write_s:.1f}s")
