@@ -15,7 +15,6 @@ opened: listing builds (`medsim index list`) does not pay for it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -31,7 +30,17 @@ from medsim import registry
 from medsim.errors import BadArgument, DataRefused, NotFound, StaleIndex
 from medsim.queries import Q, one, rows, scalar
 from medsim.search import GALLERY_SPLITS
+from medsim.search.index_files import (
+    default_path,
+    file_sha256,
+    meta_path,
+    read_meta,
+    remove_files_before,
+)
 from medsim.search.index_kinds import Kind, kind, resolve_params
+
+__all__ = ["Built", "build", "builds", "latest_build", "load", "load_build", "meta_path", "remove_files_before",
+           "search", "still_fresh"]
 
 if TYPE_CHECKING:
     import faiss
@@ -123,24 +132,6 @@ class Built:
     path: Path
 
 
-def meta_path(path: Path) -> Path:
-    return Path(str(path) + ".json")
-
-
-def file_sha256(path: Path) -> tuple[str, int]:
-    h, n = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-            n += len(chunk)
-    return h.hexdigest(), n
-
-
-def default_path(index_dir, model_id: int, kind_name: str, build_id: int) -> Path:
-    # one file per build: a later build never overwrites the file an earlier row names
-    return Path(index_dir) / f"model{model_id}-{kind_name}-build{build_id}.faiss"
-
-
 def build(conn, model_ref="current", kind_name: str = "flat", params: dict | None = None,
           out: Path | str | None = None, splits=GALLERY_SPLITS, out_dir="medsim_out",
           index_dir: Path | str | None = None) -> Built:
@@ -198,28 +189,6 @@ def build(conn, model_ref="current", kind_name: str = "flat", params: dict | Non
                                       "gallery_version")},
         "params": json.dumps(p), "path": str(path.resolve()), "build_seconds": seconds})
     return Built(index, meta, path)
-
-
-META_KEYS = {"build_id": int, "model_id": int, "kind": str, "params": dict, "splits": list, "dim": int,
-             "n_rows": int, "fingerprint": str, "file_sha256": str}
-
-
-def read_meta(path: Path) -> dict:
-    """The .json beside an index, or DataRefused naming what is wrong with it."""
-    mp = meta_path(path)
-    if not mp.exists():
-        raise NotFound(f"{path} has no metadata ({mp.name} is missing): rebuild it with `medsim index build`")
-    try:
-        meta = json.loads(mp.read_text())
-    except (ValueError, UnicodeDecodeError) as err:
-        raise DataRefused(f"{mp} is not valid JSON ({err}): rebuild the index with `medsim index build`") from None
-    if not isinstance(meta, dict):
-        raise DataRefused(f"{mp} is not index metadata: rebuild the index with `medsim index build`")
-    bad = [key for key, t in META_KEYS.items() if not isinstance(meta.get(key), t)]
-    if bad:
-        raise DataRefused(f"{mp} lacks or mangles {', '.join(bad)} (older medsim, or edited): "
-                          f"rebuild the index with `medsim index build`")
-    return meta
 
 
 def load(conn, path: Path | str, model_ref=None, rebuild_if_stale: bool = False,
@@ -320,19 +289,6 @@ def still_fresh(conn, built: Built) -> bool:
 
 def builds(conn, model_id: int | None = None) -> list[BuildLine]:
     return rows(conn, Q.index_builds, {"model_id": model_id}, as_=BuildLine)
-
-
-def remove_files_before(conn, deletion_id: int) -> list[str]:
-    """Delete the files (and metadata) of every build made before this deletion: they may
-    hold the deleted vectors. Their rows stay, as history; loading them says to rebuild."""
-    removed = []
-    for (path,) in conn.execute(Q.builds_before_deletion, {"deletion_id": deletion_id}).fetchall():
-        for p in (Path(path), meta_path(Path(path))):
-            if p.exists():
-                p.unlink()
-                if p.suffix == ".faiss":
-                    removed.append(str(p))
-    return removed
 
 
 def load_build(conn, build_id: int, model_ref=None, rebuild_if_stale: bool = False) -> Built:

@@ -11,11 +11,7 @@ Pixels are kept as decoded: 8-bit grey or RGB, and 16-bit grey stays 16-bit (los
 An image larger than max_side on its longest side is shrunk to it (aspect kept), and its
 original size is recorded.
 
-The archive's folder is a boundary: a manifest's absolute paths and paths with `..` that
-leave it, and links (files or folders) that point out of it, are refused without being
-opened or even looked up (the sentence is the same whether the target exists or not), and
-so is anything that is not a regular file (a FIFO would block the reader). `follow_links`
-(--follow-links) lets links point anywhere.
+The archive's folder is a boundary (sources/boundary.py): nothing outside it is opened.
 """
 
 from __future__ import annotations
@@ -23,20 +19,18 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import stat
 from functools import partial
 from pathlib import Path
 
 from medsim import images
 from medsim.errors import DataRefused, Unreadable
-from medsim.sources import dicom
+from medsim.sources import boundary, dicom
 from medsim.sources.base import SPLITS, Entry, Loaded, Problem
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 MANIFEST_COLUMNS = ("path", "label", "split", "patient_id", "study_id")
 DEFAULT_MAX_SIDE = 1024
-OUTSIDE = ("outside the archive's folder: absolute paths, '..' and links out of it are not followed "
-           "(--follow-links follows links)")
+OUTSIDE = boundary.OUTSIDE
 
 
 class FolderSource:
@@ -64,30 +58,6 @@ class FolderSource:
     def base(self) -> Path:
         """The folder the source's paths are relative to, and may not leave."""
         return self.manifest.parent if self.manifest else self.root
-
-    def inside(self, rel: str) -> tuple[Path | None, str | None]:
-        """A path as the source names it -> (the file, None) or (None, why it is refused).
-        Nothing outside the folder is looked up: the answer cannot tell whether it exists."""
-        base = self.base()
-        if os.path.isabs(rel):
-            return None, OUTSIDE
-        norm = os.path.normpath(rel)
-        if norm == ".." or norm.startswith(".." + os.sep):
-            return None, OUTSIDE
-        full = base / norm
-        if not self.follow_links:
-            real, root = os.path.realpath(full), os.path.realpath(base)  # reads links, never a file
-            if real != root and not real.startswith(root + os.sep):
-                return None, OUTSIDE
-        try:
-            st = os.stat(full)
-        except FileNotFoundError:
-            return None, "no such file"
-        except OSError as err:
-            return None, f"cannot be read ({err.strerror})"
-        if not stat.S_ISREG(st.st_mode):
-            return None, "not a regular file"
-        return full, None
 
     # -- listing --------------------------------------------------------------------
     def entries(self) -> tuple[list[Entry], list[tuple[str, str]]]:
@@ -119,48 +89,14 @@ class FolderSource:
         return frames
 
     def files(self) -> list[tuple[Path, int]]:
-        """Every non-hidden regular file under the root with its size, sorted (os.walk:
-        pathlib's rglob and relative_to cost 2 s per 20,000 files). Links out of the root
-        and what is not a regular file are set aside with the reason (self._refused)."""
+        """Every non-hidden regular file under the root with its size, sorted; links out of
+        the root and what is not a regular file are set aside with the reason (_refused)."""
         if getattr(self, "_files", None) is None:
-            found, refused, visited = [], [], set()
-            for d, dirs, names in os.walk(self.root, followlinks=self.follow_links):
-                if self.follow_links:  # a link back up the tree would loop for ever
-                    real = os.path.realpath(d)
-                    if real in visited:
-                        dirs[:] = []
-                        continue
-                    visited.add(real)
-                keep = []
-                for x in dirs:
-                    if x.startswith("."):  # hidden folders, hidden files
-                        continue
-                    if not self.follow_links and os.path.islink(os.path.join(d, x)):
-                        refused.append((os.path.relpath(os.path.join(d, x), self.root), OUTSIDE))
-                        continue
-                    keep.append(x)
-                dirs[:] = keep
-                for n in names:
-                    if n.startswith("."):
-                        continue
-                    rel = os.path.relpath(os.path.join(d, n), self.root)
-                    # os.walk reached this through real folders: only the file itself can be a link
-                    path, why = self.inside(rel) if os.path.islink(os.path.join(d, n)) or self.follow_links \
-                        else self._regular(rel)
-                    if why:
-                        refused.append((rel, why))
-                    else:
-                        found.append((Path(rel), path.stat().st_size))
-            self._files, self._refused = sorted(found), sorted(refused)
+            self._files, self._refused = boundary.walk(self.root, self.follow_links)
         return self._files
 
-    def _regular(self, rel: str) -> tuple[Path | None, str | None]:
-        full = self.root / rel
-        try:
-            mode = os.lstat(full).st_mode
-        except OSError as err:
-            return None, f"cannot be read ({err.strerror})"
-        return (full, None) if stat.S_ISREG(mode) else (None, "not a regular file")
+    def inside(self, rel: str) -> tuple[Path | None, str | None]:
+        return boundary.inside(self.base(), rel, self.follow_links)
 
     def _from_folders(self):
         entries, problems = [], []

@@ -137,11 +137,7 @@ class Worker:
                         break
                     self.wait_for_work()
                 except (psycopg.errors.LockNotAvailable, psycopg.errors.TransactionRollback) as err:
-                    # the batch rolled back (a lock wait too long, or a deadlock with a deletion
-                    # that Postgres resolved against us); its images are simply claimable again
-                    waited = isinstance(err, psycopg.errors.LockNotAvailable)
-                    log.warning("%s (%s); trying again", f"waited {self.cfg.lock_timeout_s:.0f}s for a lock" if waited
-                                else "the database rolled the batch back", one_line(err))
+                    rolled_back(err, self.cfg.lock_timeout_s)
                     self.summary.lock_waits += 1
                     settle_quietly(lanes, self.summary)
                 except psycopg.errors.UniqueViolation as err:
@@ -202,6 +198,14 @@ def sessions(url: str, cfg: WorkerConfig, stopping) -> list:
             log.warning("database unavailable (%s); retrying in %.0fs", err, delay)
             time.sleep(delay)
             delay = min(delay * 2, 30)
+
+
+def rolled_back(err, lock_timeout_s: float) -> None:
+    """A batch rolled back (a lock wait too long, or a deadlock with a deletion that Postgres
+    resolved against this worker): its images are simply claimable again."""
+    waited = isinstance(err, psycopg.errors.LockNotAvailable)
+    log.warning("%s (%s); trying again", f"waited {lock_timeout_s:.0f}s for a lock" if waited
+                else "the database rolled the batch back", one_line(err))
 
 
 def settle_quietly(lanes: Lanes, summary: Summary) -> None:
