@@ -208,14 +208,12 @@ FROM medsim.embeddings e JOIN medsim.images i ON i.id = e.image_id JOIN medsim.d
 WHERE e.model_id = %(model_id)s AND (%(datasets)s::text[] IS NULL OR d.flag = ANY(%(datasets)s::text[]))
 ORDER BY e.image_id;
 
--- name: audit_sample
--- Up to n images of each audited dataset, the same ones every time (ordered by a hash of
--- the id): the model's own copies of them set the near-duplicate threshold.
-SELECT id, pixels, height, width, channels, bit_depth FROM (
-    SELECT i.*, row_number() OVER (PARTITION BY i.dataset_id ORDER BY hashint8(i.id)) AS nth
-    FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
-    WHERE (%(datasets)s::text[] IS NULL OR d.flag = ANY(%(datasets)s::text[]))) s
-WHERE nth <= %(n)s;
+-- name: audit_pixels
+-- The pixels of the embedded images audited, in the order of model_vectors.
+SELECT i.id, i.pixels, i.height, i.width, i.channels, i.bit_depth
+FROM medsim.embeddings e JOIN medsim.images i ON i.id = e.image_id JOIN medsim.datasets d ON d.id = i.dataset_id
+WHERE e.model_id = %(model_id)s AND (%(datasets)s::text[] IS NULL OR d.flag = ANY(%(datasets)s::text[]))
+ORDER BY e.image_id;
 
 -- name: count_images
 SELECT count(*) FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
@@ -249,7 +247,8 @@ INSERT INTO medsim.audits (model_id, threshold, summary) VALUES (%(model_id)s, %
 RETURNING id;
 
 -- name: copy_audit_findings
-COPY medsim.audit_findings (audit_id, kind, image_a, image_b, split_a, split_b, distance, labels_differ) FROM STDIN;
+COPY medsim.audit_findings (audit_id, kind, image_a, image_b, split_a, split_b, distance, labels_differ, correlation)
+FROM STDIN;
 
 -- name: leaked_test_images
 -- Test images paired, in the model's latest audit, with a train or val image, where both

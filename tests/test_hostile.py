@@ -189,11 +189,14 @@ def test_a_stale_build_never_hides_a_fresh_one_and_no_answer_names_a_path(ready,
 def smooth(rng, size=28):
     yy, xx = np.mgrid[0:size, 0:size] / size
     x = sum(rng.uniform(0.3, 1) * np.exp(-((yy - rng.uniform(0.1, 0.9)) ** 2 + (xx - rng.uniform(0.1, 0.9)) ** 2)
-                                         / (2 * rng.uniform(0.05, 0.3) ** 2)) for _ in range(3))
+                                         / (2 * rng.uniform(0.05, 0.2) ** 2)) for _ in range(5))
     return np.clip(x / x.max() * 230 + 10, 0, 255).astype(np.uint8)
 
 
 def test_the_audit_finds_flipped_and_shifted_copies_among_archives(conn, synth_dir, tmp_path, db_url, capsys):
+    """The near-duplicate rule is the pixels' (aligned correlation), so it does not depend on
+    how the archives present spread in the embedding; the copies are flipped, shifted by
+    2 pixels and brightened."""
     ingest_synth(conn, synth_dir)  # two more archives beside the one audited
     rng = np.random.default_rng(4)
     root = tmp_path / "smooth"
@@ -214,9 +217,10 @@ def test_the_audit_finds_flipped_and_shifted_copies_among_archives(conn, synth_d
     embed_all(db_url)
     with conn.transaction():
         r = audit.run(conn, mid, datasets=["smooth"])
-    assert r["images"] == 163 and r["embedded"] == 163 and r["threshold"] > 1e-4, r
+    assert r["images"] == 163 and r["embedded"] == 163 and f"correlating at {audit.MIN_CORRELATION}" in r["near_rule"], r
     near = conn.execute("SELECT image_a, image_b FROM medsim.leakage WHERE kind = 'near' AND across_splits"
                         ).fetchall()
+    assert r["near_pairs_across_splits"] == len(near) == 3  # the copies, and no two different pictures
     copies = {row[0] for row in conn.execute("SELECT id FROM medsim.images WHERE split = 'test' AND dataset_id = "
                                               "(SELECT id FROM medsim.datasets WHERE flag = 'smooth')")}
     assert copies <= {b for _, b in near} | {a for a, _ in near}, (copies, near)
@@ -310,3 +314,14 @@ def test_enqueue_survives_an_image_deleted_while_it_is_queued(ready, db_url, mon
         monkeypatch.undo()
         other.close()
     assert calls == [1]
+
+
+def test_aligned_correlation_sees_copies_not_neighbours():
+    rng = np.random.default_rng(0)
+    a = np.stack([smooth(rng) for _ in range(50)]).astype(np.float32)
+    b = np.stack([smooth(rng) for _ in range(50)]).astype(np.float32)
+    flipped, shifted = a[:, :, ::-1], np.pad(a, ((0, 0), (0, 0), (2, 0)), mode="edge")[:, :, :28]
+    assert (audit.aligned_correlation(a, flipped) > 0.999).all()
+    assert (audit.aligned_correlation(a, shifted) > 0.99).all()
+    assert (audit.aligned_correlation(a, a * 1.2 + 9) > 0.999).all()  # brightness and contrast
+    assert (audit.aligned_correlation(a, b) < audit.MIN_CORRELATION).mean() > 0.9  # different pictures

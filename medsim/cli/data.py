@@ -195,8 +195,7 @@ def register(sub) -> None:
     s = sub.add_parser("audit", parents=[MODEL],
                        help="leakage audit: duplicates and near duplicates across splits, patients in two splits")
     s.add_argument("--threshold", type=float, default=None,
-                   help="embedding distance under which two images are near duplicates (default: the 95th "
-                        "percentile of the model's distances between images and their flipped, shifted or "
-                        "brightened copies)")
+                   help="call images closer than this embedding distance near duplicates (default: pixels that "
+                        "correlate at 0.995 or more once aligned, among each image's 10 nearest neighbours)")
     s.add_argument("--datasets", nargs="+", default=None, metavar="NAME", help="audit only these datasets")
     s.set_defaults(func=cmd_audit)

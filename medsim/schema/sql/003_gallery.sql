@@ -83,7 +83,7 @@ GROUP BY patient_key HAVING count(DISTINCT split) > 1;
 -- The latest audit's findings per model (near duplicates need a model's embeddings).
 CREATE OR REPLACE VIEW medsim.leakage AS
 SELECT a.model_id, a.id AS audit_id, a.threshold, f.kind, f.image_a, f.image_b, f.split_a, f.split_b,
-       f.distance, f.split_a <> f.split_b AS across_splits, f.labels_differ
+       f.distance, f.split_a <> f.split_b AS across_splits, f.labels_differ, f.correlation
 FROM medsim.audit_findings f
 JOIN medsim.audits a ON a.id = f.audit_id
 WHERE a.id = (SELECT max(a2.id) FROM medsim.audits a2 WHERE a2.model_id IS NOT DISTINCT FROM a.model_id);

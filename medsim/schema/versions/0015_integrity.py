@@ -6,7 +6,8 @@ interrupted ingests, audit findings that say when identical pixels carry differe
   One row: a second key is refused instead of silently giving one patient two hashes.
 - ingest_problems.kind gains 'label_conflict' (the same pixels under different labels in
   one source); ingest_reports gains 'interrupted' (a run that died) and a conflict count.
-- audit_findings.labels_differ: an exact duplicate whose copies are labelled differently.
+- audit_findings.labels_differ: an exact duplicate whose copies are labelled differently;
+  audit_findings.correlation: how alike a near duplicate's pixels are once aligned.
 
 Revision ID: 0015
 Revises: 0014
@@ -37,11 +38,12 @@ def upgrade() -> None:
     op.execute("ALTER TABLE medsim.ingest_reports ADD CONSTRAINT ingest_reports_status_check "
                "CHECK (status IN ('running', 'done', 'refused', 'interrupted'))")
     op.execute("ALTER TABLE medsim.ingest_reports ADD COLUMN label_conflicts integer NOT NULL DEFAULT 0")
-    op.execute("ALTER TABLE medsim.audit_findings ADD COLUMN labels_differ boolean")
+    op.execute("ALTER TABLE medsim.audit_findings ADD COLUMN labels_differ boolean, "
+               "ADD COLUMN correlation double precision")
 
 
 def downgrade() -> None:
-    op.execute("ALTER TABLE medsim.audit_findings DROP COLUMN labels_differ")
+    op.execute("ALTER TABLE medsim.audit_findings DROP COLUMN labels_differ, DROP COLUMN correlation")
     op.execute("ALTER TABLE medsim.ingest_reports DROP COLUMN label_conflicts")
     op.execute("UPDATE medsim.ingest_reports SET status = 'refused' WHERE status = 'interrupted'")
     op.execute("ALTER TABLE medsim.ingest_reports DROP CONSTRAINT ingest_reports_status_check")
