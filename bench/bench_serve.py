@@ -7,6 +7,11 @@ DATABASE_URL); start nothing yourself:
 
     .venv/bin/python bench/bench_serve.py                 # 3,000 requests per cell
     .venv/bin/python bench/bench_serve.py --requests 500 --concurrency 1,4
+    .venv/bin/python bench/bench_serve.py --auth both --kinds id   # issue 21: the price of access control
+
+--auth on: a bench user granted each dataset by name (so row-level security checks every
+row, not the every-dataset shortcut), a token on every request, an access-log row per
+search. --auth off: the same build with --no-auth. both (the default): off, then on.
 
 The client is a minimal keep-alive HTTP/1.1 client on asyncio (one connection per
 concurrent user), so that on a 2-core machine it takes as little CPU from the server as
@@ -86,19 +91,48 @@ def run_cell(port: int, requests: list[bytes], concurrency: int, pid: int) -> di
             "rss_max_mb": max(rss) / 2**20 if rss else 0}
 
 
-def json_request(body: dict) -> bytes:
+def json_request(body: dict, auth: bytes = b"") -> bytes:
     data = json.dumps(body).encode()
-    return (b"POST /search HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+    return (b"POST /search HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n" + auth +
             b"Content-Length: %d\r\n\r\n" % len(data)) + data
 
 
-def upload_request(png: bytes, k: int, path: bytes = b"/search/upload") -> bytes:
+def bench_token(url: str) -> str:
+    """A token of the bench user, granted every dataset by name; made (once) if missing."""
+    from medsim import access, db
+
+    with db.connect(url, autocommit=True) as conn:
+        if not conn.execute("SELECT 1 FROM medsim.users WHERE name = 'bench'").fetchone():
+            access.add_user(conn, "bench")
+        access.grant(conn, "bench", [r[0] for r in conn.execute("SELECT flag FROM medsim.datasets")])
+        return access.create_token(conn, "bench", "search", access.parse_expiry("2h"))[0]
+
+
+def start_server(url: str, auth: bool) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "medsim.cli", "serve", "--port", str(port)]
+                              + ([] if auth else ["--no-auth"]),
+                              env={**os.environ, "DATABASE_URL": url}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
+                return server, port
+        except OSError:
+            if time.time() > deadline or server.poll() is not None:
+                server.terminate()
+                sys.exit("medsim serve did not start")
+            time.sleep(0.3)
+
+
+def upload_request(png: bytes, k: int, path: bytes = b"/search/upload", auth: bytes = b"") -> bytes:
     b = b"medsimbenchboundary"
     data = (b"--" + b + b'\r\nContent-Disposition: form-data; name="image"; filename="q.png"\r\n'
             b"Content-Type: image/png\r\n\r\n" + png + b"\r\n--" + b +
             b'\r\nContent-Disposition: form-data; name="k"\r\n\r\n' + str(k).encode() + b"\r\n--" + b + b"--\r\n")
     return (b"POST " + path + b" HTTP/1.1\r\nHost: bench\r\nContent-Type: multipart/form-data; boundary=" + b +
-            b"\r\nContent-Length: %d\r\n\r\n" % len(data)) + data
+            b"\r\n" + auth + b"Content-Length: %d\r\n\r\n" % len(data)) + data
 
 
 def main() -> int:
@@ -107,6 +141,8 @@ def main() -> int:
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("-k", type=int, default=4)
     ap.add_argument("--kinds", default="id,upload")
+    ap.add_argument("--auth", choices=("off", "on", "both"), default="both",
+                    help="serve with --no-auth, with tokens + row-level security + the access log, or both in turn")
     args = ap.parse_args()
 
     from PIL import Image
@@ -137,45 +173,36 @@ def main() -> int:
                        check=True, capture_output=True, env={**os.environ, "DATABASE_URL": url})
         cli.append(time.perf_counter() - t0)
 
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "medsim.cli", "serve", "--port", str(port)],
-                              env={**os.environ, "DATABASE_URL": url}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2):
-                    break
-            except OSError:
-                if time.time() > deadline or server.poll() is not None:
-                    sys.exit("medsim serve did not start")
-                time.sleep(0.3)
-        # uploads go to POST /search/upload (before issue 19: POST /search); the bench runs against both
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/openapi.json", timeout=5) as resp:
-            upload_path = b"/search/upload" if "/search/upload" in json.load(resp)["paths"] else b"/search"
-        print(f"gallery {n_gallery} images, {len(ids)} test queries; k={args.k}; {os.cpu_count()} cores; "
-              f"server and client on this machine")
-        print(f"CLI baseline `medsim search --image-id` (a process per search, median of 5): "
-              f"{statistics.median(cli) * 1000:.0f} ms per search")
-        print(f"{'kind':7s} {'conc':>4s} {'requests':>8s} {'req/s':>8s} {'p50 ms':>7s} {'p95 ms':>7s} "
-              f"{'p99 ms':>7s} {'errors':>6s}  server RSS MB (start -> end, max)")
-        for kind in args.kinds.split(","):
-            for c in [int(x) for x in args.concurrency.split(",")]:
-                if kind == "id":
-                    reqs = [json_request({"image_id": int(ids[j % len(ids)]), "k": args.k})
-                            for j in rng.permutation(args.requests)]
-                else:
-                    reqs = [upload_request(pngs[j % len(pngs)], args.k, upload_path) for j in range(args.requests)]
-                # warm-up (connections, caches), not counted
-                run_cell(port, reqs[: min(100, len(reqs))], c, server.pid)
-                r = run_cell(port, reqs, c, server.pid)
-                print(f"{kind:7s} {c:4d} {r['n']:8d} {r['rps']:8.0f} {r['p50']:7.1f} {r['p95']:7.1f} "
-                      f"{r['p99']:7.1f} {r['errors']:6d}  {r['rss_start_mb']:.0f} -> {r['rss_end_mb']:.0f}, "
-                      f"{r['rss_max_mb']:.0f}", flush=True)
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
+    print(f"gallery {n_gallery} images, {len(ids)} test queries; k={args.k}; {os.cpu_count()} cores; "
+          f"server and client on this machine")
+    print(f"CLI baseline `medsim search --image-id` (a process per search, median of 5): "
+          f"{statistics.median(cli) * 1000:.0f} ms per search")
+    print(f"{'auth':4s} {'kind':7s} {'conc':>4s} {'requests':>8s} {'req/s':>8s} {'p50 ms':>7s} {'p95 ms':>7s} "
+          f"{'p99 ms':>7s} {'errors':>6s}  server RSS MB (start -> end, max)")
+    for auth in (("off", "on") if args.auth == "both" else (args.auth,)):
+        header = b"Authorization: Bearer " + bench_token(url).encode() + b"\r\n" if auth == "on" else b""
+        server, port = start_server(url, auth == "on")
+        try:
+            # uploads go to POST /search/upload (before issue 19: POST /search); the bench runs against both
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/openapi.json", timeout=5) as resp:
+                upload_path = b"/search/upload" if "/search/upload" in json.load(resp)["paths"] else b"/search"
+            for kind in args.kinds.split(","):
+                for c in [int(x) for x in args.concurrency.split(",")]:
+                    if kind == "id":
+                        reqs = [json_request({"image_id": int(ids[j % len(ids)]), "k": args.k}, header)
+                                for j in rng.permutation(args.requests)]
+                    else:
+                        reqs = [upload_request(pngs[j % len(pngs)], args.k, upload_path, header)
+                                for j in range(args.requests)]
+                    # warm-up (connections, caches), not counted
+                    run_cell(port, reqs[: min(100, len(reqs))], c, server.pid)
+                    r = run_cell(port, reqs, c, server.pid)
+                    print(f"{auth:4s} {kind:7s} {c:4d} {r['n']:8d} {r['rps']:8.0f} {r['p50']:7.1f} {r['p95']:7.1f} "
+                          f"{r['p99']:7.1f} {r['errors']:6d}  {r['rss_start_mb']:.0f} -> {r['rss_end_mb']:.0f}, "
+                          f"{r['rss_max_mb']:.0f}", flush=True)
+        finally:
+            server.terminate()
+            server.wait(timeout=20)
     return 0
 
 

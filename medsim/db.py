@@ -192,3 +192,5 @@ def restore(url: str, dump: Path) -> None:
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise MedsimError(f"pg_restore failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+    with connect(url, autocommit=True) as conn:  # users' roles: cluster-wide, so not in the dump either
+        migrate.ensure_user_roles(conn)

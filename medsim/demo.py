@@ -122,8 +122,10 @@ def run(cfg: DemoConfig, log=print) -> dict:
         for p in value if isinstance(value, list) else [value]:
             log(f"{name:12s} {Path(p).resolve()}")
     log(f"{'indexes':12s} {(out / 'indexes').resolve()}")
-    serve = "medsim serve" if cfg.database_url is None else f"medsim --database-url '{cfg.database_url}' serve"
-    log(f"\nsearch it in your browser: {_venv_hint()}{serve}   then open http://127.0.0.1:8000/")
+    m = f"{_venv_hint()}medsim" + ("" if cfg.database_url is None else f" --database-url '{cfg.database_url}'")
+    log(f"\nsearch it in your browser: a user and a token first (the page asks for it), then the service:\n"
+        f"  {m} user add me && {m} grant me --all && {m} token create me\n"
+        f"  {m} serve   then open http://127.0.0.1:8000/")
     return {"model_id": model_id, "present": flags, "missing": missing, "outputs": outputs,
             "recall": rep, "evaluation": ev}
 

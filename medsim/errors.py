@@ -77,3 +77,26 @@ class DatabaseUnavailable(MedsimError, RuntimeError):
     """The database cannot be reached."""
 
     http_status = 503
+
+
+class Unauthorized(MedsimError, PermissionError):
+    """No token, or one that is not (or no longer) valid. ``token_id``: the token the
+    request named, for the per-token limit on failed attempts."""
+
+    http_status = 401
+
+    def __init__(self, message: str, token_id: int | None = None):
+        super().__init__(message)
+        self.token_id = token_id
+
+
+class Forbidden(MedsimError, PermissionError):
+    """A valid token without the scope or the dataset grant this needs."""
+
+    http_status = 403
+
+
+class TooManyRequests(MedsimError, RuntimeError):
+    """Too many failed attempts from one address or on one token; wait and retry."""
+
+    http_status = 429

@@ -25,7 +25,7 @@ SQL_DIR = SCHEMA_DIR / "sql"
 # touching the database costs no Alembic import (0.2 s of start-up: Alembic loads
 # SQLAlchemy); tests/test_migrations.py asserts it is Alembic's head. Alembic itself is
 # imported only where it runs migrations or explains a mismatch.
-HEAD = "0015"
+HEAD = "0016"
 
 # Concurrent `alembic upgrade head` runs (docker compose starts several workers, each
 # migrating first) would race on DDL; they take turns on this session lock instead. Any
@@ -128,6 +128,11 @@ def check(conn) -> None:
 def ensure_roles(raw_conn) -> None:
     """The cluster-wide roles medsim grants to (000_roles.sql), e.g. before a restore."""
     raw_conn.execute((SQL_DIR / "000_roles.sql").read_text())
+
+
+def ensure_user_roles(raw_conn) -> None:
+    """Each medsim user's own role (006_user_roles.sql), e.g. after a restore."""
+    raw_conn.execute((SQL_DIR / "006_user_roles.sql").read_text())
 
 
 def sql_files() -> list[Path]:

@@ -603,3 +603,72 @@ SET a = EXCLUDED.a, b = EXCLUDED.b, vote_a = EXCLUDED.vote_a, vote_b = EXCLUDED.
 
 -- name: calibrations_of
 SELECT dataset, a, b, vote_a, vote_b FROM medsim.calibrations WHERE model_id = %(model_id)s ORDER BY dataset;
+
+-- ===================================================================== access
+
+-- name: user_insert
+INSERT INTO medsim.users (name, role_name) VALUES (%(name)s, %(role)s) RETURNING id;
+
+-- name: user_by_name
+SELECT id, name, role_name FROM medsim.users WHERE name = %(name)s;
+
+-- name: users_overview
+SELECT u.name, u.role_name, u.created_at,
+       coalesce((SELECT array_agg(coalesce(d.flag, '*') ORDER BY d.flag NULLS FIRST)
+                 FROM medsim.dataset_grants g LEFT JOIN medsim.datasets d ON d.id = g.dataset_id
+                 WHERE g.role_name = u.role_name), '{}') AS datasets,
+       (SELECT count(*) FROM medsim.tokens t WHERE t.user_id = u.id AND t.revoked_at IS NULL
+          AND (t.expires_at IS NULL OR t.expires_at > now())) AS live_tokens,
+       (SELECT max(t.last_used_at) FROM medsim.tokens t WHERE t.user_id = u.id) AS last_used_at
+FROM medsim.users u ORDER BY u.name;
+
+-- name: token_insert
+INSERT INTO medsim.tokens (user_id, secret_sha256, scope, expires_at)
+VALUES (%(user_id)s, %(digest)s, %(scope)s, %(expires_at)s) RETURNING id;
+
+-- name: token_check
+-- One row per request: the token, its user and whether the user's role sees every dataset.
+SELECT t.id AS token_id, t.secret_sha256, t.scope, t.expires_at, t.revoked_at, t.last_used_at,
+       u.id AS user_id, u.name, u.role_name,
+       EXISTS (SELECT 1 FROM medsim.dataset_grants g
+               WHERE g.role_name = u.role_name AND g.dataset_id IS NULL) AS sees_all,
+       EXISTS (SELECT 1 FROM medsim.dataset_grants g WHERE g.role_name = u.role_name) AS granted
+FROM medsim.tokens t JOIN medsim.users u ON u.id = t.user_id
+WHERE t.id = %(id)s;
+
+-- name: token_touch
+UPDATE medsim.tokens SET last_used_at = now() WHERE id = %(id)s;
+
+-- name: tokens_of
+SELECT t.id, u.name, t.scope, t.created_at, t.expires_at, t.revoked_at, t.last_used_at
+FROM medsim.tokens t JOIN medsim.users u ON u.id = t.user_id
+WHERE %(name)s::text IS NULL OR u.name = %(name)s::text
+ORDER BY t.id;
+
+-- name: token_revoke
+UPDATE medsim.tokens t SET revoked_at = now()
+FROM medsim.users u
+WHERE u.id = t.user_id AND t.revoked_at IS NULL
+  AND (t.id = %(id)s OR (%(id)s::int IS NULL AND u.name = %(name)s))
+RETURNING t.id;
+
+-- name: datasets_by_flag
+SELECT flag, id FROM medsim.datasets WHERE flag = ANY(%(flags)s);
+
+-- name: grant_dataset
+INSERT INTO medsim.dataset_grants (role_name, dataset_id) VALUES (%(role)s, %(dataset_id)s)
+ON CONFLICT DO NOTHING;
+
+-- name: revoke_datasets
+DELETE FROM medsim.dataset_grants
+WHERE role_name = %(role)s AND (dataset_id = ANY(%(ids)s) OR (%(all)s AND dataset_id IS NULL));
+
+-- name: visible_datasets
+-- As the caller's role: what row-level security lets it see.
+SELECT flag FROM medsim.datasets ORDER BY flag;
+
+-- name: log_access
+INSERT INTO medsim.access_log (user_name, token_id, client, action, query_kind, query_image_id,
+                               query_sha256, model_id, engine, image_ids)
+VALUES (%(user_name)s, %(token_id)s, %(client)s, %(action)s, %(query_kind)s, %(query_image_id)s,
+        %(query_sha256)s, %(model_id)s, %(engine)s, %(image_ids)s);

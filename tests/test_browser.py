@@ -65,6 +65,16 @@ def free_port() -> int:
 
 @pytest.fixture
 def server(embedded, db_url, tmp_path):
+    """`medsim serve` as a newcomer runs it (tokens required) -> (base URL, conn, a token
+    of a user who sees every dataset, one of a user who sees retinamnist only)."""
+    from medsim import access
+
+    conn = embedded[0]
+    tokens = []
+    for name, grants in (("viewer", None), ("retina", ["retinamnist"])):
+        access.add_user(conn, name)
+        access.grant(conn, name, grants or [], every=grants is None)
+        tokens.append(access.create_token(conn, name)[0])
     port = free_port()
     with open(tmp_path / "serve.log", "w+") as log:
         proc = subprocess.Popen([sys.executable, "-m", "medsim.cli", "serve", "--port", str(port)],
@@ -84,17 +94,30 @@ def server(embedded, db_url, tmp_path):
                     log.seek(0)
                     pytest.fail(f"medsim serve did not come up:\n{log.read()}")
                 time.sleep(0.3)
-            yield base, embedded[0]
+            yield base, conn, tokens
         finally:
             proc.terminate()
             proc.wait(timeout=20)
+
+
+def sign_in(browser, wait, token: str) -> None:
+    """The page asks for a token once (401 from the API), then loads the user's datasets."""
+    from selenium.webdriver.common.by import By
+
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-auth") == "needed"
+    assert browser.find_element(By.ID, "login").get_attribute("hidden") is None
+    box = browser.find_element(By.ID, "token")
+    box.send_keys(token + "\n")
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-auth") == "ok")
+    assert browser.find_element(By.ID, "login").get_attribute("hidden") is not None
 
 
 def test_upload_then_click_a_neighbour(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    base, conn = server
+    base, conn, (token, _) = server
     # a real image file: a stored test image written out as PNG
     tid, data = conn.execute("SELECT id, pixels FROM medsim.images WHERE split = 'test' ORDER BY id LIMIT 1").fetchone()
     path = tmp_path / "query.png"
@@ -102,7 +125,7 @@ def test_upload_then_click_a_neighbour(server, browser, tmp_path):
 
     browser.get(base + "/?k=8")
     wait = WebDriverWait(browser, 30)
-    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+    sign_in(browser, wait, token)
     browser.find_element(By.ID, "file").send_keys(str(path))
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .card")) == 8)
     cards = browser.find_elements(By.CSS_SELECTOR, "#grid .card")
@@ -155,3 +178,61 @@ def test_upload_then_click_a_neighbour(server, browser, tmp_path):
     box.send_keys("987654321\n")
     wait.until(lambda d: d.find_element(By.ID, "error").get_attribute("hidden") is None)
     assert "no image with id 987654321" in browser.find_element(By.ID, "error").text
+
+
+def test_the_token_flow_and_what_a_restricted_user_sees(server, browser):
+    """A wrong token is refused on the page; the token lasts for the tab (a reload does not
+    ask again); a user granted one dataset sees only it; "forget token" asks again; and the
+    page breaks no rule of its Content-Security-Policy."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base, conn, (viewer, retina_only) = server
+    wait = WebDriverWait(browser, 30)
+    browser.get(base + "/")
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-auth") == "needed")
+    box = browser.find_element(By.ID, "token")
+    box.send_keys("not a token\n")
+    assert "looks like msm_" in browser.find_element(By.ID, "login-why").text
+    box.clear()
+    box.send_keys(viewer[:-3] + "abc\n")  # the right shape, a wrong secret: the API's 401 sentence
+    wait.until(lambda d: "not valid" in d.find_element(By.ID, "login-why").text)
+
+    sign_in_again = retina_only
+    box.clear()
+    box.send_keys(sign_in_again + "\n")
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-auth") == "ok")
+    options = [o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#dataset option")]
+    assert options == ["", "retinamnist"]
+    browser.find_element(By.ID, "random").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .card")) == 8)
+    wait.until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"))
+    where = {c.find_element(By.CSS_SELECTOR, ".where").text.split(" · ")[0]
+             for c in browser.find_elements(By.CSS_SELECTOR, "#grid .card")}
+    assert where == {"retinamnist"}
+    logged = conn.execute("SELECT action, count(*) FROM medsim.access_log WHERE user_name = 'retina' "
+                          "GROUP BY action ORDER BY action").fetchall()
+    assert logged == [("search", 1), ("thumbnail", 9)], logged  # 8 neighbours and the query
+
+    browser.refresh()  # the same tab: no second prompt
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-auth") == "ok")
+    browser.find_element(By.ID, "logout").click()
+    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-auth") == "needed"
+    assert browser.execute_script("return sessionStorage.getItem('medsim.token')") is None
+    violations = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
+    assert violations == []
+
+
+def test_the_api_page_works_offline_under_the_same_policy(server, browser):
+    """/docs is Swagger UI from files medsim serves itself: no CDN, no inline script."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base = server[0]
+    browser.get(base + "/docs")
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".swagger-ui .opblock"))
+    assert "/search" in browser.find_element(By.CSS_SELECTOR, ".swagger-ui").text
+    assert browser.find_elements(By.CSS_SELECTOR, ".swagger-ui .authorize")  # where a token goes
+    errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not [m for m in errors if "Content Security Policy" in m or "http" in m.split(" ")[0]], errors

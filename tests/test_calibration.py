@@ -80,7 +80,7 @@ def test_the_http_answer_carries_the_calibration(embedded, db_url, tmp_path):
 
     conn, mid = embedded
     gid = conn.execute("SELECT min(image_id) FROM medsim.gallery").fetchone()[0]
-    with TestClient(create_app(ServeConfig(database_url=db_url))) as client:
+    with TestClient(create_app(ServeConfig(auth=False, database_url=db_url))) as client:
         body = client.post("/search", json={"image_id": gid, "k": 4}).json()
         assert body["vote"] is None and all(n["p_same"] is None for n in body["neighbours"])  # not fitted yet
         evaluate.evaluate(conn, mid, out_dir=tmp_path)

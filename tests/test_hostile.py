@@ -51,7 +51,7 @@ def test_a_0x0_and_a_truncated_stored_image_are_refused_everywhere(ready, db_url
                         "pixels, sha256) VALUES (%s, 'train', %s, '{0}', %s, %s, 1, %s, '\\x00') RETURNING id",
                         (ds, 90_000 + k, h, w, px)).fetchone()[0]
            for k, (h, w, px) in enumerate([(0, 0, b""), (28, 28, b"\x00" * 100)])]
-    with TestClient(create_app(ServeConfig(database_url=db_url)), raise_server_exceptions=False) as client:
+    with TestClient(create_app(ServeConfig(auth=False, database_url=db_url)), raise_server_exceptions=False) as client:
         for i in ids:
             assert cli.main(["search", "--image-id", str(i)]) == 2
             err = capsys.readouterr().err
@@ -178,7 +178,7 @@ def test_a_stale_build_never_hides_a_fresh_one_and_no_answer_names_a_path(ready,
     assert cli.main(["search", "--image-id", str(gid), "--engine", "faiss"]) == 0
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]  # no temporary file left
     conn.execute("DELETE FROM medsim.embeddings WHERE model_id = %s AND image_id = %s", (mid, gid))  # both stale
-    with TestClient(create_app(ServeConfig(database_url=db_url)), raise_server_exceptions=False) as client:
+    with TestClient(create_app(ServeConfig(auth=False, database_url=db_url)), raise_server_exceptions=False) as client:
         r = client.post("/search", json={"image_id": gid - 1, "engine": "faiss"})
         assert r.status_code == 409 and r.json()["error"] == "StaleIndex"
         assert str(tmp_path) not in r.text and ".faiss" not in r.text
@@ -262,7 +262,7 @@ def test_the_small_refusals_are_one_sentence_in_the_documented_shape(ready, db_u
     gid = conn.execute("SELECT min(image_id) FROM medsim.gallery").fetchone()[0]
     assert cli.main(["search", "--image-id", str(gid), "--per-patient", "99999999999"]) == 2
     assert "per_patient must be between 1 and 1000" in capsys.readouterr().err
-    with TestClient(create_app(ServeConfig(database_url=db_url)), raise_server_exceptions=False) as client:
+    with TestClient(create_app(ServeConfig(auth=False, database_url=db_url)), raise_server_exceptions=False) as client:
         shapes = [client.post("/search", json={"image_id": gid, "per_patient": 99999999999}),
                   client.post("/search", content=b'{"image_id": ' + b"[" * 5000 + b"]" * 5000 + b"}",
                               headers={"content-type": "application/json"}),

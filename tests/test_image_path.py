@@ -138,7 +138,7 @@ def test_a_gallery_image_by_its_8_bit_and_16_bit_file(trained, tmp_path, capsys,
     by_id_cli, by_file = json.loads(capsys.readouterr().out)  # ids first, then files
     assert [n["image_id"] for n in by_file["neighbours"]][1:] == [n["image_id"] for n in by_id_cli["neighbours"]][:8]
     # and so does HTTP
-    with TestClient(create_app(ServeConfig(database_url=db_url))) as client:
+    with TestClient(create_app(ServeConfig(auth=False, database_url=db_url))) as client:
         r = client.post("/search/upload", files={"image": ("q16.png", f16.read_bytes(), "image/png")},
                         data={"k": "10"})
         assert r.status_code == 200, r.text
@@ -226,7 +226,7 @@ def test_dicom_files_search_as_their_stored_selves_from_the_cli_and_over_http(co
         if row is not None:
             files.append((row[0], rel))
     assert len(files) >= 50, len(files)  # 54 with pydicom 3.0 (frames and duplicates stored once)
-    with TestClient(create_app(ServeConfig(database_url=db_url))) as client:
+    with TestClient(create_app(ServeConfig(auth=False, database_url=db_url))) as client:
         for image_id, rel in files:
             path = root / rel
             [(qf, by_file), (qi, by_id)] = search(conn, image_files=[path], image_ids=[image_id], k=4)
@@ -248,6 +248,6 @@ def test_thumbnails_and_uploads_of_16_bit_follow_the_same_rule(trained, db_url):
     x8 = stored(conn, gid)
     buf = io.BytesIO()
     Image.fromarray(x8.astype(np.uint16) * 257).save(buf, format="PNG")
-    with TestClient(create_app(ServeConfig(database_url=db_url))) as client:
+    with TestClient(create_app(ServeConfig(auth=False, database_url=db_url))) as client:
         thumb = client.get(f"/images/{gid}/thumbnail.png")
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(thumb.content))), x8)

@@ -104,7 +104,7 @@ def test_search_reads_a_streaming_replica(replica, synth_dir, capsys):
     from medsim.service.app import create_app
     from medsim.service.state import ServeConfig
 
-    with TestClient(create_app(ServeConfig(database_url=primary, read_url=replica_url))) as client:
+    with TestClient(create_app(ServeConfig(auth=False, database_url=primary, read_url=replica_url))) as client:
         assert client.get("/healthz").json()["read_from"] == "replica (DATABASE_READ_URL)"
         with client.app.state.service.reader.connection() as c:
             assert c.execute("SELECT pg_is_in_recovery()").fetchone()[0] is True

@@ -24,7 +24,7 @@ from tests.helpers import embed_all
 @pytest.fixture
 def api(embedded, db_url):
     conn, mid = embedded
-    app = create_app(ServeConfig(database_url=db_url, max_upload_bytes=2 * 1024 * 1024,
+    app = create_app(ServeConfig(auth=False, database_url=db_url, max_upload_bytes=2 * 1024 * 1024,
                                  max_image_pixels=4_000_000))
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client, conn, mid
@@ -327,7 +327,7 @@ def test_no_current_model_is_a_clear_404_and_an_unready_health(conn, db_url, syn
     from tests.helpers import ingest_synth
 
     ingest_synth(conn, synth_dir)
-    app = create_app(ServeConfig(database_url=db_url))
+    app = create_app(ServeConfig(auth=False, database_url=db_url))
     with TestClient(app) as client:
         h = client.get("/healthz")
         assert h.status_code == 503 and "no current model" in h.json()["model"]
@@ -338,6 +338,6 @@ def test_no_current_model_is_a_clear_404_and_an_unready_health(conn, db_url, syn
 def test_the_service_refuses_to_start_on_an_unmigrated_database(empty_db_url):
     from medsim.errors import SchemaNotReady
 
-    app = create_app(ServeConfig(database_url=empty_db_url))
+    app = create_app(ServeConfig(auth=False, database_url=empty_db_url))
     with pytest.raises(SchemaNotReady, match="medsim migrate"), TestClient(app):
         pass

@@ -15,11 +15,37 @@ def cmd_serve(args) -> int:
         raise BadArgument(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     cfg = ServeConfig(host=args.host, port=args.port, database_url=args.database_url, read_url=args.read_url,
                       max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), pool_size=args.pool_size,
-                      max_image_pixels=args.max_image_pixels or settings.get().max_image_pixels)
+                      max_image_pixels=args.max_image_pixels or settings.get().max_image_pixels,
+                      auth=not args.no_auth)
     print(f"medsim serve: http://{args.host}:{args.port}/ (the page), /docs (the API); database: {db.source()}",
           flush=True)
+    warn_default_password(args.host)
+    if args.no_auth:
+        print(f"AUTHENTICATION IS OFF (--no-auth): ANYONE WHO REACHES {args.host}:{args.port} SEES EVERY DATASET, "
+              f"AND THE ACCESS LOG NAMES NO ONE", flush=True)
+    else:
+        print("every request needs a token (Authorization: Bearer ...); make one with: medsim user add NAME && "
+              "medsim grant NAME --all && medsim token create NAME", flush=True)
     serve(cfg, access_log=args.access_log)
     return 0
+
+
+DEFAULT_PASSWORDS = {"medsim", "postgres", "password", "admin"}  # what compose files and tutorials ship
+
+
+def warn_default_password(host: str) -> None:
+    """A database password everyone knows, on a service others can reach: say so."""
+    import ipaddress
+
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        local = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        local = host == "localhost"
+    if not local and conninfo_to_dict(db.database_url()).get("password") in DEFAULT_PASSWORDS:
+        print("WARNING: the database password is a well-known default; set a real one (POSTGRES_PASSWORD in the "
+              "compose file) before this service is reachable from other machines", flush=True)
 
 
 def cmd_demo(args) -> int:
@@ -41,8 +67,10 @@ def cmd_demo(args) -> int:
 
 def register(sub) -> None:
     s = sub.add_parser("serve", parents=[READ_URL], help="the HTTP API and the web page (FastAPI + uvicorn)",
-                       description="Keeps the current model and its FAISS index warm; searches run as the "
-                                   "read-only role medsim_reader, on DATABASE_READ_URL when set (a replica).")
+                       description="Keeps the current model and its FAISS index warm. Every request needs a "
+                                   "token (medsim token create); it runs as its user's PostgreSQL role, which "
+                                   "sees only the datasets granted to it, on DATABASE_READ_URL when set (a "
+                                   "replica). Searches and images served go to medsim.access_log.")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--max-upload-mb", type=float, default=20, help="largest request body accepted (default 20)")
@@ -51,6 +79,9 @@ def register(sub) -> None:
                         "$MEDSIM_MAX_IMAGE_PIXELS, else 40,000,000)")
     s.add_argument("--pool-size", type=int, default=8, help="read connections at most (default 8)")
     s.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
+    s.add_argument("--no-auth", action="store_true",
+                   help="serve without tokens: every request sees every dataset as medsim_reader (for a "
+                        "one-person machine; said in capitals at start and in every log line)")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("demo", parents=[DATA, OUT_DIR, QUIET],

@@ -25,6 +25,9 @@ class Context:
         self.owner = owner or conn  # where checkpoints and pixels are read (the reader may not)
         self.index_path = index_path  # a FAISS file to search instead of the model's latest build
         self._nets, self._indexes, self._cals, self._selectors = {}, {}, {}, {}
+        # the connection's role sees only some datasets (row-level security): FAISS, which
+        # knows nothing of roles, then searches only the ids that role can read
+        self.restricted = False
 
     def stage(self, name: str):
         """A context manager around each stage of a search (the service times them)."""
@@ -72,7 +75,7 @@ class Context:
         same rule as medsim.search_gallery), or None when everything may come back."""
         import faiss
 
-        if not where and exclude_patient is None:
+        if not where and exclude_patient is None and not self.restricted:
             return None
         key = (model_id, json.dumps(where, sort_keys=True), exclude_patient)
         if key not in self._selectors:

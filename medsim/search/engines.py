@@ -71,7 +71,9 @@ def faiss(ctx, model_id: int, q, k: int, f) -> tuple[list[Hit], int]:
         meta = {m.image_id: m for m in rows(ctx.conn, Q.image_metadata, {"ids": [i for i, _ in pairs]}, as_=_Meta)}
         hits, per = [], {}
         for i, d in pairs:
-            m = meta[i]
+            m = meta.get(i)
+            if m is None:  # not readable by this role (a grant revoked since the selector was built)
+                continue
             group = m.patient_key or f"image:{i}"
             if f.per_patient is not None and per.get(group, 0) >= f.per_patient:
                 continue

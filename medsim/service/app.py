@@ -15,6 +15,7 @@ request id, and the client gets only that id.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 import uuid
@@ -28,17 +29,30 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
-from medsim.errors import BadArgument, DatabaseUnavailable, MedsimError, NotFound, TooLarge
+from medsim.errors import (
+    BadArgument,
+    DatabaseUnavailable,
+    MedsimError,
+    NotFound,
+    TooLarge,
+    Unauthorized,
+)
+from medsim.service.guard import SecurityHeaders
 from medsim.service.routes import images, search, state
 from medsim.service.state import ServeConfig, Service
 
 log = logging.getLogger("medsim.serve")
 
 STATIC = resources.files("medsim.service") / "static"
+SWAGGER = resources.files("fastapi_offline") / "static"  # Swagger UI 5's bundle and css, from the wheel
 
 
 def error_response(err: MedsimError, **headers) -> JSONResponse:
     """The one shape every refusal has: {"error": class, "detail": sentence}."""
+    if isinstance(err, Unauthorized):
+        headers.setdefault("WWW-Authenticate", "Bearer")
+    if getattr(err, "retry_after", None):
+        headers.setdefault("Retry-After", str(err.retry_after))
     return JSONResponse({"error": type(err).__name__, "detail": str(err)}, status_code=err.http_status,
                         headers=headers or None)
 
@@ -92,11 +106,14 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
         finally:
             await run_in_threadpool(svc.close)
 
-    app = FastAPI(title="medsim", version="0.1.0", lifespan=lifespan,
+    # /docs is served below from files in a wheel (fastapi-offline's Swagger UI), not FastAPI's
+    # default, which loads Swagger UI from a CDN and runs an inline script; no ReDoc
+    app = FastAPI(title="medsim", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   summary="Medical image similarity search on PostgreSQL + pgvector",
                   description="Search by an uploaded image, a stored image id or a raw vector. "
                               "The web page is at `/`.")
     app.add_middleware(BodyLimit, limit=cfg.max_upload_bytes)
+    app.add_middleware(SecurityHeaders)
     app.middleware("http")(count_requests)
     add_error_handlers(app)
     for r in (search.router, images.router, state.router):
@@ -106,6 +123,11 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
     def page() -> FileResponse:
         return FileResponse(str(STATIC / "index.html"), media_type="text/html")
 
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> FileResponse:
+        return FileResponse(str(STATIC / "docs.html"), media_type="text/html")
+
+    app.mount("/static/swagger", StaticFiles(directory=str(SWAGGER)), name="swagger")
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     return app
 
@@ -185,6 +207,10 @@ def explain(errors) -> str:
 def serve(cfg: ServeConfig, access_log: bool = False) -> None:
     import uvicorn
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prefix = "" if cfg.auth else "[NO AUTH] "
+    logging.basicConfig(level=logging.INFO, format=f"{prefix}%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    for f in config["formatters"].values():  # uvicorn's own lines carry the prefix too
+        f["fmt"] = prefix + f["fmt"]
     uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, access_log=access_log, log_level="info",
-                timeout_graceful_shutdown=5)
+                timeout_graceful_shutdown=5, log_config=config)

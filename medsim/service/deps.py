@@ -1,12 +1,21 @@
-"""What routes are handed (FastAPI dependencies): the Service created at start-up."""
+"""What routes are handed (FastAPI dependencies): the Service created at start-up, and
+who is asking (a Principal, from the bearer token), checked for the scope a route needs."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPBearer
 
+from medsim import access
+from medsim.access import Principal
+from medsim.errors import Unauthorized
+from medsim.service.guard import is_loopback
 from medsim.service.state import Service
+
+# declared for the OpenAPI page (its Authorize button); the header is read below
+bearer = HTTPBearer(auto_error=False, description="a token from `medsim token create NAME`")
 
 
 def get_service(request: Request) -> Service:
@@ -14,3 +23,51 @@ def get_service(request: Request) -> Service:
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]
+BearerDoc = Annotated[object, Depends(bearer)]
+
+
+def client_address(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+def authenticate(request: Request, svc: Service) -> Principal:
+    """The request's principal: one indexed lookup on the primary per request, so a token
+    revoked (or expired) a moment ago fails now, in every running service."""
+    if not svc.cfg.auth:
+        return access.NO_AUTH
+    address = client_address(request)
+    header = request.headers.get("authorization")
+    svc.guard.check(address, access.token_id_of(header))
+    try:
+        with svc.owner.connection() as conn:
+            return access.authenticate(conn, header)
+    except Unauthorized as err:
+        svc.guard.failed(address, err.token_id)
+        raise
+
+
+def scope(needed: str, what: str):
+    def dependency(request: Request, svc: ServiceDep, _: BearerDoc) -> Principal:
+        p = authenticate(request, svc)
+        access.require(p, needed, what)
+        return p
+
+    return dependency
+
+
+def local_or(needed: str, what: str):
+    """From this machine (loopback) without a token; from elsewhere, a token with `needed`."""
+    def dependency(request: Request, svc: ServiceDep, _: BearerDoc) -> Principal | None:
+        if is_loopback(client_address(request)):
+            return None
+        p = authenticate(request, svc)
+        access.require(p, needed, what)
+        return p
+
+    return dependency
+
+
+Searcher = Annotated[Principal, Depends(scope("search", "searching"))]
+Viewer = Annotated[Principal, Depends(scope("images", "images and thumbnails"))]
+Operator = Annotated[Principal | None, Depends(local_or("admin", "/metrics from another machine"))]
+Anyone = Annotated[Principal | None, Depends(local_or("search", "/healthz from another machine"))]

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import io
 
-from medsim import migrate, queue, registry
+from medsim import access, migrate, queue, registry
 from medsim.errors import NotFound
 from medsim.images import StoredRow
 from medsim.queries import Q, one, scalar
 
 
-def image(svc, image_id: int) -> dict:
-    with svc.reader.connection() as conn, svc.metrics.stage("fetch"):
+def image(svc, who, image_id: int) -> dict:
+    with svc.connection(who) as conn, svc.metrics.stage("fetch"):
         cur = conn.execute(Q.image_details, {"id": image_id})
         r = cur.fetchone()
         if r is None:
@@ -22,7 +22,8 @@ def image(svc, image_id: int) -> dict:
 
 def thumbnail(svc, image_id: int, size: int) -> bytes:
     """PNG bytes, rendered from the stored pixels (16-bit by the bit-depth rule), at most
-    size px on the long side, never enlarged; grey stays grey."""
+    size px on the long side, never enlarged; grey stays grey. The pixels are the owner's
+    to read: call it only for an id the user's own connection has shown them (sha256)."""
     from PIL import Image
 
     with svc.owner.connection() as conn:
@@ -37,13 +38,13 @@ def thumbnail(svc, image_id: int, size: int) -> bytes:
     return buf.getvalue()
 
 
-def sha256(svc, image_id: int) -> str | None:
-    with svc.reader.connection() as conn:
+def sha256(svc, who, image_id: int) -> str | None:
+    with svc.connection(who) as conn:
         return scalar(conn, Q.image_sha256, {"id": image_id})
 
 
-def random_image(svc, split: str, dataset: str | None) -> int:
-    with svc.reader.connection() as conn:
+def random_image(svc, who, split: str, dataset: str | None) -> int:
+    with svc.connection(who) as conn:
         args = {"split": split, "dataset": dataset}
         found = scalar(conn, Q.random_image, args) or scalar(conn, Q.first_image_in, args)
     if found is None:
@@ -51,20 +52,27 @@ def random_image(svc, split: str, dataset: str | None) -> int:
     return found
 
 
-def models(svc) -> list:
-    with svc.reader.connection() as conn:
-        return registry.list_models(conn)
+def models(svc, who) -> list:
+    """Models, with the training datasets the user may see (a name is a fact about an
+    archive the user may not be granted)."""
+    with svc.connection(who) as conn:
+        found = registry.list_models(conn)
+        visible = None if who.sees_all else set(access.visible_datasets(conn))
+    for m in found:
+        if visible is not None:
+            m.datasets = [d for d in m.datasets or [] if d in visible]
+    return found
 
 
-def datasets(svc) -> list[dict]:
-    with svc.reader.connection() as conn:
+def datasets(svc, who) -> list[dict]:
+    with svc.connection(who) as conn:
         cur = conn.execute(Q.datasets_overview)
         names = [d.name for d in cur.description]
         return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
 
 
-def status(svc) -> list:
-    with svc.reader.connection() as conn:
+def status(svc, who) -> list:
+    with svc.connection(who) as conn:
         return queue.status(conn)
 
 
@@ -72,7 +80,7 @@ def health(svc) -> tuple[bool, dict]:
     checks: dict = {"database": None, "schema": None, "model": None}
     ok = {"database": False, "schema": False, "model": False}
     try:
-        with svc.reader.connection(timeout=2) as conn:
+        with svc.owner.connection(timeout=2) as conn:  # a liveness check, no one's data
             conn.execute("SELECT 1")
             checks["database"], ok["database"] = "reachable", True
             try:

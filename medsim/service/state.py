@@ -1,12 +1,17 @@
 """What `medsim serve` keeps warm between requests, created once at start-up.
 
 Two connection pools:
-- **reader**: every search and listing. Each connection runs ``SET ROLE medsim_reader``
-  (and the role's statement timeout) when the pool opens it, so a search endpoint can
-  read what an analyst can and nothing more: no pixels, no checkpoints, no file paths.
-  Its URL is ``DATABASE_READ_URL`` when set (a streaming replica), else the main one.
-- **owner**: the few things the reader may not touch: a model's checkpoint (read once
-  per model), pixels for thumbnails, and pixels of a stored image not embedded yet.
+- **reader**: every search and listing, run as the user who asked: ``connection(p)``
+  SETs the user's own role (medsim.access), so row-level security shows the request only
+  the datasets granted to that user. Between requests a connection is ``medsim_nobody``,
+  a role that can read nothing (with --no-auth: ``medsim_reader``, which sees every
+  dataset). No role there reads pixels, checkpoints or file paths. Its URL is
+  ``DATABASE_READ_URL`` when set (a streaming replica), else the main one.
+- **owner**: what the reader may not touch, always after the user's own connection has
+  shown the row to be theirs: a model's checkpoint (read once per model), pixels for
+  thumbnails and of a stored image not embedded yet, calibrations (cached for all users;
+  a request uses only those of datasets its hits come from); and tokens and the access
+  log, which are the owner's alone.
 
 The network is loaded once per model, the FAISS index once per model and build; a
 request checks the index with one indexed lookup (medsim.gallery_versions) and reloads it
@@ -25,11 +30,12 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from medsim import db, migrate, registry, settings
-from medsim.errors import DatabaseUnavailable, NotFound
+from medsim import access, db, migrate, registry, settings
+from medsim.errors import DatabaseUnavailable, NotFound, StaleIndex
 from medsim.images import StoredRow
 from medsim.queries import Q, one
 from medsim.search.context import Context
+from medsim.service.guard import FailureLimiter
 from medsim.service.metrics import Metrics
 
 log = logging.getLogger("medsim.serve")
@@ -41,7 +47,8 @@ class ServeConfig:
     port: int = 8000
     database_url: str | None = None  # default: DATABASE_URL, PG*, then the embedded server
     read_url: str | None = None  # default: $DATABASE_READ_URL, then database_url
-    reader_role: str | None = "medsim_reader"  # None: search as the login role (not advised)
+    reader_role: str | None = "medsim_reader"  # with auth off; None: search as the login role (not advised)
+    auth: bool = True  # every request needs a token (medsim token create); False: --no-auth
     max_upload_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = settings.DEFAULT_MAX_IMAGE_PIXELS
     pool_size: int = 8
@@ -62,6 +69,7 @@ class Service:
         read_url = cfg.read_url or settings.get().read_url or owner_url
         self.read_is_replica = read_url != owner_url
         self.metrics = Metrics()
+        self.guard = FailureLimiter()
         self.reader = ConnectionPool(read_url, min_size=2, max_size=cfg.pool_size, open=False, name="medsim-read",
                                      kwargs={"autocommit": True}, configure=self._configure_reader, timeout=10)
         self.owner = ConnectionPool(owner_url, min_size=1, max_size=4, open=False, name="medsim-owner",
@@ -73,9 +81,11 @@ class Service:
 
     def _configure_reader(self, conn: psycopg.Connection) -> None:
         db.register(conn)
-        if self.cfg.reader_role:
+        role = "medsim_nobody" if self.cfg.auth else self.cfg.reader_role
+        if role:
             # ALTER ROLE ... SET applies at login only, so the timeout is set here too
-            conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(self.cfg.reader_role)))
+            conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
+            conn._medsim_role = role  # what access.act_as compares with
         conn.execute("SELECT set_config('statement_timeout', %s, false)", (f"{self.cfg.statement_timeout_ms}ms",))
 
     # ------------------------------------------------------------------ lifecycle
@@ -93,7 +103,7 @@ class Service:
             self.preload()
 
     def preload(self) -> None:
-        with self.reader.connection() as conn:
+        with self.owner.connection() as conn:
             try:
                 row = registry.get(conn, "current")
             except NotFound:
@@ -110,10 +120,23 @@ class Service:
         self.owner.close()
 
     @contextmanager
-    def context(self):
-        """A search context on a reader connection, served from the warm caches."""
+    def connection(self, principal: access.Principal):
+        """A reader connection acting as the principal (its role, its grants)."""
         with self.reader.connection() as conn:
-            yield WarmContext(self, conn)
+            if self.cfg.auth:
+                access.act_as(conn, principal)
+            yield conn
+
+    @contextmanager
+    def context(self, principal: access.Principal):
+        """A search context acting as the principal, served from the warm caches."""
+        with self.connection(principal) as conn:
+            yield WarmContext(self, conn, restricted=self.cfg.auth and not principal.sees_all)
+
+    def log(self, principal: access.Principal, client: str | None, action: str, image_ids, **query) -> None:
+        """One access-log row, on the primary, before the response leaves."""
+        with self.owner.connection() as conn:
+            access.log(conn, principal, client, action, image_ids, **query)
 
     # ------------------------------------------------------------------ warm state
     def net(self, model: registry.ModelRow):
@@ -143,12 +166,13 @@ class Service:
                          model_id)
         return built
 
-    def calibrations(self, conn, model_id: int) -> dict:
+    def calibrations(self, model_id: int) -> dict:
         from medsim.training import calibration
 
         hit = self.cals.get(model_id)
         if hit is None or time.monotonic() - hit[0] > self.CALIBRATION_TTL_S:
-            hit = (time.monotonic(), calibration.load(conn, model_id))
+            with self.owner.connection() as conn:  # every dataset's, shared by all users
+                hit = (time.monotonic(), calibration.load(conn, model_id))
             self.cals[model_id] = hit
         return hit[1]
 
@@ -157,9 +181,10 @@ class WarmContext(Context):
     """The pipeline's context for one request: the reader connection it holds, and the
     service's warm network, FAISS index and calibrations instead of loading its own."""
 
-    def __init__(self, service: Service, conn):
+    def __init__(self, service: Service, conn, restricted: bool = False):
         super().__init__(conn)
         self.service = service
+        self.restricted = restricted
 
     def stage(self, name: str):
         return self.service.metrics.stage(name)
@@ -172,7 +197,15 @@ class WarmContext(Context):
             return one(oc, Q.image_pixels_one, {"id": image_id}, as_=StoredRow)
 
     def faiss(self, model_id: int):
-        return self.service.faiss(self.conn, model_id)
+        try:
+            return self.service.faiss(self.conn, model_id)
+        except StaleIndex:
+            if not self.restricted:
+                raise
+            # the full sentence counts rows of the whole gallery and names deletions: an
+            # administrator's business, not a user's who may see part of it
+            raise StaleIndex("the FAISS index is out of date (an administrator runs medsim index build); "
+                             "use the pgvector engine meanwhile") from None
 
     def calibrations(self, model_id: int) -> dict:
-        return self.service.calibrations(self.conn, model_id)
+        return self.service.calibrations(model_id)

@@ -3,16 +3,19 @@ multipart): both build a pipeline Request and run the one search pipeline."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import Annotated
 
 from fastapi import APIRouter, Form
+from fastapi import Request as HttpRequest
 from fastapi.concurrency import run_in_threadpool
 
-from medsim.errors import BadArgument
+from medsim import access
+from medsim.errors import BadArgument, Forbidden
 from medsim.search import pipeline
 from medsim.search.request import ById, ByUpload, ByVector, Filters, Request
-from medsim.service.deps import ServiceDep
+from medsim.service.deps import Searcher, ServiceDep, client_address
 from medsim.service.schemas import (
     ERRORS,
     SearchOptions,
@@ -29,13 +32,38 @@ def _request(query, opts: SearchOptions, filters: dict | None) -> Request:
                    filters=Filters(dict(filters or {}), opts.include_own_patient, opts.per_patient))
 
 
-def _run(svc, req: Request) -> pipeline.Result:
-    with svc.context() as ctx:
-        return pipeline.run(ctx, req)
+def _run(svc, who: access.Principal, req: Request, client: str | None, sha256: str | None = None) -> pipeline.Result:
+    """The pipeline as the principal, then its access-log row (before the answer leaves)."""
+    with svc.context(who) as ctx:
+        if ctx.restricted:
+            _check_grants(ctx.conn, who, req.filters.where)
+        result = pipeline.run(ctx, req)
+    q = result.query
+    svc.log(who, client, "search", [h.image_id for h in result.hits], query_kind=q.kind, query_image_id=q.image_id,
+            query_sha256=sha256, model_id=result.model.id, engine=result.engine)
+    return result
+
+
+def _check_grants(conn, who: access.Principal, where: dict) -> None:
+    """403 for a user granted nothing, or for a dataset filter outside the grants (which
+    row-level security would answer with an empty gallery, a less useful sentence). The
+    rule itself is row-level security; this only words its answer."""
+    if not who.granted:
+        raise Forbidden(f"user {who.name} is granted no dataset (an administrator runs: medsim grant {who.name} "
+                        f"DATASET)")
+    asked = where.get("dataset")
+    asked = [asked] if isinstance(asked, str) else list(asked or [])
+    if not asked:
+        return
+    visible = set(access.visible_datasets(conn))
+    outside = [d for d in asked if d not in visible]
+    if outside:
+        raise Forbidden(f"the filter names {len(outside)} dataset(s) user {who.name} is not granted (or that do not "
+                        f"exist)")
 
 
 @router.post("/search", response_model=SearchResponse)
-async def search(body: SearchRequest, svc: ServiceDep) -> SearchResponse:
+async def search(body: SearchRequest, svc: ServiceDep, who: Searcher, http: HttpRequest) -> SearchResponse:
     """Search the gallery (train + val) for the k images nearest a stored image (`image_id`)
     or a raw embedding (`vector`)."""
     t0 = time.perf_counter()
@@ -44,13 +72,13 @@ async def search(body: SearchRequest, svc: ServiceDep) -> SearchResponse:
         raise BadArgument("give exactly one query: an image_id or a vector (an image file goes to "
                           "POST /search/upload)" + (f"; got {' and '.join(given)}" if given else ""))
     query = ById(body.image_id) if body.image_id is not None else ByVector(tuple(body.vector))
-    result = await run_in_threadpool(_run, svc, _request(query, body, body.filters))
+    result = await run_in_threadpool(_run, svc, who, _request(query, body, body.filters), client_address(http))
     return SearchResponse.of(result, (time.perf_counter() - t0) * 1000)
 
 
 @router.post("/search/upload", response_model=SearchResponse)
 async def search_upload(form: Annotated[SearchUpload, Form(media_type="multipart/form-data")],
-                        svc: ServiceDep) -> SearchResponse:
+                        svc: ServiceDep, who: Searcher, http: HttpRequest) -> SearchResponse:
     """Search the gallery (train + val) for the k images nearest an uploaded image, decoded,
     windowed and resized exactly as stored images are. The same image on file is
     recognised by its pixels and left out of its own neighbours."""
@@ -60,5 +88,6 @@ async def search_upload(form: Annotated[SearchUpload, Form(media_type="multipart
     finally:
         await form.image.close()
     query = ByUpload(data, form.image.filename or "the upload", svc.cfg.max_image_pixels)
-    result = await run_in_threadpool(_run, svc, _request(query, form, form.filters))
+    result = await run_in_threadpool(_run, svc, who, _request(query, form, form.filters), client_address(http),
+                                     hashlib.sha256(data).hexdigest())
     return SearchResponse.of(result, (time.perf_counter() - t0) * 1000)

@@ -7,41 +7,43 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from medsim.service import reads
-from medsim.service.deps import ServiceDep
+from medsim.service.deps import Anyone, Operator, Searcher, ServiceDep
 
 router = APIRouter(tags=["state"])
 
 
 @router.get("/models")
-def models(svc: ServiceDep) -> list[dict]:
+def models(svc: ServiceDep, who: Searcher) -> list[dict]:
     """Registered models, the current one marked."""
-    return [vars(m) for m in reads.models(svc)]
+    return [vars(m) for m in reads.models(svc, who)]
 
 
 @router.get("/datasets")
-def datasets(svc: ServiceDep) -> list[dict]:
-    """Datasets with their label names and images per split (the page's filters)."""
-    return reads.datasets(svc)
+def datasets(svc: ServiceDep, who: Searcher) -> list[dict]:
+    """The datasets the user is granted, with their label names and images per split (the
+    page's filters)."""
+    return reads.datasets(svc, who)
 
 
 @router.get("/status")
-def status(svc: ServiceDep) -> list[dict]:
-    """Embedding progress per model and dataset (the medsim.embedding_status view)."""
-    return [r.__dict__ for r in reads.status(svc)]
+def status(svc: ServiceDep, who: Searcher) -> list[dict]:
+    """Embedding progress per model and the user's datasets (the medsim.embedding_status view)."""
+    return [r.__dict__ for r in reads.status(svc, who)]
 
 
 @router.get("/healthz", responses={503: {"description": "not ready; the body says why"}})
-def healthz(svc: ServiceDep) -> JSONResponse:
+def healthz(svc: ServiceDep, who: Anyone) -> JSONResponse:
     """200 when the database is reachable, the schema current and the current model
-    loaded; 503 with the failing check otherwise."""
+    loaded; 503 with the failing check otherwise. Without a token from this machine only."""
     ok, checks = reads.health(svc)
     return JSONResponse({"ok": ok, **checks}, status_code=200 if ok else 503)
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
-def metrics(svc: ServiceDep) -> PlainTextResponse:
+def metrics(svc: ServiceDep, who: Operator) -> PlainTextResponse:
     """Prometheus text format: requests by route and status, latency per route and per
-    search stage (decode, embed, search, fetch), pool usage."""
+    search stage (decode, embed, search, fetch), pool usage. Without a token from this
+    machine only; from elsewhere with an admin token."""
     st = svc.reader.get_stats()
     gauges = {"medsim_read_pool_size": st.get("pool_size", 0),
               "medsim_read_pool_available": st.get("pool_available", 0),

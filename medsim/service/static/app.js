@@ -1,10 +1,26 @@
 // medsim's page: plain JavaScript against the JSON API, no framework, no CDN.
 // The URL carries the query (a stored image id, k, engine, filters) so a result can be
 // shared or bookmarked; an uploaded file cannot travel in a URL, so its search is not.
+// The token is asked for once and kept in sessionStorage: this tab only, gone when it
+// closes, never in the URL. Thumbnails are fetched with it (an <img> cannot send a
+// header) and shown as blob: URLs.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { datasets: [], searches: 0 };
+const state = { datasets: [], searches: 0, token: sessionStorage.getItem("medsim.token") || "" };
+const TOKEN_SHAPE = /^msm_[0-9]+_[A-Za-z0-9_-]{43}$/;
+
+function authHeaders(extra) {
+  return state.token ? { ...(extra || {}), authorization: `Bearer ${state.token}` } : (extra || {});
+}
+
+function askForToken(why) {
+  document.body.dataset.auth = "needed";
+  $("login").hidden = false;
+  $("login-why").textContent = why || "";
+  $("logout").hidden = true;
+  $("token").focus();
+}
 
 function showError(msg) {
   const el = $("error");
@@ -13,11 +29,26 @@ function showError(msg) {
 }
 
 async function api(path, options) {
-  const r = await fetch(path, options);
+  const o = options || {};
+  const r = await fetch(path, { ...o, headers: authHeaders(o.headers) });
   let body = null;
   try { body = await r.json(); } catch (e) { /* not JSON */ }
-  if (!r.ok) throw new Error(body && body.detail ? body.detail : `${r.status} ${r.statusText}`);
+  const detail = body && body.detail ? body.detail : `${r.status} ${r.statusText}`;
+  if (r.status === 401) { askForToken(detail); throw new Error(detail); }
+  if (!r.ok) throw new Error(detail);
   return body;
+}
+
+// an image the API serves, fetched with the token, into an <img>
+async function showImage(img, url) {
+  try {
+    const r = await fetch(url, { headers: authHeaders() });
+    if (r.status === 401) { askForToken("the token was refused"); return; }
+    if (!r.ok) return;
+    const old = img.src;
+    img.src = URL.createObjectURL(await r.blob());
+    if (old.startsWith("blob:")) URL.revokeObjectURL(old);
+  } catch (e) { /* the card keeps its text */ }
 }
 
 function options() {
@@ -69,7 +100,8 @@ function render(res, queryImgSrc) {
   document.body.dataset.searches = state.searches;
   const q = res.query;
   $("query").hidden = false;
-  $("query-img").src = queryImgSrc;
+  if (queryImgSrc.startsWith("blob:")) $("query-img").src = queryImgSrc;
+  else showImage($("query-img"), queryImgSrc);
   $("query-title").textContent = q.label_name ? `${q.label}: ${q.label_name}` : q.label;
   $("query-meta").textContent = q.dataset ? `${q.dataset}` : "not from the archive";
   $("query-notes").textContent = res.notes.join(" ");
@@ -88,9 +120,8 @@ function render(res, queryImgSrc) {
     li.dataset.imageId = n.image_id;
     li.title = `search from image ${n.image_id}`;
     const img = document.createElement("img");
-    img.src = n.thumbnail_url;
     img.alt = `image ${n.image_id}: ${n.label_name}`;
-    img.loading = "lazy";
+    showImage(img, n.thumbnail_url);
     const body = document.createElement("div");
     body.className = "body";
     const label = document.createElement("div");
@@ -190,16 +221,41 @@ async function init() {
   $("dataset").addEventListener("change", () => { fillLabels(); rerun(); });
   window.addEventListener("popstate", () => { const id = fromUrl(); if (id) searchId(id, false); });
 
+  $("login").addEventListener("submit", (e) => {
+    e.preventDefault();
+    const t = $("token").value.trim();
+    if (!TOKEN_SHAPE.test(t)) { $("login-why").textContent = "a medsim token looks like msm_<id>_<43 characters>"; return; }
+    state.token = t;
+    sessionStorage.setItem("medsim.token", t);
+    $("token").value = "";
+    load();
+  });
+  $("logout").addEventListener("click", () => {
+    state.token = "";
+    sessionStorage.removeItem("medsim.token");
+    $("grid").replaceChildren();
+    $("query").hidden = true;
+    askForToken("");
+  });
+  await load();
+  document.body.dataset.ready = "1";
+}
+
+// what the user may see: their datasets (the filter) and the model; then the URL's query
+async function load() {
   try {
     const [datasets, models] = await Promise.all([api("/datasets"), api("/models")]);
+    $("login").hidden = true;
+    $("logout").hidden = !state.token;
+    document.body.dataset.auth = "ok";
+    showError("");
     state.datasets = datasets;
-    $("dataset").append(...datasets.map((d) => new Option(d.name, d.name)));
+    $("dataset").replaceChildren(new Option("any", ""), ...datasets.map((d) => new Option(d.name, d.name)));
     const cur = models.find((m) => m.is_current);
     $("model").textContent = cur ? `model ${cur.id} (${cur.name}, ${cur.embedding_dim}-d)` : "no current model";
-  } catch (e) { showError(e.message); }
+  } catch (e) { if (document.body.dataset.auth !== "needed") showError(e.message); return; }
   const id = fromUrl();
   if (id) searchId(id, false);
-  document.body.dataset.ready = "1";
 }
 
 init();
