@@ -22,6 +22,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
+import psycopg
 from psycopg import sql
 
 from medsim.errors import BadArgument, Forbidden, NotFound, Unauthorized
@@ -91,13 +92,21 @@ def add_user(conn, name: str, sql_login: bool = False) -> str:
     reader) -> the role name. One transaction: the row and the role exist together."""
     role = ROLE_PREFIX + check_name(name)
     with conn.transaction():
+        # two `medsim user add` of one name at once: the second waits, then finds the first's row
+        conn.execute("SELECT pg_advisory_xact_lock(hashtext('medsim.user:' || %s))", (name,))
         if conn.execute(Q.user_by_name, {"name": name}).fetchone() is not None:
             raise BadArgument(f"a user named {name!r} exists already")
         conn.execute(Q.user_insert, {"name": name, "role": role})
         ident = sql.Identifier(role)
         # roles are cluster-wide: another database on this server may have made it
+        # (CREATE ROLE IF NOT EXISTS does not exist; this lock is per database, so a
+        # creation racing from another database shows as DuplicateObject: the role exists)
         if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
-            conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(ident))
+            try:
+                with conn.transaction():
+                    conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(ident))
+            except psycopg.errors.DuplicateObject:
+                pass
         conn.execute(sql.SQL("GRANT medsim_reader TO {} WITH INHERIT TRUE, SET FALSE").format(ident))
         if not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]:
             conn.execute(sql.SQL("GRANT {} TO current_user WITH INHERIT FALSE, SET TRUE").format(ident))

@@ -553,3 +553,17 @@ def test_row_level_security_reads_no_more_than_the_search(embedded, db_url):
         time.sleep(0.05)
     assert len(got) == 4
     assert read_tuples() - before < 300
+
+
+def test_four_concurrent_user_adds_make_one_user(db_url):
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-m", "medsim.cli", "--database-url", db_url, "user", "add", "racer"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2, 2, 2], outs
+    assert sum("exists already" in err for _, err in outs) == 3 and not any("Traceback" in e for _, e in outs)
+    with db.connect(db_url, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM medsim.users WHERE name = 'racer'").fetchone() == (1,)
