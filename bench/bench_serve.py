@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import io
 import json
+import multiprocessing
 import os
 import socket
 import statistics
@@ -108,9 +109,14 @@ def bench_token(url: str) -> str:
         return access.create_token(conn, "bench", "search", access.parse_expiry("2h"))[0]
 
 
-def start_server(url: str, auth: bool) -> tuple[subprocess.Popen, int]:
+def burn() -> None:  # a competing CPU load: one busy process
+    while True:
+        pass
+
+
+def start_server(url: str, auth: bool, extra=()) -> tuple[subprocess.Popen, int]:
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "medsim.cli", "serve", "--port", str(port)]
+    server = subprocess.Popen([sys.executable, "-m", "medsim.cli", "serve", "--port", str(port), *extra]
                               + ([] if auth else ["--no-auth"]),
                               env={**os.environ, "DATABASE_URL": url}, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
@@ -141,6 +147,9 @@ def main() -> int:
     ap.add_argument("--concurrency", default="1,4,16")
     ap.add_argument("-k", type=int, default=4)
     ap.add_argument("--kinds", default="id,upload")
+    ap.add_argument("--load", type=int, default=0,
+                    help="also run every cell with this many busy processes competing for the CPU")
+    ap.add_argument("--threads", type=int, default=None, help="medsim serve --threads (default: its own)")
     ap.add_argument("--auth", choices=("off", "on", "both"), default="both",
                     help="serve with --no-auth, with tokens + row-level security + the access log, or both in turn")
     args = ap.parse_args()
@@ -181,7 +190,7 @@ def main() -> int:
           f"{'p99 ms':>7s} {'errors':>6s}  server RSS MB (start -> end, max)")
     for auth in (("off", "on") if args.auth == "both" else (args.auth,)):
         header = b"Authorization: Bearer " + bench_token(url).encode() + b"\r\n" if auth == "on" else b""
-        server, port = start_server(url, auth == "on")
+        server, port = start_server(url, auth == "on", [] if args.threads is None else ["--threads", str(args.threads)])
         try:
             # uploads go to POST /search/upload (before issue 19: POST /search); the bench runs against both
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/openapi.json", timeout=5) as resp:
@@ -196,10 +205,19 @@ def main() -> int:
                                 for j in range(args.requests)]
                     # warm-up (connections, caches), not counted
                     run_cell(port, reqs[: min(100, len(reqs))], c, server.pid)
-                    r = run_cell(port, reqs, c, server.pid)
-                    print(f"{auth:4s} {kind:7s} {c:4d} {r['n']:8d} {r['rps']:8.0f} {r['p50']:7.1f} {r['p95']:7.1f} "
-                          f"{r['p99']:7.1f} {r['errors']:6d}  {r['rss_start_mb']:.0f} -> {r['rss_end_mb']:.0f}, "
-                          f"{r['rss_max_mb']:.0f}", flush=True)
+                    for load in sorted({0, args.load}):
+                        burners = [multiprocessing.Process(target=burn, daemon=True) for _ in range(load)]
+                        for b in burners:
+                            b.start()
+                        try:
+                            r = run_cell(port, reqs, c, server.pid)
+                        finally:
+                            for b in burners:
+                                b.terminate()
+                        label = kind if not load else f"{kind}+{load}busy"
+                        print(f"{auth:4s} {label:7s} {c:4d} {r['n']:8d} {r['rps']:8.0f} {r['p50']:7.1f} "
+                              f"{r['p95']:7.1f} {r['p99']:7.1f} {r['errors']:6d}  {r['rss_start_mb']:.0f} -> "
+                              f"{r['rss_end_mb']:.0f}, {r['rss_max_mb']:.0f}", flush=True)
         finally:
             server.terminate()
             server.wait(timeout=20)

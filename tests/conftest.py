@@ -38,6 +38,18 @@ def fresh_settings():
     settings.reset()
 
 
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """A service sizes torch's threads for the whole process (one per forward pass): each
+    test gets the count back, so training in a later test is not left on one thread."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 @pytest.fixture
 def monkeypatch(monkeypatch):
     """pytest's monkeypatch, whose setenv/delenv also make medsim read its settings again."""

@@ -567,3 +567,25 @@ def test_four_concurrent_user_adds_make_one_user(db_url):
     assert sum("exists already" in err for _, err in outs) == 3 and not any("Traceback" in e for _, e in outs)
     with db.connect(db_url, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM medsim.users WHERE name = 'racer'").fetchone() == (1,)
+
+
+def test_the_service_gives_each_forward_pass_one_thread(world, monkeypatch):
+    """Concurrent requests are the service's parallelism; a pass per request on every core
+    oversubscribed a busy machine (issue 22). OMP_NUM_THREADS, when set, is the user's."""
+    import torch
+
+    from medsim.service.state import Service
+
+    svc = Service(ServeConfig(database_url=world["url"]))
+    torch.set_num_threads(2)
+    svc.size_threads()
+    assert torch.get_num_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    svc.size_threads()
+    assert torch.get_num_threads() == 2
+    svc.close()
+    # and an upload, whose pass runs in a request thread, is still answered
+    with TestClient(create_app(ServeConfig(database_url=world["url"]))) as client:
+        r = client.post("/search/upload", files={"image": ("q.png", world["pngs"]["A"], "image/png")},
+                        data={"k": "3"}, headers={"Authorization": "Bearer " + world["tokens"]["ua"]})
+        assert r.status_code == 200 and len(r.json()["neighbours"]) == 3

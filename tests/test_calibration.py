@@ -65,6 +65,9 @@ def test_evaluate_fits_stores_and_searches_return_calibrated_numbers(embedded, t
     out = present.as_json([result])[0]
     assert out["vote"]["label_name"] == q.vote["label_name"] and "p_same" in out["neighbours"][0]
     assert "P(same)" in present.table([result]) and "vote:" in present.table([result])
+    # a stored query's label is known: the table says whether the vote got it
+    verdict = "-> right" if q.vote["label_name"] == q.label_name else f"-> wrong (it is {q.label_name})"
+    assert verdict in present.table([result])
     # the reader role may call the function
     with conn.transaction():
         conn.execute("SET LOCAL ROLE medsim_reader")

@@ -11,12 +11,14 @@ def cmd_serve(args) -> int:
     from medsim.service.app import serve
     from medsim.service.state import ServeConfig
 
+    if args.threads is not None and args.threads < 1:
+        raise BadArgument(f"--threads must be at least 1, got {args.threads}")
     if args.max_upload_mb <= 0:
         raise BadArgument(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     cfg = ServeConfig(host=args.host, port=args.port, database_url=args.database_url, read_url=args.read_url,
                       max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), pool_size=args.pool_size,
                       max_image_pixels=args.max_image_pixels or settings.get().max_image_pixels,
-                      auth=not args.no_auth)
+                      auth=not args.no_auth, torch_threads=args.threads)
     print(f"medsim serve: http://{args.host}:{args.port}/ (the page), /docs (the API); database: {db.source()}",
           flush=True)
     warn_default_password(args.host)
@@ -78,6 +80,9 @@ def register(sub) -> None:
                    help="largest uploaded image, width x height, checked before decoding (default "
                         "$MEDSIM_MAX_IMAGE_PIXELS, else 40,000,000)")
     s.add_argument("--pool-size", type=int, default=8, help="read connections at most (default 8)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="torch threads per upload's forward pass (default 1, or OMP_NUM_THREADS): requests in "
+                        "parallel are the service's parallelism")
     s.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     s.add_argument("--no-auth", action="store_true",
                    help="serve without tokens: every request sees every dataset as medsim_reader (for a "

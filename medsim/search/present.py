@@ -38,7 +38,12 @@ def table(results) -> str:
         if q.vote:
             v = q.vote
             conf = f"; calibrated P(right) {v['confidence']:.2f}" if v["confidence"] is not None else ""
-            lines.append(f"  vote: {v['label_name']} ({v['votes']} of {v['of']} {v['dataset']} neighbours{conf})")
+            # a stored query's label is known: say whether the vote got it, so an example
+            # (the demo's montage) is not a showcase picked for being right
+            verdict = ("" if not q.label_name or v["dataset"] != q.dataset else
+                       "  -> right" if v["label_name"] == q.label_name else f"  -> wrong (it is {q.label_name})")
+            lines.append(f"  vote: {v['label_name']} ({v['votes']} of {v['of']} {v['dataset']} neighbours{conf})"
+                         f"{verdict}")
     return "\n".join(lines)
 
 

@@ -54,6 +54,12 @@ class ServeConfig:
     pool_size: int = 8
     statement_timeout_ms: int = 30_000
     preload: bool = True  # load the current model (and its FAISS index, if built) at start
+    # torch threads per forward pass. A query is one small image: a pass is over before a
+    # second thread would help, and concurrent requests are the parallelism (the thread
+    # pool). Every core per pass, per request, oversubscribed a busy 2-core machine: one
+    # upload at a time ran 14-16 requests/s, against 154 with OMP_NUM_THREADS=1. None: 1,
+    # or OMP_NUM_THREADS when set (the worker's rule for a user's own setting).
+    torch_threads: int | None = None
 
 
 class Service:
@@ -148,6 +154,16 @@ class Service:
                     log.info("model %s (%s) loaded", model.id, model.name)
         return self.nets[model.id]
 
+    def size_threads(self) -> None:
+        """Called in the thread that runs a forward pass: OpenMP's thread count belongs to
+        the calling thread, so setting it once at start-up does not reach the pool's."""
+        import torch
+
+        want = self.cfg.torch_threads or settings.get().omp_threads or 1
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
+            log.info("torch threads per search: %d", want)
+
     def faiss(self, conn, model_id: int):
         """The model's loaded FAISS index, reloaded (the latest build) when the gallery
         version moved; StaleIndex when even the latest build no longer matches."""
@@ -191,6 +207,10 @@ class WarmContext(Context):
 
     def network(self, model):
         return self.service.net(model)
+
+    def embed(self, model, x):
+        self.service.size_threads()
+        return super().embed(model, x)
 
     def stored(self, image_id: int) -> StoredRow | None:
         with self.service.owner.connection() as oc:  # pixels are not the reader's
