@@ -602,7 +602,8 @@ SET a = EXCLUDED.a, b = EXCLUDED.b, vote_a = EXCLUDED.vote_a, vote_b = EXCLUDED.
     report = EXCLUDED.report, created_at = now();
 
 -- name: calibrations_of
-SELECT dataset, a, b, vote_a, vote_b FROM medsim.calibrations WHERE model_id = %(model_id)s ORDER BY dataset;
+SELECT dataset, a, b, vote_a, vote_b, report -> 'vote_by_k' AS vote_by_k, (report ->> 'ood_d1')::float8 AS ood_d1
+FROM medsim.calibrations WHERE model_id = %(model_id)s ORDER BY dataset;
 
 -- ===================================================================== access
 

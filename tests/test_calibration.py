@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,8 +31,16 @@ def test_the_logistic_fit_recovers_known_parameters_and_is_calibrated():
     assert math.isfinite(a) and math.isfinite(b) and b < 0
 
 
-def test_evaluate_fits_stores_and_searches_return_calibrated_numbers(embedded, tmp_path):
-    conn, mid = embedded
+def test_evaluate_fits_stores_and_searches_return_calibrated_numbers(embedded, tmp_path, db_url):
+    from medsim.training import train
+    from tests.helpers import embed_all
+
+    conn, _ = embedded
+    # a briefly trained model: an untrained one maps every image to nearly one point, where
+    # distances are float noise and "unlike anything on file" would be noise too
+    mid = train.train(conn, train.TrainConfig(epochs=2, steps_per_epoch=6, per_class=8, device="cpu", seed=0),
+                      out_dir=tmp_path, progress=False, log=lambda *a: None)
+    embed_all(db_url)
     r = evaluate.evaluate(conn, mid, out_dir=tmp_path)
     cal = r["calibration"]
     assert set(cal) == {"breastmnist", "retinamnist"}
@@ -45,8 +54,13 @@ def test_evaluate_fits_stores_and_searches_return_calibrated_numbers(embedded, t
     assert [s[0] for s in stored] == ["breastmnist", "retinamnist"]
     assert stored[0][3]["ece_test"] == pytest.approx(cal["breastmnist"]["ece_test"])
     # every neighbour carries P(same), and the SQL function agrees with Python
-    gid = conn.execute("SELECT min(image_id) FROM medsim.gallery WHERE dataset = 'breastmnist'").fetchone()[0]
-    result = pipeline.run(Context(conn), Request(ById(gid), k=6))
+    # a breast test query that is like what validation saw (by the stored rule; this
+    # untrained model's distances are tiny, so about 1% are not)
+    for (gid,) in conn.execute("SELECT image_id FROM medsim.query_images WHERE dataset = 'breastmnist' "
+                               "ORDER BY image_id LIMIT 20").fetchall():
+        result = pipeline.run(Context(conn), Request(ById(gid), k=6))
+        if not result.query.vote["unlike_anything_on_file"]:
+            break
     q, hits = result.query, result.hits
     a, b = stored[0][1], stored[0][2]
     for h in hits:
@@ -54,13 +68,30 @@ def test_evaluate_fits_stores_and_searches_return_calibrated_numbers(embedded, t
         assert h.p_same == pytest.approx(calibration.sigmoid(*[s[1:3] for s in stored if s[0] == h.dataset][0],
                                                              h.distance))
     sql = conn.execute("SELECT s.image_id, medsim.p_same_label(NULL, s.dataset, s.distance) "
-                       "FROM medsim.similar_images(%s, 6) s", (gid,)).fetchall()
+                       "FROM medsim.similar_images(%s, 6, NULL, NULL, '{\"split\": [\"train\", \"val\"]}', true) s",
+        (gid,)).fetchall()
     assert [round(p, 9) for _, p in sql] == [round(h.p_same, 9) for h in hits]
     assert conn.execute("SELECT medsim.p_same_label(NULL, 'nosuch', 0.1)").fetchone()[0] is None
     # a distance of 0 is at least as likely the same diagnosis as the farthest neighbour
     assert calibration.sigmoid(a, b, 0.0) >= calibration.sigmoid(a, b, 2.0) or b > 0
     # the query's vote: a label of its dataset, a confidence in [0, 1]
-    assert q.vote["dataset"] == "breastmnist" and 0 <= q.vote["confidence"] <= 1
+    assert q.vote["dataset"] == "breastmnist" and q.vote["confidence"] is not None, str(q.vote)
+    assert not q.vote["unlike_anything_on_file"] and q.vote["no_confidence_because"] is None
+    # what is not like the archive: a CT slice from pydicom's samples, and noise
+    import pydicom
+    from PIL import Image
+
+    from medsim.search.request import ByFile
+
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)).save(noise)
+    ct = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
+    for f in (ct, noise):
+        other = pipeline.run(Context(conn), Request(ByFile(str(f)), k=8))
+        assert other.query.vote["unlike_anything_on_file"] and other.query.vote["confidence"] is None, f
+    assert all(c["ood_share_test"] <= 0.05 for c in cal.values()), {f: c["ood_share_test"] for f, c in cal.items()}
+    assert all(set(c["by_k_test"]) == {"1", "5", "10", "20", "50"} for c in cal.values())
+    assert 0 <= q.vote["confidence"] <= 1 and q.vote["calibrated_at_k"] == 6
     assert q.vote["votes"] <= q.vote["of"] <= 6
     out = present.as_json([result])[0]
     assert out["vote"]["label_name"] == q.vote["label_name"] and "p_same" in out["neighbours"][0]
@@ -90,4 +121,9 @@ def test_the_http_answer_carries_the_calibration(embedded, db_url, tmp_path):
         client.app.state.service.cals.clear()  # (the service re-reads them every 30 s)
         body = client.post("/search", json={"image_id": gid, "k": 4}).json()
         assert all(0 <= n["p_same"] <= 1 for n in body["neighbours"])
-        assert body["vote"]["of"] >= 1 and 0 <= body["vote"]["confidence"] <= 1
+        v = body["vote"]
+        assert v["of"] >= 1
+        # this untrained model's distances are float noise, so the query may be "unlike
+        # anything on file": then no number, and the sentence saying why
+        assert (0 <= v["confidence"] <= 1) if v["confidence"] is not None else (
+            v["unlike_anything_on_file"] and v["no_confidence_because"].startswith("unlike anything on file"))

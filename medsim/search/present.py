@@ -44,6 +44,8 @@ def table(results) -> str:
                        "  -> right" if v["label_name"] == q.label_name else f"  -> wrong (it is {q.label_name})")
             lines.append(f"  vote: {v['label_name']} ({v['votes']} of {v['of']} {v['dataset']} neighbours{conf})"
                          f"{verdict}")
+            if v.get("no_confidence_because"):
+                lines.append(f"  no P(right): {v['no_confidence_because']}")
     return "\n".join(lines)
 
 

@@ -79,9 +79,13 @@ class Vote(BaseModel):
     votes: int
     of: int
     share: float
-    confidence: float | None = Field(description="calibrated probability that the vote is the query's label "
-                                                 "(fitted at k=10 on validation queries)")
-    calibrated_at_k: int
+    confidence: float | None = Field(description="calibrated probability that the vote is the query's label, "
+                                                 "fitted on validation queries at this many neighbours (the "
+                                                 "nearest grid k); null where none holds, said why below")
+    calibrated_at_k: int | None
+    unlike_anything_on_file: bool = Field(False, description="the nearest neighbour is farther than 99% of "
+                                                             "validation queries' nearest: no vote probability")
+    no_confidence_because: str | None = None
 
 
 class ModelBrief(BaseModel):

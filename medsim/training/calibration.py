@@ -87,17 +87,30 @@ class Calibration:
     b: float
     vote_a: float
     vote_b: float
+    vote_by_k: dict | None = None  # {k: weights}: the vote at every k (vote_model); None: fitted before it
+    ood_d1: float | None = None  # nearest-neighbour distance past which a query is unlike anything on file
 
     def p_same(self, distance: float) -> float:
         return float(sigmoid(self.a, self.b, distance))
 
-    def vote_confidence(self, share: float) -> float:
-        return float(sigmoid(self.vote_a, self.vote_b, share))
+    def vote_confidence(self, share: float, distance: float, k: int) -> tuple[float | None, int | None]:
+        """P(the vote of k neighbours is right) -> (probability, the k it was fitted at),
+        or (None, None) where no fit holds for this k."""
+        from medsim.training import vote_model
+
+        found = vote_model.weights_at(self.vote_by_k or {}, k)
+        if found is not None:
+            return float(vote_model.predict(found[1], [share, distance])[0]), found[0]
+        if k == K_FIT:  # a calibration stored before per-k fits: valid at k = 10 only
+            return float(sigmoid(self.vote_a, self.vote_b, share)), K_FIT
+        return None, None
 
 
 def fit(z: dict, splits: dict, out_dir: Path | str | None = None, model_id: int | None = None) -> dict:
     """Per dataset: fit on val -> train, measure on test -> train. `z` and `splits` are
     evaluate()'s embeddings and data.Split objects by split name -> {flag: figures}."""
+    from medsim.training import metrics, vote_model
+
     train, val, test = splits["train"], splits["val"], splits["test"]
     out = {}
     for d in np.unique(val.dataset_ids):
@@ -114,11 +127,21 @@ def fit(z: dict, splits: dict, out_dir: Path | str | None = None, model_id: int 
         e_val, _ = ece(sigmoid(a, b, dv), sv)
         e_test, diagram = ece(sigmoid(a, b, dt), st)
         ev_test, vote_diagram = ece(sigmoid(va, vb, share_t), right_t)
+        # the vote at every k, and the out-of-distribution rule: from one kNN per split
+        kmax = min(max(vote_model.K_GRID), int(bm.sum()))
+        Dv, Iv = metrics.knn_search(z["val"][vm], z["train"][bm], k=kmax)
+        Dt, It = metrics.knn_search(z["test"][tm], z["train"][bm], k=kmax)
+        b_keys = train.label_keys[bm]
+        by_k = vote_model.fit_by_k(Dv, b_keys[Iv], val.label_keys[vm])
+        ood = vote_model.ood_threshold(Dv)
         out[flag] = {"method": "logistic", "a": a, "b": b, "vote_a": va, "vote_b": vb, "k_fit": K_FIT,
                      "n_val_pairs": int(len(dv)), "n_test_pairs": int(len(dt)),
                      "ece_val": e_val, "ece_test": e_test, "vote_ece_test": ev_test,
                      "reliability_test": diagram, "vote_reliability_test": vote_diagram,
-                     "base_rate_test": float(np.mean(st))}
+                     "base_rate_test": float(np.mean(st)),
+                     "vote_by_k": by_k, "ood_d1": ood, "ood_share_test": float(np.mean(Dt[:, 0] > ood)),
+                     "by_k_test": vote_model.report_by_k(Dt, b_keys[It], test.label_keys[tm], by_k,
+                                                         lambda x, a=a, b=b: sigmoid(a, b, x), ece)}
     if out_dir is not None and out:
         out[next(iter(out))]["diagram_png"] = str(reliability_png(out, Path(out_dir), model_id))
     return out
@@ -173,16 +196,30 @@ def load(conn, model_id: int) -> dict[str, Calibration]:
 
 def vote(hits, cals: dict[str, Calibration], dataset: str | None) -> dict | None:
     """The label the neighbours vote for (those of the query's dataset, or all when the
-    query has none), and the calibrated probability that it is the query's label."""
+    query has none), the calibrated probability that it is the query's label at this
+    many neighbours, and whether the query is unlike anything on file (then no
+    probability: a vote of strangers is not evidence)."""
     pool = [h for h in hits if dataset is None or h.dataset == dataset]
     if not pool:
         return None
-    counts: dict[tuple, int] = {}
+    counts: dict[tuple, list] = {}
     for h in pool:
-        counts[(h.dataset, h.label_name)] = counts.get((h.dataset, h.label_name), 0) + 1
-    (ds, label), n = max(counts.items(), key=lambda kv: kv[1])  # a tie: the nearer label (seen first)
-    share = n / len(pool)
+        counts.setdefault((h.dataset, h.label_name), []).append(h.distance)
+    (ds, label), near = max(counts.items(), key=lambda kv: len(kv[1]))  # a tie: the nearer label (seen first)
+    share = len(near) / len(pool)
     cal = cals.get(ds)
-    return {"dataset": ds, "label_name": label, "votes": n, "of": len(pool), "share": share,
-            "confidence": cal.vote_confidence(share) if cal else None,
-            "calibrated_at_k": K_FIT}
+    unlike = bool(cal and cal.ood_d1 is not None and min(h.distance for h in hits) > cal.ood_d1)
+    confidence, at_k = (None, None) if cal is None or unlike else cal.vote_confidence(
+        share, float(np.mean(near)), len(pool))
+    if cal is None:
+        why = f"no calibration for {ds} (medsim evaluate fits one; it needs labels and a validation split)"
+    elif unlike:
+        why = (f"unlike anything on file: the nearest neighbour is farther ({min(h.distance for h in hits):.3f}) "
+               f"than 99% of validation queries' ({cal.ood_d1:.3f})")
+    elif confidence is None:
+        why = f"the calibration for {ds} was fitted at k = {K_FIT} only: run medsim evaluate again"
+    else:
+        why = None
+    return {"dataset": ds, "label_name": label, "votes": len(near), "of": len(pool), "share": share,
+            "confidence": confidence, "calibrated_at_k": at_k, "unlike_anything_on_file": unlike,
+            "no_confidence_because": why}

@@ -152,6 +152,17 @@ def format_table(r: dict) -> str:
         for flag, c in r["calibration"].items():
             lines.append(f"  {flag:16s}{'a=' + format(c['a'], '.2f') + ', b=' + format(c['b'], '.2f'):>32s}"
                          f"{c['ece_val']:9.3f}{c['ece_test']:9.3f}{c['vote_ece_test']:14.3f}")
+        if any(c.get("by_k_test") for c in r["calibration"].values()):
+            lines += ["", "calibration at each k (test ECE [bootstrap 95%]; the vote: claimed vs right; "
+                          "unlike anything on file: nearest neighbour past val's 99th percentile)"]
+            lines.append(f"  {'subset':16s}{'k':>4s}{'P(same) ECE':>24s}{'vote ECE':>24s}{'claimed':>9s}{'right':>7s}"
+                         f"{'unlike':>8s}")
+            for flag, c in r["calibration"].items():
+                for k, m in (c.get("by_k_test") or {}).items():
+                    ps = f"{m['p_same_ece']:.3f} [{m['p_same_ece_ci95'][0]:.3f},{m['p_same_ece_ci95'][1]:.3f}]"
+                    vo = f"{m['vote_ece']:.3f} [{m['vote_ece_ci95'][0]:.3f},{m['vote_ece_ci95'][1]:.3f}]"
+                    lines.append(f"  {flag:16s}{k:>4s}{ps:>24s}{vo:>24s}{m['vote_claimed']:9.3f}{m['vote_right']:7.3f}"
+                                 f"{c['ood_share_test']:8.1%}")
         png = next((c["diagram_png"] for c in r["calibration"].values() if c.get("diagram_png")), None)
         if png:
             lines.append(f"  reliability diagram: {png}")

@@ -112,7 +112,8 @@ function render(res, queryImgSrc) {
     `${engines[res.engine] || res.engine}, in ${res.timing_ms.toFixed(1)} ms` +
     (q.label_name ? `; ${same} of ${res.neighbours.length} share the query's label` : "") +
     (res.vote ? `. Vote: ${res.vote.label_name} (${res.vote.votes} of ${res.vote.of}` +
-      (res.vote.confidence !== null ? `, calibrated P(right) ${res.vote.confidence.toFixed(2)})` : ")") : "");
+      (res.vote.confidence !== null ? `, calibrated P(right) ${res.vote.confidence.toFixed(2)})` : ")") +
+      (res.vote.no_confidence_because ? `. No P(right): ${res.vote.no_confidence_because}` : "") : "");
   const cards = res.neighbours.map((n) => {
     const li = document.createElement("li");
     li.className = "card" + (n.same_label ? " same" : "");
@@ -137,7 +138,9 @@ function render(res, queryImgSrc) {
     ident.className = "where";
     ident.textContent = `image ${n.image_id}`;
     body.append(label, where, dist, ident);
-    if (n.p_same !== null && n.p_same !== undefined) {
+    // where the query's label is known the card says whether the labels match, not a
+    // probability that could contradict it
+    if (n.p_same !== null && n.p_same !== undefined && n.same_label === null) {
       const p = document.createElement("div");
       p.className = "where psame";
       p.title = "calibrated probability that this image shares the query's diagnosis";

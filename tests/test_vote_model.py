@@ -1,0 +1,75 @@
+"""Issue 22, point 1: the vote's probability holds at the k it is shown at, takes the
+voters' distances into account, and says nothing for a query unlike anything on file."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medsim.training import calibration, vote_model
+
+
+def simulated(n: int, seed: int, kmax: int = 50):
+    """Queries whose neighbours share their label with probability falling with distance,
+    some queries lying in crowded regions and some far from everything (like a real
+    retrieval): -> (D, L, query keys)."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 5, n)
+    scale = rng.uniform(0.02, 0.3, (n, 1))
+    D = np.sort(rng.gamma(2.0, 1.0, (n, kmax)), axis=1) * scale
+    p_same = 0.9 * np.exp(-D / 0.25)
+    same = rng.random((n, kmax)) < p_same
+    L = np.where(same, q[:, None], rng.integers(0, 5, (n, kmax)))
+    return D, L, q
+
+
+def test_the_vote_is_calibrated_at_each_k_not_only_at_ten():
+    Dv, Lv, qv = simulated(3000, 0)
+    Dt, Lt, qt = simulated(3000, 1)
+    by_k = vote_model.fit_by_k(Dv, Lv, qv)
+    rep = vote_model.report_by_k(Dt, Lt, qt, by_k, lambda d: np.full(np.shape(d), 0.5), calibration.ece)
+    for k in ("1", "5", "10", "20", "50"):
+        r = rep[k]
+        assert r["vote_ece"] < 0.03, (k, r["vote_ece"])
+        assert abs(r["vote_claimed"] - r["vote_right"]) < 0.03, (k, r)
+        lo, hi = r["vote_ece_ci95"]
+        assert lo <= r["vote_ece"] <= hi
+    # the old single fit (share of 10) applied at k = 1: every k = 1 vote has share 1.0
+    _, share10, _ = vote_model.votes(Dv, Lv, 10)
+    win10, _, _ = vote_model.votes(Dv, Lv, 10)
+    a, b = calibration.fit_logistic(share10, win10 == qv)
+    win1, _, _ = vote_model.votes(Dt, Lt, 1)
+    old_claim, truth = calibration.sigmoid(a, b, 1.0), float(np.mean(win1 == qt))
+    assert old_claim - truth > 0.1  # what the issue measured (0.93 claimed, 0.445 right)
+    assert abs(rep["1"]["vote_claimed"] - truth) < 0.03
+
+
+def test_nearer_voters_make_a_surer_vote():
+    Dv, Lv, qv = simulated(3000, 2)
+    w = vote_model.fit_by_k(Dv, Lv, qv)["10"]
+    near, far = vote_model.predict(w, [0.3, 0.05])[0], vote_model.predict(w, [0.3, 0.5])[0]
+    assert near > far + 0.1
+
+
+def test_weights_for_any_k():
+    by_k = {str(k): [float(k), 0.0, 0.0] for k in vote_model.K_GRID}
+    assert vote_model.weights_at(by_k, 7) in ((6, [6.0, 0.0, 0.0]), (8, [8.0, 0.0, 0.0]))
+    assert vote_model.weights_at(by_k, 10)[0] == 10
+    assert vote_model.weights_at(by_k, 1000)[0] == 50
+    assert vote_model.weights_at({}, 5) is None
+    old = calibration.Calibration("x", 1.0, -2.0, 3.0, -1.0)  # stored before per-k fits
+    assert old.vote_confidence(0.5, 0.1, 10)[1] == 10 and old.vote_confidence(0.5, 0.1, 4) == (None, None)
+
+
+def test_a_query_farther_than_validation_saw_gets_no_vote_probability():
+    from medsim.search.engines import Hit
+
+    cal = calibration.Calibration("ds", 2.0, -10.0, 0.0, 0.0, {"4": [0.0, 2.0, -1.0]}, ood_d1=0.3)
+    near = [Hit(i, "ds", "train", "a", ["a"], 0.1 + i / 100) for i in range(4)]
+    far = [Hit(i, "ds", "train", "a", ["a"], 0.9 + i / 100) for i in range(4)]
+    v = calibration.vote(near, {"ds": cal}, "ds")
+    assert v["confidence"] is not None and not v["unlike_anything_on_file"] and v["calibrated_at_k"] == 4
+    v = calibration.vote(far, {"ds": cal}, "ds")
+    assert v["confidence"] is None and v["unlike_anything_on_file"]
+    assert v["no_confidence_because"].startswith("unlike anything on file")
+    v = calibration.vote(near, {}, "ds")
+    assert v["confidence"] is None and "no calibration for ds" in v["no_confidence_because"]
