@@ -174,3 +174,25 @@ def test_hnsw_settings_are_real_and_fill_k(embedded):
     assert set(I.ravel()) <= gallery
     assert conn.execute("SELECT name FROM pg_settings WHERE name LIKE 'hnsw.%%' ORDER BY 1").fetchall() == [
         ("hnsw.ef_search",), ("hnsw.iterative_scan",), ("hnsw.max_scan_tuples",), ("hnsw.scan_mem_multiplier",)]
+
+
+def test_a_single_faiss_query_runs_on_one_thread_and_answers_as_a_batch():
+    """One query on one OpenMP thread (a barrier waiting for a descheduled thread cost
+    7.5 ms per query on a busy machine), the thread count given back, and the same answer
+    as in a batch."""
+    import faiss
+    import numpy as np
+
+    from medsim.search import faiss_index
+
+    rng = np.random.default_rng(0)
+    xb = rng.standard_normal((2000, 16)).astype(np.float32)
+    index = faiss.IndexIDMap2(faiss.IndexFlatL2(16))
+    index.add_with_ids(xb, np.arange(2000, dtype=np.int64) + 100)
+    xq = rng.standard_normal((5, 16)).astype(np.float32)
+    before = faiss.omp_get_max_threads()
+    batch = faiss_index.search(index, xq, 7)
+    for i in range(5):
+        D, I = faiss_index.search(index, xq[i : i + 1], 7)
+        assert (I[0] == batch[1][i]).all() and np.allclose(D[0], batch[0][i])
+    assert faiss.omp_get_max_threads() == before
