@@ -49,6 +49,7 @@ def test_evaluate_fits_stores_and_searches_return_calibrated_numbers(embedded, t
         assert sum(n for _, _, n in c["reliability_test"]) == c["n_test_pairs"]
     png = next(c["diagram_png"] for c in cal.values() if c.get("diagram_png"))
     assert (tmp_path / f"model-{mid}" / "reliability.png").exists() and png.endswith("reliability.png")
+    assert (tmp_path / f"model-{mid}" / "reliability-by-k.png").stat().st_size > 10_000  # one panel per dataset
     stored = conn.execute("SELECT dataset, a, b, report FROM medsim.calibrations WHERE model_id = %s ORDER BY dataset",
                           (mid,)).fetchall()
     assert [s[0] for s in stored] == ["breastmnist", "retinamnist"]

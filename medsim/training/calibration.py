@@ -143,7 +143,9 @@ def fit(z: dict, splits: dict, out_dir: Path | str | None = None, model_id: int 
                      "by_k_test": vote_model.report_by_k(Dt, b_keys[It], test.label_keys[tm], by_k,
                                                          lambda x, a=a, b=b: sigmoid(a, b, x), ece)}
     if out_dir is not None and out:
-        out[next(iter(out))]["diagram_png"] = str(reliability_png(out, Path(out_dir), model_id))
+        png = reliability_png(out, Path(out_dir), model_id)
+        vote_model.reliability_by_k_png(out, png.with_name("reliability-by-k.png"))
+        out[next(iter(out))]["diagram_png"] = str(png)
     return out
 
 

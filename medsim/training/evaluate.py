@@ -165,5 +165,6 @@ def format_table(r: dict) -> str:
                                  f"{c['ood_share_test']:8.1%}")
         png = next((c["diagram_png"] for c in r["calibration"].values() if c.get("diagram_png")), None)
         if png:
-            lines.append(f"  reliability diagram: {png}")
+            lines.append(f"  reliability diagram: {png}; the vote at each k: "
+                         f"{png.rsplit('/', 1)[0]}/reliability-by-k.png")
     return "\n".join(lines)

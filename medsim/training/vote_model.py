@@ -114,3 +114,31 @@ def report_by_k(Dt, Lt, t_keys, by_k: dict, p_same, ece) -> dict:
 def ood_threshold(Dv: np.ndarray) -> float:
     """The nearest-neighbour distance that 99% of validation queries stay within."""
     return float(np.quantile(Dv[:, 0], OOD_QUANTILE))
+
+
+def reliability_by_k_png(cal: dict, path) -> None:
+    """One panel per dataset: the vote's reliability on test at each reported k (predicted
+    P(right) against the observed share right, per bin), the diagonal for reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = {flag: c["by_k_test"] for flag, c in cal.items() if c.get("by_k_test")}
+    if not shown:
+        return
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.4 * len(shown), 4.2), dpi=100, squeeze=False)
+    for ax, (flag, by_k) in zip(axes[0], shown.items(), strict=True):
+        ax.plot([0, 1], [0, 1], color="0.7", linestyle="--", linewidth=1)
+        for k, m in by_k.items():
+            pts = np.array([(p, f) for p, f, _ in m["vote_reliability"]])
+            ax.plot(pts[:, 0], pts[:, 1], marker="o", markersize=3, label=f"k={k} (ECE {m['vote_ece']:.3f})")
+        ax.set_title(f"{flag}: the vote, test", fontsize=10)
+        ax.set_xlabel("predicted P(right) (fitted on val)")
+        ax.set_ylabel("observed share right (test)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
