@@ -26,7 +26,7 @@ import psycopg
 from psycopg import sql
 
 from medsim.errors import BadArgument, Forbidden, NotFound, Unauthorized
-from medsim.queries import Q, one, scalar
+from medsim.queries import Q, dicts, one, scalar
 
 SCOPES = ("search", "images", "admin")  # each includes the ones before it
 NAME_RULE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
@@ -116,9 +116,7 @@ def add_user(conn, name: str, sql_login: bool = False) -> str:
 
 
 def list_users(conn) -> list[dict]:
-    cur = conn.execute(Q.users_overview)
-    names = [d.name for d in cur.description]
-    return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+    return dicts(conn, Q.users_overview)
 
 
 def parse_expiry(text: str | None) -> dt.timedelta | None:
@@ -171,9 +169,7 @@ def grant(conn, name: str, flags: list[str], every: bool = False) -> list[str]:
 
 def revoke(conn, name: str, flags: list[str], every: bool = False) -> int:
     role = _role_of(conn, name)
-    if not flags and not every:
-        raise BadArgument("name at least one dataset (or --all)")
-    ids = list(_dataset_ids(conn, flags).values()) if flags else []
+    ids = [] if every and not flags else list(_dataset_ids(conn, flags).values())  # none named: it says so
     return conn.execute(Q.revoke_datasets, {"role": role, "ids": ids, "all": every}).rowcount
 
 
@@ -198,9 +194,8 @@ def authenticate(conn, header: str | None) -> Principal:
     call reads the token's row: a revoked or expired token stops at its next request."""
     if not header:
         raise Unauthorized("send a token: Authorization: Bearer msm_... (medsim token create NAME)")
-    scheme, _, token = header.partition(" ")
-    m = TOKEN_RULE.match(token.strip()) if scheme.lower() == "bearer" else None
-    if m is None:
+    m = _token_match(header)
+    if m is None or not header.lower().startswith("bearer "):
         raise Unauthorized("the Authorization header is not a medsim token (Bearer msm_<id>_<secret>)")
     row = one(conn, Q.token_check, {"id": int(m.group(1))}, as_=_TokenRow)
     # the same answer, after the same work, for an unknown id and a wrong secret
@@ -247,10 +242,13 @@ def log(conn, principal: Principal, client: str | None, action: str, image_ids: 
                                 "query_sha256": query_sha256, "model_id": model_id, "engine": engine,
                                 "image_ids": list(image_ids)})
 
+def _token_match(header: str | None):
+    """The token in an Authorization header's credentials, matched by TOKEN_RULE, or None."""
+    _, _, token = (header or "").partition(" ")
+    return TOKEN_RULE.match(token.strip())
 
 
 def token_id_of(header: str | None) -> int | None:
     """The token id a header names, if it is shaped like a token (for rate limits)."""
-    _, _, token = (header or "").partition(" ")
-    m = TOKEN_RULE.match(token.strip())
+    m = _token_match(header)
     return int(m.group(1)) if m else None

@@ -42,6 +42,13 @@ def one(conn, query, params: dict | None = None, *, as_: type[T]) -> T | None:
         return cur.execute(query, params).fetchone()
 
 
+def dicts(conn, query, params: dict | None = None) -> list[dict]:
+    """Rows as dicts keyed by column name (for answers passed on as JSON as they are)."""
+    cur = conn.execute(query, params)
+    names = [d.name for d in cur.description]
+    return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+
+
 def scalar(conn, query, params: dict | None = None):
     """The first column of the first row (None when there is no row)."""
     row = conn.execute(query, params).fetchone()

@@ -8,16 +8,15 @@ import io
 from medsim import access, migrate, queue, registry
 from medsim.errors import NotFound
 from medsim.images import StoredRow
-from medsim.queries import Q, one, scalar
+from medsim.queries import Q, dicts, one, scalar
 
 
 def image(svc, who, image_id: int) -> dict:
     with svc.connection(who) as conn, svc.metrics.stage("fetch"):
-        cur = conn.execute(Q.image_details, {"id": image_id})
-        r = cur.fetchone()
-        if r is None:
-            raise NotFound(f"no image with id {image_id}")
-        return dict(zip([d.name for d in cur.description], r, strict=True))
+        found = dicts(conn, Q.image_details, {"id": image_id})
+    if not found:
+        raise NotFound(f"no image with id {image_id}")
+    return found[0]
 
 
 def thumbnail(svc, image_id: int, size: int) -> bytes:
@@ -66,9 +65,7 @@ def models(svc, who) -> list:
 
 def datasets(svc, who) -> list[dict]:
     with svc.connection(who) as conn:
-        cur = conn.execute(Q.datasets_overview)
-        names = [d.name for d in cur.description]
-        return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+        return dicts(conn, Q.datasets_overview)
 
 
 def status(svc, who) -> list:

@@ -23,27 +23,17 @@ from pathlib import Path
 import numpy as np
 
 from medsim.queries import Q, rows
+from medsim.training import vote_model
 
 K_FIT = 10
 BINS = 10
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, iters: int = 50) -> tuple[float, float]:
-    """P(y = 1 | x) = sigmoid(a + b x) by Newton's method (a tiny ridge keeps separable
-    data finite) -> (a, b)."""
-    x = np.asarray(x, np.float64)
-    y = np.asarray(y, np.float64)
-    X = np.stack([np.ones_like(x), x], axis=1)
-    w = np.zeros(2)
-    for _ in range(iters):
-        p = 1 / (1 + np.exp(-(X @ w)))
-        g = X.T @ (p - y) + l2 * w
-        H = (X * (p * (1 - p))[:, None]).T @ X + l2 * np.eye(2)
-        step = np.linalg.solve(H, g)
-        w -= step
-        if np.abs(step).max() < 1e-9:
-            break
-    return float(w[0]), float(w[1])
+    """P(y = 1 | x) = sigmoid(a + b x): the one-feature case of vote_model's Newton fit
+    (a tiny ridge keeps separable data finite) -> (a, b)."""
+    a, b = vote_model.fit_logistic(np.asarray(x, np.float64)[:, None], y, l2=l2, iters=iters)
+    return a, b
 
 
 def sigmoid(a: float, b: float, x) -> np.ndarray:
@@ -64,15 +54,14 @@ def ece(p: np.ndarray, y: np.ndarray, bins: int = BINS) -> tuple[float, list]:
     return float(total), out
 
 
-def neighbour_pairs(zq, q_labels, zb, b_labels, k: int = K_FIT):
-    """-> (distances, same) for each query's k nearest gallery images, and per query
-    (vote share of the majority label, whether it is the query's label)."""
-    from medsim.training import metrics
-
-    D, I = metrics.knn_search(zq, zb, k=k)
-    same = b_labels[I] == q_labels[:, None]
+def neighbour_pairs(D, I, q_labels, b_labels, k: int = K_FIT):
+    """A kNN's first k columns (nearest first) -> (distances, same) for each query's k
+    nearest gallery images, and per query (vote share of the majority label, whether it
+    is the query's label)."""
+    D, labels = D[:, :k], b_labels[I[:, :k]]
+    same = labels == q_labels[:, None]
     shares, right = [], []
-    for row_labels, ql in zip(b_labels[I], q_labels, strict=True):
+    for row_labels, ql in zip(labels, q_labels, strict=True):
         values, counts = np.unique(row_labels, return_counts=True)
         top = values[np.argmax(counts)]  # ties: the smallest label key, deterministically
         shares.append(counts.max() / len(row_labels))
@@ -96,8 +85,6 @@ class Calibration:
     def vote_confidence(self, share: float, distance: float, k: int) -> tuple[float | None, int | None]:
         """P(the vote of k neighbours is right) -> (probability, the k it was fitted at),
         or (None, None) where no fit holds for this k."""
-        from medsim.training import vote_model
-
         found = vote_model.weights_at(self.vote_by_k or {}, k)
         if found is not None:
             return float(vote_model.predict(found[1], [share, distance])[0]), found[0]
@@ -109,7 +96,7 @@ class Calibration:
 def fit(z: dict, splits: dict, out_dir: Path | str | None = None, model_id: int | None = None) -> dict:
     """Per dataset: fit on val -> train, measure on test -> train. `z` and `splits` are
     evaluate()'s embeddings and data.Split objects by split name -> {flag: figures}."""
-    from medsim.training import metrics, vote_model
+    from medsim.training import metrics
 
     train, val, test = splits["train"], splits["val"], splits["test"]
     out = {}
@@ -118,20 +105,19 @@ def fit(z: dict, splits: dict, out_dir: Path | str | None = None, model_id: int 
         bm, vm, tm = train.dataset_ids == d, val.dataset_ids == d, test.dataset_ids == d
         if bm.sum() < K_FIT or vm.sum() < 2 or tm.sum() < 2:
             continue
-        dv, sv, share_v, right_v = neighbour_pairs(z["val"][vm], val.label_keys[vm], z["train"][bm],
-                                                   train.label_keys[bm])
-        dt, st, share_t, right_t = neighbour_pairs(z["test"][tm], test.label_keys[tm], z["train"][bm],
-                                                   train.label_keys[bm])
+        # one kNN per split, as deep as the deepest k any fit or report needs
+        kmax = min(max(vote_model.K_GRID), int(bm.sum()))
+        Dv, Iv = metrics.knn_search(z["val"][vm], z["train"][bm], k=kmax)
+        Dt, It = metrics.knn_search(z["test"][tm], z["train"][bm], k=kmax)
+        b_keys = train.label_keys[bm]
+        dv, sv, share_v, right_v = neighbour_pairs(Dv, Iv, val.label_keys[vm], b_keys)
+        dt, st, share_t, right_t = neighbour_pairs(Dt, It, test.label_keys[tm], b_keys)
         a, b = fit_logistic(dv, sv)
         va, vb = fit_logistic(share_v, right_v)
         e_val, _ = ece(sigmoid(a, b, dv), sv)
         e_test, diagram = ece(sigmoid(a, b, dt), st)
         ev_test, vote_diagram = ece(sigmoid(va, vb, share_t), right_t)
-        # the vote at every k, and the out-of-distribution rule: from one kNN per split
-        kmax = min(max(vote_model.K_GRID), int(bm.sum()))
-        Dv, Iv = metrics.knn_search(z["val"][vm], z["train"][bm], k=kmax)
-        Dt, It = metrics.knn_search(z["test"][tm], z["train"][bm], k=kmax)
-        b_keys = train.label_keys[bm]
+        # the vote at every k, and the out-of-distribution rule
         by_k = vote_model.fit_by_k(Dv, b_keys[Iv], val.label_keys[vm])
         ood = vote_model.ood_threshold(Dv)
         out[flag] = {"method": "logistic", "a": a, "b": b, "vote_a": va, "vote_b": vb, "k_fit": K_FIT,
@@ -210,13 +196,14 @@ def vote(hits, cals: dict[str, Calibration], dataset: str | None) -> dict | None
     (ds, label), near = max(counts.items(), key=lambda kv: len(kv[1]))  # a tie: the nearer label (seen first)
     share = len(near) / len(pool)
     cal = cals.get(ds)
-    unlike = bool(cal and cal.ood_d1 is not None and min(h.distance for h in hits) > cal.ood_d1)
+    nearest = min(h.distance for h in hits)
+    unlike = bool(cal and cal.ood_d1 is not None and nearest > cal.ood_d1)
     confidence, at_k = (None, None) if cal is None or unlike else cal.vote_confidence(
         share, float(np.mean(near)), len(pool))
     if cal is None:
         why = f"no calibration for {ds} (medsim evaluate fits one; it needs labels and a validation split)"
     elif unlike:
-        why = (f"unlike anything on file: the nearest neighbour is farther ({min(h.distance for h in hits):.3f}) "
+        why = (f"unlike anything on file: the nearest neighbour is farther ({nearest:.3f}) "
                f"than 99% of validation queries' ({cal.ood_d1:.3f})")
     elif confidence is None:
         why = f"the calibration for {ds} was fitted at k = {K_FIT} only: run medsim evaluate again"
