@@ -150,6 +150,8 @@ def main() -> int:
     ap.add_argument("--load", type=int, default=0,
                     help="also run every cell with this many busy processes competing for the CPU")
     ap.add_argument("--threads", type=int, default=None, help="medsim serve --threads (default: its own)")
+    ap.add_argument("--runtime", choices=("onnx", "torch"), default=None,
+                    help="medsim serve --runtime (default: its own)")
     ap.add_argument("--auth", choices=("off", "on", "both"), default="both",
                     help="serve with --no-auth, with tokens + row-level security + the access log, or both in turn")
     args = ap.parse_args()
@@ -190,7 +192,9 @@ def main() -> int:
           f"{'p99 ms':>7s} {'errors':>6s}  server RSS MB (start -> end, max)")
     for auth in (("off", "on") if args.auth == "both" else (args.auth,)):
         header = b"Authorization: Bearer " + bench_token(url).encode() + b"\r\n" if auth == "on" else b""
-        server, port = start_server(url, auth == "on", [] if args.threads is None else ["--threads", str(args.threads)])
+        extra = ([] if args.threads is None else ["--threads", str(args.threads)]) + (
+            [] if args.runtime is None else ["--runtime", args.runtime])
+        server, port = start_server(url, auth == "on", extra)
         try:
             # uploads go to POST /search/upload (before issue 19: POST /search); the bench runs against both
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/openapi.json", timeout=5) as resp:

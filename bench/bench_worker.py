@@ -1,8 +1,10 @@
 """Embedding throughput on the real files (breast, retina, pneumonia: 8,236 images).
 
-(a) the model's forward pass alone, batched, on images already decoded in memory;
+(a) the model's forward pass alone, batched, on images already decoded in memory, with
+    torch eager and with ONNX Runtime (medsim.training.runtime), alternated in one run;
 (b) the embedding worker end to end: claim (SKIP LOCKED) -> decode -> forward -> binary
-    COPY -> dequeue -> commit, from process start to drained queue;
+    COPY -> dequeue -> commit, from process start to drained queue, once per runtime
+    (two registered copies of the same network, so each has its own queue);
 (c) the published notebook's way: batch-size-1 inference and one f-string INSERT of a
     FLOAT[] per row (reproduced here only to measure it).
 """
@@ -10,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -20,10 +23,7 @@ from common import PRESENT, SHARED, fresh_database, machine  # noqa: E402
 
 from medsim import db, registry  # noqa: E402
 from medsim.sources import ingest  # noqa: E402
-from medsim.training import (
-    data,  # noqa: E402
-    network,  # noqa: E402
-)
+from medsim.training import data, network, runtime  # noqa: E402
 from medsim.training.config import preset  # noqa: E402
 from medsim.worker import Worker, WorkerConfig  # noqa: E402
 
@@ -50,22 +50,47 @@ def main() -> None:
         registry.set_current(conn, mid)
         images = data.load_split(conn, ["train", "val", "test"], PRESENT, input_size=net.cfg.image_size).images
         n = len(images)
+        mid2 = registry.register(conn, net, mode="label", datasets=PRESENT, train_config={"bench": "copy"})
         net = net.to(dev)
-        network.embed(net, images[:512], device=dev)  # warm-up
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        network.embed(net, images, device=dev)
-        fa = n / (time.perf_counter() - t0)
-        print(f"(a) forward alone, batch {net.cfg.inference_batch(dev)} (the worker's forward batch): "
-              f"{n} images, {fa:,.0f} images/s")
-
-        s = Worker(WorkerConfig(model=str(mid), once=True, batch_size=a.batch_size, build_index=False,
-                                device=dev, database_url=url, progress=False)).run()
-        fb = s.embedded / s.seconds
-        print(f"(b) worker end to end (connect, load model, claim, decode, forward, COPY, commit): "
-              f"{s.line()} -> {fb:,.0f} images/s")
-        print(f"    where (b)'s time went: {s.breakdown()}")
+        threads = torch.get_num_threads()
+        rts = {"torch": runtime.TorchRuntime(net, dev)}
+        if dev == "cpu":
+            t0 = time.perf_counter()
+            rts["onnx"] = runtime.prepare(net, "onnx", threads=threads)
+            print(f"    ONNX export and parity check: {time.perf_counter() - t0:.2f} s, runtime {rts['onnx'].name}")
+        fa = {}
+        for rt in rts.values():
+            rt.embed(images[:512])  # warm-up
+        rounds = 5
+        for _ in range(rounds):  # alternated, so a noisy neighbour on the machine hits both alike
+            for name, rt in rts.items():
+                if dev == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                rt.embed(images)
+                fa.setdefault(name, []).append(n / (time.perf_counter() - t0))
+        for name, v in fa.items():
+            print(f"(a) forward alone, {name}, batch {rts[name].batch}, TTA {net.cfg.tta_flip}: {n} images, "
+                  f"median of {rounds} {statistics.median(v):,.0f} images/s (all: {', '.join(f'{x:,.0f}' for x in v)})")
+        if "onnx" in fa:
+            ratios = [o / t for o, t in zip(fa["onnx"], fa["torch"], strict=True)]
+            print(f"RATIO forward onnx/torch, median of the {rounds} paired rounds = {statistics.median(ratios):.2f}x "
+                  f"(goal >= 2x; rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
+        fbs = {}
+        copies = [mid, mid2] + [registry.register(conn, net, mode="label", datasets=PRESENT,
+                                                  train_config={"bench": f"copy {i}"}) for i in range(2 * len(rts) - 2)]
+        for i, model in enumerate(copies[:2 * len(rts)]):  # each runtime twice, alternated
+            name = list(rts)[i % len(rts)]
+            s = Worker(WorkerConfig(model=str(model), once=True, batch_size=a.batch_size, build_index=False,
+                                    device=dev, database_url=url, progress=False, runtime=name)).run()
+            fbs.setdefault(name, []).append(s.embedded / s.seconds)
+            print(f"(b) worker end to end, {name} (connect, load model, claim, decode, forward, COPY, commit): "
+                  f"{s.line()}")
+            print(f"    where (b)'s time went: {s.breakdown()}")
+        if "onnx" in fbs:
+            print(f"RATIO worker onnx/torch = {max(fbs['onnx']) / max(fbs['torch']):.2f}x, best of 2 each "
+                  f"(goal >= 1.5x)")
+        fa, fb = statistics.median(fa["torch"]), max(fbs["torch"])
         if not a.skip_notebook:
             conn.execute("CREATE TABLE notebook_embeddings (image_id bigint, embedding float8[])")
             ids = [r[0] for r in conn.execute("SELECT id FROM medsim.images ORDER BY id")]

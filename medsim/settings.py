@@ -17,6 +17,7 @@ fixture does).
 | MEDSIM_MAX_IMAGE_PIXELS | max_image_pixels | 40,000,000 |
 | MEDSIM_DATA_DIR | data_dir | unset: MedMNIST files are looked for in ~/.medmnist |
 | OMP_NUM_THREADS | omp_threads | unset: workers divide the cores among themselves |
+| MEDSIM_RUNTIME | runtime | onnx: the worker and the service embed with ONNX Runtime where it matches torch |
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class Settings:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     data_dir: Path | None = None
     omp_threads: int | None = None
+    runtime: str = "onnx"
 
     @classmethod
     def from_env(cls, env=None) -> Settings:
@@ -77,7 +79,7 @@ class Settings:
                    new_patient_key=text("MEDSIM_NEW_PATIENT_KEY"),
                    max_image_pixels=number("MEDSIM_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS),
                    data_dir=Path(data_dir).expanduser() if data_dir else None,
-                   omp_threads=number("OMP_NUM_THREADS"))
+                   omp_threads=number("OMP_NUM_THREADS"), runtime=text("MEDSIM_RUNTIME") or "onnx")
 
 
 def _user_data_dir() -> Path:

@@ -18,7 +18,8 @@ def cmd_serve(args) -> int:
     cfg = ServeConfig(host=args.host, port=args.port, database_url=args.database_url, read_url=args.read_url,
                       max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), pool_size=args.pool_size,
                       max_image_pixels=args.max_image_pixels or settings.get().max_image_pixels,
-                      auth=not args.no_auth, torch_threads=args.threads)
+                      auth=not args.no_auth, torch_threads=args.threads,
+                      runtime=args.runtime)
     print(f"medsim serve: http://{args.host}:{args.port}/ (the page), /docs (the API); database: {db.source()}",
           flush=True)
     warn_default_password(args.host)
@@ -83,6 +84,9 @@ def register(sub) -> None:
     s.add_argument("--threads", type=int, default=None,
                    help="torch threads per upload's forward pass (default 1, or OMP_NUM_THREADS): requests in "
                         "parallel are the service's parallelism")
+    s.add_argument("--runtime", choices=("onnx", "torch"), default=None,
+                   help="what runs the network for uploads (default: $MEDSIM_RUNTIME, else onnx where its "
+                        "embeddings match torch's)")
     s.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     s.add_argument("--no-auth", action="store_true",
                    help="serve without tokens: every request sees every dataset as medsim_reader (for a "

@@ -37,15 +37,18 @@ class Context:
         return registry.get(self.conn, ref)
 
     def network(self, model: registry.ModelRow):
+        """The model's runtime. One CLI call embeds one image: torch, since an ONNX export
+        and its parity check would cost more than they save; the service's context keeps
+        an ONNX Runtime session warm instead."""
+        from medsim.training import runtime
+
         if model.id not in self._nets:
-            self._nets[model.id] = model.load(self.owner)
+            self._nets[model.id] = runtime.TorchRuntime(model.load(self.owner))
         return self._nets[model.id]
 
     def embed(self, model: registry.ModelRow, x: np.ndarray) -> np.ndarray:
         """One model input (S, S, 3) uint8 -> its (dim,) float32 vector."""
-        from medsim.training import network
-
-        return network.embed(self.network(model), x[None])[0]
+        return self.network(model).embed(x[None])[0]
 
     def stored(self, image_id: int) -> StoredRow | None:
         return one(self.owner, Q.image_pixels_one, {"id": image_id}, as_=StoredRow)

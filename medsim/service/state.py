@@ -60,6 +60,7 @@ class ServeConfig:
     # upload at a time ran 14-16 requests/s, against 154 with OMP_NUM_THREADS=1. None: 1,
     # or OMP_NUM_THREADS when set (the worker's rule for a user's own setting).
     torch_threads: int | None = None
+    runtime: str | None = None  # what runs the network (medsim.training.runtime); None: the setting
 
 
 class Service:
@@ -150,16 +151,24 @@ class Service:
             with self.lock:
                 if model.id not in self.nets:
                     with self.owner.connection() as conn:
-                        self.nets[model.id] = model.load(conn)
-                    log.info("model %s (%s) loaded", model.id, model.name)
+                        net = model.load(conn)
+                    from medsim.training import runtime
+
+                    # an ONNX Runtime session with this many threads, shared by the requests
+                    # (its run() is thread-safe); torch's count is set per request thread below
+                    self.nets[model.id] = runtime.prepare(net, self.cfg.runtime, threads=self.threads_per_pass())
+                    log.info("model %s (%s) loaded; embeds with %s", model.id, model.name, self.nets[model.id].name)
         return self.nets[model.id]
+
+    def threads_per_pass(self) -> int:
+        return self.cfg.torch_threads or settings.get().omp_threads or 1
 
     def size_threads(self) -> None:
         """Called in the thread that runs a forward pass: OpenMP's thread count belongs to
         the calling thread, so setting it once at start-up does not reach the pool's."""
         import torch
 
-        want = self.cfg.torch_threads or settings.get().omp_threads or 1
+        want = self.threads_per_pass()
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
             log.info("torch threads per search: %d", want)

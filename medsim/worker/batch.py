@@ -144,16 +144,14 @@ def _bisect(embed, items: list, dim: int):
     return ids, v[finite], bad
 
 
-def forward(net, device) -> Callable[[np.ndarray], np.ndarray]:
-    """The network as a batch's embed function: model inputs -> vectors, with what torch
-    raises for inputs it cannot take turned into ImageFailure (bisected by embed_items)."""
-    # imported here, not at the top: main() installs the SIGTERM handler first, so a stop
-    # during the 2-3 s torch import is a clean exit 0 and not a kill
-    from medsim.training import network
+def forward(rt) -> Callable[[np.ndarray], np.ndarray]:
+    """The network's runtime (medsim.training.runtime) as a batch's embed function: model
+    inputs -> vectors, with what it raises for inputs it cannot take turned into
+    ImageFailure (bisected by embed_items)."""
 
     def embed(x: np.ndarray) -> np.ndarray:
         try:
-            return network.embed(net, x, device=device)
+            return rt.embed(x)
         except (RuntimeError, ValueError) as err:
             raise ImageFailure(f"{type(err).__name__}: {one_line(err)}") from err
 

@@ -40,6 +40,7 @@ class WorkerConfig:
     # beat both, 15.7 s)
     prefetch: bool | None = None
     device: str = "cpu"
+    runtime: str | None = None  # None: $MEDSIM_RUNTIME, else onnx (medsim.training.runtime)
     database_url: str | None = None
     progress: bool = True
 
@@ -86,6 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads (default: $OMP_NUM_THREADS, else this host's cores divided among the "
                         "medsim workers running on it)")
     p.add_argument("--device", default="cpu", help="torch device for inference (cpu, cuda)")
+    p.add_argument("--runtime", choices=("onnx", "torch"), default=None,
+                   help="what runs the network on the CPU (default: $MEDSIM_RUNTIME, else onnx where its "
+                        "embeddings match torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -93,5 +97,5 @@ def from_args(a: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(model=a.model, batch_size=a.batch_size, once=a.once, poll_interval=a.poll_interval,
                         max_attempts=a.max_attempts, db_retries=a.db_retries, throttle_s=a.throttle,
                         lock_timeout_s=a.lock_timeout, bulk_threshold=a.bulk_threshold, threads=a.threads,
-                        prefetch=a.prefetch, build_index=not a.no_index, device=a.device,
+                        prefetch=a.prefetch, build_index=not a.no_index, device=a.device, runtime=a.runtime,
                         database_url=a.database_url, progress=not a.quiet)

@@ -56,10 +56,11 @@ class Worker:
         conn = self.conns[0]
         migrate.check(conn)
         row = registry.get(conn, self.cfg.model)
-        net = row.load(conn, self.cfg.device)
+        rt = self.threads.runtime_for(row.load(conn, self.cfg.device), self.cfg.runtime, self.cfg.device)
+        log.info("model %s embeds with %s", row.id, rt.name)
         compute = threading.Lock() if self.cfg.lanes > 1 else contextlib.nullcontext()
         self.model_row = row
-        self.job = Job(row.id, net.cfg.image_size, row.embedding_dim, forward(net, self.cfg.device),
+        self.job = Job(row.id, rt.cfg.image_size, row.embedding_dim, forward(rt),
                        self.cfg.batch_size, self.cfg.retry_delay_s, self.cfg.max_attempts, self.cfg.throttle_s,
                        compute)
         queue.enqueue(conn, row.id)

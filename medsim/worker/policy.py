@@ -39,6 +39,16 @@ class Threads:
     def __init__(self, wanted: int | None, application_name: str):
         self.wanted, self.app = wanted, application_name
         self.now, self.checked = None, 0.0
+        self.runtime = None  # the model's runtime (an ONNX Runtime session has its own pool)
+
+    def runtime_for(self, net, runtime: str | None, device: str):
+        """The network's runtime (medsim.training.runtime), kept so that fit() sizes its pool."""
+        # imported here, not at the top: main() installs the SIGTERM handler first, so a stop
+        # during the 2-3 s torch import is a clean exit 0 and not a kill
+        from medsim.training import runtime as runtimes
+
+        self.runtime = runtimes.prepare(net, runtime, threads=self.now or 1, device=device)
+        return self.runtime
 
     def fit(self, conn, force: bool = False) -> int:
         import torch
@@ -54,6 +64,8 @@ class Threads:
             want = max(1, available_cores() // queue.workers_on_host(conn, self.app))
         if want != self.now:
             torch.set_num_threads(want)
+            if self.runtime is not None:
+                self.runtime.set_threads(want)
             if self.now is not None:
                 log.info("torch threads %d -> %d", self.now, want)
             self.now = want

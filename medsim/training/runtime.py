@@ -1,0 +1,148 @@
+"""The network at inference: torch eager, or the same graph exported to ONNX Runtime.
+
+Training, evaluation and explanations use the torch module; the worker and the service
+embed through a Runtime. ONNX Runtime's CPU execution provider runs the default 28 px
+network with flip TTA 2.5-3x faster than torch eager (bench/bench_worker.py --forward,
+docs/results.md), mostly because eager torch pays a per-operator dispatch that dominates
+at these sizes. It is the default only where it agrees with torch: every prepare() embeds
+a fixed probe batch both ways and falls back to torch, with a log line, if any embedding
+differs by more than PARITY_COSINE.
+
+The exporter is torch's TorchScript-based one (dynamo=False): the network is a plain
+feed-forward graph, and the dynamo exporter would add onnxscript as a dependency for no
+gain here. The ONNX bytes live in memory for the life of the process; nothing is written.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+
+import numpy as np
+
+from medsim.errors import BadArgument
+
+log = logging.getLogger("medsim.runtime")
+
+RUNTIMES = ("onnx", "torch")
+PARITY_COSINE = 1e-3  # largest 1 - cosine(torch, onnx) over the probe batch that is accepted
+# ONNX Runtime wants larger batches than torch eager: on 2 cores, the default net ran
+# 4.5-5.5k images/s at 256 and 6.0-6.7k at 1024 (torch: 1.4-2.2k at its own best, 64); the
+# 128 px seed net 0.3k at 4, 0.6-0.8k at 64-128. So 16x torch's rule (ModelConfig.inference_batch).
+ONNX_BATCH_FACTOR = 16
+
+
+class TorchRuntime:
+    name = "torch"
+
+    def __init__(self, net, device="cpu"):
+        self.net, self.cfg, self.device = net, net.cfg, device
+        self.batch = net.cfg.inference_batch(device)
+
+    def set_threads(self, n: int) -> None:
+        import torch
+
+        if torch.get_num_threads() != n:  # OpenMP's count belongs to the calling thread
+            torch.set_num_threads(n)
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        from medsim.training import network
+
+        return network.embed(self.net, images, batch_size=self.batch, device=self.device)
+
+
+class OnnxRuntime:
+    name = "onnx"
+
+    def __init__(self, net, threads: int = 1):
+        self.cfg = net.cfg
+        self.batch = net.cfg.inference_batch("cpu") * ONNX_BATCH_FACTOR
+        self.model = export(net)
+        self.threads = None
+        self.set_threads(threads)
+
+    def set_threads(self, n: int) -> None:
+        """A session's intra-op pool is fixed when it is made: a new count, a new session
+        (a few milliseconds from the bytes in memory)."""
+        if n == self.threads:
+            return
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads, so.inter_op_num_threads = n, 1
+        so.log_severity_level = 3  # warnings about unused initialisers are not the user's business
+        self.session = ort.InferenceSession(self.model, so, providers=["CPUExecutionProvider"])
+        self.threads = n
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        from medsim.training import network
+
+        out = []
+        for i in range(0, len(images), self.batch):
+            x = network.to_input(images[i:i + self.batch]).numpy()  # the one input path, as torch's
+            out.append(self.session.run(None, {"x": x})[0])
+        return np.concatenate(out) if out else np.zeros((0, self.cfg.embedding_dim), np.float32)
+
+
+def export(net) -> bytes:
+    """The eval-mode network (flip TTA and normalisation included) -> ONNX bytes with a
+    variable batch size."""
+    import torch
+
+    s = net.cfg.image_size
+    buf = io.BytesIO()
+    was_training = net.training
+    net.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer warnings
+            torch.onnx.export(net, (torch.zeros(2, 3, s, s),), buf, dynamo=False, input_names=["x"],
+                              output_names=["z"], dynamic_axes={"x": {0: "n"}, "z": {0: "n"}},
+                              opset_version=17)
+    finally:
+        net.train(was_training)
+    return buf.getvalue()
+
+
+def probe_images(size: int, n: int = 32) -> np.ndarray:
+    """A fixed batch for the parity check: noise, ramps and flat images, grey and colour."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    x[: n // 4] = np.broadcast_to(ramp[None, None, :, None], (n // 4, size, size, 3)).astype(np.uint8)
+    x[n // 4: n // 2] = x[n // 4: n // 2, :, :, :1]  # grey noise
+    x[-1] = 128
+    return x
+
+
+def max_cosine_gap(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    cos = (a * b).sum(1) / np.maximum(na * nb, 1e-12)
+    return float((1 - cos).max())
+
+
+def prepare(net, runtime: str | None = None, threads: int = 1, device="cpu"):
+    """The torch network -> the Runtime that embeds with it: ONNX Runtime by default on
+    the CPU, torch on a GPU, on request, or where the two disagree on the probe batch."""
+    from medsim import settings
+
+    runtime = runtime or settings.get().runtime
+    if runtime not in RUNTIMES:
+        raise BadArgument(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+    torch_rt = TorchRuntime(net, device)
+    if runtime == "torch" or not str(device).startswith("cpu"):
+        torch_rt.set_threads(threads)
+        return torch_rt
+    try:
+        onnx_rt = OnnxRuntime(net, threads)
+    except Exception as err:  # an operator the exporter or the runtime lacks: torch still works
+        log.warning("ONNX export failed (%s: %s); embedding with torch", type(err).__name__, err)
+        return torch_rt
+    probe = probe_images(net.cfg.image_size)
+    gap = max_cosine_gap(torch_rt.embed(probe), onnx_rt.embed(probe))
+    if gap > PARITY_COSINE:
+        log.warning("ONNX Runtime's embeddings differ from torch's (1 - cosine up to %.1e > %.0e); embedding "
+                    "with torch", gap, PARITY_COSINE)
+        return torch_rt
+    return onnx_rt
