@@ -501,6 +501,12 @@ SELECT count(*) FROM medsim.gallery g
 WHERE g.model_id = %(model_id)s
   AND medsim.gallery_match(g.dataset, g.split, g.label_names, g.metadata, g.patient_key, %(filter)s, NULL);
 
+-- name: gallery_metadata_keys
+-- The metadata keys a filter can name for this model's gallery (read only when a filtered
+-- search found nothing, to tell a mistyped key from a value that matches nothing).
+SELECT DISTINCT k FROM medsim.gallery g, jsonb_object_keys(g.metadata) k
+WHERE g.model_id = %(model_id)s ORDER BY k;
+
 -- name: gallery_ids_matching
 -- What a FAISS search may return under a filter (its IDSelector), by the same rule as
 -- medsim.search_gallery.
@@ -572,18 +578,18 @@ SELECT id, pixels, height, width, channels, bit_depth FROM medsim.images WHERE i
 SELECT encode(sha256, 'hex') FROM medsim.images WHERE id = %(id)s;
 
 -- name: random_image
--- A uniformly drawn id, then the first image at or after it in the split (and dataset):
--- two index probes, not a sort of the whole table (ORDER BY random()).
-WITH bounds AS (SELECT min(id) AS lo, max(id) AS hi FROM medsim.images)
-SELECT i.id FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id, bounds b
-WHERE i.split = %(split)s AND (%(dataset)s::text IS NULL OR d.flag = %(dataset)s::text)
-  AND i.id >= b.lo + floor(random() * (b.hi - b.lo + 1))::bigint
-ORDER BY i.id LIMIT 1;
-
--- name: first_image_in
+-- Uniform over the split's (and dataset's) images the caller may see: count them, then
+-- skip a random number of them. The random offset is drawn once (a MATERIALIZED CTE); it
+-- used to be `id >= lo + random() * (hi - lo)` in the WHERE clause, which draws again for
+-- every row and so returned the first few ids of the split (5 distinct ids in 100 calls).
+-- Two scans of the filtered ids: 8,236 images take a fraction of a millisecond.
+WITH pick AS MATERIALIZED (
+  SELECT floor(random() * count(*))::bigint AS skip
+  FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
+  WHERE i.split = %(split)s AND (%(dataset)s::text IS NULL OR d.flag = %(dataset)s::text))
 SELECT i.id FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
 WHERE i.split = %(split)s AND (%(dataset)s::text IS NULL OR d.flag = %(dataset)s::text)
-ORDER BY i.id LIMIT 1;
+ORDER BY i.id OFFSET (SELECT skip FROM pick) LIMIT 1;
 
 -- name: datasets_overview
 SELECT d.flag AS name, d.source_kind, d.label_names, d.task,

@@ -236,3 +236,64 @@ def test_the_api_page_works_offline_under_the_same_policy(server, browser):
     assert browser.find_elements(By.CSS_SELECTOR, ".swagger-ui .authorize")  # where a token goes
     errors = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert not [m for m in errors if "Content Security Policy" in m or "http" in m.split(" ")[0]], errors
+
+
+def test_start_page_loading_state_superseded_search_and_errors(server, browser):
+    """Before any search: no empty query box, no broken image. A slow search shows
+    "Searching…" at once (in the same task as the click) and dims the old results; a
+    second search cancels the first, whose answer never replaces the newer one; an error
+    clears the results; going back to a URL without a query shows nothing stale."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base, conn, (token, _) = server
+    a, b = (r[0] for r in conn.execute("SELECT id FROM medsim.images WHERE split = 'test' ORDER BY id LIMIT 2"))
+    browser.get(base + "/")
+    wait = WebDriverWait(browser, 30)
+    sign_in(browser, wait, token)
+    shown = browser.execute_script("""
+        const q = document.getElementById('query');
+        return {query: getComputedStyle(q).display,
+                broken: [...document.images].filter(i => i.offsetParent !== null && !(i.complete && i.naturalWidth > 0)).length,
+                busy: getComputedStyle(document.getElementById('busy')).display}""")
+    assert shown == {"query": "none", "broken": 0, "busy": "none"}
+
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.emulateNetworkConditions", {
+        "offline": False, "latency": 1500, "downloadThroughput": -1, "uploadThroughput": -1})
+    try:
+        # the loading state is on in the click's own task: before any frame, well within 100 ms
+        busy = browser.execute_script(f"""
+            const box = document.getElementById('image-id'); box.value = '{a}';
+            document.getElementById('go').click();
+            return !document.getElementById('busy').hidden
+                && document.getElementById('results').getAttribute('aria-busy') === 'true'""")
+        assert busy
+        # superseded: b's search starts while a's is in flight; only b's answer is shown
+        browser.execute_script(f"""
+            const box = document.getElementById('image-id'); box.value = '{b}';
+            document.getElementById('go').click();""")
+        wait.until(lambda d: d.find_element(By.ID, "busy").get_attribute("hidden") is not None)
+        assert browser.find_element(By.ID, "query-title").text.startswith(f"image {b}")
+        time.sleep(2)  # a's answer, had it not been cancelled, would have landed by now
+        assert browser.find_element(By.ID, "query-title").text.startswith(f"image {b}")
+        assert f"image_id={b}" in browser.current_url
+    finally:
+        browser.execute_cdp_cmd("Network.emulateNetworkConditions", {
+            "offline": False, "latency": 0, "downloadThroughput": -1, "uploadThroughput": -1})
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#grid .card")) == 8
+    assert "stale" not in browser.find_element(By.ID, "grid").get_attribute("class")
+
+    # an error clears what was there
+    box = browser.find_element(By.ID, "image-id")
+    box.clear()
+    box.send_keys("987654321\n")
+    wait.until(lambda d: d.find_element(By.ID, "error").get_attribute("hidden") is None)
+    assert browser.find_elements(By.CSS_SELECTOR, "#grid .card") == []
+    assert browser.find_element(By.ID, "query").get_attribute("hidden") is not None
+
+    # a filter that matches nothing: an empty result that says why, no error banner
+    browser.get(f"{base}/?image_id={a}&k=4&label=no-such-label")
+    wait.until(lambda d: "No neighbours" in d.find_element(By.ID, "summary").text)
+    assert "no image on file matches the filter label=no-such-label" in browser.find_element(By.ID, "summary").text
+    assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None

@@ -89,9 +89,9 @@ def test_a_batch_that_fails_as_a_whole_is_bisected(ready, db_url, monkeypatch):
             raise RuntimeError("simulated kernel failure on this input")
         return real(net, images, **kw)
 
-    monkeypatch.setattr(network, "embed", fragile)
+    monkeypatch.setattr(network, "embed", fragile)  # torch's path: the worker is told to use it below
     s = Worker(WorkerConfig(once=True, database_url=db_url, progress=False, build_index=False,
-                            max_attempts=1, batch_size=128)).run()
+                            max_attempts=1, batch_size=128, runtime="torch")).run()
     assert s.embedded == N and s.failed == 1
     error = conn.execute("SELECT last_error FROM medsim.embedding_queue WHERE image_id = %s", (poison,)).fetchone()[0]
     assert error == "cannot embed: RuntimeError: simulated kernel failure on this input"

@@ -142,8 +142,11 @@ def test_cli_filters(archive_db, capsys):
     assert len(ids) == 5 and sites == {"north"} and len(set(patients)) == 5
     assert cli.main(["search", "--image-id", str(qid), "--filter", "nonsense"]) == 2
     assert "--filter expects KEY=VALUE" in capsys.readouterr().err
-    assert cli.main(["search", "--image-id", str(qid), "--filter", "site=nowhere"]) == 2
-    assert "gallery is empty" in capsys.readouterr().err
+    assert cli.main(["search", "--image-id", str(qid), "--filter", "site=nowhere"]) == 0
+    assert "no image on file matches the filter site=nowhere" in capsys.readouterr().out
+    assert cli.main(["search", "--image-id", str(qid), "--filter", "stie=north"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown filter key 'stie'" in err and "site" in err
 
 
 def test_the_selective_filter_does_starve_plain_hnsw(archive_db):

@@ -206,3 +206,37 @@ def test_a_wheel_install_migrates_an_empty_database(empty_db_url, tmp_path):
     with psycopg.connect(empty_db_url) as c:  # and the replaceable objects came with it
         assert c.execute("SELECT to_regprocedure('medsim.search_gallery(vector, integer, integer, jsonb, text, "
                          "bigint, integer)') IS NOT NULL").fetchone() == (True,)
+
+
+def test_retina_grades_get_readable_names_old_databases_too(db_url, conn, synth_dir):
+    """New ingests name RetinaMNIST's labels as grades; revision 0017 renames a database
+    ingested with the bare digits, and its downgrade puts them back. Labels (integers), and
+    so label keys, do not change."""
+    from tests.helpers import ingest_synth
+
+    ingest_synth(conn, synth_dir, flags=("retinamnist",))
+
+    def names():  # off head, the functions that name an image's label are gone: the table itself
+        return [r[0] for r in conn.execute(
+            "SELECT v FROM medsim.datasets, jsonb_each_text(label_names) AS e(k, v) ORDER BY k")]
+
+    grades = ["grade 0 (no retinopathy)", "grade 1 (mild)", "grade 2 (moderate)", "grade 3 (severe)",
+              "grade 4 (proliferative)"]
+    assert names() == grades
+    assert conn.execute("SELECT DISTINCT medsim.label_name(dataset_id, labels) FROM medsim.images "
+                        "ORDER BY 1").fetchall()[0] == ("grade 0 (no retinopathy)",)
+    labels_before = conn.execute("SELECT array_agg(labels ORDER BY id) FROM medsim.images").fetchone()[0]
+    conn.commit()
+    migrate.downgrade(db_url, "0016")
+    assert names() == ["0", "1", "2", "3", "4"]
+    conn.commit()
+    migrate.upgrade(db_url)
+    assert names() == grades
+    assert conn.execute("SELECT array_agg(labels ORDER BY id) FROM medsim.images").fetchone()[0] == labels_before
+    # an archive's own names, even digits, are left alone
+    conn.execute("UPDATE medsim.datasets SET is_medmnist = false")
+    conn.execute("""UPDATE medsim.datasets SET label_names = '{"0":"0","1":"1","2":"2","3":"3","4":"4"}'""")
+    conn.commit()
+    migrate.downgrade(db_url, "0016")
+    migrate.upgrade(db_url)
+    assert names() == ["0", "1", "2", "3", "4"]

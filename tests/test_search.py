@@ -9,6 +9,7 @@ from PIL import Image
 from medsim import cli, demo
 from medsim.errors import MedsimError
 from medsim.search import faiss_index
+from medsim.search.request import Filters
 from medsim.training import train
 from tests.helpers import ingest_synth, register_model, search
 
@@ -69,8 +70,12 @@ def test_clear_errors(embedded, tmp_path, capsys):
         search(conn, image_files=[tmp_path / "notes.txt"])
     with pytest.raises(MedsimError, match="no image with id 999999"):
         search(conn, image_ids=[999999])
-    with pytest.raises(MedsimError, match="gallery is empty .* dermamnist"):
-        search(conn, image_ids=[1], dataset="dermamnist")
+    # a filter that matches nothing is an empty result that says so, not an error
+    [(q, hits)] = search(conn, image_ids=[1], dataset="dermamnist")
+    assert hits == []
+    with pytest.raises(MedsimError, match="unknown filter key 'sitee'; the keys on file are dataset, split, label, "
+                                          "modality"):
+        search(conn, image_ids=[1], filters=Filters({"sitee": "north"}))
     assert cli.main(["search", "--image-file", str(tmp_path / "notes.txt")]) == 2
     assert "not a readable image" in capsys.readouterr().err
 
@@ -184,6 +189,6 @@ def test_no_step_of_a_search_reads_the_whole_gallery(embedded, db_url):
         from medsim.search import pipeline
 
         with db.connect(db_url, autocommit=True) as c:
-            pipeline.check_gallery(c, mid, {})
+            pipeline.nothing_found(c, mid, {})
 
     assert counted(count_gallery) >= 2000

@@ -81,6 +81,16 @@ def test_search_by_id_is_the_sql_answer_with_thumbnails(api):
     r = client.post("/search", json={"image_id": gid, "k": 5, "max_distance": cut})
     assert [n["distance"] <= cut for n in r.json()["neighbours"]] == [True] * 3
     assert "2 of 5 neighbours were farther" in r.json()["notes"][0]
+    # every neighbour beyond max_distance: no neighbours, and no vote of "3 of 3"
+    r = client.post("/search", json={"image_id": gid, "k": 3, "max_distance": 0})
+    assert r.status_code == 200 and r.json()["neighbours"] == [] and r.json()["vote"] is None
+    # a filter that matches nothing: 200, no neighbours, one sentence; a mistyped key names the known ones
+    r = client.post("/search", json={"image_id": gid, "k": 3, "filters": {"dataset": "dermamnist"}})
+    assert r.status_code == 200 and r.json()["neighbours"] == [] and r.json()["vote"] is None
+    assert r.json()["notes"] == ["no image on file matches the filter dataset=dermamnist"]
+    r = client.post("/search", json={"image_id": gid, "k": 3, "filters": {"datset": "breastmnist"}})
+    assert r.status_code == 400
+    assert r.json()["detail"].startswith("unknown filter key 'datset'; the keys on file are dataset, split, label")
 
 
 def test_search_by_upload_and_by_vector(api):
@@ -218,6 +228,23 @@ def test_images_thumbnails_and_etags(api):
     assert conn.execute("SELECT d.flag FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id "
                         "WHERE i.id = %s", (r.json()["image_id"],)).fetchone()[0] == "retinamnist"
     assert client.get("/images/random?split=test&dataset=nosuch").status_code == 404
+    # HEAD: the headers of a GET, no body
+    r = client.head(f"/images/{gid}/thumbnail.png")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content == b""
+
+
+def test_random_image_is_uniform(api):
+    """100 draws from breast's test split (156 images on the synthetic archive): a uniform
+    draw shows about 75 distinct ids. The old query drew a new random number per row and
+    returned the split's first few ids (5 distinct in 100)."""
+    client, conn, _ = api
+    n = conn.execute("SELECT count(*) FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id "
+                     "WHERE d.flag = 'breastmnist' AND i.split = 'test'").fetchone()[0]
+    got = [client.get("/images/random?split=test&dataset=breastmnist").json()["image_id"] for _ in range(100)]
+    expected = n * (1 - (1 - 1 / n) ** 100)
+    assert len(set(got)) > 0.8 * expected, (len(set(got)), expected)
+    ids = sorted(got)
+    assert ids[-1] - ids[0] > 0.8 * n  # the draws span the split, not its first ids
 
 
 def test_state_endpoints_and_metrics(api):

@@ -2,7 +2,7 @@
 a Result comes out, and only the presenters differ.
 
     run(): the model -> the query (a stored image's vector, or an image embedded the way
-    training inputs were) -> the engine -> the gallery check (only when nothing came back)
+    training inputs were) -> the engine -> why nothing came back (only then)
     -> max_distance -> calibration (P(same), the vote) -> notes
 
 Cost follows need: a stored image that is already embedded is searched with its stored
@@ -78,9 +78,9 @@ def run(ctx, req: Request) -> Result:
             hits, build = engines.faiss(ctx, model.id, q, req.k, req.filters)
         else:
             hits = engines.pgvector(ctx, model.id, q, req.k, req.filters, exact=req.engine == "exact")
-    if not hits:
-        check_gallery(ctx.conn, model.id, req.filters.where)
     out = Result(model, req.engine, q, hits, build)
+    if not hits:
+        out.notes.append(nothing_found(ctx.conn, model.id, req.filters.where))
     if req.max_distance is not None:
         out.hits = [h for h in hits if h.distance <= req.max_distance]
         out.notes.append(f"{len(hits) - len(out.hits)} of {len(hits)} neighbours were farther than max_distance "
@@ -154,13 +154,25 @@ def _take_identity(q: Query, r: _Stored) -> None:
         r.id, r.dataset, r.label_name, list(r.label_names or []), r.patient_key)
 
 
-def check_gallery(conn, model_id: int, where: dict) -> None:
-    """NotFound, saying what to do, when no gallery image of the model passes the filter.
-    A count over the gallery: run only when a search found nothing."""
-    if scalar(conn, Q.gallery_count, {"model_id": model_id, "filter": Jsonb(where)}) == 0:
-        raise NotFound(f"the gallery is empty for model {model_id}"
-                       + (f" and {', '.join(f'{k_} {v}' for k_, v in where.items())}" if where else "")
-                       + ": ingest images and run the embedding worker first, or loosen the filter")
+FILTER_KEYS = ("dataset", "split", "label", "modality")  # besides any metadata key on file
+
+
+def nothing_found(conn, model_id: int, where: dict) -> str:
+    """Why a search found nothing -> the sentence to show with the empty result; NotFound
+    (what to do) when the model's gallery is empty, BadArgument for a filter key that no
+    image has. Counts over the gallery: run only when a search found nothing."""
+    if scalar(conn, Q.gallery_count, {"model_id": model_id, "filter": Jsonb({})}) == 0:
+        raise NotFound(f"the gallery is empty for model {model_id}: ingest images and run the embedding "
+                       f"worker first")
+    known = [*FILTER_KEYS, *(r[0] for r in conn.execute(Q.gallery_metadata_keys, {"model_id": model_id}))]
+    unknown = sorted(set(where) - set(known))
+    if unknown:
+        raise BadArgument(f"unknown filter key {', '.join(map(repr, unknown))}; the keys on file are "
+                          f"{', '.join(dict.fromkeys(known))}")
+    if not where:  # the query itself and its own patient's images are left out
+        return "nothing on file besides the query and its own patient's images"
+    return ("no image on file matches the filter "
+            + ", ".join(f"{k}={v if isinstance(v, str) else '|'.join(v)}" for k, v in where.items()))
 
 
 def calibrate(cals: dict, q: Query, hits: list) -> None:

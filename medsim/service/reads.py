@@ -45,7 +45,7 @@ def sha256(svc, who, image_id: int) -> str | None:
 def random_image(svc, who, split: str, dataset: str | None) -> int:
     with svc.connection(who) as conn:
         args = {"split": split, "dataset": dataset}
-        found = scalar(conn, Q.random_image, args) or scalar(conn, Q.first_image_in, args)
+        found = scalar(conn, Q.random_image, args)
     if found is None:
         raise NotFound(f"no {split} image" + (f" in {dataset}" if dataset else ""))
     return found

@@ -69,6 +69,16 @@ class Entry:
         return len(self.label_names)
 
 
+# Label names people can read, where MedMNIST's INFO has only numbers: RetinaMNIST's labels
+# are diabetic-retinopathy grades (DeepDRiD; the international clinical DR scale). The one
+# place names are defined for MedMNIST subsets; an archive's names are its own class
+# folders or manifest labels. Revision 0017 renames them in databases ingested before.
+READABLE_LABELS = {
+    "retinamnist": {"0": "grade 0 (no retinopathy)", "1": "grade 1 (mild)", "2": "grade 2 (moderate)",
+                    "3": "grade 3 (severe)", "4": "grade 4 (proliferative)"},
+}
+
+
 def flags_2d() -> list[str]:
     return [f for f in _medmnist_info().INFO if not f.endswith("3d")]
 
@@ -89,7 +99,7 @@ def entry(flag: str, size: int = 28) -> Entry:
         description=d["description"],
         task=d["task"],
         n_channels=int(d["n_channels"]),
-        label_names=dict(d["label"]),
+        label_names=READABLE_LABELS.get(flag, dict(d["label"])),
         n_samples={k: int(v) for k, v in d["n_samples"].items()},
         license=d["license"],
         url=d[f"url{suffix}"],

@@ -52,3 +52,9 @@ def thumbnail(request: Request, svc: ServiceDep, who: Viewer, image_id: int,
     png = reads.thumbnail(svc, image_id, size)
     svc.log(who, client_address(request), "thumbnail", [image_id])
     return Response(png, media_type="image/png", headers=headers)
+
+
+# HEAD too (a client or a proxy checking a thumbnail without fetching it): the same
+# function, out of the schema so that OpenAPI lists one operation
+router.add_api_route("/{image_id}/thumbnail.png", thumbnail, methods=["HEAD"], include_in_schema=False,
+                     response_class=Response)

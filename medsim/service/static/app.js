@@ -1,6 +1,7 @@
 // medsim's page: plain JavaScript against the JSON API, no framework, no CDN.
 // The URL carries the query (a stored image id, k, engine, filters) so a result can be
-// shared or bookmarked; an uploaded file cannot travel in a URL, so its search is not.
+// shared or bookmarked; an uploaded file cannot travel in a URL, so its search is not
+// (going back to an upload's URL shows an empty page, not an older search's results).
 // The token is asked for once and kept in sessionStorage: this tab only, gone when it
 // closes, never in the URL. Thumbnails are fetched with it (an <img> cannot send a
 // header) and shown as blob: URLs.
@@ -30,7 +31,7 @@ function showError(msg) {
 
 async function api(path, options) {
   const o = options || {};
-  const r = await fetch(path, { ...o, headers: authHeaders(o.headers) });
+  const r = await fetch(path, { ...o, headers: authHeaders(o.headers) });  // o.signal: cancellable
   let body = null;
   try { body = await r.json(); } catch (e) { /* not JSON */ }
   const detail = body && body.detail ? body.detail : `${r.status} ${r.statusText}`;
@@ -49,6 +50,39 @@ async function showImage(img, url) {
     img.src = URL.createObjectURL(await r.blob());
     if (old.startsWith("blob:")) URL.revokeObjectURL(old);
   } catch (e) { /* the card keeps its text */ }
+}
+
+// One search at a time: a new one cancels the one in flight (its answer would overwrite
+// the newer one's), the old results are dimmed and "Searching…" shows at once, and an
+// error clears the results so that nothing under the red banner looks like an answer.
+let inflight = null;
+function beginSearch() {
+  if (inflight) inflight.abort();
+  inflight = new AbortController();
+  $("busy").hidden = false;
+  $("results").setAttribute("aria-busy", "true");
+  $("grid").classList.add("stale");
+  $("query").classList.add("stale");
+  return inflight;
+}
+function endSearch(ctl) {
+  if (ctl !== inflight) return false;  // superseded: a newer search owns the page
+  inflight = null;
+  $("busy").hidden = true;
+  $("results").removeAttribute("aria-busy");
+  $("grid").classList.remove("stale");
+  $("query").classList.remove("stale");
+  return true;
+}
+function clearResults() {
+  $("grid").replaceChildren();
+  $("summary").textContent = "";
+  $("query").hidden = true;
+}
+function failed(ctl, e) {
+  if (e.name === "AbortError" || !endSearch(ctl)) return;
+  clearResults();
+  showError(e.message);
 }
 
 function options() {
@@ -108,6 +142,11 @@ function render(res, queryImgSrc) {
   $("model").textContent = `model ${res.model.id} (${res.model.name}, ${res.model.embedding_dim}-d)`;
   const same = res.neighbours.filter((n) => n.same_label).length;
   const engines = { pgvector: "pgvector HNSW", exact: "pgvector exact", faiss: `FAISS build ${res.index_build}` };
+  if (!res.neighbours.length) {  // a filter or max_distance that left nothing: say why, show nothing
+    $("summary").textContent = `No neighbours: ${res.notes.join(" ")}`;
+    $("grid").replaceChildren();
+    return;
+  }
   $("summary").textContent = `${res.neighbours.length} nearest from the train and val images, by ` +
     `${engines[res.engine] || res.engine}, in ${res.timing_ms.toFixed(1)} ms` +
     (q.label_name ? `; ${same} of ${res.neighbours.length} share the query's label` : "") +
@@ -164,17 +203,23 @@ function render(res, queryImgSrc) {
 
 async function searchId(imageId, push = true) {
   imageId = Number(imageId);
-  if (!Number.isInteger(imageId) || imageId < 1) { showError("an image id is a positive whole number"); return; }
+  if (!Number.isInteger(imageId) || imageId < 1) {
+    clearResults();
+    showError("an image id is a positive whole number");
+    return;
+  }
   $("image-id").value = imageId;
   if (push) setUrl(imageId);
+  const ctl = beginSearch();
   try {
     const res = await api("/search", {
       method: "POST", headers: { "content-type": "application/json" },
-      body: JSON.stringify({ image_id: imageId, ...options() }),
+      body: JSON.stringify({ image_id: imageId, ...options() }), signal: ctl.signal,
     });
+    if (!endSearch(ctl)) return;
     showError("");
     render(res, `/images/${imageId}/thumbnail.png`);
-  } catch (e) { showError(e.message); }
+  } catch (e) { failed(ctl, e); }
 }
 
 async function searchFile(file) {
@@ -185,11 +230,13 @@ async function searchFile(file) {
   fd.append("filters", JSON.stringify(o.filters));
   $("image-id").value = "";
   setUrl(null);
+  const ctl = beginSearch();
   try {
-    const res = await api("/search/upload", { method: "POST", body: fd });
+    const res = await api("/search/upload", { method: "POST", body: fd, signal: ctl.signal });
+    if (!endSearch(ctl)) return;
     showError("");
     render(res, URL.createObjectURL(file));
-  } catch (e) { showError(e.message); }
+  } catch (e) { failed(ctl, e); }
 }
 
 let lastFile = null;
@@ -222,7 +269,11 @@ async function init() {
   });
   for (const id of ["k", "engine", "label"]) $(id).addEventListener("change", rerun);
   $("dataset").addEventListener("change", () => { fillLabels(); rerun(); });
-  window.addEventListener("popstate", () => { const id = fromUrl(); if (id) searchId(id, false); });
+  window.addEventListener("popstate", () => {
+    const id = fromUrl();
+    if (id) searchId(id, false);
+    else { if (inflight) endSearch(inflight); clearResults(); showError(""); $("image-id").value = ""; }
+  });
 
   $("login").addEventListener("submit", (e) => {
     e.preventDefault();
@@ -236,8 +287,7 @@ async function init() {
   $("logout").addEventListener("click", () => {
     state.token = "";
     sessionStorage.removeItem("medsim.token");
-    $("grid").replaceChildren();
-    $("query").hidden = true;
+    clearResults();
     askForToken("");
   });
   await load();
