@@ -574,6 +574,26 @@ WHERE i.id = %(id)s;
 -- name: image_pixels_one
 SELECT id, pixels, height, width, channels, bit_depth FROM medsim.images WHERE id = %(id)s;
 
+-- name: image_embedding
+SELECT embedding FROM medsim.embeddings WHERE image_id = %(id)s AND model_id = %(model_id)s;
+
+-- name: list_images
+-- Browse: a page of images in id order, any split, filtered by the search's own rule
+-- (medsim.gallery_match: dataset, split, label, modality, any metadata key) and a patient.
+SELECT i.id, d.flag AS dataset, i.split, medsim.label_name(i.dataset_id, i.labels) AS label_name,
+       i.patient_key, i.height, i.width, i.metadata ->> 'Modality' AS modality
+FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
+WHERE medsim.gallery_match(d.flag, i.split, medsim.label_names(i.dataset_id, i.labels), i.metadata,
+                           i.patient_key, %(filter)s, NULL)
+  AND (%(patient_key)s::text IS NULL OR i.patient_key = %(patient_key)s::text)
+ORDER BY i.id OFFSET %(offset)s LIMIT %(limit)s;
+
+-- name: count_images_matching
+SELECT count(*) FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
+WHERE medsim.gallery_match(d.flag, i.split, medsim.label_names(i.dataset_id, i.labels), i.metadata,
+                           i.patient_key, %(filter)s, NULL)
+  AND (%(patient_key)s::text IS NULL OR i.patient_key = %(patient_key)s::text);
+
 -- name: image_sha256
 SELECT encode(sha256, 'hex') FROM medsim.images WHERE id = %(id)s;
 

@@ -159,11 +159,17 @@ def requests_for(world):
         for i in (world["tests"][k], world["ids"][k][0]):
             out.append((f"image {k} {i}", "get", f"/images/{i}", {}, "images"))
             out.append((f"thumbnail {k} {i}", "get", f"/images/{i}/thumbnail.png", {}, "images"))
+            out.append((f"preview {k} {i}", "get", f"/images/{i}/preview.png", {}, "images"))
+            out.append((f"embedding {k} {i}", "get", f"/images/{i}/embedding", {}, "images"))
+        out.append((f"browse {k}", "get", f"/images?limit=200&dataset={ARCHIVES[k]}", {}, "images"))
         out.append((f"search filtered to {k}", "post", "/search",
                     {"json": {"image_id": world["tests"]["A"], "k": 5, "filters": {"dataset": ARCHIVES[k]}}},
                     "search"))
     for path in ("/datasets", "/status", "/models", "/images/random?split=test", "/images/random?split=train"):
         out.append((path, "get", path, {}, "search"))
+    out.append(("browse all", "get", "/images?limit=200", {}, "images"))
+    out.append(("export", "post", "/search/export?format=json",
+                {"json": {"image_id": world["tests"]["A"], "k": 5}}, "search"))
     out += [("/metrics", "get", "/metrics", {}, "local"), ("/healthz", "get", "/healthz", {}, "local")]
     return out
 
@@ -176,12 +182,16 @@ def expected(who: str, need: str, name: str) -> set:
         return {status}
     if need == "images" and who == "search scope":
         return {403}
+    if name.startswith("browse"):  # a page of what the user may see: never an error, maybe empty
+        return {200}
+    if name == "export":
+        return {403} if who == "granted nothing" else {200} if "A" in allowed else {404}
     if who == "granted nothing":
         return {403} if name.startswith(("search", "upload")) else {404} if "random" in name or need == "images" \
             else {200}
     if name.startswith("search filtered to"):
         return {200} if name[-1] in allowed else {403}
-    if name.startswith(("search id", "image", "thumbnail")):
+    if name.startswith(("search id", "image", "thumbnail", "preview", "embedding")):
         archive_key = name.split()[2 if name.startswith("search") else 1]
         return {200} if archive_key in allowed else {404}
     if name.startswith("search vector") and "faiss" not in name:
@@ -220,9 +230,14 @@ def test_the_authorization_matrix_over_http(world):
                         served.append((who, "search", {n["image_id"] for n in r.json()["neighbours"]}))
                         if PRINCIPALS[who][1] and "filtered" not in name:
                             assert len(r.json()["neighbours"]) == 5, (who, name)  # k, however few they may see
-                    elif name.startswith(("image ", "thumbnail")):
+                    elif name == "export":  # the search, then the export of its answer
+                        got = {n["image_id"] for n in r.json()["neighbours"]}
+                        served += [(who, "search", got), (who, "export", got)]
+                    elif name.startswith("browse"):
+                        served.append((who, "browse", {d["id"] for d in r.json()["images"]}))
+                    elif name.startswith(("image ", "thumbnail", "preview", "embedding")):
                         served.append((who, name.split()[0], {int(path.split("/")[2])}))
-    assert cases == len(PRINCIPALS) * len(requests_for(world)) == 490
+    assert cases == len(PRINCIPALS) * len(requests_for(world)) == 660
     with db.connect(url, autocommit=True) as conn:
         logged = conn.execute("SELECT user_name, action, image_ids FROM medsim.access_log WHERE id > "
                               "(SELECT coalesce(max(id), 0) FROM medsim.access_log) - %s ORDER BY id",

@@ -368,3 +368,75 @@ def test_the_service_refuses_to_start_on_an_unmigrated_database(empty_db_url):
     app = create_app(ServeConfig(auth=False, database_url=empty_db_url))
     with pytest.raises(SchemaNotReady, match="medsim migrate"), TestClient(app):
         pass
+
+
+def test_preview_embedding_browse_and_export(api):
+    """The workbench's endpoints: a preview scaled up by nearest neighbour (each stored pixel
+    a square) or smoothly, with an auto-contrast window; the stored embedding, which
+    searches as a vector to the same neighbours; a browse page that counts and pages; a
+    search exported as CSV (rows = the JSON's neighbours), JSON and ZIP; each in the log."""
+    import csv
+    import zipfile
+
+    client, conn, mid = api
+    gid = gallery_id(conn)
+    stored = stored_pixels(conn, gid)
+    r = client.get(f"/images/{gid}/preview.png?size=280")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    big = np.asarray(Image.open(io.BytesIO(r.content)))
+    assert big.shape[:2] == (280, 280)
+    assert np.array_equal(big[::10, ::10], stored)  # nearest neighbour: 10 x 10 squares of the stored pixels
+    smooth = np.asarray(Image.open(io.BytesIO(client.get(f"/images/{gid}/preview.png?size=280&smooth=true").content)))
+    assert smooth.shape == big.shape and not np.array_equal(smooth, big)
+    auto = np.asarray(Image.open(io.BytesIO(client.get(f"/images/{gid}/preview.png?size=280&window=auto").content)))
+    assert auto.min() == 0 and auto.max() == 255  # the image's own range stretched to the full one
+    etag = r.headers["etag"]
+    assert client.get(f"/images/{gid}/preview.png?size=280", headers={"if-none-match": etag}).status_code == 304
+    assert client.get(f"/images/{gid}/preview.png?size=2000").status_code == 400
+    assert client.get(f"/images/{gid}/preview.png?window=bone").status_code == 400
+    assert client.get("/images/987654321/preview.png").status_code == 404
+
+    e = client.get(f"/images/{gid}/embedding").json()
+    assert e["model_id"] == mid and e["dim"] == len(e["embedding"]) == 64
+    by_vector = client.post("/search", json={"vector": e["embedding"], "k": 5}).json()
+    by_id = client.post("/search", json={"image_id": gid, "k": 4}).json()
+    assert [n["image_id"] for n in by_vector["neighbours"]][1:] == [n["image_id"] for n in by_id["neighbours"]]
+    assert client.get(f"/images/{gid}/embedding?model=999").status_code == 404
+    test_id = conn.execute("SELECT min(id) FROM medsim.images WHERE split = 'test'").fetchone()[0]
+    assert client.get(f"/images/{test_id}/embedding").status_code in (200, 404)
+
+    page = client.get("/images?dataset=retinamnist&split=val&limit=7&offset=3").json()
+    n_val = conn.execute("SELECT count(*) FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id "
+                         "WHERE d.flag = 'retinamnist' AND i.split = 'val'").fetchone()[0]
+    want = [r[0] for r in conn.execute("SELECT i.id FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id "
+                                       "WHERE d.flag = 'retinamnist' AND i.split = 'val' ORDER BY i.id "
+                                       "OFFSET 3 LIMIT 7")]
+    assert page["total"] == n_val and [d["id"] for d in page["images"]] == want
+    assert {(d["dataset"], d["split"]) for d in page["images"]} == {("retinamnist", "val")}
+    assert page["images"][0]["thumbnail_url"] == f"/images/{want[0]}/thumbnail.png"
+    label = page["images"][0]["label_name"]
+    labelled = client.get("/images", params={"dataset": "retinamnist", "label": label, "limit": 200}).json()
+    assert labelled["total"] > 0 and {d["label_name"] for d in labelled["images"]} == {label}
+    assert client.get("/images?filters=[1]").status_code == 400
+    assert client.get("/images?limit=1000").status_code == 400
+    assert client.get('/images?filters={"site": "nowhere"}').json()["total"] == 0
+
+    body = {"image_id": gid, "k": 6}
+    r = client.post("/search/export?format=csv", json=body)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/csv")
+    assert "attachment" in r.headers["content-disposition"]
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    answer = client.post("/search", json=body).json()
+    assert [int(x["image_id"]) for x in rows] == [n["image_id"] for n in answer["neighbours"]]
+    assert [float(x["distance"]) for x in rows] == pytest.approx([n["distance"] for n in answer["neighbours"]])
+    js = client.post("/search/export?format=json", json=body).json()
+    assert [n["image_id"] for n in js["neighbours"]] == [n["image_id"] for n in answer["neighbours"]]
+    z = zipfile.ZipFile(io.BytesIO(client.post("/search/export?format=zip", json=body).content))
+    names = set(z.namelist())
+    assert {"README.txt", "result.csv", "result.json", "thumbnails/query.png"} <= names
+    assert len([n for n in names if n.startswith("thumbnails/0")]) == 6
+    first = answer["neighbours"][0]["image_id"]
+    assert np.array_equal(np.asarray(Image.open(z.open(f"thumbnails/001-{first}.png"))), stored_pixels(conn, first))
+    assert client.post("/search/export?format=xlsx", json=body).status_code == 400
+    actions = {r[0] for r in conn.execute("SELECT DISTINCT action FROM medsim.access_log")}
+    assert {"preview", "embedding", "browse", "export"} <= actions

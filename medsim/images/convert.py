@@ -95,10 +95,22 @@ def model_input(x: np.ndarray, size: int) -> np.ndarray:
     return np.repeat(out, 3, axis=2) if out.shape[2] == 1 else np.ascontiguousarray(out)
 
 
-def to_display(x: np.ndarray) -> np.ndarray:
+WINDOWS = ("stored", "auto")
+
+
+def to_display(x: np.ndarray, window: str = "stored") -> np.ndarray:
     """Stored pixels -> 8-bit (H, W) grey or (H, W, 3) RGB at their own size, for a person
-    to look at (thumbnails, montages): the same bit-depth rule as the model's input."""
+    to look at (thumbnails, montages, previews). window "stored": the same bit-depth rule
+    as the model's input; "auto": the image's own 1st-99th percentile stretched to the full
+    range, from the stored values (for a 16-bit image, before any rounding to 8 bits), so a
+    faint or narrow-range image is readable. Display only: the model never sees "auto"."""
     _check(x)
-    if x.dtype == np.uint16:
+    if window not in WINDOWS:
+        raise ValueError(f"unknown window {window!r}; choose from {', '.join(WINDOWS)}")
+    if window == "auto":
+        lo, hi = np.percentile(x, [1, 99])
+        f = (x.astype(np.float32) - lo) / max(float(hi - lo), 1e-6)
+        x = np.rint(np.clip(f, 0, 1) * 255).astype(np.uint8)
+    elif x.dtype == np.uint16:
         x = np.rint(x.astype(np.float32) / TO_8BIT[x.dtype]).astype(np.uint8)
     return x[..., 0] if x.shape[2] == 1 else x

@@ -61,5 +61,5 @@ class StoredRow:
     def model_input_or_refuse(self, size: int) -> np.ndarray:
         return self.checked(model_input, size)
 
-    def display_or_refuse(self) -> np.ndarray:
-        return self.checked(to_display)
+    def display_or_refuse(self, window: str = "stored") -> np.ndarray:
+        return self.checked(to_display, window)

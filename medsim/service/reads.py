@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 
+from psycopg.types.json import Jsonb
+
 from medsim import access, migrate, queue, registry
 from medsim.errors import NotFound
 from medsim.images import StoredRow
@@ -19,22 +21,56 @@ def image(svc, who, image_id: int) -> dict:
     return found[0]
 
 
-def thumbnail(svc, image_id: int, size: int) -> bytes:
-    """PNG bytes, rendered from the stored pixels (16-bit by the bit-depth rule), at most
-    size px on the long side, never enlarged; grey stays grey. The pixels are the owner's
-    to read: call it only for an id the user's own connection has shown them (sha256)."""
+def thumbnail(svc, image_id: int, size: int, enlarge: bool = False, smooth: bool = True,
+              window: str = "stored") -> bytes:
+    """PNG bytes, rendered from the stored pixels (16-bit by the bit-depth rule, or the
+    window asked for), size px on the long side: a thumbnail is only ever shrunk (the page
+    scales small ones up itself); a preview (enlarge) is scaled up too, by nearest
+    neighbour (each stored pixel a visible square, nothing invented) or bicubic (smooth).
+    Grey stays grey. The pixels are the owner's to read: call it only for an id the user's
+    own connection has shown them (sha256)."""
     from PIL import Image
 
     with svc.owner.connection() as conn:
         p = one(conn, Q.image_pixels_one, {"id": image_id}, as_=StoredRow)
     if p is None:
         raise NotFound(f"no image with id {image_id}")
-    img = Image.fromarray(p.display_or_refuse())
+    img = Image.fromarray(p.display_or_refuse(window))
     if max(img.size) > size:
         img.thumbnail((size, size), Image.Resampling.LANCZOS)
+    elif enlarge and max(img.size) < size:
+        scale = size / max(img.size)
+        img = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                         Image.Resampling.BICUBIC if smooth else Image.Resampling.NEAREST)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
+
+
+def embedding(svc, who, image_id: int, model_ref) -> dict:
+    """An image's stored vector for a model, as the user (row-level security): what the
+    README's search-by-vector example pastes."""
+    with svc.connection(who) as conn:
+        model = registry.get(conn, model_ref)
+        v = scalar(conn, Q.image_embedding, {"id": image_id, "model_id": model.id})
+        if v is None:
+            if scalar(conn, Q.image_sha256, {"id": image_id}) is None:
+                raise NotFound(f"no image with id {image_id}")
+            raise NotFound(f"image {image_id} is not embedded for model {model.id} yet (the embedding worker "
+                           f"writes it)")
+    return {"image_id": image_id, "model_id": model.id, "dim": model.embedding_dim,
+            "embedding": [float(x) for x in v.to_numpy()]}
+
+
+def list_images(svc, who, where: dict, patient_key: str | None, offset: int, limit: int) -> dict:
+    """A page of the images on file the user may see, filtered like a search (any split)."""
+    with svc.connection(who) as conn:
+        found = dicts(conn, Q.list_images, {"filter": Jsonb(where), "patient_key": patient_key,
+                                            "offset": offset, "limit": limit})
+        total = scalar(conn, Q.count_images_matching, {"filter": Jsonb(where), "patient_key": patient_key})
+    for d in found:
+        d["thumbnail_url"] = f"/images/{d['id']}/thumbnail.png"
+    return {"total": total, "offset": offset, "limit": limit, "images": found}
 
 
 def sha256(svc, who, image_id: int) -> str | None:

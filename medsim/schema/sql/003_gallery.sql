@@ -38,7 +38,7 @@ DROP FUNCTION IF EXISTS medsim.gallery_match(text, text, text, jsonb, text, json
 
 -- Whether a gallery row passes a search filter: {"dataset": ..., "split": ..., "label": ...,
 -- any metadata key: value}; each value a string or an array of strings (any of them).
--- "modality" means the DICOM Modality kept in metadata. A label matches an image when it
+-- "modality" means the DICOM Modality kept in metadata, else a manifest's own "modality". A label matches an image when it
 -- is one of its label names (an array: a name may itself hold ", "). The patient, when
 -- given, is excluded. Plain SQL, so the planner inlines it into the search query.
 CREATE OR REPLACE FUNCTION medsim.gallery_match(
@@ -56,7 +56,7 @@ LANGUAGE sql IMMUTABLE AS $$
                    ELSE coalesce(CASE f.key
                                      WHEN 'dataset' THEN p_dataset
                                      WHEN 'split' THEN p_split
-                                     WHEN 'modality' THEN p_metadata ->> 'Modality'
+                                     WHEN 'modality' THEN coalesce(p_metadata ->> 'Modality', p_metadata ->> 'modality')
                                      ELSE p_metadata ->> f.key
                                  END = ANY(medsim.filter_values(f.value)), false)
                END

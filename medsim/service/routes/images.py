@@ -1,15 +1,17 @@
-"""Stored images: a random one, an image's record, its thumbnail. Each is looked up as
-the user who asks (row-level security): an image outside their grants is "no image with
-id N", exactly as one that does not exist."""
+"""Stored images: a page of them (browse), a random one, an image's record, its thumbnail,
+a larger preview, its stored embedding. Each is looked up as the user who asks (row-level
+security): an image outside their grants is "no image with id N", exactly as one that does
+not exist, and a page of images holds only what they may see."""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from medsim.errors import NotFound
+from medsim.errors import BadArgument, NotFound
 from medsim.service import reads
 from medsim.service.deps import Searcher, ServiceDep, Viewer, client_address
 from medsim.service.schemas import ERRORS
@@ -17,6 +19,39 @@ from medsim.service.schemas import ERRORS
 router = APIRouter(prefix="/images", tags=["images"], responses=ERRORS)
 
 THUMBNAIL_MAX = 512
+PREVIEW_MAX = 1024
+BROWSE_MAX = 200
+
+
+@router.get("")
+def list_images(request: Request, svc: ServiceDep, who: Viewer, dataset: str | None = None,
+                split: Literal["train", "val", "test"] | None = None, label: str | None = None,
+                modality: str | None = None, patient_key: str | None = None,
+                filters: Annotated[str | None, Query(description='more metadata filters as a JSON object, '
+                                                     'e.g. {"site": "north"}')] = None,
+                offset: Annotated[int, Query(ge=0)] = 0,
+                limit: Annotated[int, Query(ge=1, le=BROWSE_MAX)] = 48) -> dict:
+    """Browse what is on file: images in id order, any split, filtered as searches are
+    (dataset, split, label, modality, any metadata key) and by patient key; `total` counts
+    every match, `images` is one page of them."""
+    where = _filters(filters)
+    where.update({k: v for k, v in (("dataset", dataset), ("split", split), ("label", label),
+                                    ("modality", modality)) if v})
+    page = reads.list_images(svc, who, where, patient_key, offset, limit)
+    svc.log(who, client_address(request), "browse", [d["id"] for d in page["images"]])
+    return page
+
+
+def _filters(text: str | None) -> dict:
+    if not text:
+        return {}
+    try:
+        where = json.loads(text)
+    except ValueError:
+        where = None
+    if not isinstance(where, dict) or not all(isinstance(v, str | list) for v in where.values()):
+        raise BadArgument('filters must be a JSON object of metadata keys and values, e.g. {"site": "north"}')
+    return where
 
 
 @router.get("/random")
@@ -52,6 +87,36 @@ def thumbnail(request: Request, svc: ServiceDep, who: Viewer, image_id: int,
     png = reads.thumbnail(svc, image_id, size)
     svc.log(who, client_address(request), "thumbnail", [image_id])
     return Response(png, media_type="image/png", headers=headers)
+
+
+@router.get("/{image_id}/preview.png", response_class=Response,
+            responses={200: {"content": {"image/png": {}}, "description": "the stored pixels, scaled, as PNG"}})
+def preview(request: Request, svc: ServiceDep, who: Viewer, image_id: int,
+            size: Annotated[int, Query(ge=64, le=PREVIEW_MAX)] = 384, smooth: bool = False,
+            window: Literal["stored", "auto"] = "stored") -> Response:
+    """The stored pixels at `size` px on the long side, for a closer look: scaled up by
+    nearest neighbour (a 28 px image shows its 28 x 28 squares: nothing is invented), or
+    bicubic with smooth=true. window=auto stretches the image's 1st-99th percentile to full
+    contrast (16-bit and faint images); stored is the bit-depth rule the model sees."""
+    sha = reads.sha256(svc, who, image_id)
+    if sha is None:
+        raise NotFound(f"no image with id {image_id}")
+    etag = f'"{sha}-p{size}-{int(smooth)}-{window}"'
+    headers = {"ETag": etag, "Cache-Control": "private, max-age=86400"}
+    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+        return Response(status_code=304, headers=headers)
+    png = reads.thumbnail(svc, image_id, size, enlarge=True, smooth=smooth, window=window)
+    svc.log(who, client_address(request), "preview", [image_id])
+    return Response(png, media_type="image/png", headers=headers)
+
+
+@router.get("/{image_id}/embedding")
+def embedding(request: Request, svc: ServiceDep, who: Viewer, image_id: int, model: str = "current") -> dict:
+    """The image's stored embedding for a model (default: the current one), to search by
+    vector (`POST /search` with `{"vector": [...]}`) or to use elsewhere."""
+    found = reads.embedding(svc, who, image_id, model)
+    svc.log(who, client_address(request), "embedding", [image_id], model_id=found["model_id"])
+    return found
 
 
 # HEAD too (a client or a proxy checking a thumbnail without fetching it): the same

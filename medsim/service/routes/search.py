@@ -7,14 +7,16 @@ import hashlib
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Form
+from fastapi import APIRouter, Form, Query
 from fastapi import Request as HttpRequest
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
 
 from medsim import access
 from medsim.errors import BadArgument, Forbidden
 from medsim.search import pipeline
 from medsim.search.request import ById, ByUpload, ByVector, Filters, Request
+from medsim.service import export, reads
 from medsim.service.deps import Searcher, ServiceDep, client_address
 from medsim.service.schemas import (
     ERRORS,
@@ -91,3 +93,25 @@ async def search_upload(form: Annotated[SearchUpload, Form(media_type="multipart
     result = await run_in_threadpool(_run, svc, who, _request(query, form, form.filters), client_address(http),
                                      hashlib.sha256(data).hexdigest())
     return SearchResponse.of(result, (time.perf_counter() - t0) * 1000)
+
+
+@router.post("/search/export", response_class=Response,
+             responses={200: {"content": {t: {} for t in export.FORMATS.values()},
+                              "description": "the result as CSV, JSON or a ZIP with thumbnails"}})
+async def search_export(body: SearchRequest, svc: ServiceDep, who: Searcher, http: HttpRequest,
+                        format: Annotated[str, Query(pattern="^(csv|json|zip)$")] = "csv") -> Response:
+    """The same search as `POST /search`, as a file: `csv` (a row per neighbour), `json`
+    (the search's answer), or `zip` (both, the thumbnails and a README)."""
+    res = await search(body, svc, who, http)
+    ids = [n.image_id for n in res.neighbours]
+    if format == "csv":
+        content = export.csv_text(res).encode()
+    elif format == "json":
+        content = res.model_dump_json(indent=2).encode()
+    else:
+        content = await run_in_threadpool(export.zip_bytes, res, lambda i: reads.thumbnail(svc, i, 256))
+    svc.log(who, client_address(http), "export", ids, query_kind=res.query.kind, query_image_id=res.query.image_id,
+            model_id=res.model.id, engine=res.engine)
+    name = f"medsim-search-{res.query.image_id or 'vector'}.{format}"
+    return Response(content, media_type=export.FORMATS[format],
+                    headers={"Content-Disposition": f'attachment; filename="{name}"'})
