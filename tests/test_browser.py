@@ -8,6 +8,7 @@ screenshots are kept in test-artifacts/ (or $MEDSIM_ARTIFACTS).
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import socket
@@ -142,11 +143,17 @@ def test_upload_then_click_a_neighbour(server, browser, tmp_path):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "serve-upload.png"))
 
-    # click the second neighbour: a new search from it, its id in the URL
+    # click the second neighbour: it opens beside the query (its own URL); "Search from this
+    # image" then searches from it, its id in the URL
     target = cards[1].get_attribute("data-image-id")
     before = browser.find_element(By.TAG_NAME, "body").get_attribute("data-searches")
     cards[1].click()
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-viewing") == target)
+    assert f"view={target}" in browser.current_url
+    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-searches") == before  # a click never searches
+    browser.find_element(By.ID, "search-from").click()
     wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-searches") != before)
+    assert not browser.find_element(By.ID, "viewer").get_attribute("open")
     assert f"image_id={target}" in browser.current_url
     assert browser.find_element(By.ID, "query-title").text.startswith(f"image {target}")
     new_ids = [c.get_attribute("data-image-id") for c in browser.find_elements(By.CSS_SELECTOR, "#grid .card")]
@@ -297,3 +304,116 @@ def test_start_page_loading_state_superseded_search_and_errors(server, browser):
     wait.until(lambda d: "No neighbours" in d.find_element(By.ID, "summary").text)
     assert "no image on file matches the filter label=no-such-label" in browser.find_element(By.ID, "summary").text
     assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
+
+
+AXE = ROOT / ".cache" / "axe" / "node_modules" / "axe-core" / "axe.min.js"
+
+
+def axe_violations(browser) -> list:
+    """axe-core (the npm registry's, fetched by `make test`) run in the page: serious and
+    critical violations of WCAG 2 A/AA, as (rule, how many nodes, an example)."""
+    if not AXE.exists():
+        msg = f"no axe-core at {AXE}: make test fetches it with npm"
+        if os.environ.get("MEDSIM_REQUIRE_BROWSER"):
+            pytest.fail(msg + " (MEDSIM_REQUIRE_BROWSER is set)")
+        pytest.skip(msg)
+    browser.execute_script(AXE.read_text())
+    result = browser.execute_async_script("""
+        const done = arguments[arguments.length - 1];
+        axe.run(document, {runOnly: {type: 'tag', values: ['wcag2a', 'wcag2aa', 'wcag21aa']}})
+           .then(r => done(r.violations.filter(v => ['serious', 'critical'].includes(v.impact))
+                                    .map(v => [v.id, v.nodes.length, v.nodes[0].html.slice(0, 160)])))
+           .catch(e => done([['axe failed', 0, String(e)]]));""")
+    return result
+
+
+def test_neighbour_view_export_browse_and_accessibility(server, browser, tmp_path):
+    """The workbench: a neighbour opens beside the query at a readable size with its record;
+    zoom moves both images; the view has its own URL; export downloads a CSV whose rows are
+    the JSON's neighbours; "More results" extends the list; browse pages through a dataset
+    and opens an image; axe-core finds no serious or critical violation on each view."""
+    import csv
+
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base, conn, (token, _) = server
+    qid = conn.execute("SELECT min(id) FROM medsim.images WHERE split = 'test'").fetchone()[0]
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    browser.get(f"{base}/?image_id={qid}&k=8")
+    wait = WebDriverWait(browser, 30)
+    sign_in(browser, wait, token)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .card")) == 8)
+    wait.until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"))
+    assert (v := axe_violations(browser)) == [], v
+
+    # the neighbour view: both previews drawn at a readable size, the record, zoom in step
+    card = browser.find_elements(By.CSS_SELECTOR, "#grid .card")[2]
+    nid = card.get_attribute("data-image-id")
+    card.click()
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-viewing") == nid)
+    wait.until(lambda d: d.execute_script(
+        "return ['view-q', 'view-n'].every(id => { const i = document.getElementById(id); "
+        "return i.complete && i.naturalWidth >= 512; })"))
+    record = browser.find_element(By.ID, "record").text
+    sha = conn.execute("SELECT encode(sha256, 'hex') FROM medsim.images WHERE id = %s", (int(nid),)).fetchone()[0]
+    assert sha in record and "patient key" in record and "stored size" in record and "28 × 28" in record
+    browser.execute_script("const z = document.getElementById('zoom'); z.value = 3; "
+                           "z.dispatchEvent(new Event('input'));")
+    transforms = browser.execute_script(
+        "return ['view-q', 'view-n'].map(id => document.getElementById(id).style.transform)")
+    assert transforms[0] == transforms[1] and "scale(3)" in transforms[0]
+    sizes = browser.execute_script(
+        "return ['view-q', 'view-n'].map(id => document.getElementById(id).getBoundingClientRect().width)")
+    assert min(sizes) > 600  # three times a pane of more than 200 px
+    assert (v := axe_violations(browser)) == [], v
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "serve-neighbour-view.png"))
+    # its URL opens it again in a fresh page
+    url = browser.current_url
+    assert f"view={nid}" in url
+    browser.get(url)
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-viewing") == nid)
+    browser.find_element(By.ID, "viewer-close").click()
+    assert "view=" not in browser.current_url
+
+    # export: the CSV's rows are the search's neighbours
+    answer = [n for n in browser.execute_script("return state.last.neighbours")]
+    browser.find_element(By.CSS_SELECTOR, "#export [data-format=csv]").click()
+    wait.until(lambda d: list(downloads.glob("*.csv")) and not list(downloads.glob("*.crdownload")))
+    rows = list(csv.DictReader(io.StringIO(next(downloads.glob("*.csv")).read_text())))
+    assert [int(r["image_id"]) for r in rows] == [n["image_id"] for n in answer]
+    assert [r["label_name"] for r in rows] == [n["label_name"] for n in answer]
+
+    # more results: 8 -> 16, the first 8 unchanged
+    browser.find_element(By.ID, "more").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .card")) == 16)
+    ids16 = [int(c.get_attribute("data-image-id")) for c in browser.find_elements(By.CSS_SELECTOR, "#grid .card")]
+    assert ids16[:8] == [n["image_id"] for n in answer] and "k=16" in browser.current_url
+
+    # browse: retinamnist's test split, page 2, then open an image and search from it
+    n_test = conn.execute("SELECT count(*) FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id "
+                          "WHERE d.flag = 'retinamnist' AND i.split = 'test'").fetchone()[0]
+    browser.get(f"{base}/?browse=1&dataset=retinamnist&split=test")
+    wait.until(lambda d: (d.find_element(By.TAG_NAME, "body").get_attribute("data-browsed") or "").startswith("0:"))
+    assert browser.find_element(By.TAG_NAME, "body").get_attribute("data-browsed") == f"0:48:{n_test}"
+    browser.find_element(By.ID, "b-next").click()
+    wait.until(lambda d: (d.find_element(By.TAG_NAME, "body").get_attribute("data-browsed") or "").startswith("48:"))
+    ids = [int(c.get_attribute("data-image-id")) for c in browser.find_elements(By.CSS_SELECTOR, "#b-grid .card")]
+    want = [r[0] for r in conn.execute(
+        "SELECT i.id FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id "
+        "WHERE d.flag = 'retinamnist' AND i.split = 'test' ORDER BY i.id OFFSET 48 LIMIT 48")]
+    assert ids == want and "offset=48" in browser.current_url
+    wait.until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#b-grid img')].every(i => i.complete && i.naturalWidth > 0)"))
+    assert (v := axe_violations(browser)) == [], v
+    browser.save_screenshot(str(ARTIFACTS / "serve-browse.png"))
+    browser.find_elements(By.CSS_SELECTOR, "#b-grid .card")[0].click()
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-viewing") == str(want[0]))
+    assert browser.find_element(By.ID, "pane-q").get_attribute("hidden") is not None  # no query in browse
+    browser.find_element(By.ID, "search-from").click()
+    wait.until(lambda d: d.find_element(By.ID, "query-title").text.startswith(f"image {want[0]}"))
+    assert browser.find_element(By.ID, "browse").get_attribute("hidden") is not None

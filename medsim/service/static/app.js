@@ -2,13 +2,17 @@
 // The URL carries the query (a stored image id, k, engine, filters) so a result can be
 // shared or bookmarked; an uploaded file cannot travel in a URL, so its search is not
 // (going back to an upload's URL shows an empty page, not an older search's results).
+// viewer.js opens a neighbour beside the query (?view=ID); browse.js pages through what is
+// on file (?browse=1). Results can be extended ("More results") and exported.
 // The token is asked for once and kept in sessionStorage: this tab only, gone when it
 // closes, never in the URL. Thumbnails are fetched with it (an <img> cannot send a
 // header) and shown as blob: URLs.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { datasets: [], searches: 0, token: sessionStorage.getItem("medsim.token") || "" };
+const state = { datasets: [], searches: 0, token: sessionStorage.getItem("medsim.token") || "",
+                last: null, queryBlob: null, pageSize: 8 };
+const MAX_K = 1000;  // the API's limit
 const TOKEN_SHAPE = /^msm_[0-9]+_[A-Za-z0-9_-]{43}$/;
 
 function authHeaders(extra) {
@@ -57,6 +61,7 @@ async function showImage(img, url) {
 // error clears the results so that nothing under the red banner looks like an answer.
 let inflight = null;
 function beginSearch() {
+  if (state.browsing) leaveBrowse();
   if (inflight) inflight.abort();
   inflight = new AbortController();
   $("busy").hidden = false;
@@ -129,9 +134,46 @@ function fromUrl() {
   return p.get("image_id");
 }
 
+// A card's content is one link (to the view's own URL: it opens in a new tab too); a
+// plain click opens the view in place. A link, not a clickable <li>: the list stays a list.
+function cardLink(href, title, go, ...content) {
+  const a = document.createElement("a");
+  a.className = "cardlink";
+  a.href = href;
+  a.title = title;
+  a.append(...content);
+  a.addEventListener("click", (e) => {
+    if (e.ctrlKey || e.metaKey || e.shiftKey || e.button !== 0) return;
+    e.preventDefault();
+    go();
+  });
+  return a;
+}
+
+function viewHref(id) {
+  const p = new URLSearchParams(location.search);
+  p.set("view", id);
+  return `${location.pathname}?${p}`;
+}
+
+// the search's URL with (or without) the neighbour view's ?view=ID
+function setViewParam(id) {
+  const p = new URLSearchParams(location.search);
+  if (id == null) p.delete("view"); else p.set("view", id);
+  const url = `${location.pathname}?${p}`;
+  if (url !== location.pathname + location.search) history.pushState({}, "", url);
+}
+
 function render(res, queryImgSrc) {
   state.searches += 1;
+  state.last = res;
+  state.queryBlob = queryImgSrc.startsWith("blob:") ? queryImgSrc : null;
   document.body.dataset.searches = state.searches;
+  $("export").hidden = !res.neighbours.length;
+  $("export").querySelector("[data-format=zip]").disabled = res.query.kind !== "image_id";
+  const k = Number($("k").value);
+  $("more").hidden = !(res.neighbours.length >= k && k < MAX_K);
+  $("more").textContent = `More results (${Math.min(k + state.pageSize, MAX_K)})`;
   const q = res.query;
   $("query").hidden = false;
   if (queryImgSrc.startsWith("blob:")) $("query-img").src = queryImgSrc;
@@ -156,11 +198,9 @@ function render(res, queryImgSrc) {
   const cards = res.neighbours.map((n) => {
     const li = document.createElement("li");
     li.className = "card" + (n.same_label ? " same" : "");
-    li.tabIndex = 0;
     li.dataset.imageId = n.image_id;
-    li.title = `search from image ${n.image_id}`;
     const img = document.createElement("img");
-    img.alt = `image ${n.image_id}: ${n.label_name}`;
+    img.alt = `image ${n.image_id}, ${n.dataset} ${n.split}: ${n.label_name}, rank ${n.rank}`;
     showImage(img, n.thumbnail_url);
     const body = document.createElement("div");
     body.className = "body";
@@ -192,10 +232,8 @@ function render(res, queryImgSrc) {
       b.textContent = n.same_label ? "same label as query" : "different label";
       body.append(b);
     }
-    li.append(img, body);
-    const go = () => searchId(n.image_id);
-    li.addEventListener("click", go);
-    li.addEventListener("keydown", (e) => { if (e.key === "Enter") go(); });
+    li.append(cardLink(viewHref(n.image_id), `open image ${n.image_id} beside the query`,
+                       () => openViewer(n.image_id), img, body));
     return li;
   });
   $("grid").replaceChildren(...cards);
@@ -219,6 +257,8 @@ async function searchId(imageId, push = true) {
     if (!endSearch(ctl)) return;
     showError("");
     render(res, `/images/${imageId}/thumbnail.png`);
+    const view = new URLSearchParams(location.search).get("view");
+    if (view) openViewer(Number(view), false);
   } catch (e) { failed(ctl, e); }
 }
 
@@ -268,8 +308,25 @@ async function init() {
     } catch (e) { showError(e.message); }
   });
   for (const id of ["k", "engine", "label"]) $(id).addEventListener("change", rerun);
+  $("k").addEventListener("change", () => { state.pageSize = Number($("k").value); });
+  $("more").addEventListener("click", () => {
+    const k = String(Math.min(Number($("k").value) + state.pageSize, MAX_K));
+    if (![...$("k").options].some((o) => o.value === k)) $("k").add(new Option(k, k));
+    $("k").value = k;
+    rerun();
+  });
+  for (const b of $("export").querySelectorAll("button")) {
+    b.addEventListener("click", () => exportResult(b.dataset.format).catch((e) => showError(e.message)));
+  }
   $("dataset").addEventListener("change", () => { fillLabels(); rerun(); });
   window.addEventListener("popstate", () => {
+    const p = new URLSearchParams(location.search);
+    if (!p.get("view")) closeViewer(false);
+    if (routeBrowse()) return;
+    if (p.get("view") && state.last && String(state.last.query.image_id) === p.get("image_id")) {
+      openViewer(Number(p.get("view")), false);
+      return;
+    }
     const id = fromUrl();
     if (id) searchId(id, false);
     else { if (inflight) endSearch(inflight); clearResults(); showError(""); $("image-id").value = ""; }
@@ -307,8 +364,45 @@ async function load() {
     const cur = models.find((m) => m.is_current);
     $("model").textContent = cur ? `model ${cur.id} (${cur.name}, ${cur.embedding_dim}-d)` : "no current model";
   } catch (e) { if (document.body.dataset.auth !== "needed") showError(e.message); return; }
+  fillBrowseFilters();
+  if (routeBrowse()) return;
   const id = fromUrl();
   if (id) searchId(id, false);
 }
 
-init();
+// A result as a file. A stored query is searched again by the API's export (the same
+// answer, logged as an export); an upload's answer is written from what the page holds
+// (CSV and JSON; a ZIP needs a stored query).
+const CSV_COLUMNS = ["rank", "image_id", "dataset", "split", "label_name", "distance", "p_same", "same_label",
+  "patient_key", "study_id", "thumbnail_url"];
+async function exportResult(format) {
+  const res = state.last;
+  if (!res) return;
+  let blob;
+  if (res.query.kind === "image_id") {
+    const r = await fetch(`/search/export?format=${format}`, {
+      method: "POST", headers: authHeaders({ "content-type": "application/json" }),
+      body: JSON.stringify({ image_id: res.query.image_id, ...options() }),
+    });
+    if (!r.ok) throw new Error(`export failed: ${r.status}`);
+    blob = await r.blob();
+  } else if (format === "json") {
+    blob = new Blob([JSON.stringify(res, null, 2)], { type: "application/json" });
+  } else {
+    const cell = (v) => (v === null || v === undefined ? "" : /[",\n]/.test(String(v)) ?
+      `"${String(v).replace(/"/g, '""')}"` : String(v));
+    const lines = [CSV_COLUMNS.join(","), ...res.neighbours.map((n) => CSV_COLUMNS.map((c) => cell(
+      typeof n[c] === "boolean" ? (n[c] ? "True" : "False") : n[c])).join(","))];
+    blob = new Blob([lines.join("\n") + "\n"], { type: "text/csv" });
+  }
+  const a = document.createElement("a");
+  a.href = URL.createObjectURL(blob);
+  a.download = `medsim-search-${res.query.image_id || "upload"}.${format}`;
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(a.href), 10000);
+  document.body.dataset.exported = format;
+}
+
+document.addEventListener("DOMContentLoaded", init);
