@@ -694,6 +694,19 @@ WHERE role_name = %(role)s AND (dataset_id = ANY(%(ids)s) OR (%(all)s AND datase
 -- As the caller's role: what row-level security lets it see.
 SELECT flag FROM medsim.datasets ORDER BY flag;
 
+-- name: keep_upload
+INSERT INTO medsim.uploads (handle, expires_at, user_name, sha256, pixels, height, width, channels, bit_depth)
+VALUES (%(handle)s, now() + make_interval(secs => %(hours)s * 3600), %(user_name)s, %(sha256)s, %(pixels)s,
+        %(height)s, %(width)s, %(channels)s, %(bit_depth)s);
+
+-- name: kept_upload
+-- A kept upload's pixels, shaped as a stored image's row (StoredRow; the id is 0).
+SELECT 0 AS id, pixels, height, width, channels, bit_depth FROM medsim.uploads
+WHERE handle = %(handle)s AND expires_at > now();
+
+-- name: purge_uploads
+DELETE FROM medsim.uploads WHERE expires_at <= now() RETURNING user_name, sha256;
+
 -- name: log_access
 INSERT INTO medsim.access_log (user_name, token_id, client, action, query_kind, query_image_id,
                                query_sha256, model_id, engine, image_ids)

@@ -417,3 +417,34 @@ def test_neighbour_view_export_browse_and_accessibility(server, browser, tmp_pat
     browser.find_element(By.ID, "search-from").click()
     wait.until(lambda d: d.find_element(By.ID, "query-title").text.startswith(f"image {want[0]}"))
     assert browser.find_element(By.ID, "browse").get_attribute("hidden") is not None
+
+
+def test_an_upload_search_has_a_url_that_reproduces_it(server, browser):
+    """A DICOM upload (which the browser cannot draw) gets the server's preview as its query
+    image and a URL with the service's handle; that URL, opened in a fresh session (no
+    token, no page state), shows the same neighbours."""
+    import pydicom
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base, conn, (token, _) = server
+    ct = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
+    browser.get(base + "/?k=8")
+    wait = WebDriverWait(browser, 30)
+    sign_in(browser, wait, token)
+    browser.find_element(By.ID, "file").send_keys(str(ct))
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .card")) == 8)
+    wait.until(lambda d: "upload=" in d.current_url)
+    wait.until(lambda d: d.execute_script(
+        "const i = document.getElementById('query-img'); return i.complete && i.naturalWidth > 0"))
+    ids = [c.get_attribute("data-image-id") for c in browser.find_elements(By.CSS_SELECTOR, "#grid .card")]
+    url = browser.current_url
+    browser.execute_script("sessionStorage.clear()")
+    browser.get("about:blank")
+    browser.get(url)
+    sign_in(browser, wait, token)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .card")) == 8)
+    assert [c.get_attribute("data-image-id") for c in browser.find_elements(By.CSS_SELECTOR, "#grid .card")] == ids
+    assert browser.find_element(By.ID, "query-title").text.startswith("a kept upload")
+    wait.until(lambda d: d.execute_script(
+        "const i = document.getElementById('query-img'); return i.complete && i.naturalWidth > 0"))

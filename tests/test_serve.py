@@ -6,8 +6,10 @@ stored pixels), and every refusal by its status and by naming the problem.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
+from pathlib import Path
 
 import numpy as np
 import psycopg
@@ -63,7 +65,8 @@ def test_search_by_id_is_the_sql_answer_with_thumbnails(api):
     assert body["model"]["id"] == mid and body["engine"] == "pgvector"
     assert body["query"] == {"kind": "image_id", "label": f"image {gid}", "image_id": gid,
                              "dataset": body["query"]["dataset"], "label_name": body["query"]["label_name"],
-                             "label_names": [body["query"]["label_name"]], "in_gallery": [gid]}
+                             "label_names": [body["query"]["label_name"]], "in_gallery": [gid],
+                             "handle": None, "preview_url": None}
     dists = [n["distance"] for n in body["neighbours"]]
     assert dists == sorted(dists)
     n0 = body["neighbours"][0]
@@ -440,3 +443,76 @@ def test_preview_embedding_browse_and_export(api):
     assert client.post("/search/export?format=xlsx", json=body).status_code == 400
     actions = {r[0] for r in conn.execute("SELECT DISTINCT action FROM medsim.access_log")}
     assert {"preview", "embedding", "browse", "export"} <= actions
+
+
+def test_an_upload_is_kept_for_its_url_then_deleted_and_logged(api):
+    """An upload search returns a handle: its preview (drawn by the server, so a DICOM file
+    has one), a search by the handle with the same neighbours, an export. Past its
+    retention the handle is one sentence, the pixels are gone and the log says so; the
+    reader role cannot read kept uploads."""
+    import pydicom
+
+    client, conn, mid = api
+    ct = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"
+    r = client.post("/search/upload", files={"image": ("CT_small.dcm", ct.read_bytes(), "application/dicom")},
+                    data={"k": "5"})
+    assert r.status_code == 200, r.text
+    q = r.json()["query"]
+    handle = q["handle"]
+    assert len(handle) >= 20 and q["preview_url"] == f"/uploads/{handle}/preview.png"
+    p = client.get(q["preview_url"] + "?size=256")
+    assert p.status_code == 200 and p.headers["content-type"] == "image/png"
+    assert max(Image.open(io.BytesIO(p.content)).size) == 256
+    again = client.post("/search", json={"upload": handle, "k": 5}).json()
+    assert [n["image_id"] for n in again["neighbours"]] == [n["image_id"] for n in r.json()["neighbours"]]
+    assert again["query"]["kind"] == "upload" and again["query"]["handle"] == handle
+    z = client.post("/search/export?format=zip", json={"upload": handle, "k": 3})
+    assert z.status_code == 200
+    import zipfile
+
+    assert "thumbnails/query.png" in zipfile.ZipFile(io.BytesIO(z.content)).namelist()
+    # what is kept: the stored form, not the file (nor its name)
+    kept = conn.execute("SELECT height, width, channels, bit_depth, length(pixels) FROM medsim.uploads "
+                        "WHERE handle = %s", (handle,)).fetchone()
+    assert kept[:2] == (128, 128) and kept[4] == 128 * 128 * kept[2] * kept[3] // 8
+    with pytest.raises(psycopg.errors.InsufficientPrivilege), conn.transaction():
+        conn.execute("SET LOCAL ROLE medsim_reader")
+        conn.execute("SELECT pixels FROM medsim.uploads")
+    assert client.post("/search", json={"upload": handle, "image_id": 1}).status_code == 400
+    # past its retention: the next upload deletes it and logs that
+    conn.execute("UPDATE medsim.uploads SET expires_at = now() - interval '1 second' WHERE handle = %s", (handle,))
+    conn.commit()
+    r = client.post("/search", json={"upload": handle, "k": 5})
+    assert r.status_code == 404 and "uploads are kept 24 h" in r.json()["detail"]
+    assert client.get(f"/uploads/{handle}/preview.png").status_code == 404
+    client.post("/search/upload", files={"image": ("q.png", png(stored_pixels(conn, gallery_id(conn))), "image/png")},
+                data={"k": "2"})
+    assert conn.execute("SELECT count(*) FROM medsim.uploads WHERE handle = %s", (handle,)).fetchone()[0] == 0
+    sha = hashlib.sha256(ct.read_bytes()).hexdigest()
+    assert conn.execute("SELECT count(*) FROM medsim.access_log WHERE action = 'upload_deleted' "
+                        "AND query_sha256 = %s", (sha,)).fetchone()[0] == 1
+    assert client.post("/search", json={"upload": "x" * 65}).status_code == 400
+
+
+def test_uploads_are_not_kept_with_retention_zero(embedded, db_url):
+    conn, _ = embedded
+    with TestClient(create_app(ServeConfig(auth=False, database_url=db_url, upload_retention_h=0))) as client:
+        r = client.post("/search/upload", files={"image": ("q.png", png(stored_pixels(conn, gallery_id(conn))),
+                                                           "image/png")}, data={"k": "2"})
+        assert r.status_code == 200 and r.json()["query"]["handle"] is None
+    assert conn.execute("SELECT count(*) FROM medsim.uploads").fetchone()[0] == 0
+
+
+def test_expired_uploads_are_deleted_when_the_service_starts(embedded, db_url):
+    conn, _ = embedded
+    cfg = ServeConfig(auth=False, database_url=db_url)
+    with TestClient(create_app(cfg)) as client:
+        r = client.post("/search/upload", files={"image": ("q.png", png(stored_pixels(conn, gallery_id(conn))),
+                                                           "image/png")}, data={"k": "2"})
+        handle = r.json()["query"]["handle"]
+    conn.execute("UPDATE medsim.uploads SET expires_at = now() - interval '1 second'")
+    conn.commit()
+    with TestClient(create_app(cfg)):
+        pass
+    assert conn.execute("SELECT count(*) FROM medsim.uploads WHERE handle = %s", (handle,)).fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM medsim.access_log WHERE action = 'upload_deleted'").fetchone()[0] == 1

@@ -13,13 +13,15 @@ def cmd_serve(args) -> int:
 
     if args.threads is not None and args.threads < 1:
         raise BadArgument(f"--threads must be at least 1, got {args.threads}")
+    if args.upload_retention_hours < 0:
+        raise BadArgument(f"--upload-retention-hours must not be negative, got {args.upload_retention_hours}")
     if args.max_upload_mb <= 0:
         raise BadArgument(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
     cfg = ServeConfig(host=args.host, port=args.port, database_url=args.database_url, read_url=args.read_url,
                       max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), pool_size=args.pool_size,
                       max_image_pixels=args.max_image_pixels or settings.get().max_image_pixels,
                       auth=not args.no_auth, torch_threads=args.threads,
-                      runtime=args.runtime)
+                      runtime=args.runtime, upload_retention_h=args.upload_retention_hours)
     print(f"medsim serve: http://{args.host}:{args.port}/ (the page), /docs (the API); database: {db.source()}",
           flush=True)
     warn_default_password(args.host)
@@ -87,6 +89,9 @@ def register(sub) -> None:
     s.add_argument("--runtime", choices=("onnx", "torch"), default=None,
                    help="what runs the network for uploads (default: $MEDSIM_RUNTIME, else onnx where its "
                         "embeddings match torch's)")
+    s.add_argument("--upload-retention-hours", type=float, default=24.0,
+                   help="keep an upload's pixels this long so its search has a URL (default 24; 0: keep none); "
+                        "then deleted, and the access log says so")
     s.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     s.add_argument("--no-auth", action="store_true",
                    help="serve without tokens: every request sees every dataset as medsim_reader (for a "

@@ -27,7 +27,7 @@ from medsim.errors import BadArgument, NotFound
 from medsim.queries import Q, one, rows, scalar
 from medsim.search import GALLERY_SPLITS, engines
 from medsim.search.engines import Hit
-from medsim.search.request import ByFile, ById, ByUpload, ByVector, Filters, Request
+from medsim.search.request import ByFile, ById, ByPixels, ByUpload, ByVector, Filters, Request
 
 __all__ = ["Hit", "Query", "Request", "Result", "run", "Filters"]
 
@@ -113,6 +113,8 @@ def resolve(ctx, model, spec) -> Query:
                 raise BadArgument(f"{spec.name} is empty")
             x = images.read(spec.data, name=spec.name, max_pixels=spec.max_pixels)
             label = spec.name
+        elif isinstance(spec, ByPixels):
+            x, label = images.as_stored(spec.pixels), spec.name
         else:
             raise BadArgument(f"not a query: {spec!r}")
         size = int(model.config.get("image_size", 28))

@@ -31,6 +31,15 @@ class ByUpload:
 
 
 @dataclass(frozen=True)
+class ByPixels:
+    """Pixels already decoded to their stored form (an upload the service kept)."""
+
+    pixels: object = field(repr=False)  # (H, W, C) uint8 or uint16
+    name: str = "the upload"
+    kind = "upload"
+
+
+@dataclass(frozen=True)
 class ByVector:
     values: tuple
     kind = "vector"
@@ -66,7 +75,7 @@ class Filters:
 
 @dataclass
 class Request:
-    query: ById | ByFile | ByUpload | ByVector
+    query: ById | ByFile | ByUpload | ByPixels | ByVector
     k: int = 4
     engine: str = "pgvector"
     filters: Filters = field(default_factory=Filters)

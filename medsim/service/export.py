@@ -23,7 +23,7 @@ result.csv   one row per neighbour, nearest first: {columns}
              patient_key: a keyed pseudonym, never the patient's identifier.
 result.json  the API's answer (POST /search), with the query, the vote and its notes.
 thumbnails/  each neighbour's stored pixels as PNG, named rank-image_id.png; query.png
-             is the query when it is a stored image.
+             is the query when it is a stored image or a kept upload.
 """
 
 
@@ -37,8 +37,9 @@ def csv_text(res: SearchResponse) -> str:
     return buf.getvalue()
 
 
-def zip_bytes(res: SearchResponse, thumbnail) -> bytes:
-    """thumbnail(image_id) -> PNG bytes (the service's renderer, as the owner)."""
+def zip_bytes(res: SearchResponse, thumbnail, query_png=None) -> bytes:
+    """thumbnail(image_id) -> PNG bytes (the service's renderer, as the owner); query_png()
+    -> the query's PNG where it is not a stored image (a kept upload)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("README.txt", ABOUT.format(columns=", ".join(COLUMNS), model=res.model.id))
@@ -46,6 +47,8 @@ def zip_bytes(res: SearchResponse, thumbnail) -> bytes:
         z.writestr("result.json", json.dumps(res.model_dump(), indent=2))
         if res.query.kind == "image_id" and res.query.image_id is not None:
             z.writestr("thumbnails/query.png", thumbnail(res.query.image_id))
+        elif query_png is not None:
+            z.writestr("thumbnails/query.png", query_png())
         for n in res.neighbours:
             z.writestr(f"thumbnails/{n.rank:03d}-{n.image_id}.png", thumbnail(n.image_id))
     return buf.getvalue()

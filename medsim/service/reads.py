@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 from psycopg.types.json import Jsonb
 
 from medsim import access, migrate, queue, registry
@@ -29,13 +30,19 @@ def thumbnail(svc, image_id: int, size: int, enlarge: bool = False, smooth: bool
     neighbour (each stored pixel a visible square, nothing invented) or bicubic (smooth).
     Grey stays grey. The pixels are the owner's to read: call it only for an id the user's
     own connection has shown them (sha256)."""
-    from PIL import Image
 
     with svc.owner.connection() as conn:
         p = one(conn, Q.image_pixels_one, {"id": image_id}, as_=StoredRow)
     if p is None:
         raise NotFound(f"no image with id {image_id}")
-    img = Image.fromarray(p.display_or_refuse(window))
+    return render(p.display_or_refuse(window), size, enlarge, smooth)
+
+
+def render(display: np.ndarray, size: int, enlarge: bool = False, smooth: bool = True) -> bytes:
+    """8-bit display pixels -> PNG bytes at size px on the long side (see thumbnail)."""
+    from PIL import Image
+
+    img = Image.fromarray(display)
     if max(img.size) > size:
         img.thumbnail((size, size), Image.Resampling.LANCZOS)
     elif enlarge and max(img.size) < size:

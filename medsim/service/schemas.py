@@ -30,10 +30,12 @@ class SearchOptions(BaseModel):
 
 
 class SearchRequest(SearchOptions):
-    """A JSON search: exactly one of `image_id` (a stored image) or `vector` (a raw
-    embedding of the model's dimension). Uploads go to POST /search/upload."""
+    """A JSON search: exactly one of `image_id` (a stored image), `vector` (a raw
+    embedding of the model's dimension) or `upload` (the handle of an upload the service
+    kept). Uploads themselves go to POST /search/upload."""
 
     image_id: int | None = Field(None, description="a stored image to search from")
+    upload: str | None = Field(None, max_length=64, description="the handle POST /search/upload returned")
     vector: list[float] | None = Field(None, description="a raw embedding of the model's dimension")
     filters: dict[str, str | list[str]] = Field(default_factory=dict, description=FILTERS_HELP)
 
@@ -71,6 +73,9 @@ class QueryInfo(BaseModel):
     label_name: str | None
     label_names: list[str]
     in_gallery: list[int]
+    handle: str | None = Field(None, description="an upload kept by the service: search it again with "
+                                                 "{\"upload\": handle}, preview it at preview_url, share /?upload=handle")
+    preview_url: str | None = None
 
 
 class Vote(BaseModel):
@@ -105,12 +110,13 @@ class SearchResponse(BaseModel):
     timing_ms: float
 
     @classmethod
-    def of(cls, r: Result, timing_ms: float) -> SearchResponse:
+    def of(cls, r: Result, timing_ms: float, handle: str | None = None) -> SearchResponse:
         q = r.query
         return cls(model=ModelBrief(id=r.model.id, name=r.model.name, embedding_dim=r.model.embedding_dim),
                    engine=r.engine, index_build=r.index_build,
                    query=QueryInfo(kind=q.kind, label=q.label, image_id=q.image_id, dataset=q.dataset,
-                                   label_name=q.label_name, label_names=q.label_names, in_gallery=q.in_gallery),
+                                   label_name=q.label_name, label_names=q.label_names, in_gallery=q.in_gallery,
+                                   handle=handle, preview_url=f"/uploads/{handle}/preview.png" if handle else None),
                    vote=q.vote, notes=r.notes, timing_ms=round(timing_ms, 3),
                    neighbours=[Neighbour(rank=i, thumbnail_url=f"/images/{h.image_id}/thumbnail.png",
                                          **{k: v for k, v in vars(h).items()})

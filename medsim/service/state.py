@@ -61,6 +61,7 @@ class ServeConfig:
     # or OMP_NUM_THREADS when set (the worker's rule for a user's own setting).
     torch_threads: int | None = None
     runtime: str | None = None  # what runs the network (medsim.training.runtime); None: the setting
+    upload_retention_h: float = 24.0  # uploads kept for their URL (medsim.service.uploads); 0: none
 
 
 class Service:
@@ -106,6 +107,9 @@ class Service:
             raise DatabaseUnavailable(f"cannot open connections to the database ({db.source()}): {first}") from err
         with self.owner.connection() as conn:
             migrate.check(conn)
+            from medsim.service import uploads
+
+            uploads.purge(conn)  # uploads whose retention passed while the service was down
         if self.cfg.preload:
             self.preload()
 

@@ -180,7 +180,8 @@ GRANT SELECT ON ALL TABLES IN SCHEMA medsim TO medsim_reader;
 -- Table-level SELECT is replaced by the columns below; a column added by a later
 -- revision stays unreadable until it is listed here. The views expose none of the three.
 REVOKE SELECT ON medsim.models, medsim.images, medsim.datasets, medsim.index_builds,
-                 medsim.ingest_problems, medsim.ingest_reports, medsim.pseudonym_keys FROM medsim_reader;
+                 medsim.ingest_problems, medsim.ingest_reports, medsim.pseudonym_keys,
+                 medsim.uploads FROM medsim_reader;
 GRANT SELECT (id, name, preset, mode, config, train_config, datasets, embedding_dim, checkpoint_sha256,
               best_epoch, best_val_loss, train_seconds, is_current, created_at)
     ON medsim.models TO medsim_reader;

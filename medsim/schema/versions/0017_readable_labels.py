@@ -5,7 +5,8 @@ bare digits is renamed; labels themselves (the stored integers) do not change, s
 keys, calibrations and indexes stay valid. A filter on label "2" becomes "grade 2 (moderate)".
 
 The access log also records what the page's workbench serves: previews, stored
-embeddings, browse pages and exports.
+embeddings, browse pages and exports; and uploads the service kept for their URL
+(medsim.uploads, deleted after their retention, each deletion logged).
 
 Revision ID: 0017
 Revises: 0016
@@ -40,13 +41,29 @@ def _actions(actions: tuple) -> None:
 
 def upgrade() -> None:
     _rename(DIGITS, GRADES)
-    _actions(("search", "image", "thumbnail", "preview", "embedding", "browse", "export"))
+    _actions(("search", "image", "thumbnail", "preview", "embedding", "browse", "export", "upload_deleted"))
+    op.execute("""
+        CREATE TABLE medsim.uploads (
+            handle      text PRIMARY KEY,          -- 128 random bits, URL-safe
+            created_at  timestamptz NOT NULL DEFAULT now(),
+            expires_at  timestamptz NOT NULL,
+            user_name   text NOT NULL,
+            sha256      text NOT NULL,             -- of the uploaded bytes, as the access log has it
+            pixels      bytea NOT NULL,            -- the stored form, never the file or its name
+            height      integer NOT NULL CHECK (height > 0),
+            width       integer NOT NULL CHECK (width > 0),
+            channels    smallint NOT NULL CHECK (channels IN (1, 3)),
+            bit_depth   smallint NOT NULL CHECK (bit_depth IN (8, 16))
+        )
+    """)
+    op.execute("CREATE INDEX uploads_expires_at ON medsim.uploads (expires_at)")
 
 
 def downgrade() -> None:
+    op.execute("DROP TABLE medsim.uploads")
     # an audit log keeps its rows: each new action becomes the nearest old one
     op.execute("""UPDATE medsim.access_log SET action = CASE action WHEN 'preview' THEN 'thumbnail'
-                  WHEN 'export' THEN 'search' ELSE 'image' END
-                  WHERE action IN ('preview', 'embedding', 'browse', 'export')""")
+                  WHEN 'export' THEN 'search' WHEN 'upload_deleted' THEN 'search' ELSE 'image' END
+                  WHERE action IN ('preview', 'embedding', 'browse', 'export', 'upload_deleted')""")
     _actions(("search", "image", "thumbnail"))
     _rename(GRADES, DIGITS)

@@ -14,9 +14,10 @@ from fastapi.responses import Response
 
 from medsim import access
 from medsim.errors import BadArgument, Forbidden
+from medsim.images import to_display
 from medsim.search import pipeline
-from medsim.search.request import ById, ByUpload, ByVector, Filters, Request
-from medsim.service import export, reads
+from medsim.search.request import ById, ByPixels, ByUpload, ByVector, Filters, Request
+from medsim.service import export, reads, uploads
 from medsim.service.deps import Searcher, ServiceDep, client_address
 from medsim.service.schemas import (
     ERRORS,
@@ -69,13 +70,17 @@ async def search(body: SearchRequest, svc: ServiceDep, who: Searcher, http: Http
     """Search the gallery (train + val) for the k images nearest a stored image (`image_id`)
     or a raw embedding (`vector`)."""
     t0 = time.perf_counter()
-    given = [name for name in ("image_id", "vector") if getattr(body, name) is not None]
+    given = [name for name in ("image_id", "vector", "upload") if getattr(body, name) is not None]
     if len(given) != 1:
-        raise BadArgument("give exactly one query: an image_id or a vector (an image file goes to "
-                          "POST /search/upload)" + (f"; got {' and '.join(given)}" if given else ""))
-    query = ById(body.image_id) if body.image_id is not None else ByVector(tuple(body.vector))
+        raise BadArgument("give exactly one query: an image_id, a vector or an upload's handle (an image file "
+                          "goes to POST /search/upload)" + (f"; got {' and '.join(given)}" if given else ""))
+    if body.upload is not None:
+        pixels = await run_in_threadpool(uploads.load, svc, body.upload)
+        query = ByPixels(pixels, "a kept upload")
+    else:
+        query = ById(body.image_id) if body.image_id is not None else ByVector(tuple(body.vector))
     result = await run_in_threadpool(_run, svc, who, _request(query, body, body.filters), client_address(http))
-    return SearchResponse.of(result, (time.perf_counter() - t0) * 1000)
+    return SearchResponse.of(result, (time.perf_counter() - t0) * 1000, body.upload)
 
 
 @router.post("/search/upload", response_model=SearchResponse)
@@ -90,9 +95,10 @@ async def search_upload(form: Annotated[SearchUpload, Form(media_type="multipart
     finally:
         await form.image.close()
     query = ByUpload(data, form.image.filename or "the upload", svc.cfg.max_image_pixels)
-    result = await run_in_threadpool(_run, svc, who, _request(query, form, form.filters), client_address(http),
-                                     hashlib.sha256(data).hexdigest())
-    return SearchResponse.of(result, (time.perf_counter() - t0) * 1000)
+    sha = hashlib.sha256(data).hexdigest()
+    result = await run_in_threadpool(_run, svc, who, _request(query, form, form.filters), client_address(http), sha)
+    handle = await run_in_threadpool(uploads.keep, svc, who.name, result.query.pixels, sha)
+    return SearchResponse.of(result, (time.perf_counter() - t0) * 1000, handle)
 
 
 @router.post("/search/export", response_class=Response,
@@ -100,8 +106,9 @@ async def search_upload(form: Annotated[SearchUpload, Form(media_type="multipart
                               "description": "the result as CSV, JSON or a ZIP with thumbnails"}})
 async def search_export(body: SearchRequest, svc: ServiceDep, who: Searcher, http: HttpRequest,
                         format: Annotated[str, Query(pattern="^(csv|json|zip)$")] = "csv") -> Response:
-    """The same search as `POST /search`, as a file: `csv` (a row per neighbour), `json`
-    (the search's answer), or `zip` (both, the thumbnails and a README)."""
+    """The same search as `POST /search` (a stored image, a vector or a kept upload), as a
+    file: `csv` (a row per neighbour), `json` (the search's answer), or `zip` (both, the
+    thumbnails and a README)."""
     res = await search(body, svc, who, http)
     ids = [n.image_id for n in res.neighbours]
     if format == "csv":
@@ -109,9 +116,11 @@ async def search_export(body: SearchRequest, svc: ServiceDep, who: Searcher, htt
     elif format == "json":
         content = res.model_dump_json(indent=2).encode()
     else:
-        content = await run_in_threadpool(export.zip_bytes, res, lambda i: reads.thumbnail(svc, i, 256))
+        kept = uploads.load(svc, body.upload) if body.upload else None
+        query_png = (lambda: reads.render(to_display(kept), 256)) if kept is not None else None
+        content = await run_in_threadpool(export.zip_bytes, res, lambda i: reads.thumbnail(svc, i, 256), query_png)
     svc.log(who, client_address(http), "export", ids, query_kind=res.query.kind, query_image_id=res.query.image_id,
             model_id=res.model.id, engine=res.engine)
-    name = f"medsim-search-{res.query.image_id or 'vector'}.{format}"
+    name = f"medsim-search-{res.query.image_id or res.query.kind}.{format}"
     return Response(content, media_type=export.FORMATS[format],
                     headers={"Content-Disposition": f'attachment; filename="{name}"'})

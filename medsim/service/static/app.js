@@ -1,7 +1,7 @@
 // medsim's page: plain JavaScript against the JSON API, no framework, no CDN.
-// The URL carries the query (a stored image id, k, engine, filters) so a result can be
-// shared or bookmarked; an uploaded file cannot travel in a URL, so its search is not
-// (going back to an upload's URL shows an empty page, not an older search's results).
+// The URL carries the query (a stored image id, or the handle of an upload the service
+// keeps for a while, k, engine, filters) so a result can be shared or bookmarked; once
+// the service has deleted an upload, its URL says so.
 // viewer.js opens a neighbour beside the query (?view=ID); browse.js pages through what is
 // on file (?browse=1). Results can be extended ("More results") and exported.
 // The token is asked for once and kept in sessionStorage: this tab only, gone when it
@@ -105,9 +105,10 @@ function fillLabels() {
   if (names.includes(keep)) sel.value = keep;
 }
 
-function setUrl(imageId) {
+function setUrl(imageId, upload) {
   const o = options(), p = new URLSearchParams();
   if (imageId != null) p.set("image_id", imageId);
+  if (upload) p.set("upload", upload);
   p.set("k", o.k);
   p.set("engine", o.engine);
   if (o.filters.dataset) p.set("dataset", o.filters.dataset);
@@ -133,6 +134,8 @@ function fromUrl() {
   }
   return p.get("image_id");
 }
+
+function uploadInUrl() { return new URLSearchParams(location.search).get("upload"); }
 
 // A card's content is one link (to the view's own URL: it opens in a new tab too); a
 // plain click opens the view in place. A link, not a clickable <li>: the list stays a list.
@@ -167,17 +170,17 @@ function setViewParam(id) {
 function render(res, queryImgSrc) {
   state.searches += 1;
   state.last = res;
-  state.queryBlob = queryImgSrc.startsWith("blob:") ? queryImgSrc : null;
+  state.queryBlob = queryImgSrc && queryImgSrc.startsWith("blob:") ? queryImgSrc : null;
   document.body.dataset.searches = state.searches;
   $("export").hidden = !res.neighbours.length;
-  $("export").querySelector("[data-format=zip]").disabled = res.query.kind !== "image_id";
+  $("export").querySelector("[data-format=zip]").disabled = res.query.kind !== "image_id" && !res.query.handle;
   const k = Number($("k").value);
   $("more").hidden = !(res.neighbours.length >= k && k < MAX_K);
   $("more").textContent = `More results (${Math.min(k + state.pageSize, MAX_K)})`;
   const q = res.query;
   $("query").hidden = false;
-  if (queryImgSrc.startsWith("blob:")) $("query-img").src = queryImgSrc;
-  else showImage($("query-img"), queryImgSrc);
+  if (state.queryBlob) $("query-img").src = queryImgSrc;
+  else if (queryImgSrc) showImage($("query-img"), queryImgSrc);
   $("query-title").textContent = q.label_name ? `${q.label}: ${q.label_name}` : q.label;
   $("query-meta").textContent = q.dataset ? `${q.dataset}` : "not from the archive";
   $("query-notes").textContent = res.notes.join(" ");
@@ -275,13 +278,39 @@ async function searchFile(file) {
     const res = await api("/search/upload", { method: "POST", body: fd, signal: ctl.signal });
     if (!endSearch(ctl)) return;
     showError("");
-    render(res, URL.createObjectURL(file));
+    if (res.query.handle) history.replaceState({}, "", urlWith({ upload: res.query.handle }));
+    render(res, res.query.preview_url || URL.createObjectURL(file));
   } catch (e) { failed(ctl, e); }
+}
+
+// an upload the service kept, searched again by its handle (a shared URL, a changed option)
+async function searchKept(handle, push = true) {
+  $("image-id").value = "";
+  if (push) setUrl(null, handle);
+  const ctl = beginSearch();
+  try {
+    const res = await api("/search", {
+      method: "POST", headers: { "content-type": "application/json" },
+      body: JSON.stringify({ upload: handle, ...options() }), signal: ctl.signal,
+    });
+    if (!endSearch(ctl)) return;
+    showError("");
+    render(res, res.query.preview_url);
+    const view = new URLSearchParams(location.search).get("view");
+    if (view) openViewer(Number(view), false);
+  } catch (e) { failed(ctl, e); }
+}
+
+function urlWith(params) {
+  const p = new URLSearchParams(location.search);
+  for (const [k, v] of Object.entries(params)) { if (v == null) p.delete(k); else p.set(k, v); }
+  return `${location.pathname}?${p}`;
 }
 
 let lastFile = null;
 function rerun() {
   if ($("image-id").value) searchId($("image-id").value);
+  else if (uploadInUrl()) searchKept(uploadInUrl());
   else if (lastFile) searchFile(lastFile);
 }
 
@@ -329,6 +358,7 @@ async function init() {
     }
     const id = fromUrl();
     if (id) searchId(id, false);
+    else if (uploadInUrl()) searchKept(uploadInUrl(), false);
     else { if (inflight) endSearch(inflight); clearResults(); showError(""); $("image-id").value = ""; }
   });
 
@@ -368,21 +398,23 @@ async function load() {
   if (routeBrowse()) return;
   const id = fromUrl();
   if (id) searchId(id, false);
+  else if (uploadInUrl()) searchKept(uploadInUrl(), false);
 }
 
-// A result as a file. A stored query is searched again by the API's export (the same
-// answer, logged as an export); an upload's answer is written from what the page holds
-// (CSV and JSON; a ZIP needs a stored query).
+// A result as a file. A stored query or a kept upload is searched again by the API's
+// export (the same answer, logged as an export); an upload the service did not keep is
+// written from what the page holds (CSV and JSON; a ZIP needs the server's copy).
 const CSV_COLUMNS = ["rank", "image_id", "dataset", "split", "label_name", "distance", "p_same", "same_label",
   "patient_key", "study_id", "thumbnail_url"];
 async function exportResult(format) {
   const res = state.last;
   if (!res) return;
   let blob;
-  if (res.query.kind === "image_id") {
+  if (res.query.kind === "image_id" || res.query.handle) {
+    const q = res.query.kind === "image_id" ? { image_id: res.query.image_id } : { upload: res.query.handle };
     const r = await fetch(`/search/export?format=${format}`, {
       method: "POST", headers: authHeaders({ "content-type": "application/json" }),
-      body: JSON.stringify({ image_id: res.query.image_id, ...options() }),
+      body: JSON.stringify({ ...q, ...options() }),
     });
     if (!r.ok) throw new Error(`export failed: ${r.status}`);
     blob = await r.blob();

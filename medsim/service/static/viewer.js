@@ -60,10 +60,12 @@ async function openViewer(id, push = true) {
   if (q) {
     $("viewer-title").textContent = "Query and neighbour";
     if (q.kind === "image_id") showImage($("view-q"), previewUrl(q.image_id));
+    else if (q.preview_url) showImage($("view-q"), `${q.preview_url}?size=${PREVIEW}&smooth=${$("smooth").checked}` +
+      `&window=${$("window").value}`);
     else if (state.queryBlob) $("view-q").src = state.queryBlob;
     $("view-q").alt = `the query, ${q.label}`;
     $("view-q-cap").textContent = `query: ${q.label}` + (q.label_name ? ` (${q.label_name})` : "") +
-      (q.kind !== "image_id" ? ", shown as your browser draws the file" : "");
+      (q.kind !== "image_id" && !q.preview_url ? ", shown as your browser draws the file" : "");
   } else {
     $("viewer-title").textContent = "Image on file";
   }

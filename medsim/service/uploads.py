@@ -1,0 +1,66 @@
+"""Uploads the service keeps for a while, so that an upload search has a URL.
+
+An uploaded image is kept in its stored form (the pixels an ingest would store: decoded,
+windowed, never the file's bytes or name, which may carry a patient's name) under a
+random handle, for ServeConfig.upload_retention_h (default 24 h). With the handle a user
+holding a search token can see its preview and search it again (`POST /search` with
+`{"upload": HANDLE}`, or `/?upload=HANDLE` on the page). Past its time it is deleted, at
+the next upload or start, and the access log notes each deletion ("upload_deleted", with
+the upload's sha256). Only the service's owner login reads the table: an analyst's SQL
+login and a user's role see nothing of it.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+
+from medsim import images
+from medsim.errors import NotFound
+from medsim.images import StoredRow
+from medsim.queries import Q, one, rows
+
+HANDLE_BYTES = 16  # 128 random bits: a handle cannot be guessed
+
+
+@dataclass
+class Purged:
+    user_name: str
+    sha256: str
+
+
+def keep(svc, user: str, x: np.ndarray, sha256: str) -> str | None:
+    """Keep stored-form pixels -> their handle (None when retention is 0). Expired uploads
+    are deleted first, in the same transaction."""
+    hours = svc.cfg.upload_retention_h
+    if not hours:
+        return None
+    handle = secrets.token_urlsafe(HANDLE_BYTES)
+    with svc.owner.connection() as conn, conn.transaction():
+        purge(conn)
+        conn.execute(Q.keep_upload, {"handle": handle, "hours": hours, "user_name": user, "sha256": sha256,
+                                     "pixels": images.stored.to_bytes(x), "height": x.shape[0], "width": x.shape[1],
+                                     "channels": x.shape[2], "bit_depth": 16 if x.dtype == np.uint16 else 8})
+    return handle
+
+
+def load(svc, handle: str) -> np.ndarray:
+    """A kept upload's stored-form pixels; NotFound, saying why, when it is not (or no longer) kept."""
+    with svc.owner.connection() as conn:
+        r = one(conn, Q.kept_upload, {"handle": handle}, as_=StoredRow)
+    if r is None:
+        raise NotFound(f"no upload kept under that handle: uploads are kept {svc.cfg.upload_retention_h:g} h, "
+                       f"then deleted; upload the image again")
+    return r.array()
+
+
+def purge(conn) -> int:
+    """Delete expired uploads, each with an access-log row -> how many."""
+    gone = rows(conn, Q.purge_uploads, as_=Purged)
+    for g in gone:
+        conn.execute(Q.log_access, {"user_name": g.user_name, "token_id": None, "client": None, "action": "upload_deleted",
+                                    "query_kind": "upload", "query_image_id": None, "query_sha256": g.sha256,
+                                    "model_id": None, "engine": None, "image_ids": []})
+    return len(gone)
