@@ -162,6 +162,8 @@ def requests_for(world):
             out.append((f"preview {k} {i}", "get", f"/images/{i}/preview.png", {}, "images"))
             out.append((f"embedding {k} {i}", "get", f"/images/{i}/embedding", {}, "images"))
         out.append((f"browse {k}", "get", f"/images?limit=200&dataset={ARCHIVES[k]}", {}, "images"))
+        out.append((f"explain {k}", "get", f"/explain?query={world['ids'][k][0]}&neighbour={world['ids'][k][1]}",
+                    {}, "images"))
         out.append((f"search filtered to {k}", "post", "/search",
                     {"json": {"image_id": world["tests"]["A"], "k": 5, "filters": {"dataset": ARCHIVES[k]}}},
                     "search"))
@@ -191,7 +193,7 @@ def expected(who: str, need: str, name: str) -> set:
             else {200}
     if name.startswith("search filtered to"):
         return {200} if name[-1] in allowed else {403}
-    if name.startswith(("search id", "image", "thumbnail", "preview", "embedding")):
+    if name.startswith(("search id", "image", "thumbnail", "preview", "embedding", "explain")):
         archive_key = name.split()[2 if name.startswith("search") else 1]
         return {200} if archive_key in allowed else {404}
     if name.startswith("search vector") and "faiss" not in name:
@@ -235,9 +237,12 @@ def test_the_authorization_matrix_over_http(world):
                         served += [(who, "search", got), (who, "export", got)]
                     elif name.startswith("browse"):
                         served.append((who, "browse", {d["id"] for d in r.json()["images"]}))
+                    elif name.startswith("explain"):
+                        q, n = (int(v.split("=")[1]) for v in path.split("?")[1].split("&"))
+                        served.append((who, "explain", {n, q}))
                     elif name.startswith(("image ", "thumbnail", "preview", "embedding")):
                         served.append((who, name.split()[0], {int(path.split("/")[2])}))
-    assert cases == len(PRINCIPALS) * len(requests_for(world)) == 660
+    assert cases == len(PRINCIPALS) * len(requests_for(world)) == 690
     with db.connect(url, autocommit=True) as conn:
         logged = conn.execute("SELECT user_name, action, image_ids FROM medsim.access_log WHERE id > "
                               "(SELECT coalesce(max(id), 0) FROM medsim.access_log) - %s ORDER BY id",

@@ -372,6 +372,25 @@ def test_neighbour_view_export_browse_and_accessibility(server, browser, tmp_pat
     assert (v := axe_violations(browser)) == [], v
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "serve-neighbour-view.png"))
+    # the similarity map: both images become overlays (GET /explain), with the key shown
+    before = browser.execute_script("return ['view-q', 'view-n'].map(id => document.getElementById(id).src)")
+    browser.find_element(By.ID, "explain").click()
+    wait.until(lambda d: all(a != b for a, b in zip(d.execute_script(
+        "return ['view-q', 'view-n'].map(id => document.getElementById(id).src)"), before, strict=True)))
+    wait.until(lambda d: d.execute_script(
+        "return ['view-q', 'view-n'].every(id => { const i = document.getElementById(id); "
+        "return i.complete && i.naturalWidth >= 512; })"))
+    assert browser.find_element(By.ID, "explain-key").is_displayed()
+    red = browser.execute_script("""
+        const i = document.getElementById('view-n'), c = document.createElement('canvas');
+        c.width = i.naturalWidth; c.height = i.naturalHeight;
+        const g = c.getContext('2d'); g.drawImage(i, 0, 0);
+        const d = g.getImageData(0, 0, c.width, c.height).data; let n = 0;
+        for (let k = 0; k < d.length; k += 4) if (d[k] > d[k + 1] + 40) n++;
+        return n / (c.width * c.height);""")
+    assert red > 0.01  # the overlay is there: some of the neighbour is marked
+    browser.save_screenshot(str(ARTIFACTS / "serve-explain.png"))
+    browser.find_element(By.ID, "explain").click()
     # its URL opens it again in a fresh page
     url = browser.current_url
     assert f"view={nid}" in url

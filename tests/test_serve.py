@@ -516,3 +516,33 @@ def test_expired_uploads_are_deleted_when_the_service_starts(embedded, db_url):
         pass
     assert conn.execute("SELECT count(*) FROM medsim.uploads WHERE handle = %s", (handle,)).fetchone()[0] == 0
     assert conn.execute("SELECT count(*) FROM medsim.access_log WHERE action = 'upload_deleted'").fetchone()[0] == 1
+
+
+def test_explain_a_pair_as_json_and_png(api):
+    """GET /explain: both maps in [0, 1] (JSON, with what they measure) or one overlay (PNG);
+    a kept upload as the query; unknown images and bad options are one sentence; logged."""
+    client, conn, mid = api
+    gid = gallery_id(conn)
+    nb = client.post("/search", json={"image_id": gid, "k": 1}).json()["neighbours"][0]["image_id"]
+    r = client.get(f"/explain?query={gid}&neighbour={nb}")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    q, n = np.array(body["query"]), np.array(body["neighbour"])
+    assert q.shape == n.shape == (28, 28) and q.min() >= 0 and q.max() <= 1 and n.max() > 0
+    assert body["method"] == "integrated_gradients" and "not the reason" in body["what"]
+    png = client.get(f"/explain?query={gid}&neighbour={nb}&format=png&which=query&size=128")
+    assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).size == (128, 128)
+    occ = client.get(f"/explain?query={gid}&neighbour={nb}&method=occlusion").json()
+    assert np.array(occ["neighbour"]).shape == (28, 28)
+    up = client.post("/search/upload", files={"image": ("q.png", png_of(conn, gid), "image/png")},
+                     data={"k": "1"}).json()
+    assert client.get(f"/explain?query={up['query']['handle']}&neighbour={nb}").status_code == 200
+    assert client.get(f"/explain?query=987654321&neighbour={nb}").status_code == 404
+    assert client.get(f"/explain?query={gid}&neighbour=987654321").status_code == 404
+    assert client.get(f"/explain?query={gid}&neighbour={nb}&method=lime").status_code == 400
+    assert client.get(f"/explain?query=nosuchhandle&neighbour={nb}").status_code == 404
+    assert conn.execute("SELECT count(*) FROM medsim.access_log WHERE action = 'explain'").fetchone()[0] >= 3
+
+
+def png_of(conn, image_id: int) -> bytes:
+    return png(stored_pixels(conn, image_id))

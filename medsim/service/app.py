@@ -38,6 +38,7 @@ from medsim.errors import (
     Unauthorized,
 )
 from medsim.service.guard import SecurityHeaders
+from medsim.service.routes import explain as explain_routes
 from medsim.service.routes import images, search, state, uploads
 from medsim.service.state import ServeConfig, Service
 
@@ -116,7 +117,7 @@ def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -
     app.add_middleware(SecurityHeaders)
     app.middleware("http")(count_requests)
     add_error_handlers(app)
-    for r in (search.router, images.router, uploads.router, state.router):
+    for r in (search.router, images.router, uploads.router, explain_routes.router, state.router):
         app.include_router(r)
 
     @app.get("/", include_in_schema=False)

@@ -56,6 +56,7 @@ class OnnxRuntime:
     name = "onnx"
 
     def __init__(self, net, threads: int = 1):
+        self.net = net  # the torch module stays: explanations need its gradients
         self.cfg = net.cfg
         self.batch = net.cfg.inference_batch("cpu") * ONNX_BATCH_FACTOR
         self.model = export(net)

@@ -41,7 +41,7 @@ def _actions(actions: tuple) -> None:
 
 def upgrade() -> None:
     _rename(DIGITS, GRADES)
-    _actions(("search", "image", "thumbnail", "preview", "embedding", "browse", "export", "upload_deleted"))
+    _actions(("search", "image", "thumbnail", "preview", "embedding", "browse", "export", "upload_deleted", "explain"))
     op.execute("""
         CREATE TABLE medsim.uploads (
             handle      text PRIMARY KEY,          -- 128 random bits, URL-safe
@@ -64,6 +64,6 @@ def downgrade() -> None:
     # an audit log keeps its rows: each new action becomes the nearest old one
     op.execute("""UPDATE medsim.access_log SET action = CASE action WHEN 'preview' THEN 'thumbnail'
                   WHEN 'export' THEN 'search' WHEN 'upload_deleted' THEN 'search' ELSE 'image' END
-                  WHERE action IN ('preview', 'embedding', 'browse', 'export', 'upload_deleted')""")
+                  WHERE action IN ('preview', 'embedding', 'browse', 'export', 'upload_deleted', 'explain')""")
     _actions(("search", "image", "thumbnail"))
     _rename(GRADES, DIGITS)

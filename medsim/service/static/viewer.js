@@ -13,6 +13,15 @@ function previewUrl(id) {
   return `/images/${id}/preview.png?size=${PREVIEW}&smooth=${$("smooth").checked}&window=${$("window").value}`;
 }
 
+// the pair's similarity maps as overlays (GET /explain), or null when off or not possible
+function explainUrl(which) {
+  const q = state.last && !state.browsing ? state.last.query : null;
+  if (!$("explain").checked || !q) return null;
+  const ref = q.kind === "image_id" ? q.image_id : q.handle;
+  return ref ? `/explain?query=${encodeURIComponent(ref)}&neighbour=${view.id}&format=png&which=${which}` +
+    `&size=${PREVIEW}` : null;
+}
+
 function applyTransform() {
   for (const img of [$("view-q"), $("view-n")]) {
     img.style.transform = `translate(${view.x}px, ${view.y}px) scale(${view.z})`;
@@ -57,9 +66,12 @@ async function openViewer(id, push = true) {
   if (push) setViewParam(view.id);
   const q = !state.browsing && state.last ? state.last.query : null;
   $("pane-q").hidden = !q;
+  $("explain").disabled = !q || (q.kind !== "image_id" && !q.handle);
+  $("explain-key").hidden = !explainUrl("query");
   if (q) {
     $("viewer-title").textContent = "Query and neighbour";
-    if (q.kind === "image_id") showImage($("view-q"), previewUrl(q.image_id));
+    if (explainUrl("query")) showImage($("view-q"), explainUrl("query"));
+    else if (q.kind === "image_id") showImage($("view-q"), previewUrl(q.image_id));
     else if (q.preview_url) showImage($("view-q"), `${q.preview_url}?size=${PREVIEW}&smooth=${$("smooth").checked}` +
       `&window=${$("window").value}`);
     else if (state.queryBlob) $("view-q").src = state.queryBlob;
@@ -76,7 +88,7 @@ async function openViewer(id, push = true) {
     ", a different label") : `image ${view.id}`;
   $("view-prev").disabled = at <= 0;
   $("view-next").disabled = at < 0 || at >= list.length - 1;
-  showImage($("view-n"), previewUrl(view.id));
+  showImage($("view-n"), explainUrl("neighbour") || previewUrl(view.id));
   if (!dlg.open) { resetZoom(); dlg.showModal(); }
   try {
     await showRecord(view.id);
@@ -116,7 +128,7 @@ function initViewer() {
   });
   $("zoom").addEventListener("input", () => { view.z = Number($("zoom").value); applyTransform(); });
   $("zoom-reset").addEventListener("click", resetZoom);
-  for (const id of ["smooth", "window"]) {
+  for (const id of ["smooth", "window", "explain"]) {
     $(id).addEventListener("change", () => { if (view.id != null) openViewer(view.id, false); applyTransform(); });
   }
   for (const frame of [$("frame-q"), $("frame-n")]) {

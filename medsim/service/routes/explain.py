@@ -1,0 +1,83 @@
+"""GET /explain: where a (query, neighbour) pair's closeness comes from, as two maps
+(medsim.training.explain): PNG overlays, or the arrays in JSON. The query is a stored
+image id or a kept upload's handle; both images are read as the user (row-level
+security), then from the owner's pixels, and resized by the one resize path."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+
+from medsim import images, registry
+from medsim.errors import NotFound
+from medsim.queries import Q, one
+from medsim.service import reads, uploads
+from medsim.service.deps import ServiceDep, Viewer, client_address
+from medsim.service.schemas import ERRORS
+
+router = APIRouter(tags=["explain"], responses=ERRORS)
+
+WHAT = ("how much of the pair's closeness each pixel of this image holds, the other image fixed: where "
+        "removing the detail (blurring it) would move the two apart; not the reason for a diagnosis")
+
+
+def _pixels(svc, who, ref: str) -> np.ndarray:
+    """A stored image (as the user may see it) or a kept upload -> stored-form pixels."""
+    if not ref.isdigit():
+        return uploads.load(svc, ref)
+    if reads.sha256(svc, who, int(ref)) is None:  # not on file, or not the user's to see
+        raise NotFound(f"no image with id {ref}")
+    with svc.owner.connection() as conn:
+        return one(conn, Q.image_pixels_one, {"id": int(ref)}, as_=images.StoredRow).array()
+
+
+def _overlay(x: np.ndarray, m: np.ndarray, size: int) -> bytes:
+    """The image in grey with the map in red on top (alpha = the map's strength), at size px."""
+    from PIL import Image
+
+    grey = images.to_display(x)
+    grey = grey if grey.ndim == 2 else grey.mean(-1).astype(np.uint8)
+    img = np.asarray(Image.fromarray(grey).resize((size, size), Image.Resampling.NEAREST), np.float32)
+    heat = np.asarray(Image.fromarray((m * 255).astype(np.uint8)).resize((size, size), Image.Resampling.BILINEAR),
+                      np.float32) / 255
+    rgb = np.stack([img * (1 - heat) + 255 * heat, img * (1 - heat), img * (1 - heat)], -1)
+    return reads.render(np.clip(rgb, 0, 255).astype(np.uint8), size)
+
+
+@router.get("/explain", response_model=None,
+            responses={200: {"content": {"image/png": {}, "application/json": {}},
+                             "description": "an overlay (PNG) or both maps (JSON)"}})
+async def explain_pair(request: Request, svc: ServiceDep, who: Viewer,
+                       query: Annotated[str, Query(max_length=64, description="a stored image id or an upload's handle")],
+                       neighbour: int, format: Literal["json", "png"] = "json",
+                       which: Literal["query", "neighbour"] = "neighbour",
+                       method: Literal["integrated_gradients", "occlusion", "gradient"] = "integrated_gradients",
+                       size: Annotated[int, Query(ge=64, le=1024)] = 256, model: str = "current"):
+    """Similarity maps for a query and one of its neighbours: for each image, how much of
+    the pair's closeness each of its pixels holds (integrated gradients of the negative
+    distance from the blurred image, captum; see docs/results.md for how faithful each
+    method is). `format=png` returns one overlay (`which`), `json` both maps in [0, 1]."""
+    from medsim.training import explain
+
+    def work():
+        with svc.owner.connection() as conn:
+            row = registry.get(conn, model)
+        rt = svc.net(row)
+        s = rt.cfg.image_size
+        xa, xb = _pixels(svc, who, query), _pixels(svc, who, str(neighbour))
+        svc.size_threads()
+        ma, mb = explain.pair_maps(rt.net, images.model_input(xa, s), images.model_input(xb, s), method)
+        return row, xa, xb, explain.display(ma), explain.display(mb)
+
+    row, xa, xb, ma, mb = await run_in_threadpool(work)
+    svc.log(who, client_address(request), "explain", [neighbour] + ([int(query)] if query.isdigit() else []),
+            model_id=row.id)
+    if format == "png":
+        png = await run_in_threadpool(_overlay, *((xa, ma) if which == "query" else (xb, mb)), size)
+        return Response(png, media_type="image/png")
+    return {"model_id": row.id, "method": method, "baseline": "blur", "what": WHAT,
+            "query": np.round(ma, 4).tolist(), "neighbour": np.round(mb, 4).tolist()}
