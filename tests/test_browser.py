@@ -467,3 +467,36 @@ def test_an_upload_search_has_a_url_that_reproduces_it(server, browser):
     assert browser.find_element(By.ID, "query-title").text.startswith("a kept upload")
     wait.until(lambda d: d.execute_script(
         "const i = document.getElementById('query-img'); return i.complete && i.naturalWidth > 0"))
+
+
+def test_search_by_a_region_dragged_on_the_query(server, browser):
+    """Drag a box over the query image's top-left corner: the search runs with that region
+    (its pixels in the URL and the title), the neighbours change, and "Whole image"
+    restores the first answer."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base, conn, (token, _) = server
+    qid = conn.execute("SELECT min(id) FROM medsim.images i WHERE split = 'test' AND dataset_id = "
+                       "(SELECT id FROM medsim.datasets WHERE flag = 'retinamnist')").fetchone()[0]
+    browser.get(f"{base}/?image_id={qid}&k=8")
+    wait = WebDriverWait(browser, 30)
+    sign_in(browser, wait, token)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .card")) == 8)
+    first = [c.get_attribute("data-image-id") for c in browser.find_elements(By.CSS_SELECTOR, "#grid .card")]
+    searches = browser.find_element(By.TAG_NAME, "body").get_attribute("data-searches")
+    browser.find_element(By.ID, "region-btn").click()
+    img = browser.find_element(By.ID, "query-img")
+    w = img.size["width"]
+    ActionChains(browser).move_to_element_with_offset(img, -w // 2 + 2, -w // 2 + 2).click_and_hold() \
+        .move_by_offset(w // 2, w // 2).release().perform()
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-searches") != searches)
+    assert "box=0%2C0%2C" in browser.current_url or "box=0,0," in browser.current_url
+    assert "region [0, 0, 1" in browser.find_element(By.ID, "query-title").text
+    after = [c.get_attribute("data-image-id") for c in browser.find_elements(By.CSS_SELECTOR, "#grid .card")]
+    assert after != first
+    assert browser.find_element(By.ID, "region").is_displayed()
+    browser.find_element(By.ID, "region-clear").click()
+    wait.until(lambda d: "region" not in d.find_element(By.ID, "query-title").text)
+    assert [c.get_attribute("data-image-id") for c in browser.find_elements(By.CSS_SELECTOR, "#grid .card")] == first

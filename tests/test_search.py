@@ -1,4 +1,5 @@
 import json
+import re
 import time
 
 import numpy as np
@@ -192,3 +193,37 @@ def test_no_step_of_a_search_reads_the_whole_gallery(embedded, db_url):
             pipeline.nothing_found(c, mid, {})
 
     assert counted(count_gallery) >= 2000
+
+
+def test_search_by_a_region_of_the_query(embedded, tmp_path, capsys):
+    """A box cuts the query before the one resize path: a stored image's region finds what
+    the same region saved as a file finds; the whole image as a box is the image itself;
+    bad boxes are one sentence each."""
+    from medsim.images import StoredRow
+    from medsim.queries import Q, one
+    from medsim.search import pipeline
+    from medsim.search.context import Context
+    from medsim.search.request import ByFile, ById, ByVector, Request
+
+    conn, mid = embedded
+    gid = conn.execute("SELECT min(image_id) FROM medsim.gallery WHERE dataset = 'retinamnist'").fetchone()[0]
+    x = one(conn, Q.image_pixels_one, {"id": gid}, as_=StoredRow).array()
+    ctx = Context(conn)
+    region = pipeline.run(ctx, Request(ById(gid), k=5, box=(0, 0, 14, 14)))
+    Image.fromarray(x[:14, :14]).save(tmp_path / "corner.png")
+    as_file = pipeline.run(ctx, Request(ByFile(str(tmp_path / "corner.png")), k=6))
+    assert [h.image_id for h in region.hits] == [h.image_id for h in as_file.hits if h.image_id != gid][:5]
+    assert region.query.label == f"image {gid}, region [0, 0, 14, 14]"
+    whole = pipeline.run(ctx, Request(ById(gid), k=5, box=(0, 0, 28, 28)))
+    plain = pipeline.run(ctx, Request(ById(gid), k=5))
+    assert [h.image_id for h in whole.hits] == [h.image_id for h in plain.hits]
+    for box, says in (((0, 0, 29, 28), "reaches outside the image (28 x 28 pixels)"),
+                      ((5, 5, 5, 9), "empty or inverted"), ((9, 0, 3, 5), "empty or inverted"),
+                      ((-1, 0, 3, 5), "negative"), ((0, 0, 3), "four whole numbers")):
+        with pytest.raises(MedsimError, match=re.escape(says)):
+            pipeline.run(ctx, Request(ById(gid), k=5, box=box))
+    with pytest.raises(MedsimError, match="not a vector"):
+        Request(ByVector((0.0,) * 64), box=(0, 0, 2, 2))
+    assert cli.main(["search", "--image-id", str(gid), "--box", "0", "0", "14", "14", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [n["image_id"] for n in out[0]["neighbours"]] == [h.image_id for h in region.hits][:4]

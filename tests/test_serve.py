@@ -66,7 +66,7 @@ def test_search_by_id_is_the_sql_answer_with_thumbnails(api):
     assert body["query"] == {"kind": "image_id", "label": f"image {gid}", "image_id": gid,
                              "dataset": body["query"]["dataset"], "label_name": body["query"]["label_name"],
                              "label_names": [body["query"]["label_name"]], "in_gallery": [gid],
-                             "handle": None, "preview_url": None}
+                             "handle": None, "preview_url": None, "size": None}
     dists = [n["distance"] for n in body["neighbours"]]
     assert dists == sorted(dists)
     n0 = body["neighbours"][0]
@@ -546,3 +546,24 @@ def test_explain_a_pair_as_json_and_png(api):
 
 def png_of(conn, image_id: int) -> bytes:
     return png(stored_pixels(conn, image_id))
+
+
+def test_search_by_a_region_over_http(api):
+    client, conn, mid = api
+    gid = gallery_id(conn)
+    r = client.post("/search", json={"image_id": gid, "k": 4, "box": [0, 0, 14, 14]})
+    assert r.status_code == 200 and r.json()["query"]["label"] == f"image {gid}, region [0, 0, 14, 14]"
+    up = client.post("/search/upload", files={"image": ("q.png", png_of(conn, gid), "image/png")},
+                     data={"k": "4", "box": "[0, 0, 14, 14]"})
+    assert up.status_code == 200 and up.json()["query"]["size"] == [28, 28], up.text
+    assert [n["image_id"] for n in up.json()["neighbours"]][:3] == [n["image_id"] for n in r.json()["neighbours"]][:3] \
+        or up.json()["query"]["in_gallery"] == []  # an upload's region is not on file: its own image may come back
+    kept = client.post("/search", json={"upload": up.json()["query"]["handle"], "k": 4, "box": [0, 0, 14, 14]})
+    assert kept.status_code == 200
+    for box, says in (([0, 0, 40, 10], "reaches outside"), ([3, 3, 3, 9], "empty or inverted"),
+                      ([1, 2, 3], "four whole numbers")):
+        r = client.post("/search", json={"image_id": gid, "k": 4, "box": box})
+        assert r.status_code == 400 and says in r.json()["detail"], r.text
+    r = client.post("/search/upload", files={"image": ("q.png", png_of(conn, gid), "image/png")},
+                    data={"k": "4", "box": "[0, 0, 99, 99]"})
+    assert r.status_code == 400 and "reaches outside the image (28 x 28 pixels)" in r.json()["detail"]

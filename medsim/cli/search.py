@@ -26,7 +26,8 @@ def cmd_search(args) -> int:
     queries = [ById(i) for i in args.image_id or ()] + [ByFile(p) for p in args.image_file or ()]
     if not queries:
         raise BadArgument("give --image-id or --image-file")
-    requests = [Request(q, k=args.k, engine=args.engine, filters=filters, model=args.model) for q in queries]
+    box = tuple(args.box) if args.box else None
+    requests = [Request(q, k=args.k, engine=args.engine, filters=filters, model=args.model, box=box) for q in queries]
     with connect(args, read=True) as conn:
         ctx = Context(conn, index_path=args.index)
         results = [pipeline.run(ctx, r) for r in requests]
@@ -109,6 +110,8 @@ def register(sub) -> None:
                    help="pgvector (HNSW in Postgres), exact (pgvector without the index) or faiss (the latest "
                         "index built for the model)")
     s.add_argument("--index", default=None, help="FAISS index file (default: latest build for the model)")
+    s.add_argument("--box", type=int, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), default=None,
+                   help="search with this region of the query (its own pixels; X1, Y1 excluded)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("--montage", default=None, metavar="PNG", help="also write the query/neighbour figure")
     s.set_defaults(func=cmd_search)

@@ -71,7 +71,7 @@ class _Stored:
 def run(ctx, req: Request) -> Result:
     with ctx.stage("fetch"):
         model = ctx.model(req.model)
-    q = resolve(ctx, model, req.query)
+    q = resolve(ctx, model, req.query, req.box)
     build = None
     with ctx.stage("search"):
         if req.engine == "faiss":
@@ -92,8 +92,20 @@ def run(ctx, req: Request) -> Result:
     return out
 
 
-def resolve(ctx, model, spec) -> Query:
-    """A request's query -> the vector to search with, and what is known of the image."""
+def crop(x: np.ndarray, box: tuple | None) -> np.ndarray:
+    """The box [x0, y0, x1, y1) of stored-form pixels; BadArgument when it leaves the image."""
+    if box is None:
+        return x
+    x0, y0, x1, y1 = box
+    h, w = x.shape[:2]
+    if x1 > w or y1 > h:
+        raise BadArgument(f"the box {list(box)} reaches outside the image ({w} x {h} pixels)")
+    return x[y0:y1, x0:x1]
+
+
+def resolve(ctx, model, spec, box: tuple | None = None) -> Query:
+    """A request's query -> the vector to search with, and what is known of the image (a
+    box: only that region of it is embedded)."""
     if isinstance(spec, ByVector):
         v = np.asarray(spec.values, dtype=np.float32)
         if v.ndim != 1 or len(v) != model.embedding_dim:
@@ -103,7 +115,7 @@ def resolve(ctx, model, spec) -> Query:
             raise BadArgument("the vector holds NaN or infinite values")
         return Query("vector", "a vector", v)
     if isinstance(spec, ById):
-        return _stored_query(ctx, model, spec.image_id)
+        return _stored_query(ctx, model, spec.image_id, box)
     with ctx.stage("decode"):
         if isinstance(spec, ByFile):
             x = images.read(spec.path, name=Path(spec.path).name)
@@ -118,10 +130,13 @@ def resolve(ctx, model, spec) -> Query:
         else:
             raise BadArgument(f"not a query: {spec!r}")
         size = int(model.config.get("image_size", 28))
-        model_x = images.model_input(x, size)
+        region = crop(x, box)
+        model_x = images.model_input(region, size)
     with ctx.stage("embed"):
         v = ctx.embed(model, model_x)
-    q = Query(spec.kind, label, v.astype(np.float32), pixels=x)
+    q = Query(spec.kind, label if box is None else f"{label}, region {list(box)}", v.astype(np.float32), pixels=x)
+    if box is not None:  # a region is not on file: no identity to take from identical pixels
+        return q
     # the same pixels on file (as an ingest would store them): that image's identity
     digest = hashlib.sha256(images.stored.to_bytes(x)).digest()  # as an ingest would store it
     same = rows(ctx.conn, Q.images_by_sha256, {"sha256": digest}, as_=_Stored)
@@ -131,11 +146,21 @@ def resolve(ctx, model, spec) -> Query:
     return q
 
 
-def _stored_query(ctx, model, image_id: int) -> Query:
+def _stored_query(ctx, model, image_id: int, box: tuple | None = None) -> Query:
     with ctx.stage("fetch"):
         r = one(ctx.conn, Q.query_image, {"id": image_id, "model_id": model.id}, as_=_Stored)
     if r is None:
         raise NotFound(f"no image with id {image_id}")
+    if box is not None:  # a region of it: its pixels, cut and embedded
+        with ctx.stage("fetch"):
+            p = ctx.stored(image_id)
+        x = images.model_input(crop(p.array(), box), int(model.config.get("image_size", 28)))
+        with ctx.stage("embed"):
+            v = ctx.embed(model, x).astype(np.float32)
+        q = Query("image_id", f"image {image_id}, region {list(box)}", v)
+        _take_identity(q, r)  # the same patient's images stay out, as for the whole image
+        q.in_gallery = [image_id] if r.split in GALLERY_SPLITS else []
+        return q
     if r.embedding is not None:
         v = r.embedding.to_numpy().astype(np.float32)
     else:  # not embedded yet for this model: its pixels

@@ -81,6 +81,9 @@ class Request:
     filters: Filters = field(default_factory=Filters)
     model: int | str | None = "current"
     max_distance: float | None = None  # neighbours farther than this are dropped
+    # a region of the query, [x0, y0, x1, y1] in its own pixel coordinates (x1, y1 excluded):
+    # only that part is embedded (resized by the one resize path); not for a vector
+    box: tuple | None = None
 
     def __post_init__(self):
         if not isinstance(self.k, int) or not 1 <= self.k <= MAX_K:
@@ -89,3 +92,15 @@ class Request:
             raise BadArgument(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.max_distance is not None and not self.max_distance >= 0:
             raise BadArgument(f"max_distance must not be negative, got {self.max_distance}")
+        if self.box is not None:
+            if isinstance(self.query, ByVector):
+                raise BadArgument("a region (box) needs an image to cut it from, not a vector")
+            b = tuple(self.box)
+            if len(b) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) for v in b):
+                raise BadArgument(f"a box is four whole numbers [x0, y0, x1, y1] in the query's pixels, got {self.box}")
+            x0, y0, x1, y1 = b
+            if min(b) < 0:
+                raise BadArgument(f"the box {list(b)} reaches outside the image (negative coordinates)")
+            if x1 <= x0 or y1 <= y0:
+                raise BadArgument(f"the box {list(b)} is empty or inverted: it needs x0 < x1 and y0 < y1")
+            self.box = b

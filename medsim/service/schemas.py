@@ -15,6 +15,10 @@ FILTERS_HELP = ('only neighbours matching: {"dataset": ..., "label": [...], "spl
                 '"modality": ..., any metadata key}')
 
 
+BOX_HELP = ("search with a region of the query: [x0, y0, x1, y1] in the query's own pixels (x1, y1 excluded), "
+            "resized to the model's input like a whole image")
+
+
 class SearchOptions(BaseModel):
     """How to search: the same for every kind of query."""
 
@@ -36,6 +40,7 @@ class SearchRequest(SearchOptions):
 
     image_id: int | None = Field(None, description="a stored image to search from")
     upload: str | None = Field(None, max_length=64, description="the handle POST /search/upload returned")
+    box: list[int] | None = Field(None, description=BOX_HELP)
     vector: list[float] | None = Field(None, description="a raw embedding of the model's dimension")
     filters: dict[str, str | list[str]] = Field(default_factory=dict, description=FILTERS_HELP)
 
@@ -46,6 +51,8 @@ class SearchUpload(SearchOptions):
 
     image: UploadFile = Field(description="PNG, JPEG, TIFF, BMP, GIF, WebP or DICOM (recognised by content)")
     filters: Json[dict[str, str | list[str]]] | None = Field(None, description=FILTERS_HELP + ", as JSON")
+    # a string parsed by the route: FastAPI collects a list-typed form field as repeated fields
+    box: str | None = Field(None, max_length=100, description=BOX_HELP + ", as JSON, e.g. [0, 0, 14, 14]")
 
 
 class Neighbour(BaseModel):
@@ -76,6 +83,8 @@ class QueryInfo(BaseModel):
     handle: str | None = Field(None, description="an upload kept by the service: search it again with "
                                                  "{\"upload\": handle}, preview it at preview_url, share /?upload=handle")
     preview_url: str | None = None
+    size: list[int] | None = Field(None, description="[width, height] of the query image, where it was decoded "
+                                                     "(an upload): a box is in these pixels")
 
 
 class Vote(BaseModel):
@@ -116,7 +125,9 @@ class SearchResponse(BaseModel):
                    engine=r.engine, index_build=r.index_build,
                    query=QueryInfo(kind=q.kind, label=q.label, image_id=q.image_id, dataset=q.dataset,
                                    label_name=q.label_name, label_names=q.label_names, in_gallery=q.in_gallery,
-                                   handle=handle, preview_url=f"/uploads/{handle}/preview.png" if handle else None),
+                                   handle=handle, preview_url=f"/uploads/{handle}/preview.png" if handle else None,
+                                   size=[int(q.pixels.shape[1]), int(q.pixels.shape[0])]
+                                   if q.pixels is not None else None),
                    vote=q.vote, notes=r.notes, timing_ms=round(timing_ms, 3),
                    neighbours=[Neighbour(rank=i, thumbnail_url=f"/images/{h.image_id}/thumbnail.png",
                                          **{k: v for k, v in vars(h).items()})

@@ -4,6 +4,7 @@ multipart): both build a pipeline Request and run the one search pipeline."""
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from typing import Annotated
 
@@ -31,8 +32,17 @@ router = APIRouter(tags=["search"], responses=ERRORS)
 
 
 def _request(query, opts: SearchOptions, filters: dict | None) -> Request:
+    box = getattr(opts, "box", None)
+    if isinstance(box, str):  # a form field: JSON text
+        try:
+            box = json.loads(box)
+        except ValueError:
+            raise BadArgument(f"box must be JSON like [0, 0, 14, 14], got {box!r}") from None
+        if not isinstance(box, list):
+            raise BadArgument(f"box must be JSON like [0, 0, 14, 14], got {box!r}")
     return Request(query, k=opts.k, engine=opts.engine, model=opts.model, max_distance=opts.max_distance,
-                   filters=Filters(dict(filters or {}), opts.include_own_patient, opts.per_patient))
+                   filters=Filters(dict(filters or {}), opts.include_own_patient, opts.per_patient),
+                   box=tuple(box) if box is not None else None)
 
 
 def _run(svc, who: access.Principal, req: Request, client: str | None, sha256: str | None = None) -> pipeline.Result:

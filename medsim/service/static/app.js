@@ -91,6 +91,11 @@ function failed(ctl, e) {
 }
 
 function options() {
+  if (state.box) return { ...plainOptions(), box: state.box };
+  return plainOptions();
+}
+
+function plainOptions() {
   const filters = {};
   if ($("dataset").value) filters.dataset = $("dataset").value;
   if ($("label").value) filters.label = $("label").value;
@@ -113,6 +118,7 @@ function setUrl(imageId, upload) {
   p.set("engine", o.engine);
   if (o.filters.dataset) p.set("dataset", o.filters.dataset);
   if (o.filters.label) p.set("label", o.filters.label);
+  if (o.box) p.set("box", o.box.join(","));
   const url = `${location.pathname}?${p}`;
   if (url !== location.pathname + location.search) history.pushState({}, "", url);
 }
@@ -125,6 +131,8 @@ function fromUrl() {
     $("k").value = k;
   }
   if (p.get("engine")) $("engine").value = p.get("engine");
+  const box = (p.get("box") || "").split(",").map(Number);
+  state.box = box.length === 4 && box.every(Number.isInteger) ? box : null;
   if (p.get("dataset")) $("dataset").value = p.get("dataset");
   fillLabels();
   if (p.get("label")) {
@@ -182,6 +190,7 @@ function render(res, queryImgSrc) {
   if (state.queryBlob) $("query-img").src = queryImgSrc;
   else if (queryImgSrc) showImage($("query-img"), queryImgSrc);
   $("query-title").textContent = q.label_name ? `${q.label}: ${q.label_name}` : q.label;
+  showRegion();
   $("query-meta").textContent = q.dataset ? `${q.dataset}` : "not from the archive";
   $("query-notes").textContent = res.notes.join(" ");
   $("model").textContent = `model ${res.model.id} (${res.model.name}, ${res.model.embedding_dim}-d)`;
@@ -271,6 +280,7 @@ async function searchFile(file) {
   fd.append("k", o.k);
   fd.append("engine", o.engine);
   fd.append("filters", JSON.stringify(o.filters));
+  if (o.box) fd.append("box", JSON.stringify(o.box));
   $("image-id").value = "";
   setUrl(null);
   const ctl = beginSearch();
@@ -323,16 +333,19 @@ async function init() {
   drop.addEventListener("drop", (e) => {
     e.preventDefault();
     drop.classList.remove("over");
-    if (e.dataTransfer.files.length) { lastFile = e.dataTransfer.files[0]; searchFile(lastFile); }
+    if (e.dataTransfer.files.length) { lastFile = e.dataTransfer.files[0]; state.box = null; searchFile(lastFile); }
   });
-  file.addEventListener("change", () => { if (file.files.length) { lastFile = file.files[0]; searchFile(lastFile); } });
+  file.addEventListener("change", () => {
+    if (file.files.length) { lastFile = file.files[0]; state.box = null; searchFile(lastFile); }
+  });
   $("go").addEventListener("click", rerun);
-  $("image-id").addEventListener("keydown", (e) => { if (e.key === "Enter") searchId(e.target.value); });
+  $("image-id").addEventListener("keydown", (e) => { if (e.key === "Enter") { state.box = null; searchId(e.target.value); } });
   $("random").addEventListener("click", async () => {
     try {
       const ds = $("dataset").value ? `&dataset=${encodeURIComponent($("dataset").value)}` : "";
       const r = await api(`/images/random?split=test${ds}`);
       lastFile = null;
+      state.box = null;
       searchId(r.image_id);
     } catch (e) { showError(e.message); }
   });

@@ -124,6 +124,7 @@ function initViewer() {
     closeViewer(false);
     if (state.browsing) leaveBrowse();
     lastFile = null;
+    state.box = null;
     searchId(id);
   });
   $("zoom").addEventListener("input", () => { view.z = Number($("zoom").value); applyTransform(); });
