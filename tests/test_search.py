@@ -227,3 +227,14 @@ def test_search_by_a_region_of_the_query(embedded, tmp_path, capsys):
     assert cli.main(["search", "--image-id", str(gid), "--box", "0", "0", "14", "14", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [n["image_id"] for n in out[0]["neighbours"]] == [h.image_id for h in region.hits][:4]
+
+
+def test_search_explain_writes_a_montage_with_maps(embedded, tmp_path, capsys):
+    conn, mid = embedded
+    gid = conn.execute("SELECT min(image_id) FROM medsim.query_images").fetchone()[0]
+    plain, explained = tmp_path / "plain.png", tmp_path / "explained.png"
+    assert cli.main(["search", "--image-id", str(gid), "-k", "3", "--montage", str(plain)]) == 0
+    assert cli.main(["search", "--image-id", str(gid), "-k", "3", "--montage", str(explained), "--explain"]) == 0
+    a, b = np.asarray(Image.open(plain).convert("RGB")), np.asarray(Image.open(explained).convert("RGB"))
+    red = lambda x: ((x[..., 0].astype(int) - x[..., 1]) > 60).mean()  # noqa: E731
+    assert red(b) > red(a) + 0.005  # the maps are drawn in red over the images

@@ -31,8 +31,11 @@ def cmd_search(args) -> int:
     with connect(args, read=True) as conn:
         ctx = Context(conn, index_path=args.index)
         results = [pipeline.run(ctx, r) for r in requests]
+        if args.explain and not args.montage:
+            args.montage = "medsim_out/explain.png"
         if args.montage:
-            present.montage(conn, results, args.montage)
+            net = ctx.network(results[0].model).net if args.explain else None
+            present.montage(conn, results, args.montage, explain_net=net)
     print(json.dumps(present.as_json(results), indent=2) if args.json else present.table(results))
     if args.montage:
         print(f"montage: {args.montage}", file=sys.stderr if args.json else sys.stdout)
@@ -114,6 +117,8 @@ def register(sub) -> None:
                    help="search with this region of the query (its own pixels; X1, Y1 excluded)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("--montage", default=None, metavar="PNG", help="also write the query/neighbour figure")
+    s.add_argument("--explain", action="store_true",
+                   help="draw each pair's similarity map on the montage (default file medsim_out/explain.png)")
     s.set_defaults(func=cmd_search)
 
     s = sub.add_parser("index", help="FAISS indexes built from the SQL views")

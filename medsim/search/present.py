@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from medsim.images import StoredRow, to_display
 from medsim.queries import Q, rows
 
@@ -49,9 +51,11 @@ def table(results) -> str:
     return "\n".join(lines)
 
 
-def montage(conn, results, out: Path | str) -> Path:
+def montage(conn, results, out: Path | str, explain_net=None) -> Path:
     """The notebook's figure: one row per query, the query then its neighbours, each as
-    stored (8-bit for display by the same bit-depth rule as the model's input)."""
+    stored (8-bit for display by the same bit-depth rule as the model's input). With
+    explain_net (the torch network), each neighbour carries its similarity map against the
+    query in red, and the query its map against the nearest (medsim.training.explain)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -63,8 +67,10 @@ def montage(conn, results, out: Path | str) -> Path:
     for row, r in enumerate(results):
         q = r.query
         ids = [h.image_id for h in r.hits] + ([q.image_id] if q.pixels is None and q.image_id else [])
-        pix = {p.id: p.display_or_refuse() for p in rows(conn, Q.image_pixels, {"ids": ids}, as_=StoredRow)}
+        stored = {p.id: p for p in rows(conn, Q.image_pixels, {"ids": ids}, as_=StoredRow)}
+        pix = {i: p.display_or_refuse() for i, p in stored.items()}
         query_pixels = to_display(q.pixels) if q.pixels is not None else pix.get(q.image_id)
+        maps = _maps(explain_net, q, r.hits, stored) if explain_net is not None else {}
         panels = [(query_pixels, f"QUERY {q.label}\n{q.dataset or ''} {q.label_name or ''}".strip())]
         panels += [(pix[h.image_id], f"{h.dataset}\n{h.label_name[:22]} d={h.distance:.3f}") for h in r.hits]
         for c in range(k + 1):
@@ -72,7 +78,15 @@ def montage(conn, results, out: Path | str) -> Path:
             ax.axis("off")
             if c < len(panels) and panels[c][0] is not None:
                 ax.imshow(panels[c][0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-                ax.set_title(panels[c][1], fontsize=7)
+                m = maps.get(c)
+                if m is not None:  # stretched over the image whatever its size
+                    h, w = panels[c][0].shape[:2]
+                    ax.imshow(np.ma.masked_less(m, 0.05), cmap="Reds", alpha=0.55, vmin=0, vmax=1,
+                              extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="bilinear")
+                ax.set_title(panels[c][1] + ("\nmap vs #1" if c == 0 and m is not None else ""), fontsize=7)
+    if explain_net is not None:
+        fig.suptitle("red: where each pair's closeness lies (integrated gradients of the distance, from the blurred "
+                     "image); what the model compares, not a diagnosis' reason", fontsize=7)
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -80,3 +94,24 @@ def montage(conn, results, out: Path | str) -> Path:
     plt.close(fig)
     return out
 
+
+def _maps(net, q, hits, stored) -> dict:
+    """Panel index -> its map in [0, 1]: the query's against the nearest, each neighbour's
+    against the query."""
+    from medsim.images import model_input
+    from medsim.training import explain
+
+    s = net.cfg.image_size
+    if q.pixels is not None:
+        qx = model_input(q.pixels, s)
+    elif q.image_id in stored:
+        qx = stored[q.image_id].model_input_or_refuse(s)
+    else:
+        return {}
+    out = {}
+    for c, h in enumerate(hits, 1):
+        ma, mb = explain.pair_maps(net, qx, stored[h.image_id].model_input_or_refuse(s))
+        out[c] = explain.display(mb)
+        if c == 1:
+            out[0] = explain.display(ma)
+    return out
