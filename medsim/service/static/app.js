@@ -49,7 +49,12 @@ async function showImage(img, url) {
   try {
     const r = await fetch(url, { headers: authHeaders() });
     if (r.status === 401) { askForToken("the token was refused"); return; }
-    if (!r.ok) return;
+    if (!r.ok) {  // a thumbnail the card can do without; a map or a preview asked for says why not
+      if (!url.includes("/thumbnail.png")) {
+        try { showError((await r.json()).detail); } catch (e) { showError(`${r.status} ${r.statusText}`); }
+      }
+      return;
+    }
     const old = img.src;
     img.src = URL.createObjectURL(await r.blob());
     if (old.startsWith("blob:")) URL.revokeObjectURL(old);
