@@ -381,6 +381,9 @@ def test_neighbour_view_export_browse_and_accessibility(server, browser, tmp_pat
         "return ['view-q', 'view-n'].every(id => { const i = document.getElementById(id); "
         "return i.complete && i.naturalWidth >= 512; })"))
     assert browser.find_element(By.ID, "explain-key").is_displayed()
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-faith-checked") in ("passed", "failed"))
+    warned = browser.find_element(By.ID, "explain-warn").is_displayed()
+    assert warned == (browser.find_element(By.TAG_NAME, "body").get_attribute("data-faith-checked") == "failed")
     red = browser.execute_script("""
         const i = document.getElementById('view-n'), c = document.createElement('canvas');
         c.width = i.naturalWidth; c.height = i.naturalHeight;

@@ -78,3 +78,15 @@ def test_deletion_auc_rewards_the_relevant_pixels_first():
     assert faithful < random
     with pytest.raises(ValueError, match="unknown method"):
         explain.attribute(net, xa, xb, "lime")
+
+
+def test_the_run_time_check_passes_a_faithful_map_and_fails_a_reversed_one():
+    net = LeftHalf().eval()
+    a, b = _pair(28, 3)
+    ma, mb = explain.pair_maps(net, a, b)
+    ok = explain.faithfulness(net, a, b, ma, mb)
+    assert ok["query"]["faithful"] is True and ok["neighbour"]["faithful"] is True
+    assert 0 <= ok["query"]["deletion_auc"] <= 0.5 * ok["query"]["random_auc"]
+    right_first = np.tile(np.arange(28, dtype=np.float32), (28, 1))  # the half the network ignores, first
+    bad = explain.faithfulness(net, a, b, right_first, right_first)
+    assert bad["query"]["faithful"] is False and bad["neighbour"]["faithful"] is False

@@ -530,6 +530,9 @@ def test_explain_a_pair_as_json_and_png(api):
     q, n = np.array(body["query"]), np.array(body["neighbour"])
     assert q.shape == n.shape == (28, 28) and q.min() >= 0 and q.max() <= 1 and n.max() > 0
     assert body["method"] == "integrated_gradients" and "not the reason" in body["what"]
+    for which in ("query", "neighbour"):  # the deletion test, run with the answer
+        f = body["faithfulness"][which]
+        assert f["faithful"] in (True, False, None) and set(f) == {"deletion_auc", "random_auc", "faithful"}
     png = client.get(f"/explain?query={gid}&neighbour={nb}&format=png&which=query&size=128")
     assert png.status_code == 200 and Image.open(io.BytesIO(png.content)).size == (128, 128)
     occ = client.get(f"/explain?query={gid}&neighbour={nb}&method=occlusion").json()

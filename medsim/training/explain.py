@@ -140,3 +140,20 @@ def orders(m: np.ndarray | None, x: np.ndarray, kind: str, rng: np.random.Genera
         gy, gx = np.gradient(grey)
         return np.argsort(-np.hypot(gx, gy), axis=None, kind="stable")
     raise ValueError(kind)
+
+
+def faithfulness(net, a: np.ndarray, b: np.ndarray, ma: np.ndarray, mb: np.ndarray, seed: int = 0) -> dict:
+    """The cheap check at run time (two deletion curves per image, one batch each): each
+    map's deletion AUC against a random order's, and whether it passes the bar the
+    default was chosen by (at most half the random order's). None where removing every
+    pixel does not move the pair apart (nothing to measure)."""
+    rng = np.random.default_rng(seed)
+    xa, xb = network.to_input(a[None]), network.to_input(b[None])
+    out = {}
+    for name, x, other, m, img in (("query", xa, xb, ma, a), ("neighbour", xb, xa, mb, b)):
+        auc = deletion_auc(net, x, other, orders(m, img, "map", rng))
+        rand = deletion_auc(net, x, other, orders(m, img, "random", rng))
+        ok = None if not (np.isfinite(auc) and np.isfinite(rand)) else bool(auc <= 0.5 * rand)
+        out[name] = {"deletion_auc": None if not np.isfinite(auc) else round(auc, 4),
+                     "random_auc": None if not np.isfinite(rand) else round(rand, 4), "faithful": ok}
+    return out

@@ -60,7 +60,9 @@ async def explain_pair(request: Request, svc: ServiceDep, who: Viewer,
     """Similarity maps for a query and one of its neighbours: for each image, how much of
     the pair's closeness each of its pixels holds (integrated gradients of the negative
     distance from the blurred image, captum; see docs/results.md for how faithful each
-    method is). `format=png` returns one overlay (`which`), `json` both maps in [0, 1]."""
+    method is). `format=png` returns one overlay (`which`), `json` both maps in [0, 1]
+    with each map's deletion test run now (`faithfulness`: its deletion AUC, a random
+    order's, and whether it is at most half of it)."""
     from medsim.training import explain
 
     def work():
@@ -69,15 +71,19 @@ async def explain_pair(request: Request, svc: ServiceDep, who: Viewer,
         rt = svc.net(row)
         s = rt.cfg.image_size
         xa, xb = _pixels(svc, who, query), _pixels(svc, who, str(neighbour))
+        a, b = images.model_input(xa, s), images.model_input(xb, s)
         svc.size_threads()
-        ma, mb = explain.pair_maps(rt.net, images.model_input(xa, s), images.model_input(xb, s), method)
-        return row, xa, xb, explain.display(ma), explain.display(mb)
+        ma, mb = explain.pair_maps(rt.net, a, b, method)
+        check = explain.faithfulness(rt.net, a, b, ma, mb) if format == "json" else None
+        return row, xa, xb, explain.display(ma), explain.display(mb), check
 
-    row, xa, xb, ma, mb = await run_in_threadpool(work)
+    row, xa, xb, ma, mb, check = await run_in_threadpool(work)
     svc.log(who, client_address(request), "explain", [neighbour] + ([int(query)] if query.isdigit() else []),
             model_id=row.id)
     if format == "png":
         png = await run_in_threadpool(_overlay, *((xa, ma) if which == "query" else (xb, mb)), size)
         return Response(png, media_type="image/png")
     return {"model_id": row.id, "method": method, "baseline": "blur", "what": WHAT,
-            "query": np.round(ma, 4).tolist(), "neighbour": np.round(mb, 4).tolist()}
+            "query": np.round(ma, 4).tolist(), "neighbour": np.round(mb, 4).tolist(),
+            # the deletion test at run time: a map that does not pass it is said to
+            "faithfulness": check}

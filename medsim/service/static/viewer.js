@@ -22,6 +22,19 @@ function explainUrl(which) {
     `&size=${PREVIEW}` : null;
 }
 
+// the deletion test of this pair's maps, run by the server: say so when a map fails it
+async function checkFaithful(url) {
+  try {
+    const r = await api(url);
+    const bad = ["query", "neighbour"].filter((w) => r.faithfulness && r.faithfulness[w].faithful === false);
+    $("explain-warn").textContent = bad.length ? `Not faithful here: removing the marked detail of the ` +
+      `${bad.join(" and the ")} moves the pair apart no faster than removing random pixels, so the ` +
+      `map says little about this pair.` : "";
+    $("explain-warn").hidden = !bad.length;
+    document.body.dataset.faithChecked = bad.length ? "failed" : "passed";
+  } catch (e) { /* the overlays say enough */ }
+}
+
 function applyTransform() {
   for (const img of [$("view-q"), $("view-n")]) {
     img.style.transform = `translate(${view.x}px, ${view.y}px) scale(${view.z})`;
@@ -68,6 +81,8 @@ async function openViewer(id, push = true) {
   $("pane-q").hidden = !q;
   $("explain").disabled = !q || (q.kind !== "image_id" && !q.handle);
   $("explain-key").hidden = !explainUrl("query");
+  $("explain-warn").hidden = true;
+  if (explainUrl("query")) checkFaithful(explainUrl("query").replace("&format=png", "&format=json"));
   if (q) {
     $("viewer-title").textContent = "Query and neighbour";
     if (explainUrl("query")) showImage($("view-q"), explainUrl("query"));
