@@ -77,8 +77,11 @@ def montage(conn, results, out: Path | str, explain_net=None) -> Path:
             ax = axes[row, c]
             ax.axis("off")
             if c < len(panels) and panels[c][0] is not None:
-                ax.imshow(panels[c][0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
                 m = maps.get(c)
+                shown = panels[c][0]
+                if m is not None and shown.ndim == 3:  # grey under the red map, as the page draws it
+                    shown = shown.mean(-1)
+                ax.imshow(shown, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
                 if m is not None:  # stretched over the image whatever its size
                     h, w = panels[c][0].shape[:2]
                     ax.imshow(np.ma.masked_less(m, 0.05), cmap="Reds", alpha=0.55, vmin=0, vmax=1,
