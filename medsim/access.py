@@ -234,10 +234,16 @@ def visible_datasets(conn) -> list[str]:
     return [r[0] for r in conn.execute(Q.visible_datasets)]
 
 
-def log(conn, principal: Principal, client: str | None, action: str, image_ids: list[int], *,
-        query_kind: str | None = None, query_image_id: int | None = None, query_sha256: str | None = None,
-        model_id: int | None = None, engine: str | None = None) -> None:
-    conn.execute(Q.log_access, {"user_name": principal.name, "token_id": principal.token_id, "client": client,
+def log(conn, principal: Principal, client: str | None, action: str, image_ids: list[int], **query) -> None:
+    log_as(conn, principal.name, principal.token_id, client, action, image_ids, **query)
+
+
+def log_as(conn, user_name: str, token_id: int | None, client: str | None, action: str, image_ids: list[int], *,
+           query_kind: str | None = None, query_image_id: int | None = None, query_sha256: str | None = None,
+           model_id: int | None = None, engine: str | None = None) -> None:
+    """One access-log row; log() for a request's principal, this for what has only a user
+    name (an upload deleted after its retention)."""
+    conn.execute(Q.log_access, {"user_name": user_name, "token_id": token_id, "client": client,
                                 "action": action, "query_kind": query_kind, "query_image_id": query_image_id,
                                 "query_sha256": query_sha256, "model_id": model_id, "engine": engine,
                                 "image_ids": list(image_ids)})

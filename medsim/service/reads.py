@@ -31,11 +31,17 @@ def thumbnail(svc, image_id: int, size: int, enlarge: bool = False, smooth: bool
     Grey stays grey. The pixels are the owner's to read: call it only for an id the user's
     own connection has shown them (sha256)."""
 
+    return render(stored(svc, image_id).display_or_refuse(window), size, enlarge, smooth)
+
+
+def stored(svc, image_id: int) -> StoredRow:
+    """An image's stored pixels, read as the owner (the reader role may not): only for an
+    id the user's own connection has shown them."""
     with svc.owner.connection() as conn:
         p = one(conn, Q.image_pixels_one, {"id": image_id}, as_=StoredRow)
     if p is None:
         raise NotFound(f"no image with id {image_id}")
-    return render(p.display_or_refuse(window), size, enlarge, smooth)
+    return p
 
 
 def render(display: np.ndarray, size: int, enlarge: bool = False, smooth: bool = True) -> bytes:

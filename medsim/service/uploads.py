@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medsim import images
+from medsim import access, images
 from medsim.errors import NotFound
 from medsim.images import StoredRow
 from medsim.queries import Q, one, rows
@@ -60,7 +60,5 @@ def purge(conn) -> int:
     """Delete expired uploads, each with an access-log row -> how many."""
     gone = rows(conn, Q.purge_uploads, as_=Purged)
     for g in gone:
-        conn.execute(Q.log_access, {"user_name": g.user_name, "token_id": None, "client": None, "action": "upload_deleted",
-                                    "query_kind": "upload", "query_image_id": None, "query_sha256": g.sha256,
-                                    "model_id": None, "engine": None, "image_ids": []})
+        access.log_as(conn, g.user_name, None, None, "upload_deleted", [], query_kind="upload", query_sha256=g.sha256)
     return len(gone)

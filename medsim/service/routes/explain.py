@@ -14,7 +14,6 @@ from fastapi.responses import Response
 
 from medsim import images, registry
 from medsim.errors import NotFound
-from medsim.queries import Q, one
 from medsim.service import reads, uploads
 from medsim.service.deps import ServiceDep, Viewer, client_address
 from medsim.service.schemas import ERRORS
@@ -31,8 +30,7 @@ def _pixels(svc, who, ref: str) -> np.ndarray:
         return uploads.load(svc, ref)
     if reads.sha256(svc, who, int(ref)) is None:  # not on file, or not the user's to see
         raise NotFound(f"no image with id {ref}")
-    with svc.owner.connection() as conn:
-        return one(conn, Q.image_pixels_one, {"id": int(ref)}, as_=images.StoredRow).array()
+    return reads.stored(svc, int(ref)).array()
 
 
 def _overlay(x: np.ndarray, m: np.ndarray, size: int) -> bytes:

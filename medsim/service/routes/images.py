@@ -77,16 +77,8 @@ def thumbnail(request: Request, svc: ServiceDep, who: Viewer, image_id: int,
     """The stored pixels as a PNG, at most `size` px on the long side (never enlarged:
     the page scales small images up without smoothing). Cached by ETag (the
     image's sha256): a revalidation costs one indexed lookup, no rendering, no log row."""
-    sha = reads.sha256(svc, who, image_id)
-    if sha is None:
-        raise NotFound(f"no image with id {image_id}")
-    etag = f'"{sha}-{size}"'
-    headers = {"ETag": etag, "Cache-Control": "private, max-age=86400"}
-    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
-        return Response(status_code=304, headers=headers)
-    png = reads.thumbnail(svc, image_id, size)
-    svc.log(who, client_address(request), "thumbnail", [image_id])
-    return Response(png, media_type="image/png", headers=headers)
+    return _cached_png(request, svc, who, image_id, "thumbnail", f"{size}",
+                       lambda: reads.thumbnail(svc, image_id, size))
 
 
 @router.get("/{image_id}/preview.png", response_class=Response,
@@ -98,15 +90,22 @@ def preview(request: Request, svc: ServiceDep, who: Viewer, image_id: int,
     nearest neighbour (a 28 px image shows its 28 x 28 squares: nothing is invented), or
     bicubic with smooth=true. window=auto stretches the image's 1st-99th percentile to full
     contrast (16-bit and faint images); stored is the bit-depth rule the model sees."""
+    return _cached_png(request, svc, who, image_id, "preview", f"p{size}-{int(smooth)}-{window}",
+                       lambda: reads.thumbnail(svc, image_id, size, enlarge=True, smooth=smooth, window=window))
+
+
+def _cached_png(request: Request, svc, who, image_id: int, action: str, variant: str, draw) -> Response:
+    """A rendering of a stored image, cached by ETag (the image's sha256 and the variant):
+    a revalidation costs one indexed lookup as the user, no rendering, no log row."""
     sha = reads.sha256(svc, who, image_id)
     if sha is None:
         raise NotFound(f"no image with id {image_id}")
-    etag = f'"{sha}-p{size}-{int(smooth)}-{window}"'
+    etag = f'"{sha}-{variant}"'
     headers = {"ETag": etag, "Cache-Control": "private, max-age=86400"}
     if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
         return Response(status_code=304, headers=headers)
-    png = reads.thumbnail(svc, image_id, size, enlarge=True, smooth=smooth, window=window)
-    svc.log(who, client_address(request), "preview", [image_id])
+    png = draw()
+    svc.log(who, client_address(request), action, [image_id])
     return Response(png, media_type="image/png", headers=headers)
 
 

@@ -150,6 +150,24 @@ function fromUrl() {
 
 function uploadInUrl() { return new URLSearchParams(location.search).get("upload"); }
 
+// A card's thumbnail (fetched with the token) and its body, started with the label and
+// where the image is; search results add their distance and marks, browse nothing more.
+function cardContent(thumbnailUrl, alt, labelText, whereText) {
+  const img = document.createElement("img");
+  img.alt = alt;
+  showImage(img, thumbnailUrl);
+  const body = document.createElement("div");
+  body.className = "body";
+  const label = document.createElement("div");
+  label.className = "label";
+  label.textContent = labelText;
+  const where = document.createElement("div");
+  where.className = "where";
+  where.textContent = whereText;
+  body.append(label, where);
+  return [img, body];
+}
+
 // A card's content is one link (to the view's own URL: it opens in a new tab too); a
 // plain click opens the view in place. A link, not a clickable <li>: the list stays a list.
 function cardLink(href, title, go, ...content) {
@@ -216,24 +234,15 @@ function render(res, queryImgSrc) {
     const li = document.createElement("li");
     li.className = "card" + (n.same_label ? " same" : "");
     li.dataset.imageId = n.image_id;
-    const img = document.createElement("img");
-    img.alt = `image ${n.image_id}, ${n.dataset} ${n.split}: ${n.label_name}, rank ${n.rank}`;
-    showImage(img, n.thumbnail_url);
-    const body = document.createElement("div");
-    body.className = "body";
-    const label = document.createElement("div");
-    label.className = "label";
-    label.textContent = n.label_name;
-    const where = document.createElement("div");
-    where.className = "where";
-    where.textContent = `${n.dataset} · ${n.split}`;
+    const [img, body] = cardContent(n.thumbnail_url, `image ${n.image_id}, ${n.dataset} ${n.split}: ` +
+      `${n.label_name}, rank ${n.rank}`, n.label_name, `${n.dataset} · ${n.split}`);
     const dist = document.createElement("div");
     dist.className = "dist";
     dist.innerHTML = `<span class="rank">#${n.rank}</span> distance ${n.distance.toFixed(4)}`;
     const ident = document.createElement("div");
     ident.className = "where";
     ident.textContent = `image ${n.image_id}`;
-    body.append(label, where, dist, ident);
+    body.append(dist, ident);
     // where the query's label is known the card says whether the labels match, not a
     // probability that could contradict it
     if (n.p_same !== null && n.p_same !== undefined && n.same_label === null) {
@@ -265,15 +274,21 @@ async function searchId(imageId, push = true) {
   }
   $("image-id").value = imageId;
   if (push) setUrl(imageId);
+  await postSearch({ image_id: imageId }, () => `/images/${imageId}/thumbnail.png`);
+}
+
+// A JSON search (a stored id or a kept upload) -> its answer rendered, with the query's
+// image from querySrc(answer), and the URL's neighbour view (?view=ID) opened again.
+async function postSearch(query, querySrc) {
   const ctl = beginSearch();
   try {
     const res = await api("/search", {
       method: "POST", headers: { "content-type": "application/json" },
-      body: JSON.stringify({ image_id: imageId, ...options() }), signal: ctl.signal,
+      body: JSON.stringify({ ...query, ...options() }), signal: ctl.signal,
     });
     if (!endSearch(ctl)) return;
     showError("");
-    render(res, `/images/${imageId}/thumbnail.png`);
+    render(res, querySrc(res));
     const view = new URLSearchParams(location.search).get("view");
     if (view) openViewer(Number(view), false);
   } catch (e) { failed(ctl, e); }
@@ -302,18 +317,7 @@ async function searchFile(file) {
 async function searchKept(handle, push = true) {
   $("image-id").value = "";
   if (push) setUrl(null, handle);
-  const ctl = beginSearch();
-  try {
-    const res = await api("/search", {
-      method: "POST", headers: { "content-type": "application/json" },
-      body: JSON.stringify({ upload: handle, ...options() }), signal: ctl.signal,
-    });
-    if (!endSearch(ctl)) return;
-    showError("");
-    render(res, res.query.preview_url);
-    const view = new URLSearchParams(location.search).get("view");
-    if (view) openViewer(Number(view), false);
-  } catch (e) { failed(ctl, e); }
+  await postSearch({ upload: handle }, (res) => res.query.preview_url);
 }
 
 function urlWith(params) {

@@ -76,18 +76,8 @@ async function showPage(offset) {
       const li = document.createElement("li");
       li.className = "card";
       li.dataset.imageId = d.id;
-      const img = document.createElement("img");
-      img.alt = `image ${d.id}, ${d.dataset} ${d.split}: ${d.label_name}`;
-      showImage(img, d.thumbnail_url);
-      const body = document.createElement("div");
-      body.className = "body";
-      const label = document.createElement("div");
-      label.className = "label";
-      label.textContent = d.label_name;
-      const where = document.createElement("div");
-      where.className = "where";
-      where.textContent = `${d.dataset} · ${d.split} · image ${d.id}`;
-      body.append(label, where);
+      const [img, body] = cardContent(d.thumbnail_url, `image ${d.id}, ${d.dataset} ${d.split}: ${d.label_name}`,
+        d.label_name, `${d.dataset} · ${d.split} · image ${d.id}`);
       li.append(cardLink(viewHref(d.id), `open image ${d.id}`, () => openViewer(d.id), img, body));
       return li;
     }));
