@@ -570,3 +570,34 @@ def test_search_by_a_region_over_http(api):
     r = client.post("/search/upload", files={"image": ("q.png", png_of(conn, gid), "image/png")},
                     data={"k": "4", "box": "[0, 0, 99, 99]"})
     assert r.status_code == 400 and "reaches outside the image (28 x 28 pixels)" in r.json()["detail"]
+
+
+def test_concurrent_uploads_delete_each_expired_upload_once(embedded, db_url):
+    """Four uploads at once, each purging expired uploads in its own transaction: every
+    expired upload is deleted and logged exactly once (the second DELETE waits on the row
+    lock and then finds nothing)."""
+    import threading
+
+    conn, _ = embedded
+    cfg = ServeConfig(auth=False, database_url=db_url, pool_size=8)
+    body = png_of(conn, gallery_id(conn))
+    with TestClient(create_app(cfg)) as client:
+        for _ in range(6):
+            client.post("/search/upload", files={"image": ("q.png", body, "image/png")}, data={"k": "1"})
+        conn.execute("UPDATE medsim.uploads SET expires_at = now() - interval '1 second'")
+        conn.commit()
+        codes = []
+
+        def upload():
+            r = client.post("/search/upload", files={"image": ("q.png", body, "image/png")}, data={"k": "1"})
+            codes.append(r.status_code)
+
+        threads = [threading.Thread(target=upload) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert codes == [200] * 4
+    assert conn.execute("SELECT count(*) FROM medsim.access_log WHERE action = 'upload_deleted'").fetchone()[0] == 6
+    assert conn.execute("SELECT count(*) FROM medsim.uploads WHERE expires_at <= now()").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM medsim.uploads").fetchone()[0] == 4
