@@ -79,6 +79,13 @@ class DatabaseUnavailable(MedsimError, RuntimeError):
     http_status = 503
 
 
+class PacsUnavailable(MedsimError, RuntimeError):
+    """The PACS cannot be reached (refused, reset, timed out again and again, or it asks
+    for credentials medsim was not given). A sync stops; what it committed stays."""
+
+    http_status = 502
+
+
 class Unauthorized(MedsimError, PermissionError):
     """No token, or one that is not (or no longer) valid. ``token_id``: the token the
     request named, for the per-token limit on failed attempts."""

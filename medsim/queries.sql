@@ -712,3 +712,56 @@ INSERT INTO medsim.access_log (user_name, token_id, client, action, query_kind, 
                                query_sha256, model_id, engine, image_ids)
 VALUES (%(user_name)s, %(token_id)s, %(client)s, %(action)s, %(query_kind)s, %(query_image_id)s,
         %(query_sha256)s, %(model_id)s, %(engine)s, %(image_ids)s);
+
+-- ===================================================================== PACS sync (sources/pacs.py)
+
+-- name: pacs_try_lock
+-- one sync per (dataset, URL) at a time; a session lock, released at the end or when the session dies
+SELECT pg_try_advisory_lock(hashtextextended('medsim.pacs_sync:' || %(key)s, 0));
+
+-- name: pacs_unlock
+SELECT pg_advisory_unlock(hashtextextended('medsim.pacs_sync:' || %(key)s, 0));
+
+-- name: pacs_source
+SELECT s.id, s.cursor FROM medsim.pacs_sources s JOIN medsim.datasets d ON d.id = s.dataset_id
+WHERE d.flag = %(name)s AND NOT d.is_medmnist AND s.url = %(url)s;
+
+-- name: pacs_dataset_id
+SELECT id FROM medsim.datasets WHERE flag = %(name)s AND NOT is_medmnist;
+
+-- name: pacs_upsert_source
+INSERT INTO medsim.pacs_sources (dataset_id, url, is_orthanc, viewer)
+VALUES (%(dataset_id)s, %(url)s, %(is_orthanc)s, %(viewer)s)
+ON CONFLICT (dataset_id, url) DO UPDATE SET is_orthanc = EXCLUDED.is_orthanc
+RETURNING id;
+
+-- name: pacs_set_viewer
+UPDATE medsim.pacs_sources SET viewer = %(viewer)s WHERE id = %(id)s;
+
+-- name: pacs_set_cursor
+UPDATE medsim.pacs_sources SET cursor = %(cursor)s::jsonb, synced_at = now() WHERE id = %(id)s;
+
+-- name: pacs_settled
+SELECT sop_uid, frame FROM medsim.pacs_instances WHERE source_id = %(source_id)s AND sop_uid = ANY(%(sops)s);
+
+-- name: pacs_settle
+INSERT INTO medsim.pacs_instances (source_id, study_uid, series_uid, sop_uid, frame, image_id, outcome, reason,
+                                   orthanc_study)
+VALUES (%(source_id)s, %(study)s, %(series)s, %(sop)s, %(frame)s, %(image_id)s, %(outcome)s, %(reason)s,
+        %(orthanc_study)s)
+ON CONFLICT (source_id, sop_uid, frame) DO UPDATE
+    SET image_id = EXCLUDED.image_id, outcome = EXCLUDED.outcome, reason = EXCLUDED.reason, synced_at = now();
+
+-- name: pacs_stored_sops
+SELECT sop_uid, image_id FROM medsim.pacs_instances WHERE source_id = %(source_id)s;
+
+-- name: pacs_forget
+DELETE FROM medsim.pacs_instances WHERE source_id = %(source_id)s AND sop_uid = ANY(%(sops)s);
+
+-- name: pacs_links
+-- the way back to the PACS for stored images: one row per image (its first instance)
+SELECT DISTINCT ON (p.image_id) p.image_id, p.study_uid, p.series_uid, p.sop_uid, p.orthanc_study,
+       s.url, s.viewer
+FROM medsim.pacs_instances p JOIN medsim.pacs_sources s ON s.id = p.source_id
+WHERE p.image_id = ANY(%(ids)s)
+ORDER BY p.image_id, p.synced_at;

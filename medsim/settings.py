@@ -18,6 +18,12 @@ fixture does).
 | MEDSIM_DATA_DIR | data_dir | unset: MedMNIST files are looked for in ~/.medmnist |
 | OMP_NUM_THREADS | omp_threads | unset: workers divide the cores among themselves |
 | MEDSIM_RUNTIME | runtime | onnx: the worker and the service embed with ONNX Runtime where it matches torch |
+| MEDSIM_PACS_USER, MEDSIM_PACS_PASSWORD | pacs_user, pacs_password | unset: no basic authentication to the PACS |
+| MEDSIM_PACS_TOKEN | pacs_token | unset: no bearer token (it wins over a user and password) |
+| MEDSIM_PACS_TIMEOUT | pacs_timeout | 30 (seconds for one request to the PACS) |
+
+PACS credentials are read here at every sync and every fetch of an original, and never
+written to the database: a source's row keeps its URL only.
 """
 
 from __future__ import annotations
@@ -49,6 +55,10 @@ class Settings:
     data_dir: Path | None = None
     omp_threads: int | None = None
     runtime: str = "onnx"
+    pacs_user: str | None = None
+    pacs_password: str | None = field(default=None, repr=False)
+    pacs_token: str | None = field(default=None, repr=False)
+    pacs_timeout: int = 30
 
     @classmethod
     def from_env(cls, env=None) -> Settings:
@@ -79,7 +89,9 @@ class Settings:
                    new_patient_key=text("MEDSIM_NEW_PATIENT_KEY"),
                    max_image_pixels=number("MEDSIM_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS),
                    data_dir=Path(data_dir).expanduser() if data_dir else None,
-                   omp_threads=number("OMP_NUM_THREADS"), runtime=text("MEDSIM_RUNTIME") or "onnx")
+                   omp_threads=number("OMP_NUM_THREADS"), runtime=text("MEDSIM_RUNTIME") or "onnx",
+                   pacs_user=text("MEDSIM_PACS_USER"), pacs_password=text("MEDSIM_PACS_PASSWORD"),
+                   pacs_token=text("MEDSIM_PACS_TOKEN"), pacs_timeout=number("MEDSIM_PACS_TIMEOUT", 30))
 
 
 def _user_data_dir() -> Path:

@@ -161,6 +161,7 @@ def requests_for(world):
             out.append((f"thumbnail {k} {i}", "get", f"/images/{i}/thumbnail.png", {}, "images"))
             out.append((f"preview {k} {i}", "get", f"/images/{i}/preview.png", {}, "images"))
             out.append((f"embedding {k} {i}", "get", f"/images/{i}/embedding", {}, "images"))
+            out.append((f"original {k} {i}", "get", f"/images/{i}/original", {}, "admin"))
         out.append((f"browse {k}", "get", f"/images?limit=200&dataset={ARCHIVES[k]}", {}, "images"))
         out.append((f"explain {k}", "get", f"/explain?query={world['ids'][k][0]}&neighbour={world['ids'][k][1]}",
                     {}, "images"))
@@ -184,6 +185,8 @@ def expected(who: str, need: str, name: str) -> set:
         return {status}
     if need == "images" and who == "search scope":
         return {403}
+    if need == "admin":  # the PACS's original: admins only; these archives are folders, so 404 even then
+        return {404} if who == "admin" else {403}
     if name.startswith("browse"):  # a page of what the user may see: never an error, maybe empty
         return {200}
     if name == "export":
@@ -242,7 +245,7 @@ def test_the_authorization_matrix_over_http(world):
                         served.append((who, "explain", {n, q}))
                     elif name.startswith(("image ", "thumbnail", "preview", "embedding")):
                         served.append((who, name.split()[0], {int(path.split("/")[2])}))
-    assert cases == len(PRINCIPALS) * len(requests_for(world)) == 690
+    assert cases == len(PRINCIPALS) * len(requests_for(world)) == 750
     with db.connect(url, autocommit=True) as conn:
         logged = conn.execute("SELECT user_name, action, image_ids FROM medsim.access_log WHERE id > "
                               "(SELECT coalesce(max(id), 0) FROM medsim.access_log) - %s ORDER BY id",

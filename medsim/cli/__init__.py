@@ -15,10 +15,10 @@ import sys
 import psycopg
 
 from medsim import db
-from medsim.cli import access, data, embeddings, keys, models, search, serve
+from medsim.cli import access, data, embeddings, keys, models, pacs, search, serve
 from medsim.errors import DatabaseUnavailable, MedsimError
 
-GROUPS = (data, keys, access, models, embeddings, search, serve)
+GROUPS = (data, pacs, keys, access, models, embeddings, search, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

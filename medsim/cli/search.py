@@ -16,6 +16,7 @@ def cmd_search(args) -> int:
     from medsim.search import pipeline, present
     from medsim.search.context import Context
     from medsim.search.request import ByFile, ById, Filters, Request
+    from medsim.sources import pacs_refs
 
     where = key_values(args.filter, "--filter")
     for key, value in (("dataset", args.dataset), ("label", args.label), ("split", args.split)):
@@ -31,6 +32,9 @@ def cmd_search(args) -> int:
     with connect(args, read=True) as conn:
         ctx = Context(conn, index_path=args.index)
         results = [pipeline.run(ctx, r) for r in requests]
+        links = pacs_refs.viewer_links(conn, [h.image_id for r in results for h in r.hits])
+        for h in (h for r in results for h in r.hits):
+            h.viewer_url = links.get(h.image_id)  # images a PACS sync stored: their study in its viewer
         if args.explain and not args.montage:
             args.montage = "medsim_out/explain.png"
         if args.montage:

@@ -34,8 +34,9 @@ The rules, each in one place:
 
 from medsim.errors import Unreadable
 from medsim.images.convert import as_stored, model_input, resize, shrink, to_display
-from medsim.images.files import palette_is_grey, read, sniff
+from medsim.images.files import palette_is_grey, read, read_dicom_frames, sniff
 from medsim.images.stored import StoredRow, from_bytes
 
-__all__ = ["StoredRow", "Unreadable", "as_stored", "from_bytes", "model_input", "palette_is_grey", "read", "resize",
+__all__ = ["StoredRow", "Unreadable", "as_stored", "from_bytes", "model_input", "palette_is_grey", "read",
+           "read_dicom_frames", "resize",
            "shrink", "sniff", "to_display"]

@@ -4,8 +4,10 @@ The Modality LUT (rescale slope/intercept, e.g. to Hounsfield units), then the V
 (the file's window) when it has one, then MONOCHROME1 inverted so that bright means dense
 everywhere; the display values are spread over 16 bits (8 when the file stores 8).
 Colour (RGB, YBR, palette) becomes RGB. A compressed transfer syntax is decoded when an
-installed handler can (pydicom's own RLE, Pillow's JPEG and JPEG 2000); otherwise the
-failure names the syntax.
+installed handler can (pylibjpeg's libjpeg/openjpeg/rle, GDCM, Pillow, pydicom's own RLE);
+otherwise the failure names the syntax and what would decode it. Each frame is decoded once.
+Objects that are not images (segmentations, dose grids, reports, plans) are refused by SOP
+class before any pixel is decoded.
 
 What is kept of a file's tags, and patients' keyed hashes, are the sources' business
 (medsim.sources.dicom): this module only reads headers and renders pixels.
@@ -25,51 +27,183 @@ NOT_DICOM = (OSError, ValueError, KeyError, AttributeError, EOFError, TypeError)
 
 
 def header(fp, pixels: bool = False):
-    """A pydicom Dataset (without its pixel data unless ``pixels``), or Unreadable."""
+    """A pydicom Dataset (without its pixel data unless ``pixels``), or Unreadable.
+
+    A file without File Meta (no preamble, no "DICM": old exports, some modalities' raw
+    dumps) is read again with pydicom's force=True, and kept only if what comes out is a
+    DICOM object (it has a SOP Class UID or an image's Rows); its transfer syntax is then
+    the one pydicom found the data set to be in. pydicom's "use force=True" advice was no
+    help to someone at a command line."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pydicom warns about every odd vendor tag
-            return pydicom.dcmread(fp, stop_before_pixels=not pixels)
+            try:
+                return pydicom.dcmread(fp, stop_before_pixels=not pixels)
+            except InvalidDicomError:
+                if hasattr(fp, "seek"):
+                    fp.seek(0)
+                ds = pydicom.dcmread(fp, stop_before_pixels=not pixels, force=True)
+                if "SOPClassUID" not in ds and "Rows" not in ds:
+                    raise
+                _guess_syntax(ds)
+                return ds
     except (InvalidDicomError, *NOT_DICOM) as err:
         raise Unreadable(f"not a readable DICOM file ({type(err).__name__}: {err})") from None
 
 
+def _guess_syntax(ds) -> None:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None) or FileMetaDataset()
+    if "TransferSyntaxUID" not in meta:
+        little, implicit = ds.original_encoding if hasattr(ds, "original_encoding") else (True, True)
+        meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                                  ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+    ds.file_meta = meta
+
+
+def refuse_non_image(ds) -> None:
+    """Objects that are DICOM but not pictures to search, refused by SOP class with a
+    sentence: a segmentation's masks, a dose grid, a report, a plan are not images of a
+    patient, and storing them as images put masks among the neighbours."""
+    uid = str(ds.get("SOPClassUID", "") or "")
+    what = non_image(uid)
+    if what:
+        raise Unreadable(f"a {what} object (SOP class {uid}), not an image to search: refused")
+
+
+def non_image(sop_class_uid: str) -> str | None:
+    """What a non-image SOP class is, or None for an image (or unknown) class."""
+    uid = sop_class_uid.strip()
+    if uid == RT_IMAGE:  # a portal or simulator image: a picture of the patient
+        return None
+    if uid in NON_IMAGE:
+        return NON_IMAGE[uid]
+    for prefix, what in NON_IMAGE_FAMILIES:
+        if uid.startswith(prefix):
+            return what
+    return None
+
+
+# PS3.4 Annex B's storage SOP classes whose objects carry no picture of the patient
+NON_IMAGE = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation",
+    "1.2.840.10008.5.1.4.1.1.66.7": "Label Map Segmentation",
+    "1.2.840.10008.5.1.4.1.1.481.2": "RT Dose",
+    "1.2.840.10008.5.1.4.1.1.481.3": "RT Structure Set",
+    "1.2.840.10008.5.1.4.1.1.481.4": "RT Beams Treatment Record",
+    "1.2.840.10008.5.1.4.1.1.481.5": "RT Plan",
+    "1.2.840.10008.5.1.4.1.1.481.8": "RT Ion Plan",
+    "1.2.840.10008.5.1.4.1.1.66": "Raw Data",
+    "1.2.840.10008.5.1.4.1.1.66.1": "Spatial Registration",
+    "1.2.840.10008.5.1.4.1.1.66.3": "Deformable Spatial Registration",
+    "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF",
+    "1.2.840.10008.5.1.4.1.1.104.2": "Encapsulated CDA",
+    "1.2.840.10008.5.1.4.1.1.104.3": "Encapsulated STL",
+}
+NON_IMAGE_FAMILIES = (
+    ("1.2.840.10008.5.1.4.1.1.88.", "Structured Report"),   # SR, KOS, CAD reports
+    ("1.2.840.10008.5.1.4.1.1.11.", "Presentation State"),
+    ("1.2.840.10008.5.1.4.1.1.9.", "Waveform"),            # ECG, audio, haemodynamics
+    ("1.2.840.10008.5.1.4.1.1.481.", "Radiotherapy"),       # but RT Image, below
+)
+RT_IMAGE = "1.2.840.10008.5.1.4.1.1.481.1"
+
+
 def read(fp, frame: int | None, max_pixels: int) -> np.ndarray:
-    """One frame's display values in stored form (H, W, C) uint8/uint16, or Unreadable.
-    The size is checked from the header before any pixel is decoded."""
-    ds = header(fp)
+    """One frame's display values in stored form (H, W, C) uint8/uint16, or Unreadable."""
+    return read_frames(fp, [frame], max_pixels)[0]
+
+
+def read_frames(fp, frames: list, max_pixels: int) -> list[np.ndarray]:
+    """The display values of several frames of one file (or pydicom Dataset), each in stored
+    form, decoding the file once and each wanted frame once: a 120-frame JPEG cine decoded
+    the whole file for every frame (3.3 s a frame). The size is checked from the header
+    before any pixel is decoded; a non-image SOP class is refused before it too."""
+    ds = fp if _is_dataset(fp) else header(fp)
+    refuse_non_image(ds)
     h, w = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
     if h * w == 0:
         raise Unreadable(f"no image in it (a {ds.get('Modality') or 'non-image'} object)")
     if h * w > max_pixels:
         raise Unreadable(f"{w} x {h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
                          f"(MEDSIM_MAX_IMAGE_PIXELS)")
-    if hasattr(fp, "seek"):
-        fp.seek(0)
-    return as_stored(render(header(fp, pixels=True), frame))
+    if not _is_dataset(fp):
+        if hasattr(fp, "seek"):
+            fp.seek(0)
+        ds = header(fp, pixels=True)
+    return [as_stored(x) for x in render_frames(ds, frames)]
+
+
+def _is_dataset(x) -> bool:
+    from pydicom.dataset import Dataset
+
+    return isinstance(x, Dataset)
 
 
 def render(ds, frame: int | None) -> np.ndarray:
     """Display values of one frame: (H, W) uint8/uint16 grey or (H, W, 3) RGB, or Unreadable."""
+    return render_frames(ds, [frame])[0]
+
+
+def render_frames(ds, frames: list) -> list[np.ndarray]:
+    """Display values of the given frames (None: the first), each decoded once."""
+    from pydicom.pixels import iter_pixels
+
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    wanted = sorted({min(max(f or 0, 0), n - 1) for f in frames})
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _display(ds, ds.pixel_array, frame)
+            if n == 1:
+                decoded = {0: ds.pixel_array}
+            else:
+                decoded = dict(zip(wanted, iter_pixels(ds, indices=wanted), strict=True))
+            return [_display(ds, decoded[min(max(f or 0, 0), n - 1)]) for f in frames]
+    except Unreadable:
+        raise
     except Exception as err:  # pydicom raises many kinds for a missing codec or bad data
-        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        name = getattr(syntax, "name", None) or "an unknown transfer syntax"
-        raise Unreadable(f"cannot decode its pixels ({name}): {(str(err).splitlines() or [''])[0][:200]}") from None
+        raise Unreadable(cannot_decode(ds, err)) from None
 
 
-def _display(ds, arr, frame) -> np.ndarray:
+# Which installed package decodes a compressed transfer syntax (pydicom's pixel data
+# handlers); medsim declares pylibjpeg's and GDCM's as dependencies.
+DECODERS = {
+    "1.2.840.10008.1.2.4.50": "pylibjpeg-libjpeg, python-gdcm or Pillow",
+    "1.2.840.10008.1.2.4.51": "pylibjpeg-libjpeg or python-gdcm (12-bit: pylibjpeg-libjpeg)",
+    "1.2.840.10008.1.2.4.57": "pylibjpeg-libjpeg or python-gdcm",
+    "1.2.840.10008.1.2.4.70": "pylibjpeg-libjpeg or python-gdcm",
+    "1.2.840.10008.1.2.4.80": "pylibjpeg-libjpeg or python-gdcm",
+    "1.2.840.10008.1.2.4.81": "pylibjpeg-libjpeg or python-gdcm",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg-openjpeg, python-gdcm or Pillow",
+    "1.2.840.10008.1.2.4.91": "pylibjpeg-openjpeg, python-gdcm or Pillow",
+    "1.2.840.10008.1.2.4.201": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.202": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.203": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.5": "pydicom itself or pylibjpeg-rle",
+}
+
+
+def cannot_decode(ds, err: Exception) -> str:
+    """One sentence: the transfer syntax, then either what would decode it (no decoder is
+    installed) or what each installed decoder said (the data itself is at fault)."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    name = f"{syntax.name} ({syntax})" if syntax else "an unknown transfer syntax"
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    if "missing dependencies" in text or "no pixel data handlers" in text.lower() or "plugins are missing" in text:
+        packages = DECODERS.get(str(syntax), "a decoder for it")
+        return f"cannot decode its pixels ({name}): no decoder for it is installed; {packages} decodes it"
+    return f"cannot decode its pixels ({name}): {text[:300]}"
+
+
+def _display(ds, arr) -> np.ndarray:
+    """One decoded frame -> display values (LUTs, MONOCHROME1 flipped, spread over 8 or 16 bits)."""
     from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
 
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    if frames > 1:
-        arr = arr[frame or 0]
     pi = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if pi == "PALETTE COLOR":
         return _to_bits(apply_color_lut(arr, ds), 8)

@@ -67,6 +67,16 @@ def read(source: Path | str | bytes, *, name: str | None = None, max_pixels: int
         raise (err.named(name) if name else err) from None
 
 
+def read_dicom_frames(source: Path | str | bytes, frames: list, *, max_pixels: int | None = None) -> list[np.ndarray]:
+    """Several frames of one DICOM file (a path or its bytes) in stored form, the file
+    read and each frame decoded once; Unreadable otherwise."""
+    limit = settings.get().max_image_pixels if max_pixels is None else max_pixels
+    if isinstance(source, bytes | bytearray | memoryview):
+        return dicom.read_frames(io.BytesIO(bytes(source)), frames, limit)
+    _regular_file(Path(source))
+    return dicom.read_frames(Path(source), frames, limit)
+
+
 def _regular_file(path: Path) -> None:
     """Refuse what is not a regular file before opening it: a FIFO would block the reader,
     a directory is not an image."""

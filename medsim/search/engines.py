@@ -24,6 +24,7 @@ class Hit:
     study_id: str | None = None
     p_same: float | None = None  # calibrated P(same diagnosis as the query), when fitted
     same_label: bool | None = None  # the query's label is one of this image's (None: the query has none)
+    viewer_url: str | None = None  # its study in the PACS's viewer (images a PACS sync stored; filled by callers)
 
 
 @dataclass

@@ -37,6 +37,8 @@ def table(results) -> str:
             p = f"  P(same) {h.p_same:.2f}" if h.p_same is not None else ""
             lines.append(f"  {rank:2d}. image {h.image_id:<7d} {h.dataset:16s} {h.split:5s} "
                          f"{h.label_name[:40]:40s} distance {h.distance:.4f}{p}")
+            if h.viewer_url:
+                lines.append(f"      in the PACS: {h.viewer_url}")
         if q.vote:
             v = q.vote
             conf = f"; calibrated P(right) {v['confidence']:.2f}" if v["confidence"] is not None else ""

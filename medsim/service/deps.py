@@ -67,5 +67,8 @@ def local_or(needed: str, what: str):
 
 Searcher = Annotated[Principal, Depends(scope("search", "searching"))]
 Viewer = Annotated[Principal, Depends(scope("images", "images and thumbnails"))]
+# the original DICOM from a PACS carries every identifying tag the PACS holds (names, birth
+# dates), which medsim otherwise never stores or serves: an admin's token only
+Admin = Annotated[Principal, Depends(scope("admin", "original DICOM files from the PACS"))]
 Operator = Annotated[Principal | None, Depends(local_or("admin", "/metrics from another machine"))]
 Anyone = Annotated[Principal | None, Depends(local_or("search", "/healthz from another machine"))]

@@ -12,6 +12,7 @@ from medsim import access, migrate, queue, registry
 from medsim.errors import NotFound
 from medsim.images import StoredRow
 from medsim.queries import Q, dicts, one, scalar
+from medsim.sources import pacs_refs
 
 
 def image(svc, who, image_id: int) -> dict:
@@ -32,6 +33,30 @@ def thumbnail(svc, image_id: int, size: int, enlarge: bool = False, smooth: bool
     own connection has shown them (sha256)."""
 
     return render(stored(svc, image_id).display_or_refuse(window), size, enlarge, smooth)
+
+
+def attach_viewer_links(svc, who, hits) -> None:
+    """Each hit from a PACS gets its study's link in the PACS's viewer. The link carries the
+    study's UID (or Orthanc's id of it), so only principals who may see images get it;
+    the UIDs are the owner's to read (medsim.pacs_instances)."""
+    if not hits or (who is not None and not who.allows("images")):
+        return
+    links = viewer_links(svc, [h.image_id for h in hits])
+    for h in hits:
+        h.viewer_url = links.get(h.image_id)
+
+
+def viewer_links(svc, image_ids) -> dict:
+    with svc.owner.connection() as conn:
+        return pacs_refs.viewer_links(conn, image_ids)
+
+
+def original(svc, image_id: int) -> tuple[bytes, str]:
+    """The original DICOM of an image a PACS sync stored, fetched from the PACS now, and
+    the file name to give it. Only for an id the user's own connection has shown them."""
+    with svc.owner.connection() as conn:
+        data, ref = pacs_refs.original(conn, image_id)
+    return data, f"{image_id}.dcm"
 
 
 def stored(svc, image_id: int) -> StoredRow:

@@ -70,6 +70,8 @@ class Neighbour(BaseModel):
     patient_key: str | None
     study_id: str | None
     thumbnail_url: str
+    viewer_url: str | None = Field(None, description="its study in the PACS's own viewer, for an image a PACS sync "
+                                                     "stored (shown to tokens with the images scope)")
 
 
 class QueryInfo(BaseModel):

@@ -20,12 +20,9 @@ input gets a clear reason. What differs is that an archive is large, grows and i
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import hashlib
 import json
 import os
-import signal
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -40,6 +37,7 @@ from medsim.sources import keys
 from medsim.sources import report as reports
 from medsim.sources import splits as splitting
 from medsim.sources.base import Entry
+from medsim.sources.loading import InlinePool, by_file, die_with_parent, load_group, whole_files
 from medsim.sources.report import ArchiveReport
 
 CHUNK = 500
@@ -47,34 +45,6 @@ COPY_TYPES = ["int4", "text", "int4", "int2[]", "int4", "int4", "int2", "bytea",
               "text", "jsonb", "text", "int4", "int4"]
 ON_CONFLICT = ("keep", "relabel")
 UID_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
-
-
-def load_entry(loader, e: Entry):
-    """-> (entry, Loaded or Unreadable); module-level so worker processes can run it."""
-    try:
-        return e, loader(e)
-    except Unreadable as err:
-        return e, err
-
-
-def _die_with_parent() -> None:
-    """A decoding process ends when the ingest that started it does, even by SIGKILL
-    (Linux's PR_SET_PDEATHSIG; elsewhere it ends when its pipe closes)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-
-
-class InlinePool:
-    """The pool interface without processes, for small archives."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def map(self, fn, items, chunksize=1):
-        return map(fn, items)
 
 
 @dataclass
@@ -104,8 +74,10 @@ def label_vector(names: tuple, vocab: dict[str, int], multi: bool) -> list[int]:
 
 def ingest_archive(conn, source, name: str, *, strict: bool = False, on_conflict: str = "keep", seed: int = 0,
                    fractions=splitting.DEFAULT_FRACTIONS, progress: bool = True, workers: int | None = None,
-                   chunk: int = CHUNK, relabel: bool | None = None) -> ArchiveReport:
-    """Load every usable image of `source` into the dataset `name` (created if new)."""
+                   chunk: int = CHUNK, relabel: bool | None = None, record=None) -> ArchiveReport:
+    """Load every usable image of `source` into the dataset `name` (created if new).
+    ``record(conn, dataset_id, settled)``, when given, runs inside each chunk's transaction
+    with what became of each of its entries: (entry, image id or None, outcome, reason)."""
     if relabel is not None:  # the older spelling
         on_conflict = "relabel" if relabel else on_conflict
     if on_conflict not in ON_CONFLICT:
@@ -129,18 +101,19 @@ def ingest_archive(conn, source, name: str, *, strict: bool = False, on_conflict
     multi = ds.task.startswith("multi-label")
     assign_splits(conn, ds, entries, seed, fractions)
 
-    load = partial(load_entry, source.loader())
+    load = partial(load_group, source.loader())
+    groups = by_file(entries)
     # Decoding runs in worker processes, one per core: Pillow's per-file Python overhead
     # holds the GIL, and threads gave 2,900 images/s on 2 cores where processes keep both
     # busy. A small archive is not worth starting them for.
-    pool = (ProcessPoolExecutor(workers, initializer=_die_with_parent) if workers > 1 and len(entries) >= 500
+    pool = (ProcessPoolExecutor(workers, initializer=die_with_parent) if workers > 1 and len(entries) >= 500
             else InlinePool())
     seen: dict[bytes, tuple] = {}  # digest -> (first path, labels) in this run
     disagree: set[bytes] = set()  # digests this run labels several ways
     changes: dict[bytes, tuple] = {}  # digest -> (stored id, the source's labels) where they differ
     with pool:
         if strict:
-            unreadable = [(e.path, str(r)) for e, r in pool.map(load, entries, chunksize=64)
+            unreadable = [(e.path, str(r)) for got in pool.map(load, groups, chunksize=32) for e, r in got
                           if isinstance(r, Unreadable)]
             bad = listing_problems + unreadable  # the listing's are in the report already
             if bad:
@@ -152,17 +125,19 @@ def ingest_archive(conn, source, name: str, *, strict: bool = False, on_conflict
         from tqdm import tqdm
 
         bar = tqdm(total=len(entries), unit="img", desc=f"ingest {name}", disable=not progress, leave=False)
-        for start in range(0, len(entries), chunk):
-            batch = list(pool.map(load, entries[start: start + chunk], chunksize=32))
-            fresh = []
+        for part in whole_files(groups, chunk):
+            batch = [pair for got in pool.map(load, part, chunksize=32) for pair in got]
+            fresh, settled = [], []
             for e, r in batch:
                 if isinstance(r, Unreadable):
                     report.add(e.path, "skipped", str(r))
+                    settled.append((e, None, "refused", r))
                     continue
                 digest = hashlib.sha256(r.pixels.tobytes()).digest()
                 labels = label_vector(e.labels, vocab, multi)
                 if digest in seen:
                     first, first_labels = seen[digest]
+                    settled.append((e, None, "duplicate", f"the same pixels as {first}"))
                     if first_labels == labels:
                         report.duplicates += 1
                         report.add(e.path, "duplicate", "the same pixels as {other}", first)
@@ -174,7 +149,7 @@ def ingest_archive(conn, source, name: str, *, strict: bool = False, on_conflict
                     continue
                 seen[digest] = (e.path, labels)
                 fresh.append((e, r, digest, labels))
-            write_chunk(conn, ds.id, fresh, report, changes, ring, scrub)
+            write_chunk(conn, ds.id, fresh, report, changes, ring, scrub, settled, record)
             bar.update(len(batch))
         bar.close()
     relabel_agreed(conn, report, changes, disagree, on_conflict, vocab)
@@ -184,10 +159,13 @@ def ingest_archive(conn, source, name: str, *, strict: bool = False, on_conflict
     return report
 
 
-def write_chunk(conn, dataset_id: int, fresh: list, report: ArchiveReport, changes: dict, ring, scrub) -> None:
+def write_chunk(conn, dataset_id: int, fresh: list, report: ArchiveReport, changes: dict, ring, scrub,
+                settled: list | None = None, record=None) -> None:
     """One chunk, one transaction: the dataset's row first, then which of the chunk's images
-    are stored already (by digest), then the rest by binary COPY and the chunk's findings.
+    are stored already (by digest), then the rest by binary COPY, the chunk's findings and
+    (``record``) what the source keeps of each entry.
     Two runs of one folder take turns here, and the second finds the first's images."""
+    settled = [] if settled is None else settled
     with conn.transaction():
         conn.execute(Q.lock_dataset, {"id": dataset_id})
         stored = {s.sha256: s for s in rows(conn, Q.images_with_digests, {
@@ -199,6 +177,7 @@ def write_chunk(conn, dataset_id: int, fresh: list, report: ArchiveReport, chang
             for e, loaded, digest, labels in fresh:
                 old = stored.get(bytes(digest))
                 if old is not None:
+                    settled.append((e, old.id, "unchanged", None))
                     if list(old.labels) == labels:
                         report.unchanged += 1
                     else:
@@ -216,6 +195,12 @@ def write_chunk(conn, dataset_id: int, fresh: list, report: ArchiveReport, chang
                                 orig[0], orig[1]))
                 report.per_split[e.split] = report.per_split.get(e.split, 0) + 1
                 written += 1
+        if record is not None:
+            new = [(e, d) for e, _, d, _ in fresh if bytes(d) not in stored]
+            ids = {bytes(s.sha256): s.id for s in rows(conn, Q.images_with_digests, {
+                "dataset_id": dataset_id, "digests": [d for _, d in new]}, as_=Stored)}
+            settled += [(e, ids[bytes(d)], "stored", None) for e, d in new]
+            record(conn, dataset_id, settled)
         reports.flush(conn, report, ring, scrub)
     report.added += written
 

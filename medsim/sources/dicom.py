@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 from medsim import images
+from medsim.errors import Unreadable
 from medsim.images import dicom as render
 from medsim.sources.base import Entry, Loaded, Problem
 
@@ -41,14 +42,16 @@ def entries(path: Path, rel: str, labels: tuple | None, label_tag: str | None) -
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return _entries(ds, rel, labels, label_tag)
-    except Problem:
+    except Unreadable:
         raise
     except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as err:  # tags parse lazily
         raise Problem(f"a malformed header ({type(err).__name__}: {err})") from None
 
 
 def _entries(ds, rel: str, labels: tuple | None, label_tag: str | None) -> list[Entry]:
-    # the header alone (pixels not read): an image has Rows and Columns
+    # the header alone (pixels not read): an image has Rows and Columns, and a SOP class
+    # that is a picture (a segmentation or a dose grid has Rows too)
+    render.refuse_non_image(ds)
     if not ds.get("Rows") or not ds.get("Columns"):
         raise Problem(f"no image in it (a {ds.get('Modality') or 'non-image'} object)")
     if label_tag:
@@ -64,7 +67,18 @@ def _entries(ds, rel: str, labels: tuple | None, label_tag: str | None) -> list[
                   frame=i if frames > 1 else None) for i in range(frames)]
 
 
-def load_entry(path: Path, entry: Entry, max_side: int) -> Loaded:
-    x = images.read(path, frame=entry.frame, kind="dicom")
+def load_entries(source, group: list[Entry], max_side: int) -> list[Loaded]:
+    """The frames of one file (a path, its bytes, or a pydicom Dataset), the file decoded
+    once however many frames it has."""
+    if render._is_dataset(source):
+        from medsim import settings
+
+        frames = render.read_frames(source, [e.frame for e in group], settings.get().max_image_pixels)
+    else:
+        frames = images.read_dicom_frames(source, [e.frame for e in group])
+    return [shrunk(x, max_side) for x in frames]
+
+
+def shrunk(x, max_side: int) -> Loaded:
     original = x.shape[:2] if max(x.shape[:2]) > max_side else None
     return Loaded(images.shrink(x, max_side), original)

@@ -163,18 +163,19 @@ class FolderSource:
 
     # -- pixels ---------------------------------------------------------------------
     def loader(self):
-        """entry -> Loaded (or Problem): small enough to send to worker processes."""
+        """[entries of one file] -> [Loaded] (or Unreadable): small enough to send to worker
+        processes. The frames of a DICOM file come together so the file is decoded once."""
         return partial(load_file, self.base(), self.max_side)
 
     def load(self, entry: Entry) -> Loaded:
-        return self.loader()(entry)
+        return self.loader()([entry])[0]
 
 
-def load_file(base: Path, max_side: int, entry: Entry) -> Loaded:
-    path = base / (entry.file or entry.path)
+def load_file(base: Path, max_side: int, group: list[Entry]) -> list[Loaded]:
+    path = base / (group[0].file or group[0].path)
     if dicom.is_dicom(path):
-        return dicom.load_entry(path, entry, max_side)
-    return load_image(path, max_side)
+        return dicom.load_entries(path, group, max_side)
+    return [load_image(path, max_side)]
 
 
 def load_image(path: Path, max_side: int) -> Loaded:

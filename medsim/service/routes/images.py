@@ -13,7 +13,7 @@ from fastapi.responses import Response
 
 from medsim.errors import BadArgument, NotFound
 from medsim.service import reads
-from medsim.service.deps import Searcher, ServiceDep, Viewer, client_address
+from medsim.service.deps import Admin, Searcher, ServiceDep, Viewer, client_address
 from medsim.service.schemas import ERRORS
 
 router = APIRouter(prefix="/images", tags=["images"], responses=ERRORS)
@@ -67,7 +67,25 @@ def image(request: Request, svc: ServiceDep, who: Viewer, image_id: int) -> dict
     d = reads.image(svc, who, image_id)
     svc.log(who, client_address(request), "image", [image_id])
     d["thumbnail_url"] = f"/images/{image_id}/thumbnail.png"
+    links = reads.viewer_links(svc, [image_id])
+    if links:  # an image a PACS sync stored: the way back to it
+        d["viewer_url"], d["original_url"] = links[image_id], f"/images/{image_id}/original"
     return d
+
+
+@router.get("/{image_id}/original", response_class=Response,
+            responses={200: {"content": {"application/dicom": {}}, "description": "the original DICOM instance"}})
+def original(request: Request, svc: ServiceDep, who: Admin, image_id: int) -> Response:
+    """The original DICOM instance of an image a PACS sync stored, fetched from the PACS
+    now (Postgres keeps a rendition at model size). Admins only: the file carries every tag
+    the PACS holds, names included. 404 for an image medsim holds whole; 502 when the PACS
+    cannot be reached."""
+    if reads.sha256(svc, who, image_id) is None:  # visible to this user at all?
+        raise NotFound(f"no image with id {image_id}")
+    data, name = reads.original(svc, image_id)
+    svc.log(who, client_address(request), "original", [image_id])
+    return Response(data, media_type="application/dicom",
+                    headers={"Content-Disposition": f'attachment; filename="{name}"', "Cache-Control": "no-store"})
 
 
 @router.get("/{image_id}/thumbnail.png", response_class=Response,

@@ -51,6 +51,7 @@ def _run(svc, who: access.Principal, req: Request, client: str | None, sha256: s
         if ctx.restricted:
             _check_grants(ctx.conn, who, req.filters.where)
         result = pipeline.run(ctx, req)
+    reads.attach_viewer_links(svc, who, result.hits)
     q = result.query
     svc.log(who, client, "search", [h.image_id for h in result.hits], query_kind=q.kind, query_image_id=q.image_id,
             query_sha256=sha256, model_id=result.model.id, engine=result.engine)

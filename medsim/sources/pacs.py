@@ -1,0 +1,334 @@
+"""An archive kept in sync with a PACS over DICOMweb (`medsim sync URL --name NAME`).
+
+What a sync does, in order:
+1. finds the instances to look at: on the first run (or --full) every instance QIDO-RS lists
+   under the filters; later runs only what is new since the source's cursor: Orthanc's
+   change log sequence when the server is an Orthanc, else the last study date seen;
+2. leaves out, without fetching, every instance already settled (medsim.pacs_instances,
+   whatever became of it) and every instance of a patient deleted from medsim: a withdrawn
+   patient's studies are not fetched back by the next cron run;
+3. refuses, without fetching, what QIDO already says is not an image to search (a SOP
+   class of masks, doses, reports) or is over MEDSIM_MAX_IMAGE_PIXELS;
+4. fetches the rest by WADO-RS and stores them through the archive ingest (sources/
+   archive.py: the same DICOM rendering as ingest-folder, keyed patients, splits grouped by
+   patient, one transaction per chunk). Postgres keeps the rendition at --max-side (256 by
+   default: model size, not the full DICOM) and, per instance, its UIDs for the way back;
+5. moves the cursor only when nothing failed, so a sync that stopped (PACS down) or
+   skipped instances (5xx, timeouts) is simply run again and picks up where it was.
+--prune removes, through the deletion path, images whose instances the PACS no longer has.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import date
+from functools import partial
+
+from medsim import settings
+from medsim.errors import BadArgument, DataRefused, PacsUnavailable
+from medsim.images import dicom as render
+from medsim.queries import Q, scalar
+from medsim.sources import deletion, keys
+from medsim.sources import dicom as dicom_source
+from medsim.sources.archive import ingest_archive
+from medsim.sources.base import Entry
+from medsim.sources.pacs_client import (
+    FIELDS,
+    FetchFailed,
+    Server,
+    changes,
+    last_change,
+    orthanc_root,
+    orthanc_study_id,
+    orthanc_uids,
+)
+from medsim.sources.report import ArchiveReport
+
+DEFAULT_MAX_SIDE = 256
+VIEWERS = {  # presets for --viewer; {root} is the PACS's REST root (the DICOMweb URL without /dicom-web)
+    "orthanc": "{root}/app/explorer.html#study?uuid={orthanc_study}",
+    "orthanc-explorer-2": "{root}/ui/app/#/filtered-studies?StudyInstanceUID={study}&expand=study",
+    "stone": "{root}/stone-webviewer/index.html?study={study}",
+}
+
+
+@dataclass
+class Item:
+    """One frame of one instance as QIDO listed it."""
+
+    study: str
+    series: str
+    sop: str
+    frame: int | None
+    patient_id: str | None
+    label: str | None
+    study_date: str | None
+    meta: dict
+    refused: str | None = None  # refused unfetched (a non-image SOP class, too many pixels)
+
+
+@dataclass
+class SyncReport:
+    name: str
+    url: str
+    mode: str  # "full", "changes since N", "studies since DATE"
+    listed: int = 0  # instances (frames) the PACS listed for this run
+    known: int = 0  # already settled: not fetched
+    withdrawn: int = 0  # of deleted patients: not fetched
+    archive: ArchiveReport | None = None
+    unsettled: int = 0  # fetch failures this run: tried again next time
+    pruned: int = 0
+    cursor: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def lines(self) -> list[str]:
+        a = self.archive
+        out = [f"{self.name}: synced from {self.url} ({self.mode}) in {self.seconds:.1f}s: {self.listed} listed, "
+               f"{self.known} already settled, {self.withdrawn} of deleted patients left in the PACS, "
+               f"{a.added if a else 0} added, {a.skipped if a else 0} skipped, {self.pruned} pruned"]
+        if self.unsettled:
+            out.append(f"{self.unsettled} instance(s) could not be fetched this time: the next sync tries them "
+                       f"again (the cursor did not move)")
+        return out
+
+
+class PacsSource:
+    """The archive-source interface (sources/base.py) over a QIDO listing."""
+
+    kind = "pacs"
+
+    def __init__(self, server: Server, items: list[Item], label_tag: str, max_side: int | None):
+        self.server, self.items, self.label_tag = server, items, label_tag
+        self.max_side_given = max_side is not None
+        self.max_side = max_side if max_side is not None else DEFAULT_MAX_SIDE
+        if self.max_side < 8:
+            raise DataRefused(f"--max-side {self.max_side} is too small (at least 8)")
+
+    def describe(self) -> str:
+        return self.server.url
+
+    def base(self) -> str:
+        return self.server.url
+
+    def fingerprint(self) -> str:
+        return "pacs:" + self.server.url
+
+    def entries(self):
+        out, problems = [], []
+        for it in self.items:
+            name = it.sop if it.frame is None else f"{it.sop}#frame{it.frame}"
+            if not it.label:
+                problems.append((name, f"no {self.label_tag} in the PACS's answer to label it with"))
+                continue
+            e = Entry(name, (it.label,), None, it.patient_id, it.study, dict(it.meta), frame=it.frame,
+                      file=f"{it.study}/{it.series}/{it.sop}")
+            out.append(e)
+        self.refused = {f"{it.study}/{it.series}/{it.sop}": it.refused for it in self.items if it.refused}
+        return out, problems
+
+    def loader(self):
+        return partial(fetch_instance, self.server, self.max_side, self.refused)
+
+
+def fetch_instance(server: Server, max_side: int, refused: dict, group: list[Entry]) -> list:
+    """The frames of one instance: fetched once (WADO-RS), rendered as ingest-folder renders
+    a file. Refused unfetched when the listing already said why."""
+    key = group[0].file
+    if refused.get(key):
+        raise dicom_source.Problem(refused[key])
+    study, series, sop = key.split("/")
+    ds = server.retrieve(study, series, sop)
+    if str(ds.get("SOPInstanceUID", "")) != sop:
+        raise FetchFailed("the PACS sent another instance than the one asked for")
+    return dicom_source.load_entries(ds, group, max_side)
+
+
+def listed(raw: list[dict], label_tag: str) -> list[Item]:
+    """QIDO's DICOM JSON -> one Item per frame."""
+    from pydicom import Dataset
+
+    limit = settings.get().max_image_pixels
+    out = []
+    for obj in raw:
+        try:
+            ds = Dataset.from_json(obj)
+            study, series, sop = (str(ds[t].value) for t in ("StudyInstanceUID", "SeriesInstanceUID",
+                                                               "SOPInstanceUID"))
+        except (KeyError, ValueError, TypeError):
+            continue  # an answer without its UIDs cannot be fetched or kept: nothing to settle
+        refused = None
+        what = render.non_image(str(ds.get("SOPClassUID", "") or ""))
+        rows_, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+        if what:
+            refused = f"a {what} object (SOP class {ds.SOPClassUID}), not an image to search: refused"
+        elif rows_ * cols > limit:
+            refused = f"{cols} x {rows_} = {cols * rows_:,} pixels is over the limit of {limit:,} (MEDSIM_MAX_IMAGE_PIXELS)"
+        frames = int(ds.get("NumberOfFrames") or 1) if not refused else 1
+        meta = {t: str(ds.get(t)) for t in dicom_source.KEPT_TAGS if ds.get(t) not in (None, "")}
+        label = str(ds.get(label_tag, "") or "").strip() or None
+        pid = str(ds.get("PatientID", "") or "").strip() or None
+        for f in range(frames):
+            out.append(Item(study, series, sop, f if frames > 1 else None, pid, label,
+                            str(ds.get("StudyDate", "") or "") or None, meta, refused))
+    return out
+
+
+def sync(conn, url: str, name: str, *, label_tag: str, filters: dict | None = None, studies=(), limit=None,
+         full: bool = False, prune: bool = False, viewer: str | None = None, max_side: int | None = None,
+         progress: bool = False, workers: int | None = None, chunk: int | None = None) -> SyncReport:
+    t0 = time.perf_counter()
+    if not label_tag:
+        raise BadArgument("give --label-tag: the DICOM attribute whose value is an image's label "
+                          "(StudyDescription, BodyPartExamined, ...)")
+    server = Server.at(url)
+    ring = keys.keyring(conn, "a PACS's patient ids and UIDs can name a person")
+    lock = scalar(conn, Q.pacs_try_lock, {"key": f"{name}\n{server.url}"})
+    if not lock:
+        raise DataRefused(f"another sync of {name} from {server.url} is running; try again when it ends")
+    try:
+        src = conn.execute(Q.pacs_source, {"name": name, "url": server.url}).fetchone()
+        cursor = (src[1] or {}) if src and not full else {}
+        root = orthanc_root(server)
+        report = SyncReport(name, server.url, "full")
+        filters = dict(filters or {})
+        raw, mark = _listing(server, root, cursor, filters, list(studies), limit, label_tag, report)
+        items = listed(raw, label_tag)
+        report.listed = len(items)
+        items = _not_settled(conn, src[0] if src else None, items, ring, report)
+        source = PacsSource(server, items, label_tag, max_side)
+        recorder = partial(_record, server.url, root is not None, _viewer(viewer, root), {
+            (i.sop, i.frame or 0): orthanc_study_id(i.patient_id or "", i.study) for i in items})
+        try:
+            if items:
+                report.archive = ingest_archive(conn, source, name, progress=progress, workers=workers,
+                                                record=recorder, **({"chunk": chunk} if chunk else {}))
+        except PacsUnavailable as err:
+            raise PacsUnavailable(f"{err}. The sync stopped; what it stored is kept, and the next sync resumes "
+                                  f"from there") from None
+        report.unsettled = sum(1 for p in (report.archive.problems if report.archive else ())
+                               if p.kind == "skipped" and p.text().startswith(FETCH_PREFIXES))
+        sid = scalar(conn, Q.pacs_source, {"name": name, "url": server.url})
+        if sid is None and (report.archive is not None or prune):  # nothing new at all: the row still records us
+            with conn.transaction():
+                sid = _source_row(conn, name, server.url, root is not None, _viewer(viewer, root))
+        if sid is not None:
+            with conn.transaction():
+                if viewer:
+                    conn.execute(Q.pacs_set_viewer, {"id": sid, "viewer": _viewer(viewer, root)})
+                if not report.unsettled and mark:
+                    conn.execute(Q.pacs_set_cursor, {"id": sid, "cursor": _json(mark)})
+                    report.cursor = mark
+            if prune:
+                report.pruned = _prune(conn, server, sid, name)
+    finally:
+        conn.execute(Q.pacs_unlock, {"key": f"{name}\n{server.url}"})
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+FETCH_PREFIXES = ("the PACS answered", "the PACS did not answer", "no longer in the PACS", "a malformed answer",
+                  "the PACS sent another")
+
+
+def _listing(server: Server, root, cursor: dict, filters: dict, studies: list, limit, label_tag, report):
+    """-> (QIDO objects to look at, the cursor to keep if the sync completes)."""
+    fields = (*FIELDS, label_tag)
+    if root is not None and "changes" in cursor:
+        ids, last = changes(server, int(cursor["changes"]))
+        report.mode = f"changes since {cursor['changes']}"
+        touched = set()
+        for i in ids:
+            uids = orthanc_uids(server, i)
+            if uids and (not studies or uids[0] in studies):
+                touched.add(uids[0])
+        raw = [obj for s in sorted(touched) for obj in server.instances({**filters, "StudyInstanceUID": s}, fields)]
+        return raw, {"changes": last}
+    mark = {"changes": last_change(server)} if root is not None else None  # read before listing: nothing slips
+    if root is None and "study_date" in cursor:
+        report.mode = f"studies since {cursor['study_date']}"
+        filters = {**filters, "StudyDate": f"{cursor['study_date']}-"}
+    if studies:
+        raw = [obj for s in studies for obj in server.instances({**filters, "StudyInstanceUID": s}, fields, limit)]
+    else:
+        raw = server.instances(filters, fields, limit)
+    if mark is None:
+        dates = [o.get("00080020", {}).get("Value", [None])[0] for o in raw]
+        seen = max([d for d in dates if d] + [cursor.get("study_date", "")])
+        mark = {"study_date": seen or date.today().strftime("%Y%m%d")}
+    if limit is not None:
+        mark = None  # a limited run has not seen everything: the cursor stays
+    return raw, mark
+
+
+def _not_settled(conn, source_id, items: list[Item], ring, report: SyncReport) -> list[Item]:
+    settled = set()
+    if source_id is not None:
+        settled = {(r[0], r[1]) for r in conn.execute(Q.pacs_settled, {
+            "source_id": source_id, "sops": sorted({i.sop for i in items})})}
+    withdrawn = {r[0] for r in conn.execute(Q.deleted_patients)}
+    out = []
+    for it in items:
+        if (it.sop, it.frame or 0) in settled:
+            report.known += 1
+        elif it.patient_id and ring.patient(it.patient_id) in withdrawn:
+            report.withdrawn += 1
+        else:
+            out.append(it)
+    return out
+
+
+def _record(url: str, is_orthanc: bool, viewer: str | None, orthanc_ids: dict, conn, dataset_id: int,
+            settled: list) -> None:
+    """Inside each chunk's transaction: what became of each instance (ingest_archive's hook).
+    A fetch that failed this time is not settled: the next sync tries it again."""
+    sid = _source_row(conn, None, url, is_orthanc, viewer, dataset_id)
+    for e, image_id, outcome, reason in settled:
+        if outcome == "refused" and isinstance(reason, FetchFailed):
+            continue
+        study, series, sop = e.file.split("/")
+        conn.execute(Q.pacs_settle, {"source_id": sid, "study": study, "series": series, "sop": sop,
+                                     "frame": e.frame or 0, "image_id": image_id, "outcome": outcome,
+                                     "reason": str(reason) if reason is not None else None,
+                                     "orthanc_study": orthanc_ids.get((sop, e.frame or 0))})
+
+
+def _source_row(conn, name, url, is_orthanc, viewer, dataset_id=None) -> int:
+    if dataset_id is None:
+        dataset_id = scalar(conn, Q.pacs_dataset_id, {"name": name})
+        if dataset_id is None:
+            raise DataRefused(f"no dataset named {name!r} yet: a first sync that stores nothing creates none")
+    return scalar(conn, Q.pacs_upsert_source, {"dataset_id": dataset_id, "url": url, "is_orthanc": is_orthanc,
+                                               "viewer": viewer})
+
+
+def _viewer(viewer: str | None, root: str | None) -> str | None:
+    """A preset's template or the one given; by default Orthanc's own explorer on an Orthanc."""
+    template = VIEWERS.get(viewer or "", viewer) if viewer else (VIEWERS["orthanc"] if root else None)
+    if template and "{" not in template:
+        raise BadArgument(f"--viewer {viewer!r} is neither a preset ({', '.join(VIEWERS)}) nor a URL template "
+                          f"with {{study}} in it")
+    return template.replace("{root}", root or "{root}") if template else None
+
+
+def _prune(conn, server: Server, source_id: int, name: str) -> int:
+    """Images whose instance the PACS no longer lists go, through the deletion path."""
+    present = {o["00080018"]["Value"][0] for o in server.instances({}, ("SOPInstanceUID",))
+               if o.get("00080018", {}).get("Value")}
+    stored = conn.execute(Q.pacs_stored_sops, {"source_id": source_id}).fetchall()
+    if not present and stored:
+        raise DataRefused(f"the PACS lists no instances at all; refusing to prune every image of {name} "
+                          f"(check the URL and the PACS)")
+    gone = sorted({sop for sop, _ in stored if sop not in present})
+    ids = sorted({i for sop, i in stored if sop in set(gone) and i is not None})
+    with conn.transaction():
+        if ids:
+            deletion.delete(conn, image_ids=ids, reason=f"deleted in the PACS ({server.url})")
+        conn.execute(Q.pacs_forget, {"source_id": source_id, "sops": gone})
+    return len(ids)
+
+
+def _json(x) -> str:
+    import json
+
+    return json.dumps(x)
