@@ -765,3 +765,23 @@ SELECT DISTINCT ON (p.image_id) p.image_id, p.study_uid, p.series_uid, p.sop_uid
 FROM medsim.pacs_instances p JOIN medsim.pacs_sources s ON s.id = p.source_id
 WHERE p.image_id = ANY(%(ids)s)
 ORDER BY p.image_id, p.synced_at;
+
+-- ===================================================================== a folder's files (sources/ledger.py)
+
+-- name: ledger_rows
+SELECT path, size, mtime_ns, sha256, listing FROM medsim.source_files
+WHERE dataset_id = %(dataset_id)s AND path = ANY(%(paths)s);
+
+-- name: ledger_touch
+UPDATE medsim.source_files SET mtime_ns = %(mtime_ns)s, checked_at = now()
+WHERE dataset_id = %(dataset_id)s AND path = %(path)s;
+
+-- name: ledger_settle
+INSERT INTO medsim.source_files (dataset_id, path, size, mtime_ns, sha256, listing, outcome, reason)
+VALUES (%(dataset_id)s, %(path)s, %(size)s, %(mtime_ns)s, %(sha256)s, %(listing)s, %(outcome)s, %(reason)s)
+ON CONFLICT (dataset_id, path) DO UPDATE
+    SET size = EXCLUDED.size, mtime_ns = EXCLUDED.mtime_ns, sha256 = EXCLUDED.sha256, listing = EXCLUDED.listing,
+        outcome = EXCLUDED.outcome, reason = EXCLUDED.reason, checked_at = now();
+
+-- name: ledger_forget
+DELETE FROM medsim.source_files WHERE dataset_id = %(dataset_id)s AND path = %(path)s;

@@ -96,7 +96,10 @@ def test_rerun_adds_only_new_images_and_reports_label_changes(conn, tmp_path, ca
     src = FolderSource(root, max_side=256)
     first = archive.ingest_archive(conn, src, "mylab", progress=False)
     again = archive.ingest_archive(conn, src, "mylab", progress=False)
-    assert (again.added, again.unchanged) == (0, first.added)
+    # every file settled by the first run and unchanged: not even read (ledger.py)
+    assert (again.added, again.unchanged, again.unchanged_files) == (0, 0, first.added + first.skipped)
+    rechecked = archive.ingest_archive(conn, src, "mylab", progress=False, recheck=True)
+    assert (rechecked.added, rechecked.unchanged, rechecked.unchanged_files) == (0, first.added, 0)
     # a new file, a copy of an existing picture under another name, and a relabelled one
     Image.fromarray(blob(np.random.default_rng(9), 30, 0)).save(root / "benign" / "new.png")
     (root / "benign" / "copy.bmp").write_bytes((root / "benign" / "benign_2.bmp").read_bytes())
@@ -212,7 +215,7 @@ def test_crash_mid_ingest_keeps_committed_chunks_and_rerun_completes(conn, tmp_p
     assert conn.execute("SELECT count(*) FROM medsim.images").fetchone() == (10,)  # two whole chunks
     monkeypatch.setattr(archive, "write_chunk", real)
     r = archive.ingest_archive(conn, FolderSource(root), "mylab", progress=False, chunk=5)
-    assert r.added == len(files) - 10 and r.unchanged == 10
+    assert r.added == len(files) - 10 and r.unchanged_files == 10  # the committed chunks' files are not read
     assert conn.execute("SELECT count(DISTINCT sha256), count(*) FROM medsim.images").fetchone() == (21, 21)
 
 

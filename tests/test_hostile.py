@@ -249,7 +249,12 @@ def test_deleting_a_patient_reports_the_same_pixels_elsewhere(conn, tmp_path, ca
     out = capsys.readouterr().out
     assert "deleted 3 image(s)" in out and "1 image(s) elsewhere hold the same pixels (in export" in out
     assert conn.execute("SELECT count(*) FROM medsim.images").fetchone() == (1,)
-    archive.ingest_archive(conn, FolderSource(tmp_path, manifest=tmp_path / "m.csv"), "ward", progress=False)
+    # a plain re-run does not bring the withdrawn patient back (the files are settled and
+    # unchanged: ledger.py); --recheck reads them again, deliberately
+    again = archive.ingest_archive(conn, FolderSource(tmp_path, manifest=tmp_path / "m.csv"), "ward", progress=False)
+    assert (again.added, again.unchanged_files) == (0, 3)
+    archive.ingest_archive(conn, FolderSource(tmp_path, manifest=tmp_path / "m.csv"), "ward", progress=False,
+                           recheck=True)
     assert cli.main(["delete", "--patient", "PAT", "--with-copies"]) == 0
     assert "deleted 4 image(s)" in capsys.readouterr().out
     assert conn.execute("SELECT count(*) FROM medsim.images").fetchone() == (0,)

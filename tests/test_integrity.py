@@ -214,7 +214,7 @@ def test_an_archive_is_its_name_whatever_max_side_says(conn, tmp_path, capsys):
     assert cli.main(["ingest-folder", str(root), "--name", "lab", "--max-side", "128", "--quiet"]) == 2
     assert "lab was ingested with --max-side 64; re-run with that" in capsys.readouterr().err
     assert cli.main(["ingest-folder", str(root), "--name", "lab", "--quiet"]) == 0  # the dataset's own
-    assert "0 images added, 8 already there" in capsys.readouterr().out
+    assert "8 file(s) unchanged since an earlier run: not read again" in capsys.readouterr().out
     assert conn.execute("SELECT count(*) FROM medsim.datasets").fetchone() == (1,)
 
 

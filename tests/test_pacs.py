@@ -77,17 +77,30 @@ def filled(server):
 
 
 class Counting:
-    """Counts the WADO-RS fetches a sync makes (it runs in this process: small archives)."""
+    """Counts the WADO-RS fetches a sync makes (it runs in this process: small archives):
+    ("instance", SOP UID) or ("series", series UID), and the studies they were of."""
 
     def __init__(self, monkeypatch):
-        self.sops: list[str] = []
-        real = pacs_client.Server.retrieve
+        self.fetches: list[tuple] = []
+        self.studies: list[str] = []
+        one, many = pacs_client.Server.retrieve, pacs_client.Server.retrieve_series
 
         def retrieve(srv, study, series, sop):
-            self.sops.append(sop)
-            return real(srv, study, series, sop)
+            self.fetches.append(("instance", sop))
+            self.studies.append(study)
+            return one(srv, study, series, sop)
+
+        def retrieve_series(srv, study, series):
+            self.fetches.append(("series", series))
+            self.studies.append(study)
+            return many(srv, study, series)
 
         monkeypatch.setattr(pacs_client.Server, "retrieve", retrieve)
+        monkeypatch.setattr(pacs_client.Server, "retrieve_series", retrieve_series)
+
+    def clear(self):
+        self.fetches.clear()
+        self.studies.clear()
 
 
 def run(conn, o, **kw):
@@ -103,7 +116,10 @@ def test_full_sync_then_a_rerun_fetches_nothing(conn, server, filled, monkeypatc
     skipped = {p: why for p, kind, why in a.problems if kind == "skipped"}
     assert list(skipped.values()) == ["a RT Plan object (SOP class 1.2.840.10008.5.1.4.1.1.481.5), not an image to "
                                       "search: refused"]
-    assert len(fetched.sops) == 24 + 3  # one fetch per instance, the 30-frame one included
+    # each synthetic series in one request, the three real files one each (the 30-frame one
+    # once); the RT plan never
+    kinds = [k for k, _ in fetched.fetches]
+    assert kinds.count("series") == 4 and kinds.count("instance") == 3
     assert conn.execute("SELECT source_kind, image_size FROM medsim.datasets").fetchone() == ("pacs", 256)
     # nothing identifying in the images: no name, birth date, raw patient id or raw UID
     text = " ".join(str(v) for row in conn.execute("SELECT * FROM medsim.images").fetchall()
@@ -117,11 +133,11 @@ def test_full_sync_then_a_rerun_fetches_nothing(conn, server, filled, monkeypatc
     assert conn.execute("SELECT has_table_privilege('medsim_reader', 'medsim.pacs_instances', 'SELECT')"
                         ).fetchone() == (False,)
 
-    fetched.sops.clear()
+    fetched.clear()
     again = run(conn, server)
-    assert again.archive is None and fetched.sops == [] and again.mode.startswith("changes since")
+    assert again.archive is None and fetched.fetches == [] and again.mode.startswith("changes since")
     full = run(conn, server, full=True)  # listed again, but every instance is settled: no fetch
-    assert full.known == full.listed == r.listed and fetched.sops == [] and full.archive is None
+    assert full.known == full.listed == r.listed and fetched.fetches == [] and full.archive is None
     assert conn.execute("SELECT count(*) FROM medsim.images").fetchone() == (54,)
 
 
@@ -131,8 +147,8 @@ def test_a_new_study_is_the_only_thing_fetched(conn, server, filled, monkeypatch
     new = add_study(server, "P9", 5, "benign", seed=9, bits=8)
     r = run(conn, server)
     assert r.archive.added == 5 and r.listed == 5 and r.known == 0
-    got = {s for (s,) in conn.execute("SELECT sop_uid FROM medsim.pacs_instances WHERE study_uid = %s", (new,))}
-    assert set(fetched.sops) == got and len(got) == 5
+    got = conn.execute("SELECT count(*) FROM medsim.pacs_instances WHERE study_uid = %s", (new,)).fetchone()[0]
+    assert fetched.studies == [new] and got == 5  # one request: the new study's series, nothing else
 
 
 def test_prune_removes_what_the_pacs_deleted(conn, server, filled):
@@ -161,27 +177,28 @@ def test_a_deleted_patient_is_not_fetched_back(conn, server, filled):
 
 
 def test_orthanc_stopped_mid_sync_then_restarted(conn, server, filled, monkeypatch):
-    real = pacs_client.Server.retrieve
+    real = pacs_client.Server.call
     calls = []
 
-    def retrieve(srv, *uids):
-        calls.append(uids)
-        if len(calls) == 9:
-            server.stop()  # the PACS goes away between two fetches
-        return real(srv, *uids)
+    def call(srv, what, *args, **kwargs):
+        if what.startswith("fetching"):
+            calls.append(what)
+            if len(calls) == 3:
+                server.stop()  # the PACS goes away between two fetches
+        return real(srv, what, *args, **kwargs)
 
-    monkeypatch.setattr(pacs_client.Server, "retrieve", retrieve)
+    monkeypatch.setattr(pacs_client.Server, "call", call)
     with pytest.raises(PacsUnavailable) as err:
         run(conn, server, chunk=4)
     msg = str(err.value)
-    assert "cannot be reached while fetching an instance" in msg and "the next sync resumes" in msg
+    assert "cannot be reached while fetching a" in msg and "the next sync resumes" in msg
     kept = conn.execute("SELECT count(*) FROM medsim.images").fetchone()[0]
     assert 0 < kept < 54  # whole chunks committed, nothing half-written
     assert conn.execute("SELECT cursor FROM medsim.pacs_sources").fetchone() == ({},)  # the cursor did not move
     assert conn.execute("SELECT count(*) FROM medsim.pacs_instances WHERE image_id IS NULL AND outcome = 'stored'"
                         ).fetchone() == (0,)
     server.start()
-    monkeypatch.setattr(pacs_client.Server, "retrieve", real)
+    monkeypatch.setattr(pacs_client.Server, "call", real)
     r = run(conn, server)
     assert r.archive.added == 54 - kept
     assert conn.execute("SELECT count(*), count(DISTINCT sha256) FROM medsim.images").fetchone() == (54, 54)
@@ -193,19 +210,18 @@ def test_one_bad_instance_is_one_sentence_and_is_tried_again(conn, server, fille
     try:
         target = {"500": filled[0], "garbage": filled[1]}
 
-        def fault(path):
-            if "/instances/" in path and "/dicom-web/studies/" in path:
-                if target["500"] in path:
-                    return 503
-                if target["garbage"] in path:
-                    return "garbage"
+        def fault(path):  # WADO-RS of these two studies (QIDO asks /dicom-web/instances?...)
+            if path.startswith(f"/dicom-web/studies/{target['500']}"):
+                return 503
+            if path.startswith(f"/dicom-web/studies/{target['garbage']}"):
+                return "garbage"
             return None
 
         proxy.fault = fault
         r = pacs.sync(conn, proxy.url, "pacs", label_tag="StudyDescription", workers=1)
         reasons = [why for _, kind, why in r.archive.problems if kind == "skipped"]
-        assert sum("the PACS answered 503 while fetching an instance" in w for w in reasons) == 6
-        assert sum(w.startswith("a malformed answer while fetching an instance") for w in reasons) == 6
+        assert sum("the PACS answered 503 while fetching a series" in w for w in reasons) == 6
+        assert sum(w.startswith("a malformed answer while fetching a series") for w in reasons) == 6
         assert r.archive.added == 54 - 12 and r.unsettled == 12 and r.cursor == {}
         proxy.fault = lambda path: None
         again = pacs.sync(conn, proxy.url, "pacs", label_tag="StudyDescription", workers=1)
@@ -217,22 +233,14 @@ def test_one_bad_instance_is_one_sentence_and_is_tried_again(conn, server, fille
 def test_a_slow_pacs_times_out_in_a_sentence(conn, server, filled, monkeypatch):
     monkeypatch.setenv("MEDSIM_PACS_TIMEOUT", "1")
     proxy = orthanc.FaultyProxy(server.root)
-    slow = []
-
-    def fault(path):  # the first instance of one study answers late, every time
-        if "/instances/" in path and filled[2] in path and (not slow or slow[0] == path):
-            slow[:1] = [path]
-            return "slow"
-        return None
-
-    proxy.fault = fault
+    proxy.fault = lambda path: "slow" if path.startswith(f"/dicom-web/studies/{filled[2]}") else None
     try:
         r = pacs.sync(conn, proxy.url, "pacs", label_tag="StudyDescription", workers=1)
     finally:
         proxy.close()
     reasons = [why for _, kind, why in r.archive.problems if kind == "skipped" and "within" in why]
-    assert reasons == ["the PACS did not answer within 1 s while fetching an instance (3 tries)"]
-    assert r.archive.added == 53 and r.unsettled == 1
+    assert reasons == ["the PACS did not answer within 1 s while fetching a series (3 tries)"] * 6
+    assert r.archive.added == 48 and r.unsettled == 6
 
 
 def test_unreachable_wrong_credentials_and_bad_urls(conn, server, pacs_env, monkeypatch, capsys):

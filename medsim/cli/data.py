@@ -87,7 +87,8 @@ def cmd_ingest_folder(args) -> int:
     on_conflict = "relabel" if args.relabel else args.on_conflict
     with connect(args) as conn:
         report = archive.ingest_archive(conn, source, args.name, strict=args.strict, on_conflict=on_conflict,
-                                        seed=args.seed, fractions=fractions, progress=not args.quiet)
+                                        seed=args.seed, fractions=fractions, progress=not args.quiet,
+                                        recheck=args.recheck)
     print("\n".join(report.lines()))
     for split in ("train", "val", "test"):
         if report.per_split.get(split):
@@ -176,6 +177,9 @@ def register(sub) -> None:
                         "relabel: apply the source's label when all of its files agree. Pixels the source itself "
                         "labels two ways are always reported and stored once, as the first file labels them")
     s.add_argument("--relabel", action="store_true", help="the same as --on-conflict relabel")
+    s.add_argument("--recheck", action="store_true",
+                   help="read every file again, even those an earlier run settled and that have not changed "
+                        "since (same size and modification time, or the same bytes)")
     s.set_defaults(func=cmd_ingest_folder)
 
     s = sub.add_parser("delete", help="delete a dataset, a patient's images or single images (one transaction)",

@@ -33,11 +33,18 @@ from psycopg.types.json import Jsonb
 from medsim import images
 from medsim.errors import BadArgument, DataRefused, Unreadable
 from medsim.queries import Q, rows, scalar
-from medsim.sources import keys
+from medsim.sources import keys, ledger
 from medsim.sources import report as reports
 from medsim.sources import splits as splitting
 from medsim.sources.base import Entry
-from medsim.sources.loading import InlinePool, by_file, die_with_parent, load_group, whole_files
+from medsim.sources.loading import (
+    InlinePool,
+    ahead,
+    by_file,
+    die_with_parent,
+    load_group,
+    whole_files,
+)
 from medsim.sources.report import ArchiveReport
 
 CHUNK = 500
@@ -74,10 +81,14 @@ def label_vector(names: tuple, vocab: dict[str, int], multi: bool) -> list[int]:
 
 def ingest_archive(conn, source, name: str, *, strict: bool = False, on_conflict: str = "keep", seed: int = 0,
                    fractions=splitting.DEFAULT_FRACTIONS, progress: bool = True, workers: int | None = None,
-                   chunk: int = CHUNK, relabel: bool | None = None, record=None) -> ArchiveReport:
+                   chunk: int = CHUNK, relabel: bool | None = None, record=None,
+                   recheck: bool = False) -> ArchiveReport:
     """Load every usable image of `source` into the dataset `name` (created if new).
     ``record(conn, dataset_id, settled)``, when given, runs inside each chunk's transaction
-    with what became of each of its entries: (entry, image id or None, outcome, reason)."""
+    with what became of each of its entries: (entry, image id or None, outcome, reason);
+    outcome is stored, unchanged, duplicate, refused, label_changed or label_conflict (whose
+    reason is the file of the first entry with those pixels).
+    ``recheck``: read every file, even those the ledger says are settled and unchanged."""
     if relabel is not None:  # the older spelling
         on_conflict = "relabel" if relabel else on_conflict
     if on_conflict not in ON_CONFLICT:
@@ -100,6 +111,14 @@ def ingest_archive(conn, source, name: str, *, strict: bool = False, on_conflict
         report.add(path, "skipped", reason)
     multi = ds.task.startswith("multi-label")
     assign_splits(conn, ds, entries, seed, fractions)
+    if getattr(source, "ledger", False):  # files settled by an earlier run, unchanged: not read again
+        hooks = [h for h in (record, partial(ledger.settle, source.base(), ring, scrub)) if h]
+        record = partial(_both, hooks)
+        if not recheck:
+            files = {f: ledger.listing(g) for f, g in _files(entries).items()}
+            same = ledger.unchanged(conn, ds.id, ring, source.base(), files)
+            entries = [e for e in entries if (e.file or e.path) not in same]
+            report.unchanged_files = len(same)
 
     load = partial(load_group, source.loader())
     groups = by_file(entries)
@@ -125,10 +144,10 @@ def ingest_archive(conn, source, name: str, *, strict: bool = False, on_conflict
         from tqdm import tqdm
 
         bar = tqdm(total=len(entries), unit="img", desc=f"ingest {name}", disable=not progress, leave=False)
-        for part in whole_files(groups, chunk):
-            batch = [pair for got in pool.map(load, part, chunksize=32) for pair in got]
+        for batch in ahead(pool, load, whole_files(groups, chunk), workers):
             fresh, settled = [], []
             for e, r in batch:
+                e.stamp = getattr(r, "stamp", None)
                 if isinstance(r, Unreadable):
                     report.add(e.path, "skipped", str(r))
                     settled.append((e, None, "refused", r))
@@ -136,8 +155,9 @@ def ingest_archive(conn, source, name: str, *, strict: bool = False, on_conflict
                 digest = hashlib.sha256(r.pixels.tobytes()).digest()
                 labels = label_vector(e.labels, vocab, multi)
                 if digest in seen:
-                    first, first_labels = seen[digest]
-                    settled.append((e, None, "duplicate", f"the same pixels as {first}"))
+                    first, first_labels, first_file = seen[digest]
+                    settled.append((e, None, "duplicate", f"the same pixels as {first}") if first_labels == labels
+                                   else (e, None, "label_conflict", first_file))
                     if first_labels == labels:
                         report.duplicates += 1
                         report.add(e.path, "duplicate", "the same pixels as {other}", first)
@@ -147,7 +167,7 @@ def ingest_archive(conn, source, name: str, *, strict: bool = False, on_conflict
                         report.add(e.path, "label_conflict", f"the same pixels as {{other}}, labelled "
                                    f"{'; '.join(e.labels)} here: kept as first labelled", first)
                     continue
-                seen[digest] = (e.path, labels)
+                seen[digest] = (e.path, labels, e.file or e.path)
                 fresh.append((e, r, digest, labels))
             write_chunk(conn, ds.id, fresh, report, changes, ring, scrub, settled, record)
             bar.update(len(batch))
@@ -157,6 +177,18 @@ def ingest_archive(conn, source, name: str, *, strict: bool = False, on_conflict
     conn.execute("ANALYZE medsim.images")
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _files(entries) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for e in entries:
+        out.setdefault(e.file or e.path, []).append(e)
+    return out
+
+
+def _both(hooks, conn, dataset_id, settled) -> None:
+    for hook in hooks:
+        hook(conn, dataset_id, settled)
 
 
 def write_chunk(conn, dataset_id: int, fresh: list, report: ArchiveReport, changes: dict, ring, scrub,
@@ -177,7 +209,7 @@ def write_chunk(conn, dataset_id: int, fresh: list, report: ArchiveReport, chang
             for e, loaded, digest, labels in fresh:
                 old = stored.get(bytes(digest))
                 if old is not None:
-                    settled.append((e, old.id, "unchanged", None))
+                    settled.append((e, old.id, "unchanged" if list(old.labels) == labels else "label_changed", None))
                     if list(old.labels) == labels:
                         report.unchanged += 1
                     else:

@@ -29,6 +29,7 @@ class Entry:
     frame: int | None = None  # for sources with several images per file (DICOM frames)
     patient_key: str | None = None  # the keyed hash, filled in by the ingest
     file: str | None = None  # the file, when `path` names one frame of it
+    stamp: tuple | None = None  # the file's (size, mtime_ns, sha256) as read for this ingest (ledger.py)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Loaded:
     pixels: np.ndarray
     original_size: tuple[int, int] | None = None  # (h, w) before shrinking to max_side
     metadata: dict = field(default_factory=dict)  # found while decoding (DICOM tags)
+    stamp: tuple | None = None  # the file's (size, mtime_ns, sha256), read with the same bytes
 
 
 class Problem(Unreadable):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from medsim import images
 from medsim.errors import DataRefused, Unreadable
-from medsim.sources import boundary, dicom
+from medsim.sources import boundary, dicom, ledger
 from medsim.sources.base import SPLITS, Entry, Loaded, Problem
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
@@ -35,6 +35,7 @@ OUTSIDE = boundary.OUTSIDE
 
 class FolderSource:
     kind = "folder"
+    ledger = True  # files settled by an ingest are skipped by the next, unless changed (ledger.py)
 
     def __init__(self, root, manifest=None, max_side: int | None = None, label_tag: str | None = None,
                  follow_links: bool = False):
@@ -172,14 +173,18 @@ class FolderSource:
 
 
 def load_file(base: Path, max_side: int, group: list[Entry]) -> list[Loaded]:
+    """The file read once: its bytes are hashed for the ledger and decoded."""
     path = base / (group[0].file or group[0].path)
-    if dicom.is_dicom(path):
-        return dicom.load_entries(path, group, max_side)
-    return [load_image(path, max_side)]
+    data, stamp = ledger.read_stamped(path)
+    source = data if data is not None else path
+    out = dicom.load_entries(source, group, max_side) if dicom.is_dicom(path) else [load_image(source, max_side)]
+    for x in out:
+        x.stamp = stamp
+    return out
 
 
-def load_image(path: Path, max_side: int) -> Loaded:
-    """One image file -> pixels as they will be stored, or Unreadable with the reason."""
+def load_image(path: Path | bytes, max_side: int) -> Loaded:
+    """One image file (or its bytes) -> pixels as they will be stored, or Unreadable."""
     x = images.read(path)
     original = x.shape[:2] if max(x.shape[:2]) > max_side else None
     return Loaded(images.shrink(x, max_side), original)

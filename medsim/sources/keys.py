@@ -121,6 +121,7 @@ ROTATED = (
     ("ingest_problems", "path", "path"),
     ("ingest_reports", "source", "path"),
     ("datasets", "source_file", "path"),
+    ("source_files", "path", "path"),
 )
 UID_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 

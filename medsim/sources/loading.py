@@ -50,6 +50,21 @@ def whole_files(groups: list[list[Entry]], size: int):
         yield part
 
 
+def ahead(pool, load, parts, workers: int):
+    """Each chunk's loaded entries, the next chunk already submitted while this one is
+    written: the worker processes decode (or fetch) while the main process hashes and COPYs.
+    Small tasks (a few groups each), so that a chunk of a few big groups (a PACS's series)
+    spreads over every worker instead of landing on one."""
+    pending = None
+    for part in parts:
+        submitted = pool.map(load, part, chunksize=max(1, len(part) // (workers * 4)))
+        if pending is not None:
+            yield [pair for got in pending for pair in got]
+        pending = submitted
+    if pending is not None:
+        yield [pair for got in pending for pair in got]
+
+
 def die_with_parent() -> None:
     """A decoding process ends when the ingest that started it does, even by SIGKILL
     (Linux's PR_SET_PDEATHSIG; elsewhere it ends when its pipe closes)."""

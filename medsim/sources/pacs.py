@@ -25,14 +25,10 @@ from dataclasses import dataclass, field
 from datetime import date
 from functools import partial
 
-from medsim import settings
 from medsim.errors import BadArgument, DataRefused, PacsUnavailable
-from medsim.images import dicom as render
 from medsim.queries import Q, scalar
 from medsim.sources import deletion, keys
-from medsim.sources import dicom as dicom_source
 from medsim.sources.archive import ingest_archive
-from medsim.sources.base import Entry
 from medsim.sources.pacs_client import (
     FIELDS,
     FetchFailed,
@@ -43,29 +39,14 @@ from medsim.sources.pacs_client import (
     orthanc_study_id,
     orthanc_uids,
 )
+from medsim.sources.pacs_source import Item, PacsSource, listed
 from medsim.sources.report import ArchiveReport
 
-DEFAULT_MAX_SIDE = 256
 VIEWERS = {  # presets for --viewer; {root} is the PACS's REST root (the DICOMweb URL without /dicom-web)
     "orthanc": "{root}/app/explorer.html#study?uuid={orthanc_study}",
     "orthanc-explorer-2": "{root}/ui/app/#/filtered-studies?StudyInstanceUID={study}&expand=study",
     "stone": "{root}/stone-webviewer/index.html?study={study}",
 }
-
-
-@dataclass
-class Item:
-    """One frame of one instance as QIDO listed it."""
-
-    study: str
-    series: str
-    sop: str
-    frame: int | None
-    patient_id: str | None
-    label: str | None
-    study_date: str | None
-    meta: dict
-    refused: str | None = None  # refused unfetched (a non-image SOP class, too many pixels)
 
 
 @dataclass
@@ -93,87 +74,6 @@ class SyncReport:
         return out
 
 
-class PacsSource:
-    """The archive-source interface (sources/base.py) over a QIDO listing."""
-
-    kind = "pacs"
-
-    def __init__(self, server: Server, items: list[Item], label_tag: str, max_side: int | None):
-        self.server, self.items, self.label_tag = server, items, label_tag
-        self.max_side_given = max_side is not None
-        self.max_side = max_side if max_side is not None else DEFAULT_MAX_SIDE
-        if self.max_side < 8:
-            raise DataRefused(f"--max-side {self.max_side} is too small (at least 8)")
-
-    def describe(self) -> str:
-        return self.server.url
-
-    def base(self) -> str:
-        return self.server.url
-
-    def fingerprint(self) -> str:
-        return "pacs:" + self.server.url
-
-    def entries(self):
-        out, problems = [], []
-        for it in self.items:
-            name = it.sop if it.frame is None else f"{it.sop}#frame{it.frame}"
-            if not it.label:
-                problems.append((name, f"no {self.label_tag} in the PACS's answer to label it with"))
-                continue
-            e = Entry(name, (it.label,), None, it.patient_id, it.study, dict(it.meta), frame=it.frame,
-                      file=f"{it.study}/{it.series}/{it.sop}")
-            out.append(e)
-        self.refused = {f"{it.study}/{it.series}/{it.sop}": it.refused for it in self.items if it.refused}
-        return out, problems
-
-    def loader(self):
-        return partial(fetch_instance, self.server, self.max_side, self.refused)
-
-
-def fetch_instance(server: Server, max_side: int, refused: dict, group: list[Entry]) -> list:
-    """The frames of one instance: fetched once (WADO-RS), rendered as ingest-folder renders
-    a file. Refused unfetched when the listing already said why."""
-    key = group[0].file
-    if refused.get(key):
-        raise dicom_source.Problem(refused[key])
-    study, series, sop = key.split("/")
-    ds = server.retrieve(study, series, sop)
-    if str(ds.get("SOPInstanceUID", "")) != sop:
-        raise FetchFailed("the PACS sent another instance than the one asked for")
-    return dicom_source.load_entries(ds, group, max_side)
-
-
-def listed(raw: list[dict], label_tag: str) -> list[Item]:
-    """QIDO's DICOM JSON -> one Item per frame."""
-    from pydicom import Dataset
-
-    limit = settings.get().max_image_pixels
-    out = []
-    for obj in raw:
-        try:
-            ds = Dataset.from_json(obj)
-            study, series, sop = (str(ds[t].value) for t in ("StudyInstanceUID", "SeriesInstanceUID",
-                                                               "SOPInstanceUID"))
-        except (KeyError, ValueError, TypeError):
-            continue  # an answer without its UIDs cannot be fetched or kept: nothing to settle
-        refused = None
-        what = render.non_image(str(ds.get("SOPClassUID", "") or ""))
-        rows_, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-        if what:
-            refused = f"a {what} object (SOP class {ds.SOPClassUID}), not an image to search: refused"
-        elif rows_ * cols > limit:
-            refused = f"{cols} x {rows_} = {cols * rows_:,} pixels is over the limit of {limit:,} (MEDSIM_MAX_IMAGE_PIXELS)"
-        frames = int(ds.get("NumberOfFrames") or 1) if not refused else 1
-        meta = {t: str(ds.get(t)) for t in dicom_source.KEPT_TAGS if ds.get(t) not in (None, "")}
-        label = str(ds.get(label_tag, "") or "").strip() or None
-        pid = str(ds.get("PatientID", "") or "").strip() or None
-        for f in range(frames):
-            out.append(Item(study, series, sop, f if frames > 1 else None, pid, label,
-                            str(ds.get("StudyDate", "") or "") or None, meta, refused))
-    return out
-
-
 def sync(conn, url: str, name: str, *, label_tag: str, filters: dict | None = None, studies=(), limit=None,
          full: bool = False, prune: bool = False, viewer: str | None = None, max_side: int | None = None,
          progress: bool = False, workers: int | None = None, chunk: int | None = None) -> SyncReport:
@@ -195,8 +95,11 @@ def sync(conn, url: str, name: str, *, label_tag: str, filters: dict | None = No
         raw, mark = _listing(server, root, cursor, filters, list(studies), limit, label_tag, report)
         items = listed(raw, label_tag)
         report.listed = len(items)
+        per_series = {}
+        for i in {(i.study, i.series, i.sop) for i in items}:
+            per_series[i[:2]] = per_series.get(i[:2], 0) + 1
         items = _not_settled(conn, src[0] if src else None, items, ring, report)
-        source = PacsSource(server, items, label_tag, max_side)
+        source = PacsSource(server, items, label_tag, max_side, per_series)
         recorder = partial(_record, server.url, root is not None, _viewer(viewer, root), {
             (i.sop, i.frame or 0): orthanc_study_id(i.patient_id or "", i.study) for i in items})
         try:
@@ -286,7 +189,10 @@ def _record(url: str, is_orthanc: bool, viewer: str | None, orthanc_ids: dict, c
     for e, image_id, outcome, reason in settled:
         if outcome == "refused" and isinstance(reason, FetchFailed):
             continue
-        study, series, sop = e.file.split("/")
+        if outcome == "label_conflict":  # the reason is the first file's key: say it as a duplicate does
+            outcome, reason = "duplicate", f"the same pixels as {reason}, labelled otherwise"
+        outcome = "unchanged" if outcome == "label_changed" else outcome
+        study, series, sop = (e.metadata[t] for t in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
         conn.execute(Q.pacs_settle, {"source_id": sid, "study": study, "series": series, "sop": sop,
                                      "frame": e.frame or 0, "image_id": image_id, "outcome": outcome,
                                      "reason": str(reason) if reason is not None else None,

@@ -52,6 +52,7 @@ class Server:
     url: str  # the DICOMweb root, e.g. http://pacs:8042/dicom-web
     timeout: float = 30.0
     _session: requests.Session | None = field(default=None, repr=False)
+    _client: object = field(default=None, repr=False)
 
     @classmethod
     def at(cls, url: str) -> Server:
@@ -79,14 +80,15 @@ class Server:
 
     @property
     def client(self):
-        from dicomweb_client.api import DICOMwebClient
+        if self._client is None:
+            from dicomweb_client.api import DICOMwebClient
 
-        client = DICOMwebClient(self.url, session=self.session, timeout=self.timeout)
-        client.set_http_retry_params(retry=False)  # ours (call) knows which failures end the sync
-        return client
+            self._client = DICOMwebClient(self.url, session=self.session, timeout=self.timeout)
+            self._client.set_http_retry_params(retry=False)  # ours (call) knows which failures end the sync
+        return self._client
 
     def __getstate__(self):  # sent to worker processes: each opens its own session
-        return {"url": self.url, "timeout": self.timeout, "_session": None}
+        return {"url": self.url, "timeout": self.timeout, "_session": None, "_client": None}
 
     # -- DICOMweb -----------------------------------------------------------------
     def instances(self, filters: dict, fields: tuple, limit: int | None = None) -> list[dict]:
@@ -115,6 +117,12 @@ class Server:
     def retrieve(self, study: str, series: str, sop: str):
         """One instance as a pydicom Dataset (WADO-RS), or FetchFailed / PacsUnavailable."""
         return self.call("fetching an instance", self.client.retrieve_instance, study, series, sop, one=True)
+
+    def retrieve_series(self, study: str, series: str) -> dict:
+        """Every instance of a series in one WADO-RS request (a third of the time per instance
+        of fetching them one by one): SOPInstanceUID -> pydicom Dataset."""
+        got = self.call("fetching a series", self.client.retrieve_series, study, series, one=True)
+        return {str(ds.get("SOPInstanceUID", "")): ds for ds in got}
 
     def retrieve_bytes(self, study: str, series: str, sop: str) -> bytes:
         """One instance as a DICOM file's bytes (for the service's proxy of an original)."""

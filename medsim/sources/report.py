@@ -35,6 +35,7 @@ class ArchiveReport:
     dataset_id: int
     report_id: int
     listed: int = 0
+    unchanged_files: int = 0  # settled by an earlier run and unchanged since: not read (ledger.py)
     added: int = 0
     unchanged: int = 0  # already in the dataset with the same labels (a re-run, or a concurrent run)
     duplicates: int = 0  # the same pixels and labels as another file of this run
@@ -56,6 +57,9 @@ class ArchiveReport:
                f"{self.duplicates} duplicate(s), {self.skipped} skipped, {self.label_changes} label change(s)"
                f"{f' ({self.relabelled} applied)' if self.relabelled else ''}, {self.label_conflicts} label "
                f"conflict(s); {self.seconds:.1f}s ({rate:,.0f} images/s); report {self.report_id}"]
+        if self.unchanged_files:
+            out.append(f"  {self.unchanged_files} file(s) unchanged since an earlier run: not read again "
+                       f"(--recheck reads them)")
         out += [f"  {p.kind}: {p.path}: {p.text()}" for p in self.problems[:limit]]
         if len(self.problems) > limit:
             out.append(f"  ... {len(self.problems) - limit} more: SELECT * FROM medsim.ingest_problems "

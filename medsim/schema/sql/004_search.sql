@@ -181,7 +181,8 @@ GRANT SELECT ON ALL TABLES IN SCHEMA medsim TO medsim_reader;
 -- revision stays unreadable until it is listed here. The views expose none of the three.
 REVOKE SELECT ON medsim.models, medsim.images, medsim.datasets, medsim.index_builds,
                  medsim.ingest_problems, medsim.ingest_reports, medsim.pseudonym_keys,
-                 medsim.uploads, medsim.pacs_instances FROM medsim_reader;
+                 medsim.uploads, medsim.pacs_instances,
+                 medsim.source_files FROM medsim_reader;
 GRANT SELECT (id, name, preset, mode, config, train_config, datasets, embedding_dim, checkpoint_sha256,
               best_epoch, best_val_loss, train_seconds, is_current, created_at)
     ON medsim.models TO medsim_reader;

@@ -10,6 +10,10 @@
   hashes, this table is closed to medsim_reader (004_search.sql); only the owner and the
   service read it. A deleted image keeps its row (image_id becomes NULL), so a sync does
   not fetch a withdrawn patient's instance again.
+- medsim.source_files: what an ingest of a folder settled of each file (its size, mtime,
+  sha256 of its bytes, and what became of it), so that a re-run skips unchanged files
+  before decoding a pixel (a re-run that added nothing decoded every file again: 278 s for
+  76 files with a 120-frame JPEG cine). The path is keyed, as images.source_path is.
 - images.source_path gets an index for the sync's own lookups, and datasets.source_kind
   admits 'pacs'. The access log records fetches of originals (action 'original').
 
@@ -73,12 +77,27 @@ def upgrade() -> None:
     """)
     op.execute("CREATE INDEX pacs_instances_image ON medsim.pacs_instances (image_id) WHERE image_id IS NOT NULL")
     op.execute("CREATE INDEX pacs_instances_study ON medsim.pacs_instances (source_id, study_uid)")
+    op.execute("""
+        CREATE TABLE medsim.source_files (
+            dataset_id  integer NOT NULL REFERENCES medsim.datasets (id) ON DELETE CASCADE,
+            path        text NOT NULL,          -- keyed, relative to the archive (sources/keys.py)
+            size        bigint NOT NULL,
+            mtime_ns    bigint NOT NULL,
+            sha256      bytea NOT NULL,         -- of the file's bytes
+            listing     text NOT NULL,          -- a digest of what the source says of it (labels, split, ...)
+            outcome     text NOT NULL CHECK (outcome IN ('stored', 'refused')),
+            reason      text,
+            checked_at  timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (dataset_id, path)
+        )
+    """)
     op.execute("CREATE INDEX images_source_path ON medsim.images (dataset_id, source_path) "
                "WHERE source_path IS NOT NULL")
 
 
 def downgrade() -> None:
     op.execute("DROP INDEX medsim.images_source_path")
+    op.execute("DROP TABLE medsim.source_files")
     op.execute("DROP TABLE medsim.pacs_instances")
     op.execute("DROP TABLE medsim.pacs_sources")
     # an audit log keeps its rows: a fetched original becomes the nearest old action
