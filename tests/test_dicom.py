@@ -120,3 +120,63 @@ def test_cli_ingest_folder_with_dicom(conn, dicom_folder, capsys):
     assert "pacs: 34 images added" in out and "skipped: broken/JPEG-lossy.dcm: cannot decode its pixels" in out
     names = conn.execute("SELECT DISTINCT medsim.label_name(dataset_id, labels) FROM medsim.images ORDER BY 1").fetchall()
     assert {n for (n,) in names} >= {"CT", "MR", "US"}
+
+
+def test_every_one_of_pydicoms_sample_files_gets_an_image_or_one_sentence(conn, tmp_path, monkeypatch):
+    """All of pydicom's test files (176 with the DICOMDIR tree), as one archive: the codecs
+    medsim declares decode every compressed syntax there is (JPEG Baseline/Extended/Lossless,
+    JPEG-LS, JPEG 2000, RLE, deflate); what is refused is refused in one sentence that says
+    why, never pydicom's "use force=True" or a dangling "missing dependencies:"; objects that
+    are not pictures are refused by SOP class; a re-run reads none of the settled files."""
+    monkeypatch.setenv("MEDSIM_PATIENT_KEY", KEY)
+    root = tmp_path / "samples"
+    shutil.copytree(FILES, root / "all")
+    n_files = sum(1 for p in (root / "all").rglob("*") if p.is_file())
+    assert n_files >= 170
+    r = archive.ingest_archive(conn, FolderSource(root, max_side=64), "samples", progress=False)
+    reasons = {p.split("/", 1)[1]: why for p, kind, why in r.problems if kind == "skipped"}
+    for name, why in reasons.items():
+        assert "\n" not in why and not why.rstrip().endswith(":"), (name, why)
+        assert "force=True" not in why and "missing dependencies" not in why and "no decoder" not in why, (name, why)
+    for name in ("JPGExtended.dcm", "JPEGLSNearLossless_08.dcm", "JPEGLSNearLossless_16.dcm",
+                 "MR_small_jpeg_ls_lossless.dcm", "SC_rgb_jls_lossy_line.dcm", "MR_small_jp2klossless.dcm",
+                 "693_J2KI.dcm", "SC_rgb_rle_16bit.dcm", "image_dfl.dcm", "MR_small_implicit.dcm"):
+        assert name not in reasons, (name, reasons.get(name))
+    by_class = {"rtdose.dcm": "a RT Dose object", "rtplan.dcm": "a RT Plan object",
+                "rtstruct.dcm": "a RT Structure Set object", "test-SR.dcm": "a Structured Report object",
+                "waveform_ecg.dcm": "a Waveform object", "ExplVR_BigEndNoMeta.dcm": "a RT Ion Plan object"}
+    for name, start in by_class.items():  # the last has no File Meta: read anyway, then refused by class
+        assert reasons[name].startswith(start) and "not an image to search: refused" in reasons[name], name
+    assert reasons["no_meta.dcm"].startswith("not a DICOM file: no File Meta header")
+    damaged = {n for n, why in reasons.items() if why.startswith("cannot decode its pixels")}
+    assert damaged == {"JPEG-lossy.dcm", "JPEG2000-embedded-sequence-delimiter.dcm", "MR_truncated.dcm"}
+    assert r.added >= 80
+    again = archive.ingest_archive(conn, FolderSource(root, max_side=64), "samples", progress=False)
+    assert again.added == again.unchanged == again.duplicates == 0
+    assert again.unchanged_files == n_files - len(reasons) + len(damaged)  # damaged files are settled too
+
+
+def test_a_multiframe_file_is_decoded_once_for_all_its_frames(conn, tmp_path, monkeypatch):
+    from pydicom.uid import RLELossless
+
+    from medsim.images import dicom as render
+
+    monkeypatch.setenv("MEDSIM_PATIENT_KEY", KEY)
+    (tmp_path / "cine").mkdir()
+    ds = read("examples_ybr_color.dcm")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        frames = ds.pixel_array  # RGB, as pydicom converts them
+    ds.PhotometricInterpretation = "RGB"
+    ds.compress(RLELossless, frames, generate_instance_uid=False)  # a compressed 30-frame cine
+    ds.save_as(tmp_path / "cine" / "clip.dcm")
+    calls, real = [], render.render_frames
+
+    def counted(d, frames):
+        calls.append(len(frames))
+        return real(d, frames)
+
+    monkeypatch.setattr(render, "render_frames", counted)
+    r = archive.ingest_archive(conn, FolderSource(tmp_path), "cine", progress=False, workers=1)
+    assert r.listed == 30 and r.added + r.duplicates == 30
+    assert calls == [30]  # one decode of the file, each of its 30 frames once

@@ -47,9 +47,12 @@ def header(fp, pixels: bool = False):
                     fp.seek(0)
                 ds = pydicom.dcmread(fp, stop_before_pixels=not pixels, force=True)
                 if "SOPClassUID" not in ds and "Rows" not in ds:
-                    raise
+                    raise Unreadable("not a DICOM file: no File Meta header (no 'DICM' preamble), and read "
+                                     "without one it holds no SOP class and no image") from None
                 _guess_syntax(ds)
                 return ds
+    except Unreadable:
+        raise
     except (InvalidDicomError, *NOT_DICOM) as err:
         raise Unreadable(f"not a readable DICOM file ({type(err).__name__}: {err})") from None
 

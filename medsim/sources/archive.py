@@ -110,15 +110,16 @@ def ingest_archive(conn, source, name: str, *, strict: bool = False, on_conflict
     for path, reason in listing_problems:
         report.add(path, "skipped", reason)
     multi = ds.task.startswith("multi-label")
-    assign_splits(conn, ds, entries, seed, fractions)
     if getattr(source, "ledger", False):  # files settled by an earlier run, unchanged: not read again
-        hooks = [h for h in (record, partial(ledger.settle, source.base(), ring, scrub)) if h]
-        record = partial(_both, hooks)
+        # what the source says of each file, before splits are assigned (an assigned split
+        # depends on what else is new, and is not the source's word)
+        said = {f: ledger.listing(g) for f, g in _files(entries).items()}
+        record = partial(_both, [h for h in (record, partial(ledger.settle, source.base(), ring, scrub, said)) if h])
         if not recheck:
-            files = {f: ledger.listing(g) for f, g in _files(entries).items()}
-            same = ledger.unchanged(conn, ds.id, ring, source.base(), files)
+            same = ledger.unchanged(conn, ds.id, ring, source.base(), said)
             entries = [e for e in entries if (e.file or e.path) not in same]
             report.unchanged_files = len(same)
+    assign_splits(conn, ds, entries, seed, fractions)
 
     load = partial(load_group, source.loader())
     groups = by_file(entries)

@@ -1,4 +1,4 @@
-"""A folder of PNG/JPEG/TIFF/BMP or DICOM files, labelled one of three ways.
+"""A folder of PNG/JPEG/TIFF/BMP, DICOM files or NIfTI volumes, labelled one of three ways.
 
 - ImageFolder layout (torchvision's convention): PATH/<label>/<file>; deeper folders
   belong to their top-level label.
@@ -22,12 +22,13 @@ import os
 from functools import partial
 from pathlib import Path
 
-from medsim import images
+from medsim import images, settings
 from medsim.errors import DataRefused, Unreadable
+from medsim.images import nifti
 from medsim.sources import boundary, dicom, ledger
 from medsim.sources.base import SPLITS, Entry, Loaded, Problem
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}  # and DICOM, and NIfTI volumes
 MANIFEST_COLUMNS = ("path", "label", "split", "patient_id", "study_id")
 DEFAULT_MAX_SIDE = 1024
 OUTSIDE = boundary.OUTSIDE
@@ -74,6 +75,11 @@ class FolderSource:
         """A listed file -> its entries: DICOM files are read (header only) for their frames,
         patient, study and kept tags; the manifest's columns take precedence."""
         entry.file = entry.path
+        if nifti.is_nifti(path):
+            if self.label_tag:
+                raise Problem(f"not a DICOM file (--label-tag {self.label_tag} labels DICOM files only)")
+            self.n_other += 1
+            return nifti_entries(path, entry)
         if not dicom.is_dicom(path):
             if self.label_tag:
                 raise Problem(f"not a DICOM file (--label-tag {self.label_tag} labels DICOM files only)")
@@ -105,7 +111,7 @@ class FolderSource:
         problems += self._refused
         for rel, _size in self.files():
             p = self.root / rel
-            if p.suffix.lower() not in IMAGE_SUFFIXES and not dicom.is_dicom(p):
+            if p.suffix.lower() not in IMAGE_SUFFIXES and not dicom.is_dicom(p) and not nifti.is_nifti(p):
                 problems.append((str(rel), f"not an image file (suffix {p.suffix or 'none'})"))
             elif len(rel.parts) < 2 and not self.label_tag:
                 problems.append((str(rel), "not inside a label folder (PATH/<label>/<file>)"))
@@ -177,10 +183,25 @@ def load_file(base: Path, max_side: int, group: list[Entry]) -> list[Loaded]:
     path = base / (group[0].file or group[0].path)
     data, stamp = ledger.read_stamped(path)
     source = data if data is not None else path
-    out = dicom.load_entries(source, group, max_side) if dicom.is_dicom(path) else [load_image(source, max_side)]
+    if nifti.is_nifti(path):  # nibabel reads slices from the file itself (lazily, gzip or not)
+        slices = nifti.read_slices(path, [e.frame for e in group], settings.get().max_image_pixels)
+        out = [Loaded(images.shrink(x, max_side), x.shape[:2] if max(x.shape[:2]) > max_side else None)
+               for x in slices]
+    elif dicom.is_dicom(path):
+        out = dicom.load_entries(source, group, max_side)
+    else:
+        out = [load_image(source, max_side)]
     for x in out:
         x.stamp = stamp
     return out
+
+
+def nifti_entries(path: Path, entry: Entry) -> list[Entry]:
+    """One entry per axial slice, each with the volume's canonical affine (images/nifti.py)."""
+    h = nifti.header(path, settings.get().max_image_pixels)
+    meta = {"format": "NIfTI", "affine": h["affine"], "voxel_mm": h["voxel_mm"]}
+    return [Entry(f"{entry.path}#slice{k}", entry.labels, entry.split, entry.patient_id, entry.study_id,
+                  {**meta, "slice": k, **entry.metadata}, frame=k, file=entry.path) for k in range(h["slices"])]
 
 
 def load_image(path: Path | bytes, max_side: int) -> Loaded:

@@ -90,7 +90,7 @@ def unchanged(conn, dataset_id: int, ring, base: Path, files: dict[str, str]) ->
     return same
 
 
-def settle(base: Path, ring, scrub, conn, dataset_id: int, settled: list) -> None:
+def settle(base: Path, ring, scrub, said: dict, conn, dataset_id: int, settled: list) -> None:
     """Inside a chunk's transaction (ingest_archive's hook): each file of the chunk, once."""
     files: dict[str, list] = {}
     for e, _, outcome, reason in settled:
@@ -114,5 +114,5 @@ def settle(base: Path, ring, scrub, conn, dataset_id: int, settled: list) -> Non
         outcome = "refused" if len(refused) == len(got) else "stored"
         conn.execute(Q.ledger_settle, {"dataset_id": dataset_id, "path": ring.path(rel), "size": stamp[0],
                                        "mtime_ns": stamp[1], "sha256": stamp[2], "outcome": outcome,
-                                       "listing": listing([e for e, _, _ in got]),
+                                       "listing": said[rel],
                                        "reason": scrub(str(refused[0]), rel) if outcome == "refused" else None})
