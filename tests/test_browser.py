@@ -503,3 +503,45 @@ def test_search_by_a_region_dragged_on_the_query(server, browser):
     browser.find_element(By.ID, "region-clear").click()
     wait.until(lambda d: "region" not in d.find_element(By.ID, "query-title").text)
     assert [c.get_attribute("data-image-id") for c in browser.find_elements(By.CSS_SELECTOR, "#grid .card")] == first
+
+
+def test_results_from_a_pacs_open_its_viewer(server, browser, tmp_path, monkeypatch):
+    """A study synced from a real Orthanc: its images' cards and the neighbour view's record
+    carry a link to the study in Orthanc's own explorer, which answers."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from medsim.sources import pacs
+    from tests import orthanc
+    from tests.helpers import embed_all
+    from tests.test_pacs import add_study
+
+    if orthanc.binary() is None or orthanc.dicomweb_plugin() is None:
+        if os.environ.get("MEDSIM_REQUIRE_ORTHANC"):
+            pytest.fail("no Orthanc (MEDSIM_REQUIRE_ORTHANC is set)")
+        pytest.skip("Orthanc is not installed (apt-get install orthanc orthanc-dicomweb)")
+    base, conn, (token, _) = server
+    monkeypatch.setenv("MEDSIM_PATIENT_KEY", "a test key that is long enough")
+    monkeypatch.setenv("MEDSIM_PACS_USER", orthanc.USER)
+    monkeypatch.setenv("MEDSIM_PACS_PASSWORD", orthanc.PASSWORD)
+    o = orthanc.Orthanc(tmp_path / "orthanc").start()
+    try:
+        for p in range(3):
+            add_study(o, f"W{p}", 6, "benign" if p % 2 else "malignant", seed=40 + p)
+        pacs.sync(conn, o.url, "ward", label_tag="StudyDescription", workers=1)
+        embed_all(conn.info.dsn)
+        query = conn.execute("SELECT i.id FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id "
+                             "WHERE d.flag = 'ward' ORDER BY i.id LIMIT 1").fetchone()[0]
+        browser.get(f"{base}/?image_id={query}&k=4&dataset=ward")
+        wait = WebDriverWait(browser, 30)
+        sign_in(browser, wait, token)
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .card")) == 4)
+        links = [a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "#grid .card a.pacs")]
+        assert len(links) == 4 and all(h.startswith(f"{o.root}/app/explorer.html#study?uuid=") for h in links)
+        assert all(o.http.get(h, timeout=10).status_code == 200 for h in links)
+        browser.find_element(By.CSS_SELECTOR, "#grid .card .cardlink").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#record a.pacs"))
+        assert browser.find_element(By.CSS_SELECTOR, "#record a.pacs").get_attribute("href") == links[0]
+        assert axe_violations(browser) == []
+    finally:
+        o.stop()

@@ -260,9 +260,24 @@ function render(res, queryImgSrc) {
     }
     li.append(cardLink(viewHref(n.image_id), `open image ${n.image_id} beside the query`,
                        () => openViewer(n.image_id), img, body));
+    if (n.viewer_url) li.append(pacsLink(n.viewer_url, `image ${n.image_id}'s study in the PACS viewer`));
     return li;
   });
   $("grid").replaceChildren(...cards);
+}
+
+// an image a PACS sync stored: its study where clinicians read it (outside the card's own
+// link: a link inside a link is not HTML). Only http(s) links are drawn.
+function pacsLink(url, label) {
+  const a = document.createElement("a");
+  if (!/^https?:\/\//i.test(url)) return a;
+  a.className = "pacs";
+  a.href = url;
+  a.target = "_blank";
+  a.rel = "noopener noreferrer";
+  a.textContent = "open in the PACS";
+  a.setAttribute("aria-label", label);
+  return a;
 }
 
 async function searchId(imageId, push = true) {

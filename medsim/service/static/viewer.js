@@ -64,6 +64,12 @@ async function showRecord(id) {
     dd.textContent = f(d);
     return [dt, dd];
   });
+  if (d.viewer_url) {
+    const dt = document.createElement("dt"), dd = document.createElement("dd");
+    dt.textContent = "in the PACS";
+    dd.append(pacsLink(d.viewer_url, `image ${d.id}'s study in the PACS viewer`));
+    rows.push(dt, dd);
+  }
   $("record").replaceChildren(...rows);
   $("view-n").alt = `image ${d.id}, ${d.dataset} ${d.split}: ${d.label_name} (preview)`;
   return d;
