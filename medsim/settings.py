@@ -21,6 +21,7 @@ fixture does).
 | MEDSIM_PACS_USER, MEDSIM_PACS_PASSWORD | pacs_user, pacs_password | unset: no basic authentication to the PACS |
 | MEDSIM_PACS_TOKEN | pacs_token | unset: no bearer token (it wins over a user and password) |
 | MEDSIM_PACS_TIMEOUT | pacs_timeout | 30 (seconds for one request to the PACS) |
+| MEDSIM_PACS_MAX_BYTES | pacs_max_bytes | 1 GiB (the largest answer read from the PACS, checked before its body) |
 
 PACS credentials are read here at every sync and every fetch of an original, and never
 written to the database: a source's row keeps its URL only.
@@ -59,6 +60,7 @@ class Settings:
     pacs_password: str | None = field(default=None, repr=False)
     pacs_token: str | None = field(default=None, repr=False)
     pacs_timeout: int = 30
+    pacs_max_bytes: int = 1 << 30
 
     @classmethod
     def from_env(cls, env=None) -> Settings:
@@ -91,7 +93,8 @@ class Settings:
                    data_dir=Path(data_dir).expanduser() if data_dir else None,
                    omp_threads=number("OMP_NUM_THREADS"), runtime=text("MEDSIM_RUNTIME") or "onnx",
                    pacs_user=text("MEDSIM_PACS_USER"), pacs_password=text("MEDSIM_PACS_PASSWORD"),
-                   pacs_token=text("MEDSIM_PACS_TOKEN"), pacs_timeout=number("MEDSIM_PACS_TIMEOUT", 30))
+                   pacs_token=text("MEDSIM_PACS_TOKEN"), pacs_timeout=number("MEDSIM_PACS_TIMEOUT", 30),
+                   pacs_max_bytes=number("MEDSIM_PACS_MAX_BYTES", 1 << 30))
 
 
 def _user_data_dir() -> Path:

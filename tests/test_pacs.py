@@ -350,3 +350,24 @@ def test_the_service_links_results_to_the_pacs_and_proxies_originals_to_admins(c
         server.stop()
         r = client.get(f"/images/{query}/original", headers=tokens["admin"])
         assert r.status_code == 502 and "cannot be reached while fetching an instance" in r.json()["detail"]
+
+
+def test_an_answer_over_the_size_limit_is_refused_before_it_is_read(conn, server, filled, monkeypatch):
+    """A series too big at once is asked for instance by instance; an instance over the
+    limit is one sentence, not a gigabyte in memory."""
+    monkeypatch.setenv("MEDSIM_PACS_MAX_BYTES", "200000")  # the series (6 x ~1.7 KB) pass; the cine does not
+    fetched = Counting(monkeypatch)
+    r = run(conn, server)
+    reasons = [why for _, kind, why in r.archive.problems if kind == "skipped" and "MEDSIM_PACS_MAX_BYTES" in why]
+    assert len(reasons) == 30 and reasons[0].startswith("the PACS's answer is ")  # the 30-frame cine, each frame
+    # a limit between one instance (64 x 64 x 2 bytes: ~9 KB) and their series (~36 KB); the
+    # QIDO answer (~6 KB) fits
+    monkeypatch.setenv("MEDSIM_PACS_MAX_BYTES", "20000")
+    fetched.clear()
+    study, series, rng = generate_uid(), generate_uid(), np.random.default_rng(17)
+    for i in range(4):
+        px = rng.integers(0, 65535, (64, 64), dtype=np.uint16)
+        server.upload(orthanc.instance(px, "P7", study, series, "benign", i))
+    r = run(conn, server)
+    assert r.archive.added == 4
+    assert [k for k, _ in fetched.fetches] == ["series"] + ["instance"] * 4

@@ -26,6 +26,10 @@ from medsim import settings
 from medsim.errors import BadArgument, PacsUnavailable, Unreadable
 
 RETRIES = 3
+# Instances as the PACS stores them, whatever their transfer syntax: medsim decodes JPEG,
+# JPEG-LS, JPEG 2000 and RLE itself. Asking for the default (Explicit VR Little Endian) made
+# Orthanc transcode, and a series whose transcoding failed came back short.
+AS_STORED = (("application/dicom", "*"),)
 PAGE = 1000  # QIDO results per request (Orthanc answers at most what it is configured for)
 # What QIDO is asked for besides the UIDs: the patient (keyed at once), what filters and
 # labels need, and enough to refuse a non-image object or an oversized one unfetched.
@@ -35,6 +39,42 @@ FIELDS = ("PatientID", "StudyDate", "StudyTime", "Modality", "BodyPartExamined",
 
 class FetchFailed(Unreadable):
     """One instance could not be fetched this time (5xx, gone, timed out): not settled."""
+
+
+class TooBig(FetchFailed):
+    """An answer over MEDSIM_PACS_MAX_BYTES, refused by its Content-Length before its body is
+    read, or as soon as the bytes read pass the limit when it has none (Orthanc streams a
+    series without one). A series is then asked for instance by instance."""
+
+
+def _refuse_big(limit: int):
+    def too_big(size: int, known: bool) -> TooBig:
+        if known:
+            return TooBig(f"the PACS's answer is {size:,} bytes, over the limit of {limit:,} (MEDSIM_PACS_MAX_BYTES)")
+        return TooBig(f"the PACS's answer passed the limit of {limit:,} bytes (MEDSIM_PACS_MAX_BYTES)")
+
+    def hook(response, *args, **kwargs):
+        size = response.headers.get("Content-Length")
+        if size and size.isdigit():
+            if int(size) > limit:
+                response.close()
+                raise too_big(int(size), True)
+            return response
+        raw, seen = response.raw, [0]
+        read = raw.read
+
+        def counted(*a, **k):  # requests reads the body through raw.read (urllib3's stream)
+            data = read(*a, **k)
+            seen[0] += len(data or b"")
+            if seen[0] > limit:
+                response.close()
+                raise too_big(seen[0], False)
+            return data
+
+        raw.read = counted
+        return response
+
+    return hook
 
 
 class _Timeout(HTTPAdapter):
@@ -75,6 +115,8 @@ class Server:
             adapter = _Timeout(self.timeout)
             s.mount("http://", adapter)
             s.mount("https://", adapter)
+            # requests runs response hooks before it reads a body it was not asked to stream
+            s.hooks["response"].append(_refuse_big(conf.pacs_max_bytes))
             self._session = s
         return self._session
 
@@ -116,12 +158,14 @@ class Server:
 
     def retrieve(self, study: str, series: str, sop: str):
         """One instance as a pydicom Dataset (WADO-RS), or FetchFailed / PacsUnavailable."""
-        return self.call("fetching an instance", self.client.retrieve_instance, study, series, sop, one=True)
+        return self.call("fetching an instance", self.client.retrieve_instance, study, series, sop,
+                         media_types=AS_STORED, one=True)
 
     def retrieve_series(self, study: str, series: str) -> dict:
         """Every instance of a series in one WADO-RS request (a third of the time per instance
         of fetching them one by one): SOPInstanceUID -> pydicom Dataset."""
-        got = self.call("fetching a series", self.client.retrieve_series, study, series, one=True)
+        got = self.call("fetching a series", self.client.retrieve_series, study, series, media_types=AS_STORED,
+                        one=True)
         return {str(ds.get("SOPInstanceUID", "")): ds for ds in got}
 
     def retrieve_bytes(self, study: str, series: str, sop: str) -> bytes:
@@ -145,6 +189,10 @@ class Server:
         for attempt in range(RETRIES):
             try:
                 return fn(*args, **kwargs)
+            except FetchFailed as err:  # already one sentence (an answer over the size limit)
+                if one:
+                    raise
+                raise PacsUnavailable(f"the PACS at {self.url}, while {what}: {err}") from None
             except requests.HTTPError as err:
                 status = err.response.status_code if err.response is not None else 0
                 if status in (401, 403):

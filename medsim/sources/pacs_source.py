@@ -5,6 +5,7 @@ through the same DICOM path as `ingest-folder` (sources/dicom.py)."""
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass
 from functools import partial
 
@@ -13,7 +14,7 @@ from medsim.errors import DataRefused, Unreadable
 from medsim.images import dicom as render
 from medsim.sources import dicom as dicom_source
 from medsim.sources.base import Entry
-from medsim.sources.pacs_client import FetchFailed, Server
+from medsim.sources.pacs_client import FetchFailed, Server, TooBig
 
 DEFAULT_MAX_SIDE = 256
 # A series is fetched in one WADO-RS request when every instance it lists is wanted and it
@@ -100,12 +101,17 @@ def fetch_instance(server: Server, max_side: int, refused: dict, group: list[Ent
     if len(parts) == 3:
         got = {parts[2]: server.retrieve(*parts)}
     else:
-        got = server.retrieve_series(*parts)
+        try:
+            got = server.retrieve_series(*parts)
+        except TooBig:
+            got = {}  # too big at once: instance by instance, each checked on its own
     out = []
     for sop, entries in itertools.groupby(group, key=lambda e: e.metadata["SOPInstanceUID"]):
         entries = list(entries)
         ds = got.get(sop)
         try:
+            if ds is None and len(parts) == 2:  # a series' answer came back short: ask for this one
+                ds = server.retrieve(*parts, sop)
             if ds is None or str(ds.get("SOPInstanceUID", "")) != sop:
                 raise FetchFailed("the PACS's answer did not hold this instance")
             out += dicom_source.load_entries(ds, entries, max_side)
@@ -122,7 +128,9 @@ def listed(raw: list[dict], label_tag: str) -> list[Item]:
     out = []
     for obj in raw:
         try:
-            ds = Dataset.from_json(obj)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pydicom warns of every malformed date a PACS holds
+                ds = Dataset.from_json(obj)
             study, series, sop = (str(ds[t].value) for t in ("StudyInstanceUID", "SeriesInstanceUID",
                                                                "SOPInstanceUID"))
         except (KeyError, ValueError, TypeError):
