@@ -494,7 +494,7 @@ ORDER BY i.id;
 -- name: search_gallery
 SELECT image_id, dataset, split, label_name, label_names, distance, patient_key, study_id
 FROM medsim.search_gallery(%(q)s, %(k)s, %(model_id)s, %(filter)s, %(exclude_patient)s, %(exclude)s,
-                           %(per_patient)s);
+                           %(per_patient)s, %(splits)s::text[]);
 
 -- name: gallery_count
 SELECT count(*) FROM medsim.gallery g
@@ -510,8 +510,8 @@ WHERE g.model_id = %(model_id)s ORDER BY k;
 -- name: gallery_ids_matching
 -- What a FAISS search may return under a filter (its IDSelector), by the same rule as
 -- medsim.search_gallery.
-SELECT g.image_id FROM medsim.gallery g
-WHERE g.model_id = %(model_id)s
+SELECT g.image_id FROM medsim.embedded_images g
+WHERE g.model_id = %(model_id)s AND g.split = ANY(%(splits)s::text[])
   AND medsim.gallery_match(g.dataset, g.split, g.label_names, g.metadata, g.patient_key, %(filter)s,
                            %(exclude_patient)s);
 
@@ -785,3 +785,6 @@ ON CONFLICT (dataset_id, path) DO UPDATE
 
 -- name: ledger_forget
 DELETE FROM medsim.source_files WHERE dataset_id = %(dataset_id)s AND path = %(path)s;
+
+-- name: image_source_path
+SELECT source_path, metadata FROM medsim.images WHERE id = %(id)s;

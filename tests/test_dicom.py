@@ -180,3 +180,17 @@ def test_a_multiframe_file_is_decoded_once_for_all_its_frames(conn, tmp_path, mo
     r = archive.ingest_archive(conn, FolderSource(tmp_path), "cine", progress=False, workers=1)
     assert r.listed == 30 and r.added + r.duplicates == 30
     assert calls == [30]  # one decode of the file, each of its 30 frames once
+
+
+def test_an_admin_finds_the_file_an_image_came_from(conn, dicom_folder, tmp_path, capsys):
+    """Paths are stored keyed; `medsim keys locate` hashes the folder's paths until one matches
+    (a frame's index is in the image's metadata)."""
+    archive.ingest_archive(conn, FolderSource(dicom_folder, max_side=64), "pacs", progress=False)
+    frame = image_by_path(conn, "cine/examples_ybr_color.dcm#frame5")[0]
+    ct = image_by_path(conn, "ct/CT_small.dcm")[0]
+    for image_id, rel in ((frame, "cine/examples_ybr_color.dcm#frame5"), (ct, "ct/CT_small.dcm")):
+        assert cli.main(["keys", "locate", str(image_id), "--in", str(dicom_folder)]) == 0
+        assert capsys.readouterr().out.strip() == str(dicom_folder / rel)
+    (tmp_path / "elsewhere").mkdir()
+    assert cli.main(["keys", "locate", str(ct), "--in", str(tmp_path / "elsewhere")]) == 2
+    assert "no file under" in capsys.readouterr().err

@@ -23,6 +23,19 @@ def cmd_keys(args) -> int:
                 raise BadArgument("give one of --patient, --path or --uid")
             kind, value = given[0]
             print(ring.hash(kind, value))
+        elif args.keys_command == "locate":
+            from pathlib import Path
+
+            from medsim.sources import ledger
+
+            ring = keys.keyring(conn, "finding a file needs the key its path was hashed with")
+            if not Path(args.folder).is_dir():
+                raise BadArgument(f"{args.folder}: not a folder")
+            found = ledger.locate(conn, ring, args.image, Path(args.folder), args.follow_links)
+            if found is None:
+                raise BadArgument(f"no file under {args.folder} hashes to image {args.image}'s path: give the "
+                                  f"folder it was ingested from (for a manifest, the manifest's folder)")
+            print(Path(args.folder) / found)
         else:
             counts = keys.rotate(conn, settings.get().new_patient_key or "")
             for column, n in counts.items():
@@ -43,5 +56,12 @@ def register(sub) -> None:
     h.add_argument("--path", default=None, metavar="REL", help="a file's path relative to its archive")
     h.add_argument("--uid", default=None, metavar="UID", help="a study id or DICOM UID")
     h.set_defaults(func=cmd_keys)
+    lo = ksub.add_parser("locate", help="the file an image came from, found in its archive's folder (paths are "
+                                        "stored keyed: each file's path is hashed until one matches)")
+    lo.add_argument("image", type=int, metavar="IMAGE_ID")
+    lo.add_argument("--in", dest="folder", required=True, metavar="FOLDER",
+                    help="the folder ingest-folder read (for a manifest: the manifest's folder)")
+    lo.add_argument("--follow-links", action="store_true", help="as the ingest did")
+    lo.set_defaults(func=cmd_keys)
     ksub.add_parser("rotate", help="rewrite every keyed hash for the key in MEDSIM_NEW_PATIENT_KEY (one "
                                    "transaction)").set_defaults(func=cmd_keys)

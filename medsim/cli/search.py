@@ -23,7 +23,8 @@ def cmd_search(args) -> int:
         if value:
             where.setdefault(key, []).append(value)
     filters = Filters({k: v[0] if len(v) == 1 else v for k, v in where.items()},
-                      include_own_patient=args.include_own_patient, per_patient=args.per_patient)
+                      include_own_patient=args.include_own_patient, per_patient=args.per_patient,
+                      splits=args.splits)
     queries = [ById(i) for i in args.image_id or ()] + [ByFile(p) for p in args.image_file or ()]
     if not queries:
         raise BadArgument("give --image-id or --image-file")
@@ -105,7 +106,10 @@ def register(sub) -> None:
     s.add_argument("-k", type=int, default=4, help=f"neighbours per query (default 4, at most {MAX_K})")
     s.add_argument("--dataset", default=None, help="only neighbours from this dataset")
     s.add_argument("--label", default=None, help="only neighbours with this label")
-    s.add_argument("--split", default=None, choices=["train", "val"], help="only neighbours from this split")
+    s.add_argument("--split", default=None, choices=["train", "val", "test"], help="only neighbours from this split")
+    s.add_argument("--splits", default="train,val", metavar="SPLITS",
+                   help="the splits to search among: train,val (default), train,val,test (every image on file) "
+                        "or train (the evaluation protocol)")
     s.add_argument("--filter", action="append", metavar="KEY=VALUE",
                    help="only neighbours whose metadata KEY is VALUE (repeatable; a repeated key means any of "
                         "the values), e.g. modality=CR, site=north, BodyPartExamined=CHEST")

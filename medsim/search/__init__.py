@@ -5,9 +5,11 @@ Nothing heavy is imported here: `medsim search --image-id` through pgvector must
 pay for FAISS or torch.
 """
 
-# What search returns and FAISS indexes: train + val. The SQL side is the medsim.gallery
-# view (sql/003_gallery.sql), which every SQL function reads; a test keeps them equal.
+# What search returns and FAISS indexes by default: train + val. The SQL side is the
+# medsim.gallery view (sql/003_gallery.sql) and search_gallery's default; a test keeps them
+# equal. A search may ask for other splits (Filters.splits): test too, or train alone.
 GALLERY_SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
 
 # pgvector: HNSW inside Postgres (or exact when there is no index); exact: pgvector with
 # index scans off (the ground truth, slower); faiss: the model's latest FAISS build,

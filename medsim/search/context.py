@@ -15,8 +15,10 @@ import numpy as np
 from psycopg.types.json import Jsonb
 
 from medsim import registry
+from medsim.errors import BadArgument
 from medsim.images import StoredRow
 from medsim.queries import Q, one
+from medsim.search import GALLERY_SPLITS
 
 
 class Context:
@@ -53,18 +55,23 @@ class Context:
     def stored(self, image_id: int) -> StoredRow | None:
         return one(self.owner, Q.image_pixels_one, {"id": image_id}, as_=StoredRow)
 
-    def faiss(self, model_id: int):
-        """The FAISS index to search (loaded and checked once per context)."""
+    def faiss(self, model_id: int, splits: tuple = GALLERY_SPLITS):
+        """The FAISS index over these splits to search (loaded and checked once per context);
+        a build over other splits is refused in a sentence, never searched as if it held them."""
         from medsim.search import faiss_index
 
-        if model_id not in self._indexes:
+        key = (model_id, tuple(splits))
+        if key not in self._indexes:
             if self.index_path is not None:
                 built = faiss_index.load(self.owner, self.index_path, model_ref=model_id)
+                if tuple(built.meta.get("splits", GALLERY_SPLITS)) != tuple(splits):
+                    raise BadArgument(f"the FAISS index {self.index_path} holds {', '.join(built.meta['splits'])}, "
+                                      f"not {', '.join(splits)}: give splits to match, or another engine")
             else:
-                built = faiss_index.load_build(self.owner, faiss_index.latest_build(self.owner, model_id),
+                built = faiss_index.load_build(self.owner, faiss_index.latest_build(self.owner, model_id, splits=splits),
                                                model_ref=model_id)
-            self._indexes[model_id] = built
-        return self._indexes[model_id]
+            self._indexes[key] = built
+        return self._indexes[key]
 
     def calibrations(self, model_id: int) -> dict:
         from medsim.training import calibration
@@ -73,16 +80,17 @@ class Context:
             self._cals[model_id] = calibration.load(self.conn, model_id)
         return self._cals[model_id]
 
-    def selector(self, model_id: int, where: dict, exclude_patient: str | None):
+    def selector(self, model_id: int, where: dict, exclude_patient: str | None, splits: tuple = GALLERY_SPLITS):
         """FAISS search parameters allowing only the gallery rows that pass the filter (the
         same rule as medsim.search_gallery), or None when everything may come back."""
         import faiss
 
         if not where and exclude_patient is None and not self.restricted:
             return None
-        key = (model_id, json.dumps(where, sort_keys=True), exclude_patient)
+        key = (model_id, json.dumps(where, sort_keys=True), exclude_patient, tuple(splits))
         if key not in self._selectors:
             ids = np.array([r[0] for r in self.conn.execute(Q.gallery_ids_matching, {
-                "model_id": model_id, "filter": Jsonb(where), "exclude_patient": exclude_patient})], np.int64)
+                "model_id": model_id, "filter": Jsonb(where), "exclude_patient": exclude_patient,
+                "splits": list(splits)})], np.int64)
             self._selectors[key] = faiss.SearchParameters(sel=faiss.IDSelectorBatch(ids))
         return self._selectors[key]

@@ -44,7 +44,7 @@ def pgvector(ctx, model_id: int, q, k: int, f, exact: bool) -> list[Hit]:
     exclude = q.in_gallery[0] if len(q.in_gallery) == 1 else None
     args = {"q": q.vector, "k": min(k + len(q.in_gallery), MAX_K), "model_id": model_id,
             "filter": Jsonb(f.where), "exclude_patient": f.exclude_patient(q.patient_key), "exclude": exclude,
-            "per_patient": f.per_patient}
+            "per_patient": f.per_patient, "splits": list(f.splits)}
     conn = ctx.conn
     if exact:
         with conn.transaction():
@@ -61,8 +61,8 @@ def faiss(ctx, model_id: int, q, k: int, f) -> tuple[list[Hit], int]:
     survive it (or none are left)."""
     from medsim.search import faiss_index
 
-    built = ctx.faiss(model_id)
-    params = ctx.selector(model_id, f.where, f.exclude_patient(q.patient_key))
+    built = ctx.faiss(model_id, f.splits)
+    params = ctx.selector(model_id, f.where, f.exclude_patient(q.patient_key), f.splits)
     want = k + len(q.in_gallery)
     fetch = want if f.per_patient is None else want * 4
     ntotal = built.index.ntotal

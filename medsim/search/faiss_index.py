@@ -298,14 +298,16 @@ def load_build(conn, build_id: int, model_ref=None, rebuild_if_stale: bool = Fal
     return load(conn, recorded.path, model_ref=model_ref, rebuild_if_stale=rebuild_if_stale, build_id=build_id)
 
 
-def latest_build(conn, model_id: int, kind_name: str | None = None) -> int:
-    """The model's gallery build to search: of this kind if given; builds that still match
-    the gallery first (a stale build of one kind never hides a fresh one of another), then
-    an exact one (flat), then the newest."""
-    build_id = scalar(conn, Q.latest_index_build, {"model_id": model_id, "splits": list(GALLERY_SPLITS),
+def latest_build(conn, model_id: int, kind_name: str | None = None, splits=GALLERY_SPLITS) -> int:
+    """The model's build over these splits to search: of this kind if given; builds that
+    still match the gallery first (a stale build of one kind never hides a fresh one of
+    another), then an exact one (flat), then the newest."""
+    build_id = scalar(conn, Q.latest_index_build, {"model_id": model_id, "splits": list(splits),
                                                    "kind": kind_name})
     if build_id is None:
-        raise NotFound(f"no {kind_name or 'FAISS'} index built for model {model_id}: run `medsim index build`"
+        over = "" if tuple(splits) == GALLERY_SPLITS else f" over {', '.join(splits)}"
+        how = f"`medsim index build{'' if not over else ' --splits ' + ','.join(splits)}`"
+        raise NotFound(f"no {kind_name or 'FAISS'} index{over} built for model {model_id}: run {how}"
                        + ("" if kind_name else " or use --engine pgvector"))
     return build_id
 

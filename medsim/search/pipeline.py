@@ -25,7 +25,7 @@ from psycopg.types.json import Jsonb
 from medsim import images
 from medsim.errors import BadArgument, NotFound
 from medsim.queries import Q, one, rows, scalar
-from medsim.search import GALLERY_SPLITS, engines
+from medsim.search import engines
 from medsim.search.engines import Hit
 from medsim.search.request import ByFile, ById, ByPixels, ByUpload, ByVector, Filters, Request
 
@@ -42,6 +42,7 @@ class Query:
     label_name: str | None = None
     label_names: list = field(default_factory=list)
     in_gallery: list = field(default_factory=list)  # gallery ids holding this very image
+    on_file: list = field(default_factory=list)  # (id, split) of every stored copy of it, whatever the gallery
     patient_key: str | None = None  # the query's patient, excluded from its neighbours by default
     pixels: np.ndarray | None = None  # stored-form pixels of a file or upload (a montage shows them)
     vote: dict | None = None  # the neighbours' label vote and its calibrated confidence
@@ -72,6 +73,7 @@ def run(ctx, req: Request) -> Result:
     with ctx.stage("fetch"):
         model = ctx.model(req.model)
     q = resolve(ctx, model, req.query, req.box)
+    q.in_gallery = [i for i, split in q.on_file if split in req.filters.splits]  # this search's gallery
     build = None
     with ctx.stage("search"):
         if req.engine == "faiss":
@@ -142,7 +144,7 @@ def resolve(ctx, model, spec, box: tuple | None = None) -> Query:
     same = rows(ctx.conn, Q.images_by_sha256, {"sha256": digest}, as_=_Stored)
     if same:
         _take_identity(q, same[0])
-        q.in_gallery = [s.id for s in same if s.split in GALLERY_SPLITS]
+        q.on_file = [(s.id, s.split) for s in same]
     return q
 
 
@@ -159,7 +161,7 @@ def _stored_query(ctx, model, image_id: int, box: tuple | None = None) -> Query:
             v = ctx.embed(model, x).astype(np.float32)
         q = Query("image_id", f"image {image_id}, region {list(box)}", v)
         _take_identity(q, r)  # the same patient's images stay out, as for the whole image
-        q.in_gallery = [image_id] if r.split in GALLERY_SPLITS else []
+        q.on_file = [(image_id, r.split)]
         return q
     if r.embedding is not None:
         v = r.embedding.to_numpy().astype(np.float32)
@@ -171,8 +173,7 @@ def _stored_query(ctx, model, image_id: int, box: tuple | None = None) -> Query:
             v = ctx.embed(model, x).astype(np.float32)
     q = Query("image_id", f"image {image_id}", v)
     _take_identity(q, r)
-    if r.split in GALLERY_SPLITS:
-        q.in_gallery = [image_id]
+    q.on_file = [(image_id, r.split)]
     return q
 
 

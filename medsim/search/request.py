@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from medsim.errors import BadArgument
-from medsim.search import ENGINES, GALLERY_SPLITS, MAX_K
+from medsim.search import ENGINES, GALLERY_SPLITS, MAX_K, SPLITS
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,19 @@ class Filters:
     where: dict = field(default_factory=dict)
     include_own_patient: bool = False
     per_patient: int | None = None
+    # which splits form the gallery: train + val by default (medsim.gallery, what FAISS
+    # builds hold by default); all three to see everything on file; train alone for the
+    # evaluation protocol. A comma-separated string is taken too (form fields, the CLI).
+    splits: tuple | str = GALLERY_SPLITS
 
     def __post_init__(self):
+        names = self.splits.split(",") if isinstance(self.splits, str) else list(self.splits)
+        names = [n.strip() for n in names if n and n.strip()]
+        unknown = sorted(set(names) - set(SPLITS))
+        if unknown or not names:
+            raise BadArgument(f"splits must be some of {', '.join(SPLITS)} (comma-separated), got "
+                              f"{', '.join(unknown) if unknown else 'none'}")
+        self.splits = tuple(s for s in SPLITS if s in names)
         if self.per_patient is not None and not 1 <= self.per_patient <= MAX_K:
             raise BadArgument(f"per_patient must be between 1 and {MAX_K}, got {self.per_patient}")
         bad = [k for k, v in self.where.items()
@@ -64,10 +75,11 @@ class Filters:
             raise BadArgument(f"filter values must be strings or lists of strings: {', '.join(bad)}")
         if "split" in self.where:
             wanted = [self.where["split"]] if isinstance(self.where["split"], str) else self.where["split"]
-            outside = sorted(set(wanted) - set(GALLERY_SPLITS))
+            outside = sorted(set(wanted) - set(self.splits))
             if outside:
-                raise BadArgument(f"the gallery holds only {', '.join(GALLERY_SPLITS)}; split {', '.join(outside)} "
-                                  f"is never returned")
+                raise BadArgument(f"this search's gallery holds only {', '.join(self.splits)}; split "
+                                  f"{', '.join(outside)} is never returned (splits={','.join(SPLITS)} searches every "
+                                  f"split)")
 
     def exclude_patient(self, patient_key: str | None) -> str | None:
         return None if self.include_own_patient else patient_key

@@ -31,6 +31,9 @@ class SearchOptions(BaseModel):
     per_patient: int | None = Field(None, ge=1, le=MAX_K, description="at most this many neighbours per patient")
     max_distance: float | None = Field(None, ge=0, description="drop neighbours farther than this")
     model: int | None = Field(None, description="a model id (default: the current model)")
+    splits: str | None = Field(None, max_length=40, description="the splits to search among, comma-separated: "
+                                                                "train,val (the default), train,val,test (every "
+                                                                "image on file) or train (the evaluation protocol)")
 
 
 class SearchRequest(SearchOptions):

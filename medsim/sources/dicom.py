@@ -63,8 +63,10 @@ def _entries(ds, rel: str, labels: tuple | None, label_tag: str | None) -> list[
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     patient = str(ds.get("PatientID", "") or "").strip() or None
     study = meta.get("StudyInstanceUID")
-    return [Entry(rel if frames == 1 else f"{rel}#frame{i}", labels, None, patient, study, dict(meta),
-                  frame=i if frames > 1 else None) for i in range(frames)]
+    # a frame's index is kept (medsim keys locate finds its file by it: the path is keyed)
+    return [Entry(rel if frames == 1 else f"{rel}#frame{i}", labels, None, patient, study,
+                  dict(meta) if frames == 1 else {**meta, "frame": i}, frame=i if frames > 1 else None)
+            for i in range(frames)]
 
 
 def load_entries(source, group: list[Entry], max_side: int) -> list[Loaded]:

@@ -116,3 +116,27 @@ def settle(base: Path, ring, scrub, said: dict, conn, dataset_id: int, settled: 
                                        "mtime_ns": stamp[1], "sha256": stamp[2], "outcome": outcome,
                                        "listing": said[rel],
                                        "reason": scrub(str(refused[0]), rel) if outcome == "refused" else None})
+
+
+def locate(conn, ring, image_id: int, root: Path, follow_links: bool = False) -> str | None:
+    """The file under `root` (an archive's folder, or its manifest's) that image_id came from,
+    or None. medsim keeps file paths only keyed: the admin names the folder, and each file's
+    path is hashed with the key until one matches (a frame's or a slice's index is in the
+    image's metadata)."""
+    from medsim.sources import boundary
+
+    found = conn.execute(Q.image_source_path, {"id": image_id}).fetchone()
+    if found is None:
+        from medsim.errors import NotFound
+
+        raise NotFound(f"no image with id {image_id}")
+    stored, meta = found
+    if stored is None:
+        return None
+    suffix = (f"#frame{meta['frame']}" if "frame" in (meta or {}) else
+              f"#slice{meta['slice']}" if "slice" in (meta or {}) else "")
+    files, _ = boundary.walk(Path(root), follow_links)
+    for rel, _size in files:
+        if ring.path(f"{rel}{suffix}") == stored:
+            return f"{rel}{suffix}"
+    return None

@@ -12,7 +12,8 @@ DROP FUNCTION IF EXISTS medsim.similar_images(bigint, integer, integer, text);
 DROP FUNCTION IF EXISTS medsim.similar_images(bigint, integer, integer, text, jsonb, boolean, integer);
 DROP FUNCTION IF EXISTS medsim.search_gallery(vector, integer, integer, jsonb, text, bigint, integer);
 
--- The k nearest gallery (train + val) images to a vector, for a model (default: the
+-- The k nearest gallery images to a vector (the gallery: the splits in p_splits, train +
+-- val by default, as medsim.gallery), for a model (default: the
 -- current one), passing a filter (medsim.gallery_match: dataset, split, label, any
 -- metadata key), without one patient (p_exclude_patient, a patient_key) or one image, and
 -- with at most p_per_patient images per patient (images without a patient count alone).
@@ -25,7 +26,8 @@ DROP FUNCTION IF EXISTS medsim.search_gallery(vector, integer, integer, jsonb, t
 CREATE OR REPLACE FUNCTION medsim.search_gallery(
     p_query vector, p_k integer DEFAULT 4, p_model_id integer DEFAULT NULL,
     p_filter jsonb DEFAULT '{}', p_exclude_patient text DEFAULT NULL,
-    p_exclude_image_id bigint DEFAULT NULL, p_per_patient integer DEFAULT NULL)
+    p_exclude_image_id bigint DEFAULT NULL, p_per_patient integer DEFAULT NULL,
+    p_splits text[] DEFAULT ARRAY['train', 'val'])
 RETURNS TABLE (image_id bigint, dataset text, split text, label_name text, distance double precision,
                patient_key text, study_id text, label_names text[])
 LANGUAGE plpgsql STABLE AS $$
@@ -55,6 +57,11 @@ BEGIN
         RAISE EXCEPTION 'per_patient must be at least 1, got %', p_per_patient
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF p_splits IS NULL OR cardinality(p_splits) = 0
+       OR NOT p_splits <@ ARRAY['train', 'val', 'test'] THEN
+        RAISE EXCEPTION 'p_splits must be some of train, val, test, got %', coalesce(p_splits::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     IF jsonb_typeof(coalesce(p_filter, '{}')) <> 'object' THEN
         RAISE EXCEPTION 'the filter must be a JSON object like {"dataset": "x", "label": ["a", "b"]}'
             USING ERRCODE = 'invalid_parameter_value';
@@ -66,14 +73,14 @@ BEGIN
     IF vector_dims(p_query) <> v_dim THEN
         RAISE EXCEPTION 'query has % dimensions, model % has %', vector_dims(p_query), v_model, v_dim;
     END IF;
-    -- medsim.gallery is a plain view over medsim.embeddings: the planner flattens it, so
-    -- the cast below is the partial HNSW index's own expression and the index is used
+    -- medsim.embedded_images is a plain view over medsim.embeddings: the planner flattens
+    -- it, so the cast below is the partial HNSW index's own expression and the index is used
     v_sql := format(
         'WITH cand AS (
              SELECT g.image_id, g.dataset, g.split, g.label_name, g.label_names, g.patient_key, g.study_id,
                     (g.embedding::vector(%1$s) <-> $1::vector(%1$s))::double precision AS distance
-             FROM medsim.gallery g
-             WHERE g.model_id = %2$s
+             FROM medsim.embedded_images g
+             WHERE g.model_id = %2$s AND g.split = ANY($8)
                AND ($4::bigint IS NULL OR g.image_id <> $4)
                AND medsim.gallery_match(g.dataset, g.split, g.label_names, g.metadata, g.patient_key, $2, $3)
              ORDER BY g.embedding::vector(%1$s) <-> $1::vector(%1$s)
@@ -92,7 +99,7 @@ BEGIN
     LOOP
         EXECUTE v_sql INTO v_candidates, v_rows
             USING p_query, coalesce(p_filter, '{}'::jsonb), p_exclude_patient, p_exclude_image_id,
-                  v_limit, p_per_patient, p_k;
+                  v_limit, p_per_patient, p_k, p_splits;
         v_found := jsonb_array_length(v_rows);
         EXIT WHEN v_found >= p_k;
         IF v_candidates >= v_limit THEN  -- grouping used some up: look further
@@ -201,7 +208,7 @@ GRANT SELECT (id, model_id, kind, params, source_view, splits, dim, metric, n_ro
               build_seconds, created_at, file_sha256, file_bytes, gallery_version)
     ON medsim.index_builds TO medsim_reader;
 GRANT EXECUTE ON FUNCTION medsim.search_by_vector(vector, integer, integer, text, bigint),
-                          medsim.search_gallery(vector, integer, integer, jsonb, text, bigint, integer),
+                          medsim.search_gallery(vector, integer, integer, jsonb, text, bigint, integer, text[]),
                           medsim.similar_images(bigint, integer, integer, text, jsonb, boolean, integer),
                           medsim.gallery_match(text, text, text[], jsonb, text, jsonb, text),
                           medsim.filter_values(jsonb),

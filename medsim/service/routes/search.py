@@ -16,7 +16,7 @@ from fastapi.responses import Response
 from medsim import access
 from medsim.errors import BadArgument, Forbidden
 from medsim.images import to_display
-from medsim.search import pipeline
+from medsim.search import GALLERY_SPLITS, pipeline
 from medsim.search.request import ById, ByPixels, ByUpload, ByVector, Filters, Request
 from medsim.service import export, reads, uploads
 from medsim.service.deps import Searcher, ServiceDep, client_address
@@ -41,7 +41,8 @@ def _request(query, opts: SearchOptions, filters: dict | None) -> Request:
         if not isinstance(box, list):
             raise BadArgument(f"box must be JSON like [0, 0, 14, 14], got {box!r}")
     return Request(query, k=opts.k, engine=opts.engine, model=opts.model, max_distance=opts.max_distance,
-                   filters=Filters(dict(filters or {}), opts.include_own_patient, opts.per_patient),
+                   filters=Filters(dict(filters or {}), opts.include_own_patient, opts.per_patient,
+                                   opts.splits or GALLERY_SPLITS),
                    box=tuple(box) if box is not None else None)
 
 

@@ -95,6 +95,11 @@ function failed(ctl, e) {
   showError(e.message);
 }
 
+// which splits a search looks among (the service's default: train and val, as FAISS builds)
+const DEFAULT_SPLITS = "train,val";
+const SPLIT_WORDS = { "train,val": "the train and val images", "train,val,test": "every image on file",
+                      "train": "the train images" };
+
 function options() {
   if (state.box) return { ...plainOptions(), box: state.box };
   return plainOptions();
@@ -104,7 +109,7 @@ function plainOptions() {
   const filters = {};
   if ($("dataset").value) filters.dataset = $("dataset").value;
   if ($("label").value) filters.label = $("label").value;
-  return { k: Number($("k").value), engine: $("engine").value, filters };
+  return { k: Number($("k").value), engine: $("engine").value, filters, splits: $("splits").value };
 }
 
 function fillLabels() {
@@ -121,6 +126,7 @@ function setUrl(imageId, upload) {
   if (upload) p.set("upload", upload);
   p.set("k", o.k);
   p.set("engine", o.engine);
+  if (o.splits !== DEFAULT_SPLITS) p.set("splits", o.splits);
   if (o.filters.dataset) p.set("dataset", o.filters.dataset);
   if (o.filters.label) p.set("label", o.filters.label);
   if (o.box) p.set("box", o.box.join(","));
@@ -136,6 +142,9 @@ function fromUrl() {
     $("k").value = k;
   }
   if (p.get("engine")) $("engine").value = p.get("engine");
+  const splits = p.get("splits") || DEFAULT_SPLITS;
+  if (![...$("splits").options].some((o) => o.value === splits)) $("splits").add(new Option(splits, splits));
+  $("splits").value = splits;
   const box = (p.get("box") || "").split(",").map(Number);
   state.box = box.length === 4 && box.every(Number.isInteger) ? box : null;
   if (p.get("dataset")) $("dataset").value = p.get("dataset");
@@ -224,7 +233,8 @@ function render(res, queryImgSrc) {
     $("grid").replaceChildren();
     return;
   }
-  $("summary").textContent = `${res.neighbours.length} nearest from the train and val images, by ` +
+  const among = SPLIT_WORDS[$("splits").value] || `${$("splits").value} images`;
+  $("summary").textContent = `${res.neighbours.length} nearest from ${among}, by ` +
     `${engines[res.engine] || res.engine}, in ${res.timing_ms.toFixed(1)} ms` +
     (q.label_name ? `; ${same} of ${res.neighbours.length} share the query's label` : "") +
     (res.vote ? `. Vote: ${res.vote.label_name} (${res.vote.votes} of ${res.vote.of}` +
@@ -314,6 +324,7 @@ async function searchFile(file) {
   fd.append("image", file);
   fd.append("k", o.k);
   fd.append("engine", o.engine);
+  fd.append("splits", o.splits);
   fd.append("filters", JSON.stringify(o.filters));
   if (o.box) fd.append("box", JSON.stringify(o.box));
   $("image-id").value = "";
@@ -373,7 +384,7 @@ async function init() {
       searchId(r.image_id);
     } catch (e) { showError(e.message); }
   });
-  for (const id of ["k", "engine", "label"]) $(id).addEventListener("change", rerun);
+  for (const id of ["k", "engine", "label", "splits"]) $(id).addEventListener("change", rerun);
   $("k").addEventListener("change", () => { state.pageSize = Number($("k").value); });
   $("more").addEventListener("click", () => {
     const k = String(Math.min(Number($("k").value) + state.pageSize, MAX_K));
