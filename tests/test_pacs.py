@@ -208,13 +208,15 @@ def test_orthanc_stopped_mid_sync_then_restarted(conn, server, filled, monkeypat
 def test_one_bad_instance_is_one_sentence_and_is_tried_again(conn, server, filled):
     proxy = orthanc.FaultyProxy(server.root)
     try:
-        target = {"500": filled[0], "garbage": filled[1]}
+        target = {"500": filled[0], "garbage": filled[1], "gone": filled[2]}
 
-        def fault(path):  # WADO-RS of these two studies (QIDO asks /dicom-web/instances?...)
+        def fault(path):  # WADO-RS of these studies (QIDO asks /dicom-web/instances?...)
             if path.startswith(f"/dicom-web/studies/{target['500']}"):
                 return 503
             if path.startswith(f"/dicom-web/studies/{target['garbage']}"):
                 return "garbage"
+            if path.startswith(f"/dicom-web/studies/{target['gone']}"):
+                return 404  # deleted between the listing and the fetch
             return None
 
         proxy.fault = fault
@@ -222,7 +224,11 @@ def test_one_bad_instance_is_one_sentence_and_is_tried_again(conn, server, fille
         reasons = [why for _, kind, why in r.archive.problems if kind == "skipped"]
         assert sum("the PACS answered 503 while fetching a series" in w for w in reasons) == 6
         assert sum(w.startswith("a malformed answer while fetching a series") for w in reasons) == 6
-        assert r.archive.added == 54 - 12 and r.unsettled == 12 and r.cursor == {}
+        assert sum(w == "no longer in the PACS (404)" for w in reasons) == 6
+        # 5xx and garbage are tried again (the cursor waits for them); what is gone is settled
+        assert r.archive.added == 54 - 18 and r.unsettled == 12 and r.cursor == {}
+        assert conn.execute("SELECT count(*) FROM medsim.pacs_instances WHERE reason = 'no longer in the PACS (404)'"
+                            ).fetchone() == (6,)
         proxy.fault = lambda path: None
         again = pacs.sync(conn, proxy.url, "pacs", label_tag="StudyDescription", workers=1)
         assert again.archive.added == 12 and again.unsettled == 0 and "changes" in again.cursor

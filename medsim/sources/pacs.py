@@ -100,8 +100,9 @@ def sync(conn, url: str, name: str, *, label_tag: str, filters: dict | None = No
             per_series[i[:2]] = per_series.get(i[:2], 0) + 1
         items = _not_settled(conn, src[0] if src else None, items, ring, report)
         source = PacsSource(server, items, label_tag, max_side, per_series)
+        unsettled: list = []  # fetches that failed this time (_record counts them)
         recorder = partial(_record, server.url, root is not None, _viewer(viewer, root), {
-            (i.sop, i.frame or 0): orthanc_study_id(i.patient_id or "", i.study) for i in items})
+            (i.sop, i.frame or 0): orthanc_study_id(i.patient_id or "", i.study) for i in items}, unsettled)
         try:
             if items:
                 report.archive = ingest_archive(conn, source, name, progress=progress, workers=workers,
@@ -109,8 +110,7 @@ def sync(conn, url: str, name: str, *, label_tag: str, filters: dict | None = No
         except PacsUnavailable as err:
             raise PacsUnavailable(f"{err}. The sync stopped; what it stored is kept, and the next sync resumes "
                                   f"from there") from None
-        report.unsettled = sum(1 for p in (report.archive.problems if report.archive else ())
-                               if p.kind == "skipped" and p.text().startswith(FETCH_PREFIXES))
+        report.unsettled = len(unsettled)
         sid = scalar(conn, Q.pacs_source, {"name": name, "url": server.url})
         if sid is None and (report.archive is not None or prune):  # nothing new at all: the row still records us
             with conn.transaction():
@@ -128,10 +128,6 @@ def sync(conn, url: str, name: str, *, label_tag: str, filters: dict | None = No
         conn.execute(Q.pacs_unlock, {"key": f"{name}\n{server.url}"})
     report.seconds = time.perf_counter() - t0
     return report
-
-
-FETCH_PREFIXES = ("the PACS answered", "the PACS did not answer", "no longer in the PACS", "a malformed answer",
-                  "the PACS sent another")
 
 
 def _listing(server: Server, root, cursor: dict, filters: dict, studies: list, limit, label_tag, report):
@@ -181,13 +177,14 @@ def _not_settled(conn, source_id, items: list[Item], ring, report: SyncReport) -
     return out
 
 
-def _record(url: str, is_orthanc: bool, viewer: str | None, orthanc_ids: dict, conn, dataset_id: int,
-            settled: list) -> None:
+def _record(url: str, is_orthanc: bool, viewer: str | None, orthanc_ids: dict, unsettled: list, conn,
+            dataset_id: int, settled: list) -> None:
     """Inside each chunk's transaction: what became of each instance (ingest_archive's hook).
     A fetch that failed this time is not settled: the next sync tries it again."""
     sid = _source_row(conn, None, url, is_orthanc, viewer, dataset_id)
     for e, image_id, outcome, reason in settled:
         if outcome == "refused" and isinstance(reason, FetchFailed):
+            unsettled.append(e.path)
             continue
         if outcome == "label_conflict":  # the reason is the first file's key: say it as a duplicate does
             outcome, reason = "duplicate", f"the same pixels as {reason}, labelled otherwise"

@@ -7,8 +7,11 @@ request (requests has none by default, and a PACS that stops answering would han
 sync), a few retries of what is worth retrying, and one sentence per failure:
 - the server cannot be reached, refuses our credentials, or times out again and again:
   PacsUnavailable, and the sync stops (what it committed stays; the next run resumes);
-- one instance answers 5xx, is gone, or times out: FetchFailed (an Unreadable), reported
-  for that instance, and the sync goes on. It is not settled: the next sync tries again.
+- one instance answers 5xx, times out or sends something that is not DICOM: FetchFailed
+  (an Unreadable), reported for that instance, and the sync goes on. It is not settled:
+  the next sync tries again, and the cursor does not move until it has;
+- one instance that is gone (404) or over MEDSIM_PACS_MAX_BYTES: Gone / TooBig, refused for
+  good (settled with the reason), so that it cannot hold the cursor back for ever.
 """
 
 from __future__ import annotations
@@ -41,7 +44,11 @@ class FetchFailed(Unreadable):
     """One instance could not be fetched this time (5xx, gone, timed out): not settled."""
 
 
-class TooBig(FetchFailed):
+class Gone(Unreadable):
+    """The PACS no longer has the instance (404): refused for good; --prune forgets it."""
+
+
+class TooBig(Unreadable):
     """An answer over MEDSIM_PACS_MAX_BYTES, refused by its Content-Length before its body is
     read, or as soon as the bytes read pass the limit when it has none (Orthanc streams a
     series without one). A series is then asked for instance by instance."""
@@ -189,7 +196,7 @@ class Server:
         for attempt in range(RETRIES):
             try:
                 return fn(*args, **kwargs)
-            except FetchFailed as err:  # already one sentence (an answer over the size limit)
+            except (FetchFailed, TooBig, Gone) as err:  # already one sentence
                 if one:
                     raise
                 raise PacsUnavailable(f"the PACS at {self.url}, while {what}: {err}") from None
@@ -200,7 +207,7 @@ class Server:
                                           f"{what}: set MEDSIM_PACS_USER and MEDSIM_PACS_PASSWORD, or "
                                           f"MEDSIM_PACS_TOKEN") from None
                 if status == 404 and one:
-                    raise FetchFailed("no longer in the PACS (404)") from None
+                    raise Gone("no longer in the PACS (404)") from None
                 if status < 500 or attempt == RETRIES - 1:
                     if one:
                         raise FetchFailed(f"the PACS answered {status} while {what}") from None
@@ -275,7 +282,7 @@ def orthanc_uids(server: Server, instance_id: str) -> tuple[str, str, str] | Non
     try:
         tags = server.call("reading an instance", server.get_json, f"{root}/instances/{instance_id}/tags",
                            {"simplify": ""}, one=True)
-    except FetchFailed:
+    except (FetchFailed, Gone):
         return None
     try:
         return tags["StudyInstanceUID"], tags["SeriesInstanceUID"], tags["SOPInstanceUID"]
