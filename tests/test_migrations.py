@@ -205,7 +205,7 @@ def test_a_wheel_install_migrates_an_empty_database(empty_db_url, tmp_path):
     assert f"database at revision {migrate.HEAD}" in r.stdout
     with psycopg.connect(empty_db_url) as c:  # and the replaceable objects came with it
         assert c.execute("SELECT to_regprocedure('medsim.search_gallery(vector, integer, integer, jsonb, text, "
-                         "bigint, integer)') IS NOT NULL").fetchone() == (True,)
+                         "bigint, integer, text[])') IS NOT NULL").fetchone() == (True,)
 
 
 def test_retina_grades_get_readable_names_old_databases_too(db_url, conn, synth_dir):
