@@ -34,6 +34,7 @@ from medsim import access, db, migrate, registry, settings
 from medsim.errors import DatabaseUnavailable, NotFound, StaleIndex
 from medsim.images import StoredRow
 from medsim.queries import Q, one
+from medsim.search import GALLERY_SPLITS
 from medsim.search.context import Context
 from medsim.service.guard import FailureLimiter
 from medsim.service.metrics import Metrics
@@ -177,20 +178,22 @@ class Service:
             torch.set_num_threads(want)
             log.info("torch threads per search: %d", want)
 
-    def faiss(self, conn, model_id: int):
-        """The model's loaded FAISS index, reloaded (the latest build) when the gallery
-        version moved; StaleIndex when even the latest build no longer matches."""
+    def faiss(self, conn, model_id: int, splits: tuple = GALLERY_SPLITS):
+        """The model's loaded FAISS index over these splits, reloaded (the latest build) when
+        the gallery version moved; StaleIndex when even the latest build no longer matches."""
         from medsim.search import faiss_index
 
-        built = self.indexes.get(model_id)
+        key = model_id if tuple(splits) == GALLERY_SPLITS else (model_id, tuple(splits))
+        built = self.indexes.get(key)
         if built is not None and faiss_index.still_fresh(conn, built):
             return built
         with self.lock:
-            built = self.indexes.get(model_id)
+            built = self.indexes.get(key)
             if built is None or not faiss_index.still_fresh(conn, built):
                 with self.owner.connection() as oc:  # the build's path is not the reader's to see
-                    built = faiss_index.load_build(oc, faiss_index.latest_build(oc, model_id), model_ref=model_id)
-                self.indexes[model_id] = built
+                    built = faiss_index.load_build(oc, faiss_index.latest_build(oc, model_id, splits=splits),
+                                                   model_ref=model_id)
+                self.indexes[key] = built
                 log.info("FAISS build %s (%s) loaded for model %s", built.meta["build_id"], built.meta["kind"],
                          model_id)
         return built
@@ -229,9 +232,9 @@ class WarmContext(Context):
         with self.service.owner.connection() as oc:  # pixels are not the reader's
             return one(oc, Q.image_pixels_one, {"id": image_id}, as_=StoredRow)
 
-    def faiss(self, model_id: int):
+    def faiss(self, model_id: int, splits: tuple = GALLERY_SPLITS):
         try:
-            return self.service.faiss(self.conn, model_id)
+            return self.service.faiss(self.conn, model_id, splits)
         except StaleIndex:
             if not self.restricted:
                 raise
