@@ -51,7 +51,7 @@ def read(source: Path | str | bytes, *, name: str | None = None, max_pixels: int
             fp, head = io.BytesIO(data), data[:132]
         else:
             path = Path(source)
-            _regular_file(path)
+            regular_file(path)
             with open(path, "rb") as f:
                 head = f.read(132)
             fp = path
@@ -73,13 +73,13 @@ def read_dicom_frames(source: Path | str | bytes, frames: list, *, max_pixels: i
     limit = settings.get().max_image_pixels if max_pixels is None else max_pixels
     if isinstance(source, bytes | bytearray | memoryview):
         return dicom.read_frames(io.BytesIO(bytes(source)), frames, limit)
-    _regular_file(Path(source))
+    regular_file(Path(source))
     return dicom.read_frames(Path(source), frames, limit)
 
 
-def _regular_file(path: Path) -> None:
+def regular_file(path: Path) -> os.stat_result:
     """Refuse what is not a regular file before opening it: a FIFO would block the reader,
-    a directory is not an image."""
+    a directory is not an image. -> its stat."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -90,6 +90,7 @@ def _regular_file(path: Path) -> None:
         raise Unreadable("a directory, not an image file")
     if not stat.S_ISREG(st.st_mode):
         raise Unreadable("not a regular file")
+    return st
 
 
 def _raster(fp, limit: int) -> np.ndarray:

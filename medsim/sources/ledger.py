@@ -18,10 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 from pathlib import Path
 
 from medsim.errors import Unreadable
+from medsim.images import files
 from medsim.queries import Q
 
 IN_MEMORY_MAX = 256 * 1024 * 1024  # bigger files are hashed in a stream and decoded from disk
@@ -29,14 +29,7 @@ IN_MEMORY_MAX = 256 * 1024 * 1024  # bigger files are hashed in a stream and dec
 
 def read_stamped(path: Path) -> tuple[bytes | None, tuple]:
     """(the file's bytes, or None when it is too big to hold; (size, mtime_ns, sha256))."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise Unreadable("no such file") from None
-    except OSError as err:
-        raise Unreadable(f"cannot be read ({err.strerror})") from None
-    if not stat.S_ISREG(st.st_mode):  # a FIFO would block the reader
-        raise Unreadable("a directory, not an image file" if stat.S_ISDIR(st.st_mode) else "not a regular file")
+    st = files.regular_file(path)  # a FIFO would block the reader
     try:
         if st.st_size <= IN_MEMORY_MAX:
             data = path.read_bytes()
