@@ -73,10 +73,28 @@ def refuse_non_image(ds) -> None:
     """Objects that are DICOM but not pictures to search, refused by SOP class with a
     sentence: a segmentation's masks, a dose grid, a report, a plan are not images of a
     patient, and storing them as images put masks among the neighbours."""
-    uid = str(ds.get("SOPClassUID", "") or "")
+    why = refusal(ds, None)
+    if why:
+        raise Unreadable(why)
+
+
+def refusal(ds, max_pixels: int | None, size_required: bool = True) -> str | None:
+    """Why a header (a file's, or a QIDO answer's) refuses its object before any pixel is
+    fetched or decoded, or None: a SOP class that is not a picture, then (given max_pixels)
+    no Rows and Columns (unless not size_required: QIDO may leave them out), or more pixels
+    than max_pixels."""
+    uid = str(ds.get("SOPClassUID", "") or "").strip()
     what = non_image(uid)
     if what:
-        raise Unreadable(f"a {what} object (SOP class {uid}), not an image to search: refused")
+        return f"a {what} object (SOP class {uid}), not an image to search: refused"
+    if max_pixels is None:
+        return None
+    h, w = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    if h * w == 0:
+        return f"no image in it (a {ds.get('Modality') or 'non-image'} object)" if size_required else None
+    if h * w > max_pixels:
+        return f"{w} x {h} = {w * h:,} pixels is over the limit of {max_pixels:,} (MEDSIM_MAX_IMAGE_PIXELS)"
+    return None
 
 
 def non_image(sop_class_uid: str) -> str | None:
@@ -128,13 +146,9 @@ def read_frames(fp, frames: list, max_pixels: int) -> list[np.ndarray]:
     the whole file for every frame (3.3 s a frame). The size is checked from the header
     before any pixel is decoded; a non-image SOP class is refused before it too."""
     ds = fp if _is_dataset(fp) else header(fp)
-    refuse_non_image(ds)
-    h, w = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-    if h * w == 0:
-        raise Unreadable(f"no image in it (a {ds.get('Modality') or 'non-image'} object)")
-    if h * w > max_pixels:
-        raise Unreadable(f"{w} x {h} = {w * h:,} pixels is over the limit of {max_pixels:,} "
-                         f"(MEDSIM_MAX_IMAGE_PIXELS)")
+    why = refusal(ds, max_pixels)
+    if why:
+        raise Unreadable(why)
     if not _is_dataset(fp):
         if hasattr(fp, "seek"):
             fp.seek(0)

@@ -67,14 +67,17 @@ def read(source: Path | str | bytes, *, name: str | None = None, max_pixels: int
         raise (err.named(name) if name else err) from None
 
 
-def read_dicom_frames(source: Path | str | bytes, frames: list, *, max_pixels: int | None = None) -> list[np.ndarray]:
-    """Several frames of one DICOM file (a path or its bytes) in stored form, the file
-    read and each frame decoded once; Unreadable otherwise."""
+def read_dicom_frames(source, frames: list, *, max_pixels: int | None = None) -> list[np.ndarray]:
+    """Several frames of one DICOM file (a path, its bytes, or a pydicom Dataset already
+    read, as WADO-RS gives it) in stored form, the file read and each frame decoded once;
+    Unreadable otherwise."""
     limit = settings.get().max_image_pixels if max_pixels is None else max_pixels
     if isinstance(source, bytes | bytearray | memoryview):
         return dicom.read_frames(io.BytesIO(bytes(source)), frames, limit)
-    regular_file(Path(source))
-    return dicom.read_frames(Path(source), frames, limit)
+    if isinstance(source, str | Path):
+        regular_file(Path(source))
+        return dicom.read_frames(Path(source), frames, limit)
+    return dicom.read_frames(source, frames, limit)
 
 
 def regular_file(path: Path) -> os.stat_result:

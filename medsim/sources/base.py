@@ -41,6 +41,15 @@ class Loaded:
     metadata: dict = field(default_factory=dict)  # found while decoding (DICOM tags)
     stamp: tuple | None = None  # the file's (size, mtime_ns, sha256), read with the same bytes
 
+    @classmethod
+    def shrunk(cls, x: np.ndarray, max_side: int) -> Loaded:
+        """Stored-form pixels shrunk to max_side on the longest side, the size before recorded
+        when it was larger: what every source stores of an image it decoded."""
+        from medsim import images
+
+        original = x.shape[:2] if max(x.shape[:2]) > max_side else None
+        return cls(images.shrink(x, max_side), original)
+
 
 class Problem(Unreadable):
     """One entry cannot be used; the message is the reason the report shows. An image

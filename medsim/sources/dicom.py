@@ -72,15 +72,4 @@ def _entries(ds, rel: str, labels: tuple | None, label_tag: str | None) -> list[
 def load_entries(source, group: list[Entry], max_side: int) -> list[Loaded]:
     """The frames of one file (a path, its bytes, or a pydicom Dataset), the file decoded
     once however many frames it has."""
-    if render._is_dataset(source):
-        from medsim import settings
-
-        frames = render.read_frames(source, [e.frame for e in group], settings.get().max_image_pixels)
-    else:
-        frames = images.read_dicom_frames(source, [e.frame for e in group])
-    return [shrunk(x, max_side) for x in frames]
-
-
-def shrunk(x, max_side: int) -> Loaded:
-    original = x.shape[:2] if max(x.shape[:2]) > max_side else None
-    return Loaded(images.shrink(x, max_side), original)
+    return [Loaded.shrunk(x, max_side) for x in images.read_dicom_frames(source, [e.frame for e in group])]

@@ -185,8 +185,7 @@ def load_file(base: Path, max_side: int, group: list[Entry]) -> list[Loaded]:
     source = data if data is not None else path
     if nifti.is_nifti(path):  # nibabel reads slices from the file itself (lazily, gzip or not)
         slices = nifti.read_slices(path, [e.frame for e in group], settings.get().max_image_pixels)
-        out = [Loaded(images.shrink(x, max_side), x.shape[:2] if max(x.shape[:2]) > max_side else None)
-               for x in slices]
+        out = [Loaded.shrunk(x, max_side) for x in slices]
     elif dicom.is_dicom(path):
         out = dicom.load_entries(source, group, max_side)
     else:
@@ -206,6 +205,4 @@ def nifti_entries(path: Path, entry: Entry) -> list[Entry]:
 
 def load_image(path: Path | bytes, max_side: int) -> Loaded:
     """One image file (or its bytes) -> pixels as they will be stored, or Unreadable."""
-    x = images.read(path)
-    original = x.shape[:2] if max(x.shape[:2]) > max_side else None
-    return Loaded(images.shrink(x, max_side), original)
+    return Loaded.shrunk(images.read(path), max_side)

@@ -33,7 +33,6 @@ class Item:
     frame: int | None
     patient_id: str | None
     label: str | None
-    study_date: str | None
     meta: dict  # the kept tags (sources/dicom.py), UIDs in clear until the ingest keys them
     pixels: int = 0  # of the whole instance, all frames: what fetching its series costs
     refused: str | None = None  # refused unfetched (a non-image SOP class, too many pixels)
@@ -135,19 +134,13 @@ def listed(raw: list[dict], label_tag: str) -> list[Item]:
                                                                "SOPInstanceUID"))
         except (KeyError, ValueError, TypeError):
             continue  # an answer without its UIDs cannot be fetched or kept: nothing to settle
-        refused = None
-        what = render.non_image(str(ds.get("SOPClassUID", "") or ""))
-        rows_, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-        if what:
-            refused = f"a {what} object (SOP class {ds.SOPClassUID}), not an image to search: refused"
-        elif rows_ * cols > limit:
-            refused = f"{cols} x {rows_} = {cols * rows_:,} pixels is over the limit of {limit:,} (MEDSIM_MAX_IMAGE_PIXELS)"
+        refused = render.refusal(ds, limit, size_required=False)  # the same sentences a file gets
         frames = int(ds.get("NumberOfFrames") or 1) if not refused else 1
         meta = {t: str(ds.get(t)) for t in dicom_source.KEPT_TAGS if ds.get(t) not in (None, "")}
         meta.update(StudyInstanceUID=study, SeriesInstanceUID=series, SOPInstanceUID=sop)
         label = str(ds.get(label_tag, "") or "").strip() or None
         pid = str(ds.get("PatientID", "") or "").strip() or None
         for f in range(frames):
-            out.append(Item(study, series, sop, f if frames > 1 else None, pid, label,
-                            str(ds.get("StudyDate", "") or "") or None, meta, rows_ * cols * frames, refused))
+            pixels = int(ds.get("Rows") or 0) * int(ds.get("Columns") or 0) * frames
+            out.append(Item(study, series, sop, f if frames > 1 else None, pid, label, meta, pixels, refused))
     return out
