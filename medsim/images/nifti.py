@@ -39,6 +39,15 @@ def _load(path: Path):
 
 def header(path: Path, max_pixels: int) -> dict:
     """Slices and the canonical affine, from the header alone; Unreadable if refused."""
+    canonical = _checked(path, max_pixels)
+    slices = int(canonical.shape[2]) if len(canonical.shape) >= 3 else 1
+    return {"slices": slices, "affine": np.round(np.asarray(canonical.affine, dtype=float), 6).tolist(),
+            "voxel_mm": [round(float(v), 6) for v in canonical.header.get_zooms()[:3]]}
+
+
+def _checked(path: Path, max_pixels: int):
+    """The volume in its closest canonical orientation (nibabel's lazy image: no voxel read
+    yet), after the refusals; Unreadable otherwise."""
     import nibabel as nib
 
     img, shape = _load(path)
@@ -53,31 +62,23 @@ def header(path: Path, max_pixels: int) -> dict:
         raise Unreadable(f"a volume of {shape[0] * shape[1] * shape[2]:,} voxels is over the limit of "
                          f"{VOLUME_FACTOR * max_pixels:,} ({VOLUME_FACTOR} x MEDSIM_MAX_IMAGE_PIXELS)")
     try:
-        canonical = nib.as_closest_canonical(img) if len(img.shape) >= 3 else img
-        affine = np.asarray(canonical.affine, dtype=float)
-        slices = int(canonical.shape[2]) if len(canonical.shape) >= 3 else 1
+        return nib.as_closest_canonical(img) if len(img.shape) >= 3 else img
     except Exception as err:
         raise Unreadable(f"a NIfTI header medsim cannot orient ({type(err).__name__}: {str(err)[:200]})") from None
-    return {"slices": slices, "affine": np.round(affine, 6).tolist(),
-            "voxel_mm": [round(float(v), 6) for v in canonical.header.get_zooms()[:3]]}
 
 
 def read_slices(path: Path, slices: list, max_pixels: int) -> list[np.ndarray]:
     """The given axial slices of a volume, each (H, W, 1) uint8 or uint16; the volume is
-    read once."""
-    import nibabel as nib
-
-    header(path, max_pixels)  # the same refusals before any voxel is read
-    img, _ = _load(path)
+    read once, after the same refusals as its header."""
+    vol = _checked(path, max_pixels)
     try:
-        vol = nib.as_closest_canonical(img) if len(img.shape) >= 3 else img
         data = np.asarray(vol.dataobj, dtype=np.float32)
     except Exception as err:
         raise Unreadable(f"cannot read its voxels ({type(err).__name__}: {str(err)[:200]})") from None
     data = data.reshape(data.shape[:3] if data.ndim >= 3 else data.shape + (1,) * (3 - data.ndim))
     finite = data[np.isfinite(data)]
     lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-    eight = img.get_data_dtype() == np.uint8
+    eight = vol.get_data_dtype() == np.uint8
     top = 255 if eight else 65535
     out = []
     for k in slices:
