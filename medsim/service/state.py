@@ -84,7 +84,7 @@ class Service:
         self.owner = ConnectionPool(owner_url, min_size=1, max_size=4, open=False, name="medsim-owner",
                                     kwargs={"autocommit": True}, configure=db.register, timeout=10)
         self.nets: dict[int, object] = {}  # model id -> network (torch), loaded once
-        self.indexes: dict[int, object] = {}  # model id -> faiss_index.Built
+        self.indexes: dict[tuple, object] = {}  # (model id, splits) -> faiss_index.Built
         self.cals: dict[int, tuple] = {}  # model id -> (loaded at, calibrations)
         self.lock = threading.Lock()  # loading a model or an index happens once, not per racing request
 
@@ -183,7 +183,7 @@ class Service:
         the gallery version moved; StaleIndex when even the latest build no longer matches."""
         from medsim.search import faiss_index
 
-        key = model_id if tuple(splits) == GALLERY_SPLITS else (model_id, tuple(splits))
+        key = (model_id, tuple(splits))
         built = self.indexes.get(key)
         if built is not None and faiss_index.still_fresh(conn, built):
             return built

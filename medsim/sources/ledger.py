@@ -20,9 +20,10 @@ import json
 import os
 from pathlib import Path
 
-from medsim.errors import Unreadable
+from medsim.errors import NotFound, Unreadable
 from medsim.images import files
 from medsim.queries import Q
+from medsim.sources import boundary
 
 IN_MEMORY_MAX = 256 * 1024 * 1024  # bigger files are hashed in a stream and decoded from disk
 
@@ -116,20 +117,16 @@ def locate(conn, ring, image_id: int, root: Path, follow_links: bool = False) ->
     or None. medsim keeps file paths only keyed: the admin names the folder, and each file's
     path is hashed with the key until one matches (a frame's or a slice's index is in the
     image's metadata)."""
-    from medsim.sources import boundary
-
     found = conn.execute(Q.image_source_path, {"id": image_id}).fetchone()
     if found is None:
-        from medsim.errors import NotFound
-
         raise NotFound(f"no image with id {image_id}")
     stored, meta = found
     if stored is None:
         return None
     suffix = (f"#frame{meta['frame']}" if "frame" in (meta or {}) else
               f"#slice{meta['slice']}" if "slice" in (meta or {}) else "")
-    files, _ = boundary.walk(Path(root), follow_links)
-    for rel, _size in files:
+    listed, _ = boundary.walk(Path(root), follow_links)
+    for rel, _size in listed:
         if ring.path(f"{rel}{suffix}") == stored:
             return f"{rel}{suffix}"
     return None

@@ -20,7 +20,9 @@ What a sync does, in order:
 
 from __future__ import annotations
 
+import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import date
 from functools import partial
@@ -90,18 +92,17 @@ def sync(conn, url: str, name: str, *, label_tag: str, filters: dict | None = No
         src = conn.execute(Q.pacs_source, {"name": name, "url": server.url}).fetchone()
         cursor = (src[1] or {}) if src and not full else {}
         root = orthanc_root(server)
+        template = _viewer(viewer, root)
         report = SyncReport(name, server.url, "full")
         filters = dict(filters or {})
         raw, mark = _listing(server, root, cursor, filters, list(studies), limit, label_tag, report)
         items = listed(raw, label_tag)
         report.listed = len(items)
-        per_series = {}
-        for i in {(i.study, i.series, i.sop) for i in items}:
-            per_series[i[:2]] = per_series.get(i[:2], 0) + 1
+        per_series = Counter((study, series) for study, series, _ in {(i.study, i.series, i.sop) for i in items})
         items = _not_settled(conn, src[0] if src else None, items, ring, report)
         source = PacsSource(server, items, label_tag, max_side, per_series)
         unsettled: list = []  # fetches that failed this time (_record counts them)
-        recorder = partial(_record, server.url, root is not None, _viewer(viewer, root), {
+        recorder = partial(_record, server.url, root is not None, template, {
             (i.sop, i.frame or 0): orthanc_study_id(i.patient_id or "", i.study) for i in items}, unsettled)
         try:
             if items:
@@ -114,13 +115,13 @@ def sync(conn, url: str, name: str, *, label_tag: str, filters: dict | None = No
         sid = scalar(conn, Q.pacs_source, {"name": name, "url": server.url})
         if sid is None and (report.archive is not None or prune):  # nothing new at all: the row still records us
             with conn.transaction():
-                sid = _source_row(conn, name, server.url, root is not None, _viewer(viewer, root))
+                sid = _source_row(conn, name, server.url, root is not None, template)
         if sid is not None:
             with conn.transaction():
                 if viewer:
-                    conn.execute(Q.pacs_set_viewer, {"id": sid, "viewer": _viewer(viewer, root)})
+                    conn.execute(Q.pacs_set_viewer, {"id": sid, "viewer": template})
                 if not report.unsettled and mark:
-                    conn.execute(Q.pacs_set_cursor, {"id": sid, "cursor": _json(mark)})
+                    conn.execute(Q.pacs_set_cursor, {"id": sid, "cursor": json.dumps(mark)})
                     report.cursor = mark
             if prune:
                 report.pruned = _prune(conn, server, sid, name)
@@ -230,8 +231,3 @@ def _prune(conn, server: Server, source_id: int, name: str) -> int:
         conn.execute(Q.pacs_forget, {"source_id": source_id, "sops": gone})
     return len(ids)
 
-
-def _json(x) -> str:
-    import json
-
-    return json.dumps(x)
