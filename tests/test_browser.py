@@ -114,6 +114,18 @@ def sign_in(browser, wait, token: str) -> None:
     assert browser.find_element(By.ID, "login").get_attribute("hidden") is not None
 
 
+def open_search(browser, url: str, token: str, cards: int):
+    """A search's URL opened, the token given, and its cards drawn -> the WebDriverWait."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url)
+    wait = WebDriverWait(browser, 30)
+    sign_in(browser, wait, token)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .card")) == cards)
+    return wait
+
+
 def test_upload_then_click_a_neighbour(server, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -335,17 +347,13 @@ def test_neighbour_view_export_browse_and_accessibility(server, browser, tmp_pat
     import csv
 
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     base, conn, (token, _) = server
     qid = conn.execute("SELECT min(id) FROM medsim.images WHERE split = 'test'").fetchone()[0]
     downloads = tmp_path / "downloads"
     downloads.mkdir()
     browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
-    browser.get(f"{base}/?image_id={qid}&k=8")
-    wait = WebDriverWait(browser, 30)
-    sign_in(browser, wait, token)
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .card")) == 8)
+    wait = open_search(browser, f"{base}/?image_id={qid}&k=8", token, 8)
     wait.until(lambda d: d.execute_script(
         "return [...document.querySelectorAll('#grid img')].every(i => i.complete && i.naturalWidth > 0)"))
     assert (v := axe_violations(browser)) == [], v
@@ -478,15 +486,11 @@ def test_search_by_a_region_dragged_on_the_query(server, browser):
     restores the first answer."""
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     base, conn, (token, _) = server
     qid = conn.execute("SELECT min(id) FROM medsim.images i WHERE split = 'test' AND dataset_id = "
                        "(SELECT id FROM medsim.datasets WHERE flag = 'retinamnist')").fetchone()[0]
-    browser.get(f"{base}/?image_id={qid}&k=8")
-    wait = WebDriverWait(browser, 30)
-    sign_in(browser, wait, token)
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .card")) == 8)
+    wait = open_search(browser, f"{base}/?image_id={qid}&k=8", token, 8)
     first = [c.get_attribute("data-image-id") for c in browser.find_elements(By.CSS_SELECTOR, "#grid .card")]
     searches = browser.find_element(By.TAG_NAME, "body").get_attribute("data-searches")
     browser.find_element(By.ID, "region-btn").click()
@@ -509,7 +513,6 @@ def test_results_from_a_pacs_open_its_viewer(server, browser, tmp_path, monkeypa
     """A study synced from a real Orthanc: its images' cards and the neighbour view's record
     carry a link to the study in Orthanc's own explorer, which answers."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     from medsim.sources import pacs
     from tests import orthanc
@@ -532,10 +535,7 @@ def test_results_from_a_pacs_open_its_viewer(server, browser, tmp_path, monkeypa
         embed_all(conn.info.dsn)
         query = conn.execute("SELECT i.id FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id "
                              "WHERE d.flag = 'ward' ORDER BY i.id LIMIT 1").fetchone()[0]
-        browser.get(f"{base}/?image_id={query}&k=4&dataset=ward")
-        wait = WebDriverWait(browser, 30)
-        sign_in(browser, wait, token)
-        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .card")) == 4)
+        wait = open_search(browser, f"{base}/?image_id={query}&k=4&dataset=ward", token, 4)
         links = [a.get_attribute("href") for a in browser.find_elements(By.CSS_SELECTOR, "#grid .card a.pacs")]
         assert len(links) == 4 and all(h.startswith(f"{o.root}/app/explorer.html#study?uuid=") for h in links)
         assert all(o.http.get(h, timeout=10).status_code == 200 for h in links)
@@ -558,15 +558,11 @@ def test_the_page_fits_a_phone(server, browser):
     """At a phone's width (390 CSS px) nothing scrolls sideways: the search with its
     results, the neighbour view, and browse. (Was checked by hand only.)"""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     base, conn, (token, _) = server
     browser.set_window_size(390, 844)
     qid = conn.execute("SELECT min(id) FROM medsim.images WHERE split = 'test'").fetchone()[0]
-    browser.get(f"{base}/?image_id={qid}&k=8")
-    wait = WebDriverWait(browser, 30)
-    sign_in(browser, wait, token)
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .card")) == 8)
+    wait = open_search(browser, f"{base}/?image_id={qid}&k=8", token, 8)
     overflow = "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
     assert browser.execute_script("return window.innerWidth") <= 400
     assert browser.execute_script(overflow) <= 0
