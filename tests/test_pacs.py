@@ -377,3 +377,13 @@ def test_an_answer_over_the_size_limit_is_refused_before_it_is_read(conn, server
     r = run(conn, server)
     assert r.archive.added == 4
     assert [k for k, _ in fetched.fetches] == ["series"] + ["instance"] * 4
+
+
+def test_a_second_key_is_refused_before_anything_is_fetched(conn, server, filled, monkeypatch):
+    run(conn, server)
+    fetched = Counting(monkeypatch)
+    add_study(server, "P8", 3, "benign", seed=18)
+    monkeypatch.setenv("MEDSIM_PATIENT_KEY", "another key, also long enough")
+    with pytest.raises(BadArgument, match="hashed with another key"):
+        run(conn, server)
+    assert fetched.fetches == [] and conn.execute("SELECT count(*) FROM medsim.images").fetchone() == (54,)
