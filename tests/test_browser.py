@@ -543,11 +543,11 @@ def test_results_from_a_pacs_open_its_viewer(server, browser, tmp_path, monkeypa
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#record a.pacs"))
         assert browser.find_element(By.CSS_SELECTOR, "#record a.pacs").get_attribute("href") == links[0]
         assert axe_violations(browser) == []
-        # the gallery's splits from the URL: every image on file, the query still not its own neighbour
-        browser.get(f"{base}/?image_id={query}&k=4&dataset=ward&splits=train,val,test")
+        # the gallery's splits from the URL: train and val only, the query still not its own neighbour
+        browser.get(f"{base}/?image_id={query}&k=4&dataset=ward&splits=train,val")
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#grid .card")) == 4)
-        assert browser.find_element(By.ID, "splits").get_attribute("value") == "train,val,test"
-        assert "nearest from every image on file" in browser.find_element(By.ID, "summary").text
+        assert browser.find_element(By.ID, "splits").get_attribute("value") == "train,val"
+        assert "nearest from the train and val images" in browser.find_element(By.ID, "summary").text
         ids = [int(c.get_attribute("data-image-id")) for c in browser.find_elements(By.CSS_SELECTOR, "#grid .card")]
         assert query not in ids
     finally:

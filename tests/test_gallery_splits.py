@@ -1,6 +1,6 @@
-"""Which splits form the gallery is a request option: train + val by default (what FAISS
-builds hold), every split to see everything on file, train alone for the evaluation
-protocol; the same answer from every engine and door, and one sentence for what cannot be."""
+"""Which splits form the gallery is a request option: every split by default (everything a
+person may see, and what FAISS builds hold), train + val, or train alone for the
+evaluation protocol; the same answer from every engine and door, and one sentence for what cannot be."""
 
 from __future__ import annotations
 
@@ -25,35 +25,42 @@ def a_test_image(conn) -> int:
 def test_the_splits_a_search_looks_among(embedded):
     conn, mid = embedded
     q = a_test_image(conn)
-    [(_, default)] = search(conn, [q], k=40)
-    assert {h.split for h in default} <= {"train", "val"}
-    [(query, every)] = search(conn, [q], k=40, filters=Filters(splits="train,val,test"))
-    assert "test" in {h.split for h in every} and q not in {h.image_id for h in every}  # never itself
-    assert query.in_gallery == [q]  # a test image is in this search's gallery
+    [(query, default)] = search(conn, [q], k=40)
+    assert "test" in {h.split for h in default} and q not in {h.image_id for h in default}  # never itself
+    assert query.in_gallery == [q]  # a test image is in the default gallery
+    [(_, every)] = search(conn, [q], k=40, filters=Filters(splits="train,val,test"))
+    assert [h.image_id for h in every] == [h.image_id for h in default]
+    [(query, trainval)] = search(conn, [q], k=40, filters=Filters(splits="train,val"))
+    assert {h.split for h in trainval} == {"train", "val"} and query.in_gallery == []
     [(_, train)] = search(conn, [q], k=40, filters=Filters(splits=("train",)))
     assert {h.split for h in train} == {"train"}
     # pgvector (HNSW) and exact agree on every split set: the same function, one rule
-    for splits in ("train,val,test", "train"):
+    for splits in ("train,val,test", "train,val", "train"):
         [(_, a)] = search(conn, [q], k=10, filters=Filters(splits=splits), engine="exact")
         [(_, b)] = search(conn, [q], k=10, filters=Filters(splits=splits))
         assert [h.image_id for h in a] == [h.image_id for h in b]
-    # plain SQL: the function's new argument, with its default unchanged
-    got = conn.execute("SELECT split FROM medsim.search_gallery((SELECT embedding FROM medsim.embeddings "
-                       "WHERE image_id = %s), 40, %s, '{}', NULL, %s, NULL, ARRAY['test'])", (q, mid, q)).fetchall()
+    # plain SQL: the function's splits argument, every split when it is left out
+    vec = "(SELECT embedding FROM medsim.embeddings WHERE image_id = %s)"
+    got = conn.execute(f"SELECT split FROM medsim.search_gallery({vec}, 40, %s, '{{}}', NULL, %s, NULL, "
+                       "ARRAY['test'])", (q, mid, q)).fetchall()
     assert got and {s for (s,) in got} == {"test"}
+    got = conn.execute(f"SELECT image_id FROM medsim.search_gallery({vec}, 40, %s, '{{}}', NULL, %s)",
+                       (q, mid, q)).fetchall()
+    assert [i for (i,) in got] == [h.image_id for h in default]
 
 
 def test_faiss_answers_only_for_the_splits_it_was_built_over(embedded, tmp_path):
     conn, mid = embedded
     q = a_test_image(conn)
-    faiss_index.build(conn, mid, "flat", out_dir=tmp_path)  # train + val, the default
-    with pytest.raises(NotFound, match=r"no FAISS index over train, val, test built for model \d+: run "
-                                       r"`medsim index build --splits train,val,test`"):
-        search(conn, [q], k=5, engine="faiss", filters=Filters(splits=ALL))
-    faiss_index.build(conn, mid, "flat", out_dir=tmp_path, splits=ALL)
-    [(_, f)] = search(conn, [q], k=8, engine="faiss", filters=Filters(splits=ALL))
-    [(_, e)] = search(conn, [q], k=8, engine="exact", filters=Filters(splits=ALL))
-    assert [h.image_id for h in f] == [h.image_id for h in e]
+    faiss_index.build(conn, mid, "flat", out_dir=tmp_path)  # every split, the default
+    with pytest.raises(NotFound, match=r"no FAISS index over train, val built for model \d+: run "
+                                       r"`medsim index build --splits train,val`"):
+        search(conn, [q], k=5, engine="faiss", filters=Filters(splits="train,val"))
+    for splits in (ALL, ("train", "val")):
+        faiss_index.build(conn, mid, "flat", out_dir=tmp_path, splits=splits)
+        [(_, f)] = search(conn, [q], k=8, engine="faiss", filters=Filters(splits=splits))
+        [(_, e)] = search(conn, [q], k=8, engine="exact", filters=Filters(splits=splits))
+        assert [h.image_id for h in f] == [h.image_id for h in e] and q not in [h.image_id for h in f]
 
 
 def test_bad_splits_are_one_sentence(embedded, capsys):
@@ -75,7 +82,10 @@ def test_over_http(embedded, db_url):
     with TestClient(create_app(ServeConfig(auth=False, database_url=db_url))) as client:
         r = client.post("/search", json={"image_id": q, "k": 40, "splits": "train,val,test"})
         assert r.status_code == 200 and "test" in {n["split"] for n in r.json()["neighbours"]}
+        every = r.json()["neighbours"]
         r = client.post("/search", json={"image_id": q, "k": 40})
-        assert {n["split"] for n in r.json()["neighbours"]} <= {"train", "val"}
+        assert r.json()["neighbours"] == every
+        r = client.post("/search", json={"image_id": q, "k": 40, "splits": "train,val"})
+        assert {n["split"] for n in r.json()["neighbours"]} == {"train", "val"}
         r = client.post("/search", json={"image_id": q, "k": 4, "splits": "holdout"})
         assert r.status_code == 400 and "splits must be some of" in r.json()["detail"]

@@ -28,10 +28,19 @@ def test_tie_aware_recall_on_constructed_vectors():
     assert recall.tie_aware_recall(xq, np.array([[-1, 11]]), D_gt, ids, xb, 2) == 0.5
 
 
+def test_drop_self_leaves_each_query_out_of_its_own_answer():
+    I = np.array([[7, 3, 5], [4, 8, 9], [1, 2, 6]])  # k + 1 = 3 results for queries 3, 4 and 99
+    D = np.array([[0.5, 0.0, 0.7], [0.0, 0.2, 0.3], [0.1, 0.2, 0.3]])
+    kept, dist = recall.drop_self(I, D, np.array([3, 4, 99]), 2)
+    assert kept.tolist() == [[7, 5], [8, 9], [1, 2]]  # 99 is not in its answer: the farthest goes
+    assert dist.tolist() == [[0.5, 0.7], [0.2, 0.3], [0.1, 0.2]]
+
+
 def test_flat_recall_is_exactly_one_and_pgvector_agrees(embedded, tmp_path):
     conn, mid = embedded
     b = faiss_index.build(conn, mid, "flat", out_dir=tmp_path)
-    assert b.meta["n_rows"] == 546 + 78 + 1080 + 120 and b.meta["source_view"] == "medsim.gallery"
+    # every split, the default gallery: the test queries are in it, and each is left out of its own answer
+    assert b.meta["n_rows"] == 546 + 78 + 156 + 1080 + 120 + 400 and b.meta["source_view"] == "medsim.gallery"
     assert (tmp_path / "indexes" / f"model{mid}-flat-build{b.meta['build_id']}.faiss.json").exists()
     r = recall.report(conn, [b], ks=(1, 10, 100), ef_searches=(40,))
     by = {(row["engine"], row["kind"]): row for row in r["rows"]}
@@ -39,7 +48,8 @@ def test_flat_recall_is_exactly_one_and_pgvector_agrees(embedded, tmp_path):
     assert by[("pgvector", "exact")]["recall"]["100"] == 1.0
     assert 0.9 <= by[("pgvector", "hnsw")]["recall"]["10"] <= 1.0
     assert by[("pgvector", "hnsw")]["plan_uses_hnsw"] is True
-    assert r["n_queries"] == 156 + 400
+    assert r["n_queries"] == 156 + 400 and r["queries_in_gallery"] is True
+    assert "each query's own image left out" in recall.format_table(r)
     stored = conn.execute("SELECT build_ids FROM medsim.recall_reports WHERE id = %s",
                           (r["report_id"],)).fetchone()[0]
     assert stored == [b.meta["build_id"]]
@@ -54,13 +64,15 @@ def test_bad_index_recall_is_below_one_and_correct(embedded, tmp_path):
     assert got < 0.5
     # the same number, computed independently: plain set intersection with brute force
     ids, xb = gallery(conn, mid)
-    q = conn.execute("SELECT embedding FROM medsim.query_images WHERE model_id = %s ORDER BY image_id",
+    q = conn.execute("SELECT image_id, embedding FROM medsim.query_images WHERE model_id = %s ORDER BY image_id",
                      (mid,)).fetchall()
-    xq = np.stack([v[0].to_numpy() for v in q])
+    qids, xq = np.array([v[0] for v in q]), np.stack([v[1].to_numpy() for v in q])
     d = ((xq[:, None, :] - xb[None]) ** 2).sum(-1)
+    d[ids[None, :] == qids[:, None]] = np.inf  # the queries are in the gallery: never their own neighbour
     true = ids[np.argsort(d, axis=1)[:, :10]]
-    _, I = faiss_index.search(b.index, xq, 10)
-    expected = np.mean([len(set(t) & set(i)) / 10 for t, i in zip(true, I, strict=True)])
+    _, I = faiss_index.search(b.index, xq, 11)
+    found = [[i for i in row if i != qid][:10] for row, qid in zip(I, qids, strict=True)]
+    expected = np.mean([len(set(t) & set(i)) / 10 for t, i in zip(true, found, strict=True)])
     assert got == pytest.approx(expected, abs=2e-3)  # only exact float ties could differ
 
 
@@ -69,7 +81,7 @@ def test_stale_index_is_refused_and_says_why(embedded, tmp_path, db_url):
     b = faiss_index.build(conn, mid, "flat", out_dir=tmp_path)
     faiss_index.load(conn, b.path)  # fresh: fine
     conn.execute("DELETE FROM medsim.images WHERE id = (SELECT min(image_id) FROM medsim.gallery)")
-    with pytest.raises(StaleIndex, match=r"database now has 1823 \(-1\)"):
+    with pytest.raises(StaleIndex, match=r"database now has 2379 \(-1\)"):
         faiss_index.load(conn, b.path)
     b = faiss_index.build(conn, mid, "flat", out_dir=tmp_path)
     conn.execute("UPDATE medsim.embeddings SET embedding = embedding WHERE false")
@@ -95,17 +107,21 @@ def test_ids_map_to_images_after_deletes_and_reinserts(embedded, tmp_path, db_ur
                  "pixels, sha256) SELECT dataset_id, split, split_index + 100000, labels, height, width, "
                  "channels, pixels, sha256 FROM medsim.images WHERE split = 'val' ORDER BY id LIMIT 5")
     embed_all(db_url)
+    # the untrained model puts every synthetic image within 1e-3 of the others, under FAISS's
+    # float32 error: spread the stored vectors so "nearest is itself" is a sharp check
+    rng = np.random.default_rng(0)
+    with conn.cursor() as cur:
+        cur.executemany("UPDATE medsim.embeddings SET embedding = %s WHERE model_id = %s AND image_id = %s",
+                        [(rng.standard_normal(64).astype(np.float32), mid, i) for (i,) in conn.execute(
+                            "SELECT image_id FROM medsim.embeddings WHERE model_id = %s", (mid,)).fetchall()])
     b = faiss_index.build(conn, mid, "flat", out_dir=tmp_path)
     ids, xb = gallery(conn, mid)
     _, I = faiss_index.search(b.index, xb, 1)
-    twins = {}  # image id -> ids with byte-identical pixels (the copies and their originals)
-    for (group,) in conn.execute("SELECT array_agg(id) FROM medsim.images GROUP BY sha256 HAVING count(*) > 1"):
-        for i in group:
-            twins[i] = set(group)
-    assert len(twins) == 10
-    for image_id, top in zip(ids, I[:, 0], strict=True):
-        assert top not in deleted
-        assert top in twins.get(image_id, {image_id})  # an image's nearest vector is itself
+    copies = conn.execute("SELECT count(*) FROM (SELECT sha256 FROM medsim.images GROUP BY sha256 "
+                          "HAVING count(*) > 1) c").fetchone()[0]
+    assert copies == 5 and len(ids) == 2380 - 50 + 5
+    assert not set(I[:, 0]) & set(deleted)
+    assert (I[:, 0] == ids).all()  # every vector's nearest is itself: each FAISS id is its image's
 
 
 def test_exact_search_settings_do_not_leak(embedded, db_url):
@@ -125,7 +141,7 @@ def test_cli_build_recall_and_stale_refusal(embedded, tmp_path, capsys):
     conn, mid = embedded
     path = tmp_path / "ix.faiss"
     assert cli.main(["index", "build", "--kind", "ivfflat", "--param", "nlist=8", "--out", str(path)]) == 0
-    assert "built ivfflat index of 1824 vectors" in capsys.readouterr().out
+    assert "built ivfflat index of 2380 vectors" in capsys.readouterr().out
     out_json = tmp_path / "r.json"
     assert cli.main(["recall", "--index", str(path), "-k", "1,10", "--json", str(out_json)]) == 0
     text = capsys.readouterr().out
@@ -141,7 +157,7 @@ def test_cli_build_recall_and_stale_refusal(embedded, tmp_path, capsys):
 @pytest.mark.parametrize("kind, params, message", [
     ("hnsw", {"foo": 1}, "unknown parameter(s) foo for a hnsw index; known: M, efConstruction, efSearch"),
     ("flat", {"nlist": 4}, "unknown parameter(s) nlist for a flat index; known: none"),
-    ("ivfflat", {"nlist": 5000}, "nlist=5000 is more lists than the 1824 vectors"),
+    ("ivfflat", {"nlist": 5000}, "nlist=5000 is more lists than the 2380 vectors"),
     ("ivfflat", {"nprobe": 0}, "must be positive integers: nprobe=0"),
     ("ivfpq", {"nprobe": 1.5}, "must be positive integers: nprobe=1.5"),
     ("seed", {"nbits": 20}, "nbits=20 must be between 1 and 16"),

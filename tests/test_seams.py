@@ -155,7 +155,7 @@ def test_a_new_kind_is_one_entry(embedded, tmp_path, monkeypatch, capsys):
                            lambda n, d: {"nlist": 8, "nprobe": 8}, search_params=("nprobe",))
     monkeypatch.setitem(index_kinds.KINDS, "ivfsq8", sq8)
     assert cli.main(["index", "build", "--kind", "ivfsq8", "--param", "nprobe=4", "--out-dir", str(tmp_path)]) == 0
-    assert "built ivfsq8 index of 1824 vectors" in capsys.readouterr().out
+    assert "built ivfsq8 index of 2380 vectors" in capsys.readouterr().out
     b = faiss_index.load_build(conn, faiss_index.latest_build(conn, mid, "ivfsq8"))
     import faiss
 
@@ -208,7 +208,7 @@ def test_gallery_view_and_python_constant_agree(embedded):
     conn, mid = embedded
     in_view = {r[0] for r in conn.execute("SELECT DISTINCT split FROM medsim.gallery")}
     everything = {r[0] for r in conn.execute("SELECT DISTINCT split FROM medsim.images")}
-    assert in_view == set(GALLERY_SPLITS) and everything - in_view == {"test"}
+    assert in_view == set(GALLERY_SPLITS) == everything  # a person's search sees every split
     # the SQL function reads the view: nothing outside it comes back, and it still uses
     # the model's HNSW index (the view is flattened into the function's query)
     from medsim.search import pgvector_hnsw
@@ -217,6 +217,10 @@ def test_gallery_view_and_python_constant_agree(embedded):
     v = conn.execute("SELECT embedding FROM medsim.embeddings LIMIT 1").fetchone()[0]
     got = {r[0] for r in conn.execute("SELECT split FROM medsim.search_by_vector(%s, 500)", (v,))}
     assert got <= set(GALLERY_SPLITS)
+    # and search_gallery's own default is the same list
+    args = conn.execute("SELECT pg_get_function_arguments('medsim.search_gallery(vector, integer, integer, jsonb, "
+                        "text, bigint, integer, text[])'::regprocedure)").fetchone()[0]
+    assert "p_splits text[] DEFAULT ARRAY[" + ", ".join(f"'{s}'::text" for s in GALLERY_SPLITS) + "]" in args
 
     def index_scans():
         conn.execute("SELECT pg_stat_force_next_flush()")

@@ -36,16 +36,18 @@ def test_search_by_id_excludes_itself_and_matches_exact(embedded, tmp_path):
         ref = exact(conn, mid, gid, 5)
         assert [h.distance for h in hits] == pytest.approx([d for d, _ in ref], abs=1e-5)
         assert {h.image_id for h in hits} == {i for _, i in ref}
-        assert all(h.split in ("train", "val") for h in hits)
+        assert {h.split for h in hits} <= {"train", "val", "test"}
     [(q, hits)] = search(conn, image_ids=[gid], k=3, dataset="retinamnist")
     assert {h.dataset for h in hits} == {"retinamnist"}
     assert [h.image_id for h in hits] == [i for _, i in exact(conn, mid, gid, 3, "retinamnist")]
 
 
-def test_search_by_test_image_is_not_in_gallery(embedded):
+def test_search_by_test_image_is_in_the_default_gallery_only(embedded):
     conn, mid = embedded
     tid = conn.execute("SELECT min(image_id) FROM medsim.query_images").fetchone()[0]
-    [(q, hits)] = search(conn, image_ids=[tid], k=4)
+    [(q, hits)] = search(conn, image_ids=[tid], k=4)  # every split: it is on file, never its own neighbour
+    assert q.in_gallery == [tid] and len(hits) == 4 and tid not in [h.image_id for h in hits]
+    [(q, hits)] = search(conn, image_ids=[tid], k=4, filters=Filters(splits="train,val"))
     assert q.in_gallery == [] and len(hits) == 4 and q.label_name in ("malignant", "normal, benign")
 
 

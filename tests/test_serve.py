@@ -150,7 +150,8 @@ def test_a_dicom_upload_is_searched(api):
     ({"k": 3}, 400, "exactly one query"),
     ({"vector": [0.5, 0.5]}, 400, "the vector has 2 values; model"),
     ({"image_id": 987654321}, 404, "no image with id 987654321"),
-    ({"image_id": 1, "filters": {"split": "test"}}, 400, "this search's gallery holds only train, val"),
+    ({"image_id": 1, "filters": {"split": "test"}, "splits": "train,val"}, 400,
+     "this search's gallery holds only train, val"),
     ({"image_id": 1, "per_patient": 0}, 400, "per_patient: Input should be greater than or equal to 1"),
 ])
 def test_bad_json_requests_are_refused_and_named(api, payload, status, says):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from medsim.cli.common import MODEL, OUT_DIR, READ_URL, connect, key_values, ks, numbers
 from medsim.errors import BadArgument
-from medsim.search import ENGINES, MAX_K
+from medsim.search import ENGINES, GALLERY_SPLITS, MAX_K
 from medsim.search.index_kinds import KINDS
 
 
@@ -107,8 +107,8 @@ def register(sub) -> None:
     s.add_argument("--dataset", default=None, help="only neighbours from this dataset")
     s.add_argument("--label", default=None, help="only neighbours with this label")
     s.add_argument("--split", default=None, choices=["train", "val", "test"], help="only neighbours from this split")
-    s.add_argument("--splits", default="train,val", metavar="SPLITS",
-                   help="the splits to search among: train,val (default), train,val,test (every image on file) "
+    s.add_argument("--splits", default=",".join(GALLERY_SPLITS), metavar="SPLITS",
+                   help="the splits to search among: train,val,test (default: every image on file), train,val, "
                         "or train (the evaluation protocol)")
     s.add_argument("--filter", action="append", metavar="KEY=VALUE",
                    help="only neighbours whose metadata KEY is VALUE (repeatable; a repeated key means any of "
@@ -137,7 +137,8 @@ def register(sub) -> None:
                    help="index type: " + "; ".join(f"{k.name} = {k.about}" for k in KINDS.values()))
     b.add_argument("--param", action="append", metavar="KEY=VALUE",
                    help="override a parameter, e.g. nlist=64, nprobe=16, M=32, efSearch=128 (repeatable)")
-    b.add_argument("--splits", default="train,val", help="gallery splits (default train,val = medsim.gallery)")
+    b.add_argument("--splits", default=",".join(GALLERY_SPLITS),
+                   help="gallery splits (default train,val,test = medsim.gallery, what a search looks among)")
     b.add_argument("--out", default=None,
                    help="index file (default <out-dir>/indexes/model<ID>-<kind>-build<BUILD>.faiss)")
     b.set_defaults(func=cmd_index)

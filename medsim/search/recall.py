@@ -104,6 +104,17 @@ def tie_aware_recall(xq, I_res, D_gt, gallery_ids, xb, k: int) -> float:
     return hits / (len(xq) * kk)
 
 
+def drop_self(I: np.ndarray, D: np.ndarray | None, qids: np.ndarray, k: int):
+    """Results for k + 1 neighbours -> k, without each query's own image. When the
+    queries are in the gallery (the default gallery holds every split), every engine finds
+    the query itself at distance 0: recall is then measured as if it were not there, the
+    same for the ground truth and for the engine under test."""
+    keep = qids[:, None] != I
+    keep[keep.sum(axis=1) > k, -1] = False  # the query was not found: drop the farthest
+    I = I[keep].reshape(len(I), k)
+    return I, (None if D is None else D[keep].reshape(len(D), k))
+
+
 def latency_stats(lat: np.ndarray) -> dict:
     return {"qps": float(len(lat) / lat.sum()), "p50_ms": float(np.percentile(lat, 50) * 1e3),
             "p99_ms": float(np.percentile(lat, 99) * 1e3)}
@@ -127,25 +138,36 @@ def report(conn, builds: list, ks=DEFAULT_KS, query_splits=("test",), ef_searche
         pick = np.sort(np.random.default_rng(seed).choice(n_all, max_queries, replace=False))
         qrows = [qrows[i] for i in pick]
     xq = np.stack([r[1].to_numpy() for r in qrows]).astype(np.float32)
+    qids = np.array([r[0] for r in qrows], np.int64)
     batches = list(faiss_index.read_batches(conn, model_id, splits))
     gallery_ids = np.concatenate([b[0] for b in batches])
     xb = np.concatenate([b[1] for b in batches])
     kmax = max(ks)
+    # queries inside the gallery: one more neighbour each, then their own image dropped
+    inside = bool(set(query_splits) & set(splits))
+    kq = kmax + 1 if inside else kmax
+
+    def own(I, D=None):
+        return drop_self(I, D, qids, kmax) if inside else (I, D)
+
     t_gt = time.perf_counter()
-    D_gt, I_gt, lat, _ = pgvector_search(conn, model_id, row.embedding_dim, xq, kmax, splits, exact=True)
+    D_gt, I_gt, lat, _ = pgvector_search(conn, model_id, row.embedding_dim, xq, kq, splits, exact=True)
     t_gt = time.perf_counter() - t_gt
+    I_gt, D_gt = own(I_gt, D_gt)
     rows = [{"engine": "pgvector", "kind": "exact", "params": {},
              "recall": {str(k): tie_aware_recall(xq, I_gt, D_gt, gallery_ids, xb, k) for k in ks},
              **latency_stats(lat)}]
     if pgvector_hnsw.exists(conn, model_id):
         for ef in ef_searches:
-            _, I, lat, used = pgvector_search(conn, model_id, row.embedding_dim, xq, kmax, splits,
+            _, I, lat, used = pgvector_search(conn, model_id, row.embedding_dim, xq, kq, splits,
                                               exact=False, ef_search=ef)
+            I, _ = own(I)
             rows.append({"engine": "pgvector", "kind": "hnsw", "params": {"ef_search": ef}, "plan_uses_hnsw": used,
                          "recall": {str(k): tie_aware_recall(xq, I, D_gt, gallery_ids, xb, k) for k in ks},
                          **latency_stats(lat)})
     for b in builds:
-        _, I, lat, batch_qps = faiss_search_timed(b.index, xq, kmax)
+        _, I, lat, batch_qps = faiss_search_timed(b.index, xq, kq)
+        I, _ = own(I)
         rows.append({"engine": "faiss", "kind": b.meta["kind"], "params": b.meta["params"],
                      "build_id": b.meta.get("build_id"), "build_seconds": b.meta["build_seconds"],
                      "recall": {str(k): tie_aware_recall(xq, I, D_gt, gallery_ids, xb, k) for k in ks},
@@ -155,7 +177,8 @@ def report(conn, builds: list, ks=DEFAULT_KS, query_splits=("test",), ef_searche
         r["speedup_vs_exact"] = r["qps"] / exact_qps
     out = {"model_id": model_id, "n_queries": len(xq), "n_query_images": n_all, "ground_truth_s": t_gt,
            "n_gallery": len(gallery_ids),
-           "gallery_splits": list(splits), "query_splits": list(query_splits), "ks": list(ks), "rows": rows}
+           "gallery_splits": list(splits), "query_splits": list(query_splits), "queries_in_gallery": inside,
+           "ks": list(ks), "rows": rows}
     if store:
         out["report_id"] = scalar(conn, Q.insert_recall_report, {
             "model_id": model_id, "build_ids": [b.meta.get("build_id") for b in builds if b.meta.get("build_id")],
@@ -169,7 +192,8 @@ def format_table(r: dict) -> str:
                if r.get("n_query_images", r["n_queries"]) > r["n_queries"] else "")
     lines = [f"recall vs pgvector exact: model {r['model_id']}, {r['n_queries']} queries{sampled} "
              f"({'/'.join(r['query_splits'])}) over {r['n_gallery']} gallery vectors "
-             f"({'/'.join(r['gallery_splits'])})",
+             f"({'/'.join(r['gallery_splits'])})"
+             + ("; each query's own image left out of every engine's answer" if r.get("queries_in_gallery") else ""),
              f"{'engine':9s} {'kind':8s} {'params':34s}" + "".join(f"{'R@' + str(k):>8s}" for k in ks)
              + f"{'q/s':>9s}{'p50 ms':>8s}{'p99 ms':>8s}{'x exact':>8s}"]
     for row in r["rows"]:

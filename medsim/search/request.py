@@ -54,9 +54,9 @@ class Filters:
     where: dict = field(default_factory=dict)
     include_own_patient: bool = False
     per_patient: int | None = None
-    # which splits form the gallery: train + val by default (medsim.gallery, what FAISS
-    # builds hold by default); all three to see everything on file; train alone for the
-    # evaluation protocol. A comma-separated string is taken too (form fields, the CLI).
+    # which splits form the gallery: every split by default (medsim.gallery, what FAISS
+    # builds hold by default); train alone for the evaluation protocol. A comma-separated
+    # string is taken too (form fields, the CLI).
     splits: tuple | str = GALLERY_SPLITS
 
     def __post_init__(self):

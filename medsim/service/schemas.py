@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, Json
 from medsim.search import ENGINES, MAX_K
 from medsim.search.pipeline import Result
 
-FILTERS_HELP = ('only neighbours matching: {"dataset": ..., "label": [...], "split": "train"|"val", '
+FILTERS_HELP = ('only neighbours matching: {"dataset": ..., "label": [...], "split": "train"|"val"|"test", '
                 '"modality": ..., any metadata key}')
 
 
@@ -32,8 +32,8 @@ class SearchOptions(BaseModel):
     max_distance: float | None = Field(None, ge=0, description="drop neighbours farther than this")
     model: int | None = Field(None, description="a model id (default: the current model)")
     splits: str | None = Field(None, max_length=40, description="the splits to search among, comma-separated: "
-                                                                "train,val (the default), train,val,test (every "
-                                                                "image on file) or train (the evaluation protocol)")
+                                                                "train,val,test (the default: every image on "
+                                                                "file), train,val, or train (the evaluation protocol)")
 
 
 class SearchRequest(SearchOptions):

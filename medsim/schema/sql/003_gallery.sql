@@ -18,9 +18,10 @@ FROM medsim.embeddings e
 JOIN medsim.images i ON i.id = e.image_id
 JOIN medsim.datasets d ON d.id = i.dataset_id;
 
--- What similar-image search returns: train + val images.
+-- What similar-image search returns by default: every split (medsim.search.GALLERY_SPLITS).
+-- A search for the literature's protocol names its splits (search_gallery's p_splits).
 CREATE OR REPLACE VIEW medsim.gallery AS
-SELECT * FROM medsim.embedded_images WHERE split IN ('train', 'val');
+SELECT * FROM medsim.embedded_images WHERE split IN ('train', 'val', 'test');
 
 -- What recall is measured with: the held-out test images.
 CREATE OR REPLACE VIEW medsim.query_images AS

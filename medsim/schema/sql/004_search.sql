@@ -12,8 +12,8 @@ DROP FUNCTION IF EXISTS medsim.similar_images(bigint, integer, integer, text);
 DROP FUNCTION IF EXISTS medsim.similar_images(bigint, integer, integer, text, jsonb, boolean, integer);
 DROP FUNCTION IF EXISTS medsim.search_gallery(vector, integer, integer, jsonb, text, bigint, integer);
 
--- The k nearest gallery images to a vector (the gallery: the splits in p_splits, train +
--- val by default, as medsim.gallery), for a model (default: the
+-- The k nearest gallery images to a vector (the gallery: the splits in p_splits, every
+-- split by default, as medsim.gallery), for a model (default: the
 -- current one), passing a filter (medsim.gallery_match: dataset, split, label, any
 -- metadata key), without one patient (p_exclude_patient, a patient_key) or one image, and
 -- with at most p_per_patient images per patient (images without a patient count alone).
@@ -27,7 +27,7 @@ CREATE OR REPLACE FUNCTION medsim.search_gallery(
     p_query vector, p_k integer DEFAULT 4, p_model_id integer DEFAULT NULL,
     p_filter jsonb DEFAULT '{}', p_exclude_patient text DEFAULT NULL,
     p_exclude_image_id bigint DEFAULT NULL, p_per_patient integer DEFAULT NULL,
-    p_splits text[] DEFAULT ARRAY['train', 'val'])
+    p_splits text[] DEFAULT ARRAY['train', 'val', 'test'])
 RETURNS TABLE (image_id bigint, dataset text, split text, label_name text, distance double precision,
                patient_key text, study_id text, label_names text[])
 LANGUAGE plpgsql STABLE AS $$

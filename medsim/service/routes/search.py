@@ -79,7 +79,7 @@ def _check_grants(conn, who: access.Principal, where: dict) -> None:
 
 @router.post("/search", response_model=SearchResponse)
 async def search(body: SearchRequest, svc: ServiceDep, who: Searcher, http: HttpRequest) -> SearchResponse:
-    """Search the gallery (train + val) for the k images nearest a stored image (`image_id`)
+    """Search the gallery (every split by default) for the k images nearest a stored image (`image_id`)
     or a raw embedding (`vector`)."""
     t0 = time.perf_counter()
     given = [name for name in ("image_id", "vector", "upload") if getattr(body, name) is not None]
@@ -98,7 +98,7 @@ async def search(body: SearchRequest, svc: ServiceDep, who: Searcher, http: Http
 @router.post("/search/upload", response_model=SearchResponse)
 async def search_upload(form: Annotated[SearchUpload, Form(media_type="multipart/form-data")],
                         svc: ServiceDep, who: Searcher, http: HttpRequest) -> SearchResponse:
-    """Search the gallery (train + val) for the k images nearest an uploaded image, decoded,
+    """Search the gallery (every split by default) for the k images nearest an uploaded image, decoded,
     windowed and resized exactly as stored images are. The same image on file is
     recognised by its pixels and left out of its own neighbours."""
     t0 = time.perf_counter()

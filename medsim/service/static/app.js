@@ -95,8 +95,8 @@ function failed(ctl, e) {
   showError(e.message);
 }
 
-// which splits a search looks among (the service's default: train and val, as FAISS builds)
-const DEFAULT_SPLITS = "train,val";
+// which splits a search looks among (the service's default: every split, as FAISS builds)
+const DEFAULT_SPLITS = "train,val,test";
 const SPLIT_WORDS = { "train,val": "the train and val images", "train,val,test": "every image on file",
                       "train": "the train images" };
 
