@@ -14,6 +14,7 @@ that `pip install medsim` (a wheel, not only an editable checkout) can migrate:
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from medsim.errors import SchemaNotReady
@@ -114,6 +115,13 @@ def check(conn) -> None:
     row = conn.execute("SELECT version_num FROM public.alembic_version").fetchone() if found else None
     have = row[0] if row else None
     if have == HEAD:
+        # the revision is not the whole schema: sql/ changes without a new revision (a new
+        # argument of search_gallery did), and a database migrated by an older medsim then
+        # answered the first search with "function medsim.search_gallery(...) does not exist"
+        stamp = conn.execute("SELECT obj_description('medsim'::regnamespace, 'pg_namespace')").fetchone()[0]
+        if stamp != sql_stamp():
+            raise SchemaNotReady("the database's views and functions are not this medsim's (another version "
+                                 "applied them): run `medsim migrate` to apply this version's")
         return
     if have is None:
         raise SchemaNotReady("the database has no medsim schema yet: run `medsim migrate` "
@@ -138,6 +146,19 @@ def ensure_user_roles(raw_conn) -> None:
 def sql_files() -> list[Path]:
     """The replaceable objects, in the order their names give (NNN_ prefixes)."""
     return sorted(SQL_DIR.glob("*.sql"))
+
+
+def sql_stamp() -> str:
+    """What apply_sql leaves as the medsim schema's comment: a digest of every sql/ file,
+    so that check() can tell that the views and functions in the database are this code's."""
+    digest = hashlib.sha256()
+    for path in sql_files():
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return f"medsim views and functions {digest.hexdigest()[:16]}"
+
+
+def stamp_statement() -> str:
+    return f"COMMENT ON SCHEMA medsim IS '{sql_stamp()}'"  # hex digits only: nothing to quote
 
 
 # Views are dropped and created again rather than replaced: CREATE OR REPLACE VIEW cannot
@@ -186,3 +207,4 @@ def apply_sql(raw_conn) -> None:
     raw_conn.execute(DROP_VIEWS)
     for path in sql_files():
         raw_conn.execute(path.read_text())
+    raw_conn.execute(stamp_statement())

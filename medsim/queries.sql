@@ -535,6 +535,11 @@ ORDER BY (b.gallery_version IS NOT DISTINCT FROM
          (b.kind = 'flat') DESC, b.id DESC
 LIMIT 1;
 
+-- name: index_build_splits
+-- The split sets a model's builds hold, to say why none answers for another set.
+SELECT DISTINCT array_to_string(b.splits, ', ') FROM medsim.index_builds b
+WHERE b.model_id = %(model_id)s ORDER BY 1;
+
 -- name: builds_before_deletion
 SELECT b.path FROM medsim.index_builds b, medsim.deletions d
 WHERE d.id = %(deletion_id)s AND b.created_at < d.deleted_at;

@@ -53,7 +53,8 @@ def test_faiss_answers_only_for_the_splits_it_was_built_over(embedded, tmp_path)
     conn, mid = embedded
     q = a_test_image(conn)
     faiss_index.build(conn, mid, "flat", out_dir=tmp_path)  # every split, the default
-    with pytest.raises(NotFound, match=r"no FAISS index over train, val built for model \d+: run "
+    with pytest.raises(NotFound, match=r"no FAISS index over train, val built for model \d+ \(its builds hold "
+                                       r"train, val, test\): run "
                                        r"`medsim index build --splits train,val`"):
         search(conn, [q], k=5, engine="faiss", filters=Filters(splits="train,val"))
     for splits in (ALL, ("train", "val")):

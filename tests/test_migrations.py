@@ -166,6 +166,30 @@ def test_sql_is_reapplied_when_already_at_head(db_url):
         assert c.execute("SELECT medsim.label_name(1, '{0}')").fetchone() != ("tampered",)
 
 
+def test_views_and_functions_of_another_version_are_one_sentence(db_url, capsys):
+    """At head, but sql/ applied by another medsim (sql/ changes without a revision): a
+    search used to end in "function medsim.search_gallery(...) does not exist"; now every
+    command says to migrate, and `medsim migrate` makes it whole."""
+    from medsim import cli
+
+    with psycopg.connect(db_url, autocommit=True) as c:
+        migrate.check(c)  # the template was migrated by this code: its stamp matches
+        # what an older medsim left: its own stamp, and a search function without p_splits
+        c.execute("COMMENT ON SCHEMA medsim IS 'medsim views and functions 0123456789abcdef'")
+        c.execute("DROP FUNCTION medsim.search_gallery(vector, integer, integer, jsonb, text, bigint, integer, "
+                  "text[]) CASCADE")
+        assert cli.main(["search", "--image-id", "1"]) == 2
+        err = capsys.readouterr().err
+        assert "views and functions are not this medsim's" in err and "run `medsim migrate`" in err
+        assert "does not exist" not in err
+        assert cli.main(["migrate"]) == 0
+        migrate.check(c)
+        assert c.execute("SELECT to_regprocedure('medsim.search_gallery(vector, integer, integer, jsonb, text, "
+                         "bigint, integer, text[])') IS NOT NULL").fetchone()[0]
+        assert c.execute("SELECT obj_description('medsim'::regnamespace, 'pg_namespace')").fetchone()[0] \
+            == migrate.sql_stamp()
+
+
 @pytest.mark.slow
 def test_a_wheel_install_migrates_an_empty_database(empty_db_url, tmp_path):
     """`pip install .` (a wheel, not an editable checkout) gives a medsim that creates its own

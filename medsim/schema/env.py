@@ -27,6 +27,7 @@ def run_migrations_offline() -> None:
     impl.static_output(migrate.DROP_VIEWS.strip() + ";")
     for path in migrate.sql_files():
         impl.static_output(f"-- {path.name}\n{path.read_text()}")
+    impl.static_output(migrate.stamp_statement() + ";")
 
 
 def run_migrations_online() -> None:

@@ -305,9 +305,12 @@ def latest_build(conn, model_id: int, kind_name: str | None = None, splits=GALLE
     build_id = scalar(conn, Q.latest_index_build, {"model_id": model_id, "splits": list(splits),
                                                    "kind": kind_name})
     if build_id is None:
-        over = "" if tuple(splits) == GALLERY_SPLITS else f" over {', '.join(splits)}"
-        how = f"`medsim index build{'' if not over else ' --splits ' + ','.join(splits)}`"
-        raise NotFound(f"no {kind_name or 'FAISS'} index{over} built for model {model_id}: run {how}"
+        held = [r[0] for r in conn.execute(Q.index_build_splits, {"model_id": model_id})]
+        over = "" if tuple(splits) == GALLERY_SPLITS and not held else f" over {', '.join(splits)}"
+        how = f"`medsim index build{'' if tuple(splits) == GALLERY_SPLITS else ' --splits ' + ','.join(splits)}`"
+        # builds made before every split was the default hold train, val: say so
+        others = f" (its builds hold {' or '.join(held)})" if held else ""
+        raise NotFound(f"no {kind_name or 'FAISS'} index{over} built for model {model_id}{others}: run {how}"
                        + ("" if kind_name else " or use --engine pgvector"))
     return build_id
 
