@@ -51,6 +51,7 @@ RECIPES: dict[str, dict] = {
     "default + wider (32, 64, 128)": dict(model=dict(widths=(32, 64, 128))),
     "default + 56 px input (upsampled)": dict(model=dict(image_size=56)),
     "default + 60 epochs": dict(epochs=60),
+    "default + self-supervised pre-training (SimCLR, 20 epochs on train+val)": dict(pretrain_epochs=20),
 }
 ABLATION = list(RECIPES)[:6]
 ANCHORS = {  # best published 28 px retrieval figures (mAP@5, ACC@1), Mahbod et al. 2024 Table S.1

@@ -6,7 +6,7 @@ from medsim.cli.common import MODEL, OUT_DIR, QUIET, connect
 from medsim.errors import BadArgument
 
 TRAIN_FIELDS = ("epochs", "sampler", "per_class", "steps_per_epoch", "pairs_per_epoch", "batch_size", "lr",
-                "patience", "augment")
+                "patience", "augment", "pretrain_epochs")
 
 
 def cmd_train(args) -> int:
@@ -71,6 +71,9 @@ def register(sub) -> None:
     s.add_argument("--patience", type=int, default=None,
                    help="epochs without improvement of the validation score before stopping "
                         "(default: run every epoch, keep the best)")
+    s.add_argument("--pretrain-epochs", type=int, default=None, metavar="N",
+                   help="N epochs of self-supervised contrastive pre-training (SimCLR) on the train and val "
+                        "images, labels unused, before the supervised stage (default 0: none)")
     s.add_argument("--seed", type=int, default=0, help="random seed for pairs, init and augmentation")
     s.add_argument("--datasets", nargs="+", default=None, metavar="FLAG",
                    help="subsets to train on (default: every ingested one)")

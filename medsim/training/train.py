@@ -22,7 +22,7 @@ import torch
 from medsim import registry
 from medsim.errors import BadArgument
 from medsim.queries import Q
-from medsim.training import augment, data, evaluate, metrics, network
+from medsim.training import augment, data, evaluate, metrics, network, pretrain
 from medsim.training.config import PRESETS, preset
 from medsim.training.pairs import sample_pairs
 
@@ -59,6 +59,9 @@ class TrainConfig:
     select_on: str = "val_map"  # "val_map" (val queries vs train, mAP@5) or "val_auc" (val pairs)
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: none); the
     #                   average is what is validated and kept
+    # epochs of self-supervised contrastive pre-training (medsim.training.pretrain) on the
+    # train and val images, labels unused, before the supervised stage; 0: none
+    pretrain_epochs: int = 0
     device: str = "auto"
 
     def __post_init__(self):
@@ -70,6 +73,8 @@ class TrainConfig:
                 continue
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise BadArgument(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.pretrain_epochs, int) or self.pretrain_epochs < 0:
+            raise BadArgument(f"pretrain_epochs must be 0 or a positive integer, got {self.pretrain_epochs!r}")
         if not self.lr > 0:
             raise BadArgument(f"lr must be positive, got {self.lr!r}")
         if self.mode not in ("label", "dataset"):
@@ -146,6 +151,10 @@ def fit(tr: data.Split, va: data.Split, tcfg: TrainConfig, device=None, progress
     rng = np.random.default_rng(tcfg.seed)
     cfg = preset(tcfg.preset, **(model_overrides or {}))
     net = network.EmbeddingNet(cfg).to(device)
+    x_tr = network.to_input(tr.images)  # (N, 3, S, S), kept on the CPU; batches move to device
+    x_va = network.to_input(va.images)
+    if tcfg.pretrain_epochs:  # train + val images, labels unused; never test
+        pretrain.pretrain(net, torch.cat([x_tr, x_va]), tcfg.pretrain_epochs, tcfg.seed, device, log=log)
     opt = torch.optim.AdamW(net.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
     steps_per_epoch = (tcfg.steps_per_epoch if tcfg.sampler == "pk"
                        else -(-tcfg.pairs_per_epoch // tcfg.batch_size))
@@ -153,8 +162,6 @@ def fit(tr: data.Split, va: data.Split, tcfg: TrainConfig, device=None, progress
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=tcfg.lr, total_steps=tcfg.epochs * steps_per_epoch,
                                                 pct_start=0.1) if tcfg.sampler == "pk" else \
         torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=tcfg.epochs)
-    x_tr = network.to_input(tr.images)  # (N, 3, S, S), kept on the CPU; batches move to device
-    x_va = network.to_input(va.images)
     key_tr = torch.as_tensor(tr.label_keys)
     ds_tr = torch.as_tensor(tr.dataset_ids)
     grade_tr = torch.as_tensor(tr.grades) if tcfg.ordinal else None
