@@ -59,6 +59,25 @@ ANCHORS = {  # best published 28 px retrieval figures (mAP@5, ACC@1), Mahbod et 
 GOALS = {"breastmnist": (91, 89), "pneumoniamnist": (92, 90), "retinamnist": (62, 52)}
 
 
+def rerank_on_val(net, tr, va, te) -> dict:
+    """Re-ranking chosen per subset on validation (bench_rerank's variants; the one with
+    the best val mAP@5, the plain search on a tie), then measured on test -> per subset
+    {chosen, test mAP@5 / ACC@1 plain and chosen}."""
+    from bench_rerank import lit, variants
+
+    z = {name: network.embed(net, s.images) for name, s in (("train", tr), ("val", va), ("test", te))}
+    out = {}
+    for d in np.unique(te.dataset_ids):
+        bm = tr.dataset_ids == d
+        vm, tm = va.dataset_ids == d, te.dataset_ids == d
+        val = {k: lit(I, va, tr, vm, bm) for k, (I, _) in variants(z["val"][vm], z["train"][bm]).items()}
+        test = {k: lit(I, te, tr, tm, bm) for k, (I, _) in variants(z["test"][tm], z["train"][bm]).items()}
+        chosen = max(val, key=lambda k: (val[k][0], k == "plain search"))
+        out[te.flags[int(d)]] = {"chosen": chosen, "val": val[chosen], "plain": test["plain search"],
+                                 "test": test[chosen]}
+    return out
+
+
 def measure(net, tr, va, te) -> dict:
     z = {name: network.embed(net, s.images) for name, s in (("train", tr), ("val", va), ("test", te))}
     lit = evaluate.literature(z["test"], te, z["train"], tr, "l2")
@@ -78,6 +97,8 @@ def main() -> None:
     p.add_argument("--jsonl", default=None, help="append one JSON line per training here")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="extra TrainConfig overrides for every recipe (JSON values)")
+    p.add_argument("--rerank", action="store_true",
+                   help="also choose a re-ranking per subset on validation and measure it on test")
     p.add_argument("--report", default=None, metavar="JSONL",
                    help="print the table from the RESULT lines stored by --jsonl (no training)")
     a = p.parse_args()
@@ -119,6 +140,12 @@ def main() -> None:
                                           model_overrides=model_overrides)
             secs = time.perf_counter() - t0
             m = measure(net, tr, va, te)
+            if a.rerank:
+                m["rerank"] = rerank_on_val(net, tr, va, te)
+                for f, r in m["rerank"].items():
+                    print(f"RERANK seed={seed} {f}: chosen on val {r['chosen']!r}; test mAP@5 / ACC@1 "
+                          f"{r['plain'][0]:.1f} / {r['plain'][1]:.1f} plain -> {r['test'][0]:.1f} / {r['test'][1]:.1f}",
+                          flush=True)
             m.update(recipe=name, seed=seed, train_s=secs, epochs=len(history), best_epoch=best["epoch"],
                      baseline={f: {"map@5": b["map@5"], "acc@1": b["acc@1"]} for f, b in px.items()})
             results.setdefault(name, []).append(m)
