@@ -10,30 +10,27 @@ split, each query's own image left out, with the model's stored calibration.
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 
-from medsim import db, registry
-from medsim.training import calibration, data, metrics, network, vote_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_rerank import current_model_splits  # noqa: E402
+
+from medsim import db  # noqa: E402
+from medsim.search import recall  # noqa: E402
+from medsim.training import calibration, metrics, vote_model  # noqa: E402
 
 KS = (1, 5, 10, 20, 50)
 
 
-def without_self(D: np.ndarray, I: np.ndarray, own: np.ndarray, k: int):
-    keep = own[:, None] != I
-    keep[keep.sum(1) > k, -1] = False  # not found among the k + 1: drop the farthest
-    return D[keep].reshape(len(D), k), I[keep].reshape(len(I), k)
-
-
 def main() -> None:
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    row, _, S, Z = current_model_splits()
     with db.connect() as conn:
-        row = registry.get(conn, "current")
-        net = row.load(conn)
-        S = {s: data.load_split(conn, [s], row.datasets, input_size=net.cfg.image_size) for s in ("train", "val", "test")}
         cal = {r[0]: r[1] for r in conn.execute("SELECT dataset, report FROM medsim.calibrations WHERE model_id = %s",
                                                 (row.id,))}
-    Z = {s: network.embed(net, S[s].images) for s in S}
     print(f"model {row.id}; test ECE of P(same) and of the vote (claimed / right), k = {', '.join(map(str, KS))}")
     for d in np.unique(S["test"].dataset_ids):
         flag = S["test"].flags[int(d)]
@@ -48,7 +45,7 @@ def main() -> None:
         for name, (zb, kb, self_in) in galleries.items():
             D, I = metrics.knn_search(zt, zb, max(KS) + self_in)
             if self_in:  # the test queries are the gallery's last rows, in order
-                D, I = without_self(D, I, len(zb) - len(zt) + np.arange(len(zt)), max(KS))
+                I, D = recall.drop_self(I, D, len(zb) - len(zt) + np.arange(len(zt)), max(KS))
             L = kb[I]
             cells = []
             for k in KS:

@@ -59,13 +59,16 @@ ANCHORS = {  # best published 28 px retrieval figures (mAP@5, ACC@1), Mahbod et 
 GOALS = {"breastmnist": (91, 89), "pneumoniamnist": (92, 90), "retinamnist": (62, 52)}
 
 
-def rerank_on_val(net, tr, va, te) -> dict:
+def embeddings(net, tr, va, te) -> dict:
+    return {name: network.embed(net, s.images) for name, s in (("train", tr), ("val", va), ("test", te))}
+
+
+def rerank_on_val(z, tr, va, te) -> dict:
     """Re-ranking chosen per subset on validation (bench_rerank's variants; the one with
     the best val mAP@5, the plain search on a tie), then measured on test -> per subset
     {chosen, test mAP@5 / ACC@1 plain and chosen}."""
     from bench_rerank import lit, variants
 
-    z = {name: network.embed(net, s.images) for name, s in (("train", tr), ("val", va), ("test", te))}
     out = {}
     for d in np.unique(te.dataset_ids):
         bm = tr.dataset_ids == d
@@ -78,8 +81,7 @@ def rerank_on_val(net, tr, va, te) -> dict:
     return out
 
 
-def measure(net, tr, va, te) -> dict:
-    z = {name: network.embed(net, s.images) for name, s in (("train", tr), ("val", va), ("test", te))}
+def measure(z, tr, va, te) -> dict:
     lit = evaluate.literature(z["test"], te, z["train"], tr, "l2")
     lit_val = evaluate.literature(z["val"], va, z["train"], tr, "l2")
     pairs = evaluate.pair_verification(z["val"], va, z["test"], te, "dataset")
@@ -139,9 +141,10 @@ def main() -> None:
             net, history, best = train.fit(tr, va, tcfg, log=lambda *_: None,
                                           model_overrides=model_overrides)
             secs = time.perf_counter() - t0
-            m = measure(net, tr, va, te)
+            z = embeddings(net, tr, va, te)  # once per training, for both measurements
+            m = measure(z, tr, va, te)
             if a.rerank:
-                m["rerank"] = rerank_on_val(net, tr, va, te)
+                m["rerank"] = rerank_on_val(z, tr, va, te)
                 for f, r in m["rerank"].items():
                     print(f"RERANK seed={seed} {f}: chosen on val {r['chosen']!r}; test mAP@5 / ACC@1 "
                           f"{r['plain'][0]:.1f} / {r['plain'][1]:.1f} plain -> {r['test'][0]:.1f} / {r['test'][1]:.1f}",

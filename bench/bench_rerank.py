@@ -45,13 +45,20 @@ def variants(xq: np.ndarray, xb: np.ndarray) -> dict:
     return out
 
 
-def main() -> None:
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+def current_model_splits():
+    """The database's current model with its three splits and their embeddings ->
+    (model row, network, {split: data.Split}, {split: embeddings}); shared with
+    bench_calibration_gallery.py."""
     with db.connect() as conn:
         row = registry.get(conn, "current")
         net = row.load(conn)
         S = {s: data.load_split(conn, [s], row.datasets, input_size=net.cfg.image_size) for s in ("train", "val", "test")}
-    Z = {s: network.embed(net, S[s].images) for s in S}
+    return row, net, S, {s: network.embed(net, S[s].images) for s in S}
+
+
+def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    row, _, S, Z = current_model_splits()
     print(f"model {row.id} ({row.preset}); mAP@5 / ACC@1 in %, val and test queries against train")
     print("| subset | variant | val mAP@5 / ACC@1 | test mAP@5 / ACC@1 | ms per query over the plain search |")
     print("| --- | --- | --- | --- | --- |")

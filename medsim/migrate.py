@@ -15,6 +15,7 @@ that `pip install medsim` (a wheel, not only an editable checkout) can migrate:
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 from pathlib import Path
 
 from medsim.errors import SchemaNotReady
@@ -148,9 +149,11 @@ def sql_files() -> list[Path]:
     return sorted(SQL_DIR.glob("*.sql"))
 
 
+@lru_cache(maxsize=1)
 def sql_stamp() -> str:
     """What apply_sql leaves as the medsim schema's comment: a digest of every sql/ file,
-    so that check() can tell that the views and functions in the database are this code's."""
+    so that check() can tell that the views and functions in the database are this code's.
+    Once per process: the files are this code's, and check() also serves /health."""
     digest = hashlib.sha256()
     for path in sql_files():
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
