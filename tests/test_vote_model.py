@@ -99,3 +99,47 @@ def test_a_query_farther_than_validation_saw_gets_no_vote_probability():
     assert v["no_confidence_because"].startswith("unlike anything on file")
     v = calibration.vote(near, {}, "ds")
     assert v["confidence"] is None and "no calibration for ds" in v["no_confidence_because"]
+
+
+def test_the_unlike_rule_holds_the_voting_dataset_s_nearest_against_its_threshold():
+    """Found by hand: pydicom's CT_small.dcm, searched without a filter on the demo's
+    database, found CTs of unlabelled archives at distance 0 and then voted breastmnist
+    (2 of 5, P(right) 0.20) with its nearest breastmnist neighbour at 0.26, past breast's
+    threshold. The CTs' distance is not evidence about a breastmnist vote."""
+    from medsim.search.engines import Hit
+
+    cal = calibration.Calibration("ds", 2.0, -10.0, 0.0, 0.0, {"5": [0.0, 2.0, -1.0]}, ood_d1=0.3)
+    hits = [Hit(1, "ct-archive", "train", None, [], 0.0), Hit(2, "other-ct", "train", None, [], 0.0),
+            Hit(3, "ds", "train", "a", ["a"], 0.9), Hit(4, "ds", "train", "a", ["a"], 0.95),
+            Hit(5, "third", "train", "x", ["x"], 0.1)]
+    v = calibration.vote(hits, {"ds": cal}, None)
+    assert v["dataset"] == "ds" and v["votes"] == 2 and v["of"] == 5
+    assert v["unlike_anything_on_file"] and v["confidence"] is None
+    assert "nearest ds neighbour is farther (0.900)" in v["no_confidence_because"]
+    hits[2] = Hit(3, "ds", "train", "a", ["a"], 0.2)  # one near ds image: the vote has its probability
+    v = calibration.vote(hits, {"ds": cal}, None)
+    assert not v["unlike_anything_on_file"] and v["confidence"] is not None
+
+
+def test_the_unlike_threshold_pools_validation_with_training_images_leave_one_out(monkeypatch):
+    rng = np.random.default_rng(3)
+    zb = rng.normal(size=(300, 8)).astype(np.float32)
+    zb[7] = zb[3]  # a duplicate: its nearest other image is at 0, not itself
+    d = vote_model.train_nearest(zb)
+    from medsim.training import metrics
+
+    full = metrics.knn_search(zb, zb, k=len(zb))[0]
+    assert d.shape == (300,) and d[3] < 1e-3 and d[7] < 1e-3
+    # every other image: its nearest other image, never itself (distance ~0)
+    assert np.allclose(np.delete(d, [3, 7]), np.delete(full[:, 1], [3, 7]), atol=1e-5) and d.min() >= 0
+    assert np.delete(d, [3, 7]).min() > 0.5
+    # 10 validation distances cannot make a 99th percentile alone: the pooled one sits in
+    # the training images' spread, not on the largest validation value
+    d_val = np.r_[np.full(9, 1.0), 50.0]
+    t = vote_model.ood_threshold(d_val, d)
+    assert t < 10 and t == np.quantile(np.r_[d_val, d], 0.99)
+    # a large archive: a bounded, seeded sample of training images
+    monkeypatch.setattr(vote_model, "OOD_TRAIN_SAMPLE", 50)
+    s1, s2 = vote_model.train_nearest(zb), vote_model.train_nearest(zb)
+    assert s1.shape == (50,) and np.array_equal(s1, s2) and set(np.round(s1, 5)) <= set(np.round(d, 5))
+    assert vote_model.train_nearest(zb[:1]).shape == (0,)

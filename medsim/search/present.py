@@ -46,7 +46,7 @@ def table(results) -> str:
             # (the demo's montage) is not a showcase picked for being right
             verdict = ("" if not q.label_name or v["dataset"] != q.dataset else
                        "  -> right" if v["label_name"] == q.label_name else f"  -> wrong (it is {q.label_name})")
-            lines.append(f"  vote: {v['label_name']} ({v['votes']} of {v['of']} {v['dataset']} neighbours{conf})"
+            lines.append(f"  vote: {v['label_name']} ({v['dataset']}; {v['votes']} of {v['of']} neighbours{conf})"
                          f"{verdict}")
             if v.get("no_confidence_because"):
                 lines.append(f"  no P(right): {v['no_confidence_because']}")

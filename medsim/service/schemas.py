@@ -103,7 +103,8 @@ class Vote(BaseModel):
                                                  "nearest grid k); null where none holds, said why below")
     calibrated_at_k: int | None
     unlike_anything_on_file: bool = Field(False, description="the nearest neighbour is farther than 99% of "
-                                                             "validation queries' nearest: no vote probability")
+                                                             "validation queries' and training images' "
+                                                             "nearest: no vote probability")
     no_confidence_because: str | None = None
 
 

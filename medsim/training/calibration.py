@@ -119,7 +119,7 @@ def fit(z: dict, splits: dict, out_dir: Path | str | None = None, model_id: int 
         ev_test, vote_diagram = ece(sigmoid(va, vb, share_t), right_t)
         # the vote at every k, and the out-of-distribution rule
         by_k = vote_model.fit_by_k(Dv, b_keys[Iv], val.label_keys[vm])
-        ood = vote_model.ood_threshold(Dv)
+        ood = vote_model.ood_threshold(Dv[:, 0], vote_model.train_nearest(z["train"][bm]))
         out[flag] = {"method": "logistic", "a": a, "b": b, "vote_a": va, "vote_b": vb, "k_fit": K_FIT,
                      "n_val_pairs": int(len(dv)), "n_test_pairs": int(len(dt)),
                      "ece_val": e_val, "ece_test": e_test, "vote_ece_test": ev_test,
@@ -196,15 +196,18 @@ def vote(hits, cals: dict[str, Calibration], dataset: str | None) -> dict | None
     (ds, label), near = max(counts.items(), key=lambda kv: len(kv[1]))  # a tie: the nearer label (seen first)
     share = len(near) / len(pool)
     cal = cals.get(ds)
-    nearest = min(h.distance for h in hits)
+    # the threshold is ds's, so it is held against ds's nearest: a CT query with CTs of an
+    # unlabelled archive on file at distance 0 still has nothing like it in breastmnist,
+    # and a breastmnist vote for it is a vote of strangers
+    nearest = min(h.distance for h in hits if h.dataset == ds)
     unlike = bool(cal and cal.ood_d1 is not None and nearest > cal.ood_d1)
     confidence, at_k = (None, None) if cal is None or unlike else cal.vote_confidence(
         share, float(np.mean(near)), len(pool))
     if cal is None:
         why = f"no calibration for {ds} (medsim evaluate fits one; it needs labels and a validation split)"
     elif unlike:
-        why = (f"unlike anything on file: the nearest neighbour is farther ({nearest:.3f}) "
-               f"than 99% of validation queries' ({cal.ood_d1:.3f})")
+        why = (f"unlike anything on file: the nearest {ds} neighbour is farther ({nearest:.3f}) "
+               f"than 99% of {ds}'s validation and training images' nearest ({cal.ood_d1:.3f})")
     elif confidence is None:
         why = f"the calibration for {ds} was fitted at k = {K_FIT} only: run medsim evaluate again"
     else:

@@ -154,7 +154,7 @@ def format_table(r: dict) -> str:
                          f"{c['ece_val']:9.3f}{c['ece_test']:9.3f}{c['vote_ece_test']:14.3f}")
         if any(c.get("by_k_test") for c in r["calibration"].values()):
             lines += ["", "calibration at each k (test ECE [bootstrap 95%]; the vote: claimed vs right; "
-                          "unlike anything on file: nearest neighbour past val's 99th percentile)"]
+                          "unlike anything on file: nearest neighbour past 99% of val and train's)"]
             lines.append(f"  {'subset':16s}{'k':>4s}{'P(same) ECE':>24s}{'vote ECE':>24s}{'claimed':>9s}{'right':>7s}"
                          f"{'unlike':>8s}")
             for flag, c in r["calibration"].items():
