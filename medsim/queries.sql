@@ -546,11 +546,11 @@ WHERE d.id = %(deletion_id)s AND b.created_at < d.deleted_at;
 
 -- ===================================================================== demo
 
--- name: reusable_model
-SELECT id FROM medsim.models
+-- name: models_of_kind
+-- candidates for reuse, newest first; registry.reusable compares their recipes
+SELECT id, train_config FROM medsim.models
 WHERE preset = %(preset)s AND mode = %(mode)s AND datasets = %(flags)s::text[]
-  AND train_config @> %(recipe)s::jsonb  -- every field of the recipe, as it was trained
-ORDER BY id DESC LIMIT 1;
+ORDER BY id DESC;
 
 -- name: epoch_history
 SELECT epoch, train_loss, train_acc, val_loss, val_acc FROM medsim.training_epochs

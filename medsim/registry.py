@@ -120,9 +120,20 @@ def epoch_history(conn, model_id: int) -> list[dict]:
     return [asdict(e) for e in rows(conn, Q.epoch_history, {"model_id": model_id}, as_=Epoch)]
 
 
+def _as_stored(d: dict) -> dict:
+    return json.loads(json.dumps(d))  # tuples become the lists the jsonb column holds
+
+
 def reusable(conn, tcfg) -> int | None:
     """Latest model trained with this recipe: the same subsets and every field of the
-    TrainConfig but the device (where it ran does not change what it is)."""
-    recipe = {k: v for k, v in asdict(tcfg).items() if k not in ("device", "flags")}
-    return scalar(conn, Q.reusable_model, {"preset": tcfg.preset, "mode": tcfg.mode, "flags": sorted(tcfg.flags),
-                                           "recipe": json.dumps(recipe)})
+    TrainConfig but the device (where it ran does not change what it is). A field the
+    stored recipe lacks was added to TrainConfig after that training, with a default that
+    keeps the old behaviour, so it matches that default: `medsim demo` had retrained an
+    identical model because the recipe gained pretrain_epochs (0)."""
+    recipe = _as_stored({k: v for k, v in asdict(tcfg).items() if k not in ("device", "flags")})
+    defaults = _as_stored(asdict(type(tcfg)()))
+    for mid, stored in conn.execute(Q.models_of_kind, {"preset": tcfg.preset, "mode": tcfg.mode,
+                                                       "flags": sorted(tcfg.flags)}):
+        if all(stored.get(k, defaults.get(k)) == v for k, v in recipe.items()):
+            return mid
+    return None

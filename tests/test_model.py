@@ -274,6 +274,11 @@ def test_train_registers_model_history_and_curves(ingested, tmp_path):
     assert registry.reusable(ingested, same) == mid
     assert registry.reusable(ingested, dataclasses.replace(same, augment="flip")) is None
     assert registry.reusable(ingested, dataclasses.replace(same, dataset_margin=1.2)) is None
+    # a model trained before a field existed: its recipe lacks the key, which then means
+    # the field's default (the old behaviour), not "different"
+    ingested.execute("UPDATE medsim.models SET train_config = train_config - 'pretrain_epochs' WHERE id = %s", (mid,))
+    assert registry.reusable(ingested, same) == mid
+    assert registry.reusable(ingested, dataclasses.replace(same, pretrain_epochs=5)) is None
 
     r = evaluate.evaluate(ingested, mid)
     assert set(r["retrieval"]) == {"breastmnist", "retinamnist"}
