@@ -27,7 +27,7 @@ from common import PRESENT, SHARED, fresh_database, machine  # noqa: E402
 
 from medsim import db  # noqa: E402
 from medsim.sources import ingest  # noqa: E402
-from medsim.training import data, evaluate, network, train  # noqa: E402
+from medsim.training import calibration, data, evaluate, network, train, vote_model  # noqa: E402
 
 # The ablation: each recipe adds one change to the one before it, ending at the default
 # (what `medsim train` and the demo run: TrainConfig() and the "default" preset). Then
@@ -85,9 +85,13 @@ def measure(z, tr, va, te) -> dict:
     lit = evaluate.literature(z["test"], te, z["train"], tr, "l2")
     lit_val = evaluate.literature(z["val"], va, z["train"], tr, "l2")
     pairs = evaluate.pair_verification(z["val"], va, z["test"], te, "dataset")
+    cal = calibration.fit(z, {"train": tr, "val": va, "test": te})  # as medsim evaluate fits it
     return {"test": {f: {"map@5": m["map@5"], "acc@1": m["acc@1"], "mmv@5": m["mmv@5"]} for f, m in lit.items()},
             "val": {f: m["map@5"] for f, m in lit_val.items()},
-            "dataset_pairs": pairs["test_acc"]}
+            "dataset_pairs": pairs["test_acc"],
+            "calibration": {f: {"unlike_test": c["ood_share_test"], "unlike_threshold": c["ood_d1"],
+                                "by_k": {k: {"p_same_ece": r["p_same_ece"], "vote_ece": r["vote_ece"]}
+                                         for k, r in c["by_k_test"].items()}} for f, c in cal.items()}}
 
 
 def main() -> None:
@@ -179,6 +183,27 @@ def table(results: dict[str, list], px: dict, seeds) -> None:
     print(f"{'best published (28 px)':48s}" + "".join(f"{ANCHORS[f][0]:>17.1f} /{ANCHORS[f][1]:>6.1f}      "
                                                      for f in flags))
     print(f"{'goal':48s}" + "".join(f"{GOALS[f][0]:>17.1f} /{GOALS[f][1]:>6.1f}      " for f in flags))
+    calibration_table(results, flags)
+
+
+def calibration_table(results: dict[str, list], flags) -> None:
+    """Test ECE per k and the share of test queries flagged unlike anything on file, as
+    medsim evaluate fits them, mean (min-max) over the trainings of each recipe."""
+    for name, rs in results.items():
+        rs = [r for r in rs if "calibration" in r]  # JSON lines from before the calibration was measured
+        if not rs:
+            continue
+        print(f"\n{name}: test ECE, P(same) / vote, mean over {len(rs)} trainings [largest]; goal <= 0.03;"
+              " unlike: test queries flagged, mean (min-max); goal <= 2%")
+        print(f"{'subset':16s}" + "".join(f"{'k=' + str(k):>31s}" for k in vote_model.REPORT_KS) + f"{'unlike':>20s}")
+        for f in flags:
+            cells = ""
+            for k in map(str, vote_model.REPORT_KS):
+                ps = np.array([r["calibration"][f]["by_k"][k]["p_same_ece"] for r in rs])
+                vs = np.array([r["calibration"][f]["by_k"][k]["vote_ece"] for r in rs])
+                cells += f"{ps.mean():.3f} / {vs.mean():.3f} [{ps.max():.3f} / {vs.max():.3f}]".rjust(31)
+            un = np.array([r["calibration"][f]["unlike_test"] for r in rs]) * 100
+            print(f"{f:16s}{cells}{un.mean():>9.1f}% ({un.min():.1f}-{un.max():.1f}%)")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,8 @@ def register(sub) -> None:
     s.add_argument("--limit", type=int, default=None, help="at most this many instances (the cursor stays put)")
     s.add_argument("--full", action="store_true",
                    help="list everything again instead of what is new since the last sync (settled instances are "
-                        "still not fetched again)")
+                        "still not fetched again); on a server other than Orthanc, run it now and then as well: a study "
+                        "that arrives dated before the last one seen is not listed incrementally")
     s.add_argument("--prune", action="store_true",
                    help="delete images whose instances the PACS no longer has (through `medsim delete`'s path)")
     s.add_argument("--viewer", default=None, metavar="PRESET|TEMPLATE",
