@@ -138,6 +138,8 @@ def test_the_unlike_threshold_pools_validation_with_training_images_leave_one_ou
     d_val = np.r_[np.full(9, 1.0), 50.0]
     t = vote_model.ood_threshold(d_val, d)
     assert t < 10 and t == np.quantile(np.r_[d_val, d], 0.99)
+    monkeypatch.setattr(vote_model, "KNN_BLOCK", 64)  # in blocks of queries: the same distances
+    assert np.array_equal(vote_model.train_nearest(zb), d)
     # a large archive: a bounded, seeded sample of training images
     monkeypatch.setattr(vote_model, "OOD_TRAIN_SAMPLE", 50)
     s1, s2 = vote_model.train_nearest(zb), vote_model.train_nearest(zb)

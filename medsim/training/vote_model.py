@@ -26,6 +26,7 @@ import numpy as np
 K_GRID = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 50)
 OOD_QUANTILE = 0.99
 OOD_TRAIN_SAMPLE = 5000  # training images whose leave-one-out distance joins validation's (seeded)
+KNN_BLOCK = 1024
 REPORT_KS = (1, 5, 10, 20, 50)
 
 
@@ -156,9 +157,13 @@ def train_nearest(zb: np.ndarray, seed: int = 0) -> np.ndarray:
     rows = np.arange(len(zb))
     if len(zb) > OOD_TRAIN_SAMPLE:
         rows = np.sort(np.random.default_rng(seed).choice(len(zb), OOD_TRAIN_SAMPLE, replace=False))
-    D, I = metrics.knn_search(zb[rows], zb, k=2)
-    # the image itself is one of its two nearest (first, barring float noise or a duplicate)
-    return np.where(I[:, 0] == rows, D[:, 1], D[:, 0])
+    out = []
+    for i in range(0, len(rows), KNN_BLOCK):  # a block of queries at a time: KNN_BLOCK x N distances in memory
+        r = rows[i:i + KNN_BLOCK]
+        D, I = metrics.knn_search(zb[r], zb, k=2)
+        # the image itself is one of its two nearest (first, barring float noise or a duplicate)
+        out.append(np.where(I[:, 0] == r, D[:, 1], D[:, 0]))
+    return np.concatenate(out)
 
 
 def ood_threshold(d_val: np.ndarray, d_train: np.ndarray) -> float:
