@@ -32,15 +32,6 @@ from medsim.training import metrics, network, runtime  # noqa: E402
 N_CALIBRATION, BATCH, K = 1024, 1024, 10
 
 
-def session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def embed(sess, x: np.ndarray) -> np.ndarray:
     return np.concatenate([sess.run(None, {"x": x[i:i + BATCH]})[0] for i in range(0, len(x), BATCH)])
 
@@ -105,12 +96,12 @@ def main() -> None:
     rates = []
     for _ in range(3):
         t0 = time.perf_counter()
-        network.embed(net, S["train"].images, batch_size=net.cfg.inference_batch("cpu"))
+        network.embed(net, S["train"].images)  # torch's own batch (ModelConfig.inference_batch)
         rates.append(len(x["train"]) / (time.perf_counter() - t0))
     print(f"| torch eager (the reference) | {statistics.median(rates):,.0f} | 0 | 1 | |")
     with tempfile.TemporaryDirectory() as work:
         for name, path in variants(net, x["train"], Path(work)).items():
-            sess = session(path, a.threads)
+            sess = runtime.cpu_session(str(path), a.threads)  # the worker's session settings
             embed(sess, x["test"][:BATCH])  # warm-up
             rates = []
             for _ in range(3):

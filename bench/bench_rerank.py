@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from medsim import db, registry
+from medsim import db, migrate, registry
 from medsim.search import rerank
 from medsim.training import data, metrics, network
 
@@ -50,6 +50,7 @@ def current_model_splits():
     (model row, network, {split: data.Split}, {split: embeddings}); shared with
     bench_calibration_gallery.py."""
     with db.connect() as conn:
+        migrate.check(conn)  # a database without medsim's schema: one sentence, not a traceback
         row = registry.get(conn, "current")
         net = row.load(conn)
         S = {s: data.load_split(conn, [s], row.datasets, input_size=net.cfg.image_size) for s in ("train", "val", "test")}

@@ -306,8 +306,9 @@ def latest_build(conn, model_id: int, kind_name: str | None = None, splits=GALLE
                                                    "kind": kind_name})
     if build_id is None:
         held = [r[0] for r in conn.execute(Q.index_build_splits, {"model_id": model_id})]
-        over = "" if tuple(splits) == GALLERY_SPLITS and not held else f" over {', '.join(splits)}"
-        how = f"`medsim index build{'' if tuple(splits) == GALLERY_SPLITS else ' --splits ' + ','.join(splits)}`"
+        default = tuple(splits) == GALLERY_SPLITS
+        over = "" if default and not held else f" over {', '.join(splits)}"
+        how = f"`medsim index build{'' if default else ' --splits ' + ','.join(splits)}`"
         # builds made before every split was the default hold train, val: say so
         others = f" (its builds hold {' or '.join(held)})" if held else ""
         raise NotFound(f"no {kind_name or 'FAISS'} index{over} built for model {model_id}{others}: run {how}"

@@ -68,12 +68,7 @@ class OnnxRuntime:
         (a few milliseconds from the bytes in memory)."""
         if n == self.threads:
             return
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads, so.inter_op_num_threads = n, 1
-        so.log_severity_level = 3  # warnings about unused initialisers are not the user's business
-        self.session = ort.InferenceSession(self.model, so, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(self.model, n)
         self.threads = n
 
     def embed(self, images: np.ndarray) -> np.ndarray:
@@ -84,6 +79,17 @@ class OnnxRuntime:
             x = network.to_input(images[i:i + self.batch]).numpy()  # the one input path, as torch's
             out.append(self.session.run(None, {"x": x})[0])
         return np.concatenate(out) if out else np.zeros((0, self.cfg.embedding_dim), np.float32)
+
+
+def cpu_session(model, threads: int):
+    """An ONNX Runtime session on the CPU for an ONNX model (bytes or a path), with this
+    many intra-op threads and no inter-op pool (the graph is one chain)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.log_severity_level = 3  # warnings about unused initialisers are not the user's business
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
 def export(net) -> bytes:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from medsim.training import metrics
+
 K_GRID = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 50)
 OOD_QUANTILE = 0.99
 OOD_TRAIN_SAMPLE = 5000  # training images whose leave-one-out distance joins validation's (seeded)
@@ -150,8 +152,6 @@ def report_by_k(Dt, Lt, t_keys, by_k: dict, p_same, ece) -> dict:
 def train_nearest(zb: np.ndarray, seed: int = 0) -> np.ndarray:
     """Each training image's distance to its nearest other training image (a seeded
     sample of at most OOD_TRAIN_SAMPLE of them, so a large archive costs a bounded kNN)."""
-    from medsim.training import metrics
-
     if len(zb) < 2:
         return np.zeros(0)
     rows = np.arange(len(zb))
