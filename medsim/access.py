@@ -147,7 +147,11 @@ def revoke_tokens(conn, token_id: int | None = None, name: str | None = None) ->
         raise BadArgument("revoke one token (its id) or every token of a user (--user NAME)")
     if name is not None:
         _user(conn, name)
-    return [r[0] for r in conn.execute(Q.token_revoke, {"id": token_id, "name": name}).fetchall()]
+    done = [r[0] for r in conn.execute(Q.token_revoke, {"id": token_id, "name": name}).fetchall()]
+    # an id that names no token is a typo, not a token already revoked: say so (exit 2)
+    if token_id is not None and not done and conn.execute(Q.token_check, {"id": token_id}).fetchone() is None:
+        raise NotFound(f"no token has id {token_id} (`medsim token list` shows them)")
+    return done
 
 
 def list_tokens(conn, name: str | None = None) -> list[tuple]:
