@@ -10,6 +10,7 @@ Resolution order, the ecosystem's convention:
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -53,7 +54,12 @@ def _embedded_server(start: bool):
 
 
 def embedded_start() -> str:
+    # a server left running after this command is a surprise unless it is said (issue 34):
+    # one line on stderr, so stdout stays what the command prints
+    was_running = _embedded_server(start=False) is not None
     server = _embedded_server(start=True)
+    if not was_running:
+        print(f"started the embedded database ({pgdata_dir()}); `medsim db stop` stops it", file=sys.stderr)
     admin = server.get_uri("postgres")
     with psycopg.connect(admin, autocommit=True) as conn:
         exists = conn.execute(

@@ -8,6 +8,10 @@ written; a few are also triggered for real.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from medsim import access, cli
 
 
@@ -18,3 +22,31 @@ def test_revoke_unknown_token_is_one_sentence(conn, capsys):
     err = capsys.readouterr().err.strip()
     assert err == f"medsim: error: no token has id {tid + 100} (`medsim token list` shows them)"
     assert cli.main(["token", "revoke", str(tid)]) == 0
+
+
+# ---------------------------------------------------------------- 8. what medsim did is said
+def _medsim(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "medsim.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_an_auto_started_embedded_database_is_announced_once(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "DATABASE_URL"}
+    env["MEDSIM_HOME"] = str(tmp_path / "home")
+    try:
+        first = _medsim("db", "url", env=env)
+        assert first.returncode == 0, first.stderr
+        assert first.stdout.startswith("postgresql://")  # stdout stays the URL alone
+        assert first.stderr.strip() == (f"started the embedded database ({tmp_path / 'home' / 'pgdata'}); "
+                                         "`medsim db stop` stops it")
+        again = _medsim("db", "url", env=env)
+        assert again.returncode == 0 and again.stderr == ""
+    finally:
+        assert _medsim("db", "stop", env=env).stdout.strip() == "stopped"
+
+
+def test_version():
+    from importlib.metadata import version
+
+    r = _medsim("--version", timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"medsim {version('medsim')}"

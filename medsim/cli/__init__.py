@@ -21,6 +21,15 @@ from medsim.errors import DatabaseUnavailable, MedsimError
 GROUPS = (data, pacs, keys, access, models, embeddings, search, serve)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("medsim")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="medsim",
@@ -28,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "`medsim demo --help`; the database is the embedded one unless DATABASE_URL is set.")
     p.add_argument("--database-url", default=None,
                    help="postgresql:// URL (default: $DATABASE_URL, then PG* variables, then the embedded server)")
+    p.add_argument("--version", action="version", version=f"medsim {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     for group in GROUPS:
         group.register(sub)
