@@ -453,11 +453,11 @@ VALUES (%(build_id)s, %(model_id)s, %(kind)s, %(params)s, %(source_view)s, %(spl
         %(file_bytes)s, %(gallery_version)s);
 
 -- name: index_build
-SELECT id, model_id, kind, n_rows, path, file_sha256, file_bytes FROM medsim.index_builds
+SELECT id, model_id, kind, splits, n_rows, path, file_sha256, file_bytes FROM medsim.index_builds
 WHERE id = %(id)s;
 
 -- name: index_builds
-SELECT id, model_id, kind, n_rows, path, file_sha256, file_bytes, created_at FROM medsim.index_builds
+SELECT id, model_id, kind, splits, n_rows, path, file_sha256, file_bytes, created_at FROM medsim.index_builds
 WHERE (%(model_id)s::int IS NULL OR model_id = %(model_id)s::int)
 ORDER BY id;
 

@@ -307,7 +307,7 @@ def test_builds_do_not_overwrite_each_other(two_builds, tmp_path):
     ("json_not_dict", DataRefused, "is not index metadata"),
     ("json_missing_key", DataRefused, "lacks or mangles splits"),
     ("no_json", NotFound, "has no metadata"),
-    ("no_file", NotFound, "is missing"),
+    ("no_file", StaleIndex, "is missing. Rebuild it: `medsim index build --model"),
 ])
 def test_damaged_index_files_are_refused_with_the_fix(two_builds, damage, error, message, capsys):
     conn, mid, a, b = two_builds

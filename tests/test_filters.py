@@ -176,7 +176,7 @@ def test_a_patient_withdraws_consent(archive_db, capsys, monkeypatch):
     import hmac
 
     from medsim import queries
-    from medsim.errors import NotFound
+    from medsim.errors import StaleIndex
 
     conn, mid = archive_db
     key = hmac.new(KEY.encode(), b"P3", hashlib.sha256).hexdigest()
@@ -203,7 +203,7 @@ def test_a_patient_withdraws_consent(archive_db, capsys, monkeypatch):
     assert rec == ("patient", key, 3, 3, "consent withdrawn")
     path = conn.execute("SELECT path FROM medsim.index_builds WHERE id = %s", (build_id,)).fetchone()[0]
     assert not __import__("os").path.exists(path)  # the deleted vectors are not on disk either
-    with pytest.raises(NotFound, match=f"FAISS build {build_id}'s file is missing"):
+    with pytest.raises(StaleIndex, match=f"FAISS build {build_id}'s file is missing \\(deletion"):
         faiss_index.load_build(conn, build_id)
     assert cli.main(["delete", "--patient", "P3"]) == 2
     assert "no images of that patient" in capsys.readouterr().err

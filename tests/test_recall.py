@@ -1,4 +1,6 @@
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -95,6 +97,48 @@ def test_stale_index_is_refused_and_says_why(embedded, tmp_path, db_url):
     mid2 = register_model(conn, seed=3)
     with pytest.raises(StaleIndex, match=f"built for model {mid}, not model {mid2}"):
         faiss_index.load(conn, b.path, model_ref=mid2)
+
+
+def test_builds_to_one_file_take_turns_and_the_newest_is_searched(embedded, tmp_path, db_url, monkeypatch):
+    """Issue 34 (7): two builds told to write the same file, the second started while the
+    first writes. They take their ids and write in turn, so the file holds the newer build
+    (by id), the one a search opens; the older build's row says what to run."""
+    from medsim import db
+
+    conn, mid = embedded
+    out = tmp_path / "same.faiss"
+    writing, real = threading.Event(), faiss_index.file_sha256
+
+    def slow_for_the_first(path):  # the first build is between its id and its rename
+        if threading.current_thread().name == "first":
+            writing.set()
+            time.sleep(1.0)
+        return real(path)
+
+    monkeypatch.setattr(faiss_index, "file_sha256", slow_for_the_first)
+    done = {}
+
+    def first():
+        with db.connect(db_url, autocommit=True) as c:
+            done["first"] = faiss_index.build(c, mid, "flat", out=out)
+
+    t = threading.Thread(target=first, name="first")
+    t.start()
+    assert writing.wait(60)
+    second = faiss_index.build(conn, mid, "flat", out=out)
+    t.join(60)
+    ids = (done["first"].meta["build_id"], second.meta["build_id"])
+    assert ids[0] < ids[1]
+    assert faiss_index.latest_build(conn, mid) == ids[1]
+    assert faiss_index.load_build(conn, ids[1]).meta["build_id"] == ids[1]  # the file is the newest build's
+    with pytest.raises(StaleIndex, match=rf"now holds build {ids[1]} .* `medsim index build --model {mid} --kind flat`"):
+        faiss_index.load_build(conn, ids[0])
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
+    # a flat build overwritten by an hnsw one: the fix rebuilds the flat one it was
+    hnsw = faiss_index.build(conn, mid, "hnsw", out=out).meta["build_id"]
+    with pytest.raises(StaleIndex, match=rf"now holds build {hnsw} .*\. Rebuild it: `medsim index build --model {mid} "
+                                         r"--kind flat`\.$"):
+        faiss_index.load_build(conn, ids[1])
 
 
 def test_ids_map_to_images_after_deletes_and_reinserts(embedded, tmp_path, db_url):

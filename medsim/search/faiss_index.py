@@ -15,11 +15,11 @@ opened: listing builds (`medsim index list`) does not pay for it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,19 +28,22 @@ from psycopg import sql
 
 from medsim import registry
 from medsim.errors import BadArgument, DataRefused, NotFound, StaleIndex
-from medsim.queries import Q, one, rows, scalar
+from medsim.queries import Q, one, scalar
 from medsim.search import GALLERY_SPLITS
+from medsim.search.index_builds import BuildLine, BuildRow, DeletionAfter, builds, latest_build
 from medsim.search.index_files import (
     default_path,
     file_sha256,
     meta_path,
+    path_lock,
     read_meta,
+    rebuild_command,
     remove_files_before,
 )
 from medsim.search.index_kinds import Kind, kind, resolve_params
 
-__all__ = ["Built", "build", "builds", "latest_build", "load", "load_build", "meta_path", "remove_files_before",
-           "search", "still_fresh"]
+__all__ = ["BuildLine", "Built", "build", "builds", "latest_build", "load", "load_build", "meta_path",
+           "remove_files_before", "search", "still_fresh"]
 
 if TYPE_CHECKING:
     import faiss
@@ -136,10 +139,9 @@ def build(conn, model_ref="current", kind_name: str = "flat", params: dict | Non
           out: Path | str | None = None, splits=GALLERY_SPLITS, out_dir="medsim_out",
           index_dir: Path | str | None = None) -> Built:
     """Build, write index + metadata, record the build. The file is `out`, else one named
-    after the build in `index_dir` (default: <out_dir>/indexes). Writes one row; the
-    caller owns the transaction (with autocommit it commits on its own)."""
-    import faiss
-
+    after the build in `index_dir` (default: <out_dir>/indexes). Builds to the same `out`
+    take their ids and write one after another (index_files.path_lock). Writes one row;
+    the caller owns the transaction (with autocommit it commits on its own)."""
     k = kind(kind_name)
     splits = check_splits(splits)
     row = registry.get(conn, model_ref)
@@ -165,12 +167,22 @@ def build(conn, model_ref="current", kind_name: str = "flat", params: dict | Non
     if gallery_version(conn, row.id) != version:
         raise StaleIndex("embeddings changed during the build; run it again once workers are idle")
     seconds = time.perf_counter() - t0
+    # a file named by the caller may be another build's target too: the id, the files and
+    # the row under its lock (a default path is named after the build, so it is its own)
+    with path_lock(Path(out)) if out else contextlib.nullcontext():
+        return _write(conn, index, k, p, row, splits, fp, version, seconds, out, index_dir or Path(out_dir) / "indexes")
+
+
+def _write(conn, index, k: Kind, p: dict, row, splits, fp: str, version: int, seconds: float, out,
+           index_dir) -> Built:
+    import faiss
+
     build_id = scalar(conn, Q.next_index_build_id)
-    path = Path(out) if out else default_path(index_dir or Path(out_dir) / "indexes", row.id, k.name, build_id)
+    path = Path(out) if out else default_path(index_dir, row.id, k.name, build_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     # written under a temporary name and renamed into place: a reader never opens half a
     # file, and a crash leaves no file under the build's name
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{build_id}.tmp")
     faiss.write_index(index, str(tmp))
     sha, size = file_sha256(tmp)
     meta = {"build_id": build_id, "model_id": row.id, "model_name": row.name, "kind": k.name,
@@ -192,18 +204,29 @@ def build(conn, model_ref="current", kind_name: str = "flat", params: dict | Non
 
 
 def load(conn, path: Path | str, model_ref=None, rebuild_if_stale: bool = False,
-         build_id: int | None = None) -> Built:
+         build_id: int | None = None, recorded: BuildRow | None = None) -> Built:
     """Open an index, once, after checking that it is the file its build wrote and that it
     still describes the database: StaleIndex (or DataRefused, NotFound) with the fix if
-    not. Its search-time parameters are set from the metadata."""
+    not. Its search-time parameters are set from the metadata. ``recorded``: the build's
+    row, when loaded by build id; the fix rebuilds what it records, whatever the file holds."""
     path = Path(path)
     # Loaded by build id (the service, --engine faiss), a message names the build, never a
     # server path (an HTTP answer carries it); given a file (--index), it names the file.
     where = f"FAISS build {build_id}'s file" if build_id is not None else str(path)
+    if recorded is not None:
+        rebuild = f"Rebuild it: {rebuild_command(recorded.model_id, recorded.kind, recorded.splits)}."
     if not path.exists():
-        raise NotFound(f"{where} is missing: build it again with `medsim index build`")
+        if recorded is None:
+            raise NotFound(f"{where} does not exist: build one with `medsim index build`")
+        # the build is on record and its file is gone (a deletion removed it, or a person):
+        # the database holds everything to make it again, so this is a stale index (409),
+        # not an unknown one
+        deleted = one(conn, Q.deletion_after, {"build_id": recorded.id}, as_=DeletionAfter)
+        why = f" (deletion {deleted.id} removed it: it held deleted vectors)" if deleted is not None else ""
+        raise StaleIndex(f"{where} is missing{why}. {rebuild}")
     meta = read_meta(path)
-    rebuild = f"Rebuild it (medsim index build --kind {meta['kind']}, or --rebuild)."
+    if recorded is None:
+        rebuild = f"Rebuild it: {rebuild_command(meta['model_id'], meta['kind'], meta['splits'])}."
     if build_id is not None and meta["build_id"] != build_id:
         raise StaleIndex(f"{where} now holds build {meta['build_id']} (another build was written over it). "
                          f"{rebuild}")
@@ -257,29 +280,6 @@ def load(conn, path: Path | str, model_ref=None, rebuild_if_stale: bool = False,
     return Built(index, meta, path)
 
 
-@dataclass
-class DeletionAfter:
-    id: int
-    kind: str
-    deleted_at: datetime
-
-
-@dataclass
-class BuildRow:
-    id: int
-    model_id: int
-    kind: str
-    n_rows: int
-    path: str
-    file_sha256: str | None
-    file_bytes: int | None
-
-
-@dataclass
-class BuildLine(BuildRow):
-    created_at: datetime
-
-
 def still_fresh(conn, built: Built) -> bool:
     """The per-request check of a loaded index: one lookup. False for a build made before
     revision 0011 (no version recorded): the caller reloads it, which checks the fingerprint."""
@@ -287,33 +287,12 @@ def still_fresh(conn, built: Built) -> bool:
     return v is not None and gallery_version(conn, built.meta["model_id"]) == v
 
 
-def builds(conn, model_id: int | None = None) -> list[BuildLine]:
-    return rows(conn, Q.index_builds, {"model_id": model_id}, as_=BuildLine)
-
-
 def load_build(conn, build_id: int, model_ref=None, rebuild_if_stale: bool = False) -> Built:
     recorded = one(conn, Q.index_build, {"id": build_id}, as_=BuildRow)
     if recorded is None:
         raise NotFound(f"no index build with id {build_id} (see `medsim index list`)")
-    return load(conn, recorded.path, model_ref=model_ref, rebuild_if_stale=rebuild_if_stale, build_id=build_id)
-
-
-def latest_build(conn, model_id: int, kind_name: str | None = None, splits=GALLERY_SPLITS) -> int:
-    """The model's build over these splits to search: of this kind if given; builds that
-    still match the gallery first (a stale build of one kind never hides a fresh one of
-    another), then an exact one (flat), then the newest."""
-    build_id = scalar(conn, Q.latest_index_build, {"model_id": model_id, "splits": list(splits),
-                                                   "kind": kind_name})
-    if build_id is None:
-        held = [r[0] for r in conn.execute(Q.index_build_splits, {"model_id": model_id})]
-        default = tuple(splits) == GALLERY_SPLITS
-        over = "" if default and not held else f" over {', '.join(splits)}"
-        how = f"`medsim index build{'' if default else ' --splits ' + ','.join(splits)}`"
-        # builds made before every split was the default hold train, val: say so
-        others = f" (its builds hold {' or '.join(held)})" if held else ""
-        raise NotFound(f"no {kind_name or 'FAISS'} index{over} built for model {model_id}{others}: run {how}"
-                       + ("" if kind_name else " or use --engine pgvector"))
-    return build_id
+    return load(conn, recorded.path, model_ref=model_ref, rebuild_if_stale=rebuild_if_stale, build_id=build_id,
+                recorded=recorded)
 
 
 def search(index: faiss.Index, xq: np.ndarray, k: int, params=None) -> tuple[np.ndarray, np.ndarray]:
