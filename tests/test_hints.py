@@ -8,11 +8,121 @@ written; a few are also triggered for real.
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import io
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from medsim import access, cli
+from medsim.search.index_files import rebuild_command
+from medsim.search.index_kinds import KINDS
+
+PACKAGE = Path(cli.__file__).resolve().parents[1]
+HOLE = "\x00"  # where an f-string's {value} goes
+# a suggested command: in backticks, in parentheses, or after "run"
+COMMAND = re.compile(r"`(medsim [^`]+)`|\((medsim [a-z][^();]*?)[;)]|\brun (medsim [a-z][^;,.()`]*)")
+
+
+def messages(tree: ast.AST):
+    """Every string a module can show as a message; an f-string's values become HOLE.
+    Docstrings and argparse's help and description are left out: they name commands
+    (`medsim delete`'s path), they do not hand one over to run."""
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    docs |= {id(s) for n in ast.walk(tree) if isinstance(n, ast.keyword) and n.arg in ("help", "description")
+             for s in ast.walk(n.value)}
+
+    def text(node) -> str:
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            return node.value
+        if isinstance(node, ast.JoinedStr):
+            return "".join(text(v) for v in node.values)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):  # "... run `medsim x " + f"{y}` first"
+            return text(node.left) + text(node.right)
+        return HOLE
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant | ast.JoinedStr | ast.BinOp) and id(node) not in docs \
+                and (t := text(node)) != HOLE:
+            yield t
+
+
+def suggested() -> dict[str, str]:
+    """command -> where it is written, for every `medsim ...` in medsim's own messages."""
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if "schema/versions" in path.as_posix():
+            continue
+        for text in messages(ast.parse(path.read_text())):
+            for m in COMMAND.finditer(text):
+                found.setdefault(next(g for g in m.groups() if g).strip(), str(path.relative_to(PACKAGE.parent)))
+    return found
+
+
+def subparser(parser, words):
+    """The (sub)parser the leading words of a command select."""
+    for w in words:
+        subs = [a for a in parser._actions if a.choices and hasattr(a, "_name_parser_map")]
+        if not subs or w not in subs[0].choices:
+            break
+        parser = subs[0].choices[w]
+    return parser
+
+
+def argv(command: str) -> list[str]:
+    """A suggestion as its argv: a hole or a NAME-like placeholder takes a value the option
+    accepts (its first choice, if it has choices); a hole glued to a word (`build{...}`)
+    is optional text written elsewhere and dropped."""
+    words = command.split()[1:]
+    parser, out = cli.build_parser(), []
+    for i, w in enumerate(words):
+        if set(w) == {HOLE} or re.fullmatch(r"[A-Z][A-Z_]*", w) or w == "...":
+            action = subparser(parser, out)._option_string_actions.get(words[i - 1]) if i else None
+            out.append(str(action.choices[0] if action is not None and action.choices else 1))
+        else:
+            out.append(w.replace(HOLE, ""))
+    return out
+
+
+def parses(args: list[str]) -> str | None:
+    """None if medsim's parser takes these arguments as `medsim` would, else why not."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            ns, extra = cli.build_parser().parse_known_args(args)
+    except SystemExit as e:
+        return None if e.code == 0 else err.getvalue().strip().splitlines()[-1]  # --help exits 0
+    if extra and ns.command != "psql":
+        return f"unrecognized arguments: {' '.join(extra)}"
+    return None
+
+
+def test_the_collector_finds_the_hints():
+    found = suggested()
+    assert len(found) >= 15, found
+    for expected in ("medsim index list", "medsim migrate", "medsim token list", "medsim db stop"):
+        assert expected in found
+
+
+def test_every_suggested_command_parses():
+    bad = {f"{cmd!r} ({where})": why for cmd, where in suggested().items() if (why := parses(argv(cmd)))}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("splits", [("train", "val", "test"), ("train", "val"), ("train",)])
+def test_the_rebuild_command_parses_and_builds_what_it_names(kind, splits):
+    cmd = rebuild_command(7, kind, splits).strip("`")
+    assert parses(cmd.split()[1:]) is None
+    ns = cli.build_parser().parse_args(cmd.split()[1:])
+    assert (ns.kind, ns.model, ns.splits) == (kind, "7", ",".join(splits))
 
 
 def test_revoke_unknown_token_is_one_sentence(conn, capsys):

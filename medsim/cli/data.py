@@ -30,7 +30,7 @@ def cmd_db(args) -> int:
         url = args.database_url or db.database_url()
         if args.action == "backup":
             db.backup(url, Path(args.file))
-            print(f"backup written to {args.file} (pg_dump custom format; restore with `medsim db restore`)")
+            print(f"backup written to {args.file} (pg_dump custom format; restore with `medsim db restore {args.file}`)")
         else:
             db.restore(url, Path(args.file))
             print(f"restored {args.file}")

@@ -90,7 +90,7 @@ class BodyLimit:
 
     def message(self, n: int) -> str:
         return (f"the request body is {n:,} bytes, over the limit of {self.limit:,} "
-                f"(medsim serve --max-upload-mb)")
+                f"(`medsim serve --max-upload-mb N` raises it)")
 
 
 def create_app(cfg: ServeConfig | None = None, service: Service | None = None) -> FastAPI:

@@ -204,12 +204,12 @@ def vote(hits, cals: dict[str, Calibration], dataset: str | None) -> dict | None
     confidence, at_k = (None, None) if cal is None or unlike else cal.vote_confidence(
         share, float(np.mean(near)), len(pool))
     if cal is None:
-        why = f"no calibration for {ds} (medsim evaluate fits one; it needs labels and a validation split)"
+        why = f"no calibration for {ds} (`medsim evaluate` fits one; it needs labels and a validation split)"
     elif unlike:
         why = (f"unlike anything on file: the nearest {ds} neighbour is farther ({nearest:.3f}) "
                f"than 99% of {ds}'s validation and training images' nearest ({cal.ood_d1:.3f})")
     elif confidence is None:
-        why = f"the calibration for {ds} was fitted at k = {K_FIT} only: run medsim evaluate again"
+        why = f"the calibration for {ds} was fitted at k = {K_FIT} only: run `medsim evaluate` again"
     else:
         why = None
     return {"dataset": ds, "label_name": label, "votes": len(near), "of": len(pool), "share": share,

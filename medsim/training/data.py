@@ -78,7 +78,8 @@ def load_split(conn, splits, flags=None, image_size: int = 28, input_size: int |
         raise NotFound(
             f"no {'/'.join(splits)} images at size {image_size}"
             + (f" for {', '.join(flags)}" if flags else "")
-            + " in the database; run `medsim ingest` first"
+            + f" in the database; run `medsim ingest {' '.join(flags) if flags else 'FLAG'}"
+            + (f" --size {image_size}" if image_size in (64, 128, 224) else "") + "` first"
         )
     usable, images, skipped = [], [], []
     for r in found:
