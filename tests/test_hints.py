@@ -160,3 +160,37 @@ def test_version():
 
     r = _medsim("--version", timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == f"medsim {version('medsim')}"
+
+
+def test_migrate_says_how_many_images_wait_for_the_worker(embedded, db_url, capsys):
+    conn, mid = embedded
+    assert cli.main(["--database-url", db_url, "migrate"]) == 0
+    assert capsys.readouterr().out.count("\n") == 1  # all embedded: the revision alone
+    # what revision 0014 does to images whose model input changed
+    conn.execute("DELETE FROM medsim.embeddings WHERE image_id IN (SELECT id FROM medsim.images ORDER BY id LIMIT 40)")
+    assert cli.main(["--database-url", db_url, "migrate"]) == 0
+    name = conn.execute("SELECT name FROM medsim.models WHERE id = %s", (mid,)).fetchone()[0]
+    assert capsys.readouterr().out.splitlines()[1] == (
+        f"40 of 2,380 images have no embedding for the current model {mid} ({name}) and are left out of "
+        "searches until `medsim worker` embeds them")
+
+
+def test_a_link_back_to_the_archive_is_a_loop_not_a_way_out(tmp_path):
+    from PIL import Image
+
+    from medsim.sources.folder import OUTSIDE, FolderSource
+
+    root = tmp_path / "archive"
+    for label in ("a", "b"):
+        (root / label / "deeper").mkdir(parents=True)
+        Image.new("L", (8, 8), 7).save(root / label / "0.png")
+    os.symlink(root, root / "a" / "everything")  # back to the archive's own folder
+    os.symlink("..", root / "a" / "deeper" / "up")  # back to a folder above the link
+    os.symlink(root / "b", root / "a" / "bees")  # to another folder of the archive
+    os.symlink(tmp_path, root / "b" / "out")  # out of it
+    _, problems = FolderSource(root).entries()
+    assert dict(problems) == {
+        "a/everything": "a link back to the archive's own folder (a loop): not followed",
+        "a/deeper/up": "a link back to a, a folder above it (a loop): not followed",
+        "a/bees": "a link to b inside the archive: not followed (its files are read there)",
+        "b/out": OUTSIDE}

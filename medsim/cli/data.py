@@ -54,8 +54,25 @@ def cmd_migrate(args) -> int:
         migrate.upgrade(url, args.revision, lock_wait_s=args.lock_wait)
     except CommandError as err:  # unknown or ambiguous revision
         raise BadArgument(f"migrate: {err}") from None
-    print(f"database at revision {migrate.current(url)}")
+    at = migrate.current(url)
+    print(f"database at revision {at}")
+    if at == migrate.HEAD:
+        waiting(url)
     return 0
+
+
+def waiting(url: str) -> None:
+    """A revision may delete embeddings (0014 re-embeds what the one image path changed):
+    say what now waits for the worker, or searches silently miss it."""
+    from medsim import queue
+
+    with db.connect(url, autocommit=True) as conn:
+        rows = [r for r in queue.status(conn) if r.is_current]
+    n = sum(r.total - r.embedded for r in rows)
+    if n:
+        total = sum(r.total for r in rows)
+        print(f"{n:,} of {total:,} images have no embedding for the current model {rows[0].model_id} "
+              f"({rows[0].model_name}) and are left out of searches until `medsim worker` embeds them")
 
 
 def cmd_ingest(args) -> int:

@@ -15,6 +15,21 @@ OUTSIDE = ("outside the archive's folder: absolute paths, '..' and links out of 
            "(--follow-links follows links)")
 
 
+def folder_link(root: Path, link: str) -> str:
+    """Why a link to a folder is not followed. One that points back up its own tree (to the
+    archive's folder itself, a common way to "include everything") is a loop, not a way
+    out, and is called one; a link to another folder of the archive is listed where its
+    files really are; only a link that leaves the archive gets OUTSIDE."""
+    real, top = os.path.realpath(link), os.path.realpath(root)
+    if real == top:
+        return "a link back to the archive's own folder (a loop): not followed"
+    if not (real + os.sep).startswith(top + os.sep):
+        return OUTSIDE
+    if (os.path.realpath(os.path.dirname(link)) + os.sep).startswith(real + os.sep):
+        return f"a link back to {os.path.relpath(real, top)}, a folder above it (a loop): not followed"
+    return f"a link to {os.path.relpath(real, top)} inside the archive: not followed (its files are read there)"
+
+
 def inside(base: Path, rel: str, follow_links: bool = False) -> tuple[Path | None, str | None]:
     """A path as the source names it -> (the file, None) or (None, why it is refused)."""
     if os.path.isabs(rel):
@@ -55,7 +70,7 @@ def walk(root: Path, follow_links: bool = False) -> tuple[list, list]:
             if x.startswith("."):  # hidden folders, hidden files
                 continue
             if not follow_links and os.path.islink(os.path.join(d, x)):
-                refused.append((os.path.relpath(os.path.join(d, x), root), OUTSIDE))
+                refused.append((os.path.relpath(os.path.join(d, x), root), folder_link(root, os.path.join(d, x))))
                 continue
             keep.append(x)
         dirs[:] = keep
