@@ -24,8 +24,9 @@ from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
+from psycopg.types.json import Jsonb
 
-from medsim.errors import BadArgument, Forbidden, NotFound, Unauthorized
+from medsim.errors import BadArgument, Busy, Forbidden, NotFound, Unauthorized
 from medsim.queries import Q, dicts, one, scalar
 
 SCOPES = ("search", "images", "admin")  # each includes the ones before it
@@ -65,6 +66,7 @@ class _TokenRow:
     user_id: int
     name: str
     role_name: str
+    disabled_at: dt.datetime | None
     sees_all: bool
     granted: bool
 
@@ -93,7 +95,7 @@ def add_user(conn, name: str, sql_login: bool = False) -> str:
     role = ROLE_PREFIX + check_name(name)
     with conn.transaction():
         # two `medsim user add` of one name at once: the second waits, then finds the first's row
-        conn.execute("SELECT pg_advisory_xact_lock(hashtext('medsim.user:' || %s))", (name,))
+        _user_lock(conn, name)
         if conn.execute(Q.user_by_name, {"name": name}).fetchone() is not None:
             raise BadArgument(f"a user named {name!r} exists already")
         conn.execute(Q.user_insert, {"name": name, "role": role})
@@ -110,9 +112,85 @@ def add_user(conn, name: str, sql_login: bool = False) -> str:
         conn.execute(sql.SQL("GRANT medsim_reader TO {} WITH INHERIT TRUE, SET FALSE").format(ident))
         if not conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0]:
             conn.execute(sql.SQL("GRANT {} TO current_user WITH INHERIT FALSE, SET TRUE").format(ident))
+        # a role left by a user of this name deleted in another database (roles are the
+        # server's) keeps no login or password it had
+        conn.execute(sql.SQL("ALTER ROLE {} " + ("LOGIN" if sql_login else "NOLOGIN PASSWORD NULL")).format(ident))
         if sql_login:
-            conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(ident))
+            _limit_sql_login(conn, ident)
     return role
+
+
+# What a SQL login's sessions get by default (issue 33): a person's psql may not hold a
+# backend for ever. A login can SET these lower or higher in its own session (PostgreSQL has
+# no setting a role cannot change for itself), so `medsim serve` also ends what runs past
+# them (service/reaper.py); the defaults make the common case need no reaper.
+SQL_LOGIN_LIMITS = {"statement_timeout": "60s", "idle_in_transaction_session_timeout": "5min",
+                    "idle_session_timeout": "8h"}
+LOCK_WAIT_S = 10.0  # a medsim advisory lock waited for at most this long (any login can take one)
+
+
+def _limit_sql_login(conn, ident) -> None:
+    for setting, value in SQL_LOGIN_LIMITS.items():
+        conn.execute(sql.SQL("ALTER ROLE {} SET {} = {}").format(ident, sql.Identifier(setting), sql.Literal(value)))
+
+
+def _user_lock(conn, name: str) -> None:
+    """The per-name lock of user changes, waited for at most LOCK_WAIT_S: any login can take
+    an advisory lock (a SQL login once stalled `medsim user add` for as long as it liked),
+    so a wait past that names the session holding it instead of hanging."""
+    key = "medsim.user:" + name
+    conn.execute("SELECT set_config('lock_timeout', %s, true)", (f"{int(LOCK_WAIT_S * 1000)}ms",))
+    try:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (key,))
+    except psycopg.errors.LockNotAvailable:  # rolled back to the savepoint: the transaction goes on
+        holder = conn.execute(Q.advisory_lock_holder, {"key": key}).fetchone()
+        who = f"session {holder[0]} (user {holder[1]}, {holder[2]})" if holder else "another session"
+        raise Busy(f"waited {LOCK_WAIT_S:.0f} s for the lock on user {name!r}, which {who} holds: another medsim "
+                   f"command is changing this user, or that session took the lock; end it or try again") from None
+    conn.execute("SELECT set_config('lock_timeout', '0', true)")
+
+
+def delete_user(conn, name: str, by: str = "(administrator)") -> dict:
+    """A user gone for good: tokens, grants and role (what a new user of the same name would
+    otherwise inherit), its open SQL sessions ended; its access-log rows stay, and the
+    deletion itself is a row of the log. One transaction."""
+    with conn.transaction():
+        _user_lock(conn, name)
+        uid, _, role = _user(conn, name)
+        tokens = conn.execute("SELECT count(*) FROM medsim.tokens WHERE user_id = %s AND revoked_at IS NULL",
+                              (uid,)).fetchone()[0]
+        grants = conn.execute(Q.user_grants_delete, {"role": role}).rowcount
+        conn.execute(Q.user_delete, {"id": uid})
+        ident = sql.Identifier(role)
+        conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN PASSWORD NULL").format(ident))
+        conn.execute(sql.SQL("REVOKE medsim_reader FROM {}").format(ident))
+        try:
+            with conn.transaction():  # roles are the server's: another database may still use it
+                conn.execute(sql.SQL("DROP ROLE {}").format(ident))
+            dropped = True
+        except (psycopg.errors.DependentObjectsStillExist, psycopg.errors.InsufficientPrivilege):
+            dropped = False
+        ended = conn.execute(Q.role_sessions_end, {"role": role}).fetchone()[0]
+        detail = {"deleted": name, "live_tokens": tokens, "grants": grants, "role_dropped": dropped,
+                  "sessions_ended": ended}
+        conn.execute(Q.log_access_detail, {"user_name": by, "action": "user", "detail": Jsonb(detail)})
+    return detail
+
+
+def set_disabled(conn, name: str, disabled: bool, sql_login: bool = False, by: str = "(administrator)") -> dict:
+    """Disable a user (tokens refused, SQL login closed, sessions ended; grants and tokens
+    kept for enable) or enable it again (a SQL login only with sql_login)."""
+    with conn.transaction():
+        _user_lock(conn, name)
+        uid, _, role = _user(conn, name)
+        conn.execute(Q.user_set_disabled, {"id": uid, "disabled": disabled})
+        ident = sql.Identifier(role)
+        conn.execute(sql.SQL("ALTER ROLE {} " + ("LOGIN" if sql_login and not disabled else "NOLOGIN")).format(ident))
+        ended = conn.execute(Q.role_sessions_end, {"role": role}).fetchone()[0] if disabled else 0
+        detail = {"disabled" if disabled else "enabled": name, "sessions_ended": ended}
+        conn.execute(Q.log_access_detail, {"user_name": by, "action": "user", "detail": Jsonb(detail)})
+    return detail
 
 
 def list_users(conn) -> list[dict]:
@@ -209,6 +287,8 @@ def authenticate(conn, header: str | None) -> Principal:
     now = dt.datetime.now(dt.timezone.utc)
     if row.revoked_at is not None:
         raise Unauthorized(f"token {row.token_id} was revoked", token_id=row.token_id)
+    if row.disabled_at is not None:
+        raise Unauthorized(f"user {row.name} is disabled (medsim user enable {row.name})", token_id=row.token_id)
     if row.expires_at is not None and row.expires_at <= now:
         raise Unauthorized(f"token {row.token_id} expired at {row.expires_at:%Y-%m-%d %H:%M} UTC",
                            token_id=row.token_id)
@@ -244,10 +324,10 @@ def log(conn, principal: Principal, client: str | None, action: str, image_ids: 
 
 def log_as(conn, user_name: str, token_id: int | None, client: str | None, action: str, image_ids: list[int], *,
            query_kind: str | None = None, query_image_id: int | None = None, query_sha256: str | None = None,
-           model_id: int | None = None, engine: str | None = None) -> None:
+           model_id: int | None = None, engine: str | None = None, forwarded: str | None = None) -> None:
     """One access-log row; log() for a request's principal, this for what has only a user
     name (an upload deleted after its retention)."""
-    conn.execute(Q.log_access, {"user_name": user_name, "token_id": token_id, "client": client,
+    conn.execute(Q.log_access, {"user_name": user_name, "token_id": token_id, "client": client, "forwarded": forwarded,
                                 "action": action, "query_kind": query_kind, "query_image_id": query_image_id,
                                 "query_sha256": query_sha256, "model_id": model_id, "engine": engine,
                                 "image_ids": list(image_ids)})

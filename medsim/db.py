@@ -62,12 +62,47 @@ def embedded_start() -> str:
         print(f"started the embedded database ({pgdata_dir()}); `medsim db stop` stops it", file=sys.stderr)
     admin = server.get_uri("postgres")
     with psycopg.connect(admin, autocommit=True) as conn:
+        authenticate_embedded(conn)
         exists = conn.execute(
             "SELECT 1 FROM pg_database WHERE datname = %s", (EMBEDDED_DBNAME,)
         ).fetchone()
         if not exists:
             conn.execute(f'CREATE DATABASE "{EMBEDDED_DBNAME}"')  # constant identifier
     return server.get_uri(EMBEDDED_DBNAME)
+
+
+# The embedded package initialises its server with `trust`: any local process that reaches
+# the socket (its directory is world-writable when run as root) was any role, the superuser
+# included, whatever password it gave, and `medsim user add --sql-login` meant nothing. So:
+# the owner role is the OS user who runs medsim (peer authentication, mapped), every other
+# role needs its password (scram-sha-256). Rewritten at each start, so an older data
+# directory is secured the first time a newer medsim starts it.
+HBA = """# written by medsim (medsim/db.py) at every start of the embedded server; edits are replaced
+local   all           postgres   peer map=medsim
+local   replication   postgres   peer map=medsim
+local   all           all        scram-sha-256
+local   replication   all        scram-sha-256
+"""
+
+
+def authenticate_embedded(conn: psycopg.Connection) -> None:
+    """Make the embedded server check who connects (see HBA), reloading it if that changed."""
+    import getpass
+
+    pgdata = pgdata_dir()
+    ident = f"# written by medsim (medsim/db.py): the OS user running medsim is the owner role\n" \
+            f"medsim   {getpass.getuser()}   postgres\n"
+    changed = False
+    for name, text in (("pg_ident.conf", ident), ("pg_hba.conf", HBA)):
+        path = pgdata / name
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)  # in place: the file keeps the server's ownership
+            changed = True
+    if changed:
+        conn.execute("SELECT pg_reload_conf()")
+        bad = conn.execute("SELECT count(*) FROM pg_hba_file_rules WHERE error IS NOT NULL").fetchone()[0]
+        if bad:
+            raise DatabaseUnavailable(f"{pgdata / 'pg_hba.conf'} has {bad} rule(s) the server cannot read")
 
 
 def embedded_url() -> str | None:

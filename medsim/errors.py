@@ -104,6 +104,13 @@ class Forbidden(MedsimError, PermissionError):
 
 
 class TooManyRequests(MedsimError, RuntimeError):
-    """Too many failed attempts from one address or on one token; wait and retry."""
+    """Too many failed attempts from one address (or one address with one token id); wait
+    and retry. A request whose token is valid is never refused with it."""
 
     http_status = 429
+
+
+class Busy(MedsimError, RuntimeError):
+    """A lock another session holds past the bounded wait; the sentence names that session."""
+
+    http_status = 409

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medsim"
 LAYERS = {
     0: {"errors", "settings", "db", "queries", "migrate", "pgcopy", "schema"},  # the floor
     1: {"images"},  # pixels: read, convert, resize
-    2: {"sources", "queue", "access"},  # where images come from; the queue they fill; who may see them
+    2: {"sources", "queue", "access", "access_log"},  # where images come from; the queue they fill; who may see them
     3: {"training", "registry"},  # the network, its training and evaluation, stored models
     4: {"search", "audit"},  # indexes, recall, the search pipeline
     5: {"worker", "service", "cli", "demo", "embed_worker", "__main__"},  # the doors

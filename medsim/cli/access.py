@@ -18,6 +18,22 @@ def cmd_user(args) -> int:
                   f"medsim grant {args.name} DATASET... (or --all), then medsim token create {args.name}")
             if args.sql_login:
                 print(f"as a SQL login: set its password in psql with \\password {role}")
+        elif args.user_command == "delete":
+            d = access.delete_user(conn, args.name, by=_admin_name())
+            print(f"user {args.name} deleted: {d['live_tokens']} live token(s) and {d['grants']} grant(s) removed, "
+                  f"its role {'dropped' if d['role_dropped'] else 'closed (still used by another database)'}"
+                  f"{', ' + str(d['sessions_ended']) + ' SQL session(s) ended' if d['sessions_ended'] else ''}; "
+                  f"its access-log rows stay")
+        elif args.user_command in ("disable", "enable"):
+            disable = args.user_command == "disable"
+            d = access.set_disabled(conn, args.name, disable, sql_login=getattr(args, "sql_login", False),
+                                    by=_admin_name())
+            if disable:
+                ended = f" ({d['sessions_ended']} SQL session(s) ended)" if d["sessions_ended"] else ""
+                print(f"user {args.name} disabled: its tokens are refused and its SQL login closed{ended}; "
+                      f"medsim user enable {args.name} undoes it")
+            else:
+                print(f"user {args.name} enabled")
         else:
             users = access.list_users(conn)
             if not users:
@@ -26,6 +42,42 @@ def cmd_user(args) -> int:
                 seen = "never" if u["last_used_at"] is None else f"{u['last_used_at']:%Y-%m-%d %H:%M}"
                 grants = ", ".join("every dataset" if d == "*" else d for d in u["datasets"]) or "nothing"
                 print(f"{u['name']:<20} sees {grants}; {u['live_tokens']} live token(s); last used {seen}")
+    return 0
+
+
+def _admin_name() -> str:
+    """Who ran an administrative command, for the access log: the OS user (the database
+    login is the owner's, the same for every administrator)."""
+    import getpass
+
+    try:
+        return f"(admin: {getpass.getuser()})"
+    except Exception:  # no user name for this uid (a container)
+        return "(admin)"
+
+
+def cmd_log(args) -> int:
+    import datetime as dt
+
+    from medsim import access_log
+    from medsim.errors import BadArgument, DataRefused
+
+    with connect(args) as conn:
+        if args.log_command == "verify":
+            v = access_log.verify(conn, args.anchor or [])
+            print(v.sentence())
+            if not v.ok:
+                raise DataRefused("the access log was altered: see the line above")
+        else:
+            try:
+                before = dt.datetime.fromisoformat(args.before)
+            except ValueError:
+                raise BadArgument(f"--before takes a date (2026-01-31) or a time; got {args.before!r}") from None
+            if before.tzinfo is None:
+                before = before.astimezone()
+            d = access_log.purge(conn, before, by=_admin_name())
+            print(f"purged {d['rows']:,} access-log row(s) older than {before:%Y-%m-%d %H:%M %Z} (through chain row "
+                  f"{d['through']}); the purge is itself a row of the chain, and verify still checks what remains")
     return 0
 
 
@@ -73,6 +125,27 @@ def register(sub) -> None:
                    help="also let the person log in to PostgreSQL as this role (row-level security applies there too)")
     a.set_defaults(func=cmd_user)
     usub.add_parser("list", help="users, their grants, live tokens and last use").set_defaults(func=cmd_user)
+    d = usub.add_parser("delete", help="delete a user: tokens, grants and role go, its access-log rows stay")
+    d.add_argument("name")
+    d.set_defaults(func=cmd_user)
+    d = usub.add_parser("disable", help="refuse a user's tokens and SQL login until enabled (grants kept)")
+    d.add_argument("name")
+    d.set_defaults(func=cmd_user)
+    d = usub.add_parser("enable", help="undo medsim user disable")
+    d.add_argument("name")
+    d.add_argument("--sql-login", action="store_true", help="also open its SQL login again")
+    d.set_defaults(func=cmd_user)
+
+    lg = sub.add_parser("access-log", help="the access log's hash chain: verify it, or purge old rows")
+    lsub = lg.add_subparsers(dest="log_command", required=True)
+    v = lsub.add_parser("verify", help="recompute the chain; say where it breaks (exit 2) or print its head")
+    v.add_argument("--anchor", action="append", metavar="SEQ:HASH",
+                   help="a head printed by an earlier verify and kept outside the database: it must still be "
+                        "in the chain (repeatable)")
+    v.set_defaults(func=cmd_log)
+    p = lsub.add_parser("purge", help="delete rows older than a date (retention); the purge is logged in the chain")
+    p.add_argument("--before", required=True, help="a date or time (ISO 8601: 2026-01-31, 2026-01-31T12:00)")
+    p.set_defaults(func=cmd_log)
 
     t = sub.add_parser("token", help="bearer tokens for the HTTP service")
     tsub = t.add_subparsers(dest="token_command", required=True)

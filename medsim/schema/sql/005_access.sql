@@ -41,12 +41,16 @@ BEGIN
         ('calibrations', 'dataset IN (SELECT d.flag FROM medsim.datasets d)'),
         ('ingest_reports', 'dataset_id = ANY ((SELECT medsim.granted_datasets())::integer[])'),
         ('ingest_problems', 'coalesce((SELECT true FROM medsim.ingest_reports r WHERE r.id = report_id), false)'),
+        ('pacs_sources', 'dataset_id = ANY ((SELECT medsim.granted_datasets())::integer[])'),
         ('audit_findings', 'coalesce((SELECT true FROM medsim.images a WHERE a.id = image_a), false) AND (image_b '
                            'IS NULL OR coalesce((SELECT true FROM medsim.images b WHERE b.id = image_b), false))'),
         -- summaries over every dataset (counts, per-dataset metrics, a gallery's size):
         -- only for a role that sees every dataset
         ('audits', 'false'), ('evaluations', 'false'), ('recall_reports', 'false'),
-        ('index_builds', 'false'), ('deletions', 'false')
+        ('index_builds', 'false'), ('deletions', 'false'),
+        -- a model's epochs and its gallery's version move with archives a user may not see
+        -- (the service checks a FAISS index's version on the owner's connection)
+        ('training_epochs', 'false'), ('gallery_versions', 'false')
     ) AS t(tbl, rule) LOOP
         EXECUTE format('ALTER TABLE medsim.%I ENABLE ROW LEVEL SECURITY', p.tbl);
         EXECUTE format('DROP POLICY IF EXISTS granted ON medsim.%I', p.tbl);
@@ -63,11 +67,31 @@ DO $$
 DECLARE
     v record;
 BEGIN
-    FOR v IN SELECT viewname FROM pg_views WHERE schemaname = 'medsim' LOOP
+    FOR v IN SELECT viewname FROM pg_views WHERE schemaname = 'medsim' AND viewname <> 'model_catalog' LOOP
         EXECUTE format('ALTER VIEW medsim.%I SET (security_invoker = true)', v.viewname);
     END LOOP;
 END
 $$;
+
+-- Models as a reader may see them: every model (a search needs its id, size and config),
+-- but its training datasets and recipe's dataset list only as far as they are granted. The
+-- view runs with its owner's rights (the reader has no SELECT on models.datasets), and
+-- filters by the caller's own grants: granted_datasets() runs as the caller. The owner
+-- (and a superuser) sees the lists whole: training and evaluation read them here too.
+CREATE OR REPLACE VIEW medsim.model_catalog WITH (security_invoker = false) AS
+SELECT m.id, m.name, m.preset, m.mode, m.config, m.embedding_dim, m.checkpoint_sha256, m.best_epoch,
+       m.best_val_loss, m.train_seconds, m.is_current, m.created_at,
+       CASE WHEN w.whole THEN m.datasets
+            ELSE ARRAY(SELECT f FROM unnest(m.datasets) f
+                       WHERE f IN (SELECT d.flag FROM medsim.datasets d
+                                   WHERE d.id = ANY (w.granted))) END AS datasets,
+       CASE WHEN w.whole THEN m.train_config ELSE m.train_config - 'flags' END AS train_config
+FROM medsim.models m
+CROSS JOIN (SELECT medsim.sees_all_datasets()
+                   OR pg_has_role(current_user, (SELECT c.relowner FROM pg_class c
+                                                 WHERE c.oid = 'medsim.models'::regclass), 'USAGE') AS whole,
+                   medsim.granted_datasets() AS granted) w;
+GRANT SELECT ON medsim.model_catalog TO medsim_reader;
 
 -- Users, tokens and the access log are the administrators' (the owner's) alone; a role
 -- reads its own grants (the functions above need that).
