@@ -339,6 +339,10 @@ SELECT 1 FROM medsim.models WHERE id = %(model_id)s FOR SHARE;
 
 -- name: lock_queue_exclusive
 -- FOR NO KEY UPDATE: conflicts with the batches' FOR SHARE, not with foreign-key checks.
+-- name: model_checkpoint_sha256
+-- The checkpoint's name without its bytes: a kept ONNX export is found by it.
+SELECT checkpoint_sha256 FROM medsim.models WHERE id = %(id)s;
+
 SELECT 1 FROM medsim.models WHERE id = %(model_id)s FOR NO KEY UPDATE;
 
 -- name: enqueue_model

@@ -34,6 +34,9 @@ class ModelRow:
         return network.load_checkpoint(bytes(ck.checkpoint), expected_sha256=ck.checkpoint_sha256,
                                        device=device)
 
+    def checkpoint_sha256(self, conn) -> str:
+        return scalar(conn, Q.model_checkpoint_sha256, {"id": self.id})
+
 
 @dataclass
 class Checkpoint:

@@ -6,8 +6,11 @@ Migrations run once per session into a template database; every test that asks f
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -23,6 +26,10 @@ os.environ.pop("DATABASE_READ_URL", None)
 TEST_KEY = "a test key that is long enough"
 os.environ["MEDSIM_PATIENT_KEY"] = TEST_KEY
 os.environ.pop("MEDSIM_PATIENT_KEY_PREVIOUS", None)
+# what medsim keeps per user (ONNX exports the worker writes, an embedded server's data) goes
+# to a throw-away home for the session, never the real one
+os.environ["MEDSIM_HOME"] = tempfile.mkdtemp(prefix="medsim-test-home-")
+atexit.register(shutil.rmtree, os.environ["MEDSIM_HOME"], ignore_errors=True)
 for _v in db.LIBPQ_VARS:
     os.environ.pop(_v, None)
 

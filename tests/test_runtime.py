@@ -108,3 +108,33 @@ def test_runtime_choice_threads_and_bad_names(monkeypatch):
     net.train()
     runtime.export(net)
     assert net.training
+
+
+def test_the_onnx_input_is_torchs_input_bit_for_bit():
+    rng = np.random.default_rng(3)
+    for shape in ((5, 28, 28), (5, 28, 28, 1), (5, 32, 32, 3)):
+        x = rng.integers(0, 256, shape, dtype=np.uint8)
+        assert np.array_equal(runtime.onnx_input(x), network.to_input(x).numpy())
+
+
+def test_a_kept_export_is_used_without_torch_and_a_damaged_one_is_replaced(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEDSIM_HOME", str(tmp_path))
+    net = network.EmbeddingNet(preset("default"))
+    loads = []
+
+    def load_net():
+        loads.append(1)
+        return net
+
+    x = np.random.default_rng(1).integers(0, 256, (8, 28, 28), dtype=np.uint8)
+    first = runtime.for_query(net.cfg, "ab" * 32, load_net)
+    assert isinstance(first, runtime.OnnxRuntime) and loads == [1]  # nothing kept: the network, checked, kept
+    assert runtime.export_path("ab" * 32).read_bytes() == first.model
+    again = runtime.for_query(net.cfg, "ab" * 32, load_net)
+    assert isinstance(again, runtime.StoredOnnxRuntime) and loads == [1]  # the network is not loaded
+    assert np.allclose(again.embed(x), first.embed(x), atol=1e-6)
+    assert again.net is net and loads == [1, 1]  # only when asked for (an explanation)
+    runtime.export_path("ab" * 32).write_bytes(b"not onnx")
+    third = runtime.for_query(net.cfg, "ab" * 32, load_net)
+    assert not isinstance(third, runtime.StoredOnnxRuntime)
+    assert runtime.export_path("ab" * 32).read_bytes() == third.model

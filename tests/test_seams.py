@@ -294,11 +294,39 @@ def test_commands_that_need_no_model_import_neither_torch_nor_faiss(embedded, db
         assert imported_by(args, db_url, tmp_path) == [], args
     # and those that do need them still work
     assert imported_by(["search", "--image-id", str(gid), "--engine", "faiss"], db_url, tmp_path) == ["faiss"]
-    img = tmp_path / "q.png"
+
+
+def test_search_by_file_imports_no_torch_once_an_onnx_export_is_kept(embedded, db_url, tmp_path):
+    """Issue 34 (9): the worker keeps its checked ONNX export; a search by file embeds through
+    it with ONNX Runtime alone (torch cost 2-7 s of every such search). Without an export the
+    CLI still works through torch, and keeps one for the next search."""
     from PIL import Image
 
-    Image.fromarray(np.full((28, 28), 90, np.uint8)).save(img)
-    assert "torch" in imported_by(["search", "--image-file", str(img)], db_url, tmp_path)
+    from medsim import registry
+    from medsim.training import runtime
+
+    conn, mid = embedded
+    kept = runtime.export_path(registry.get(conn, mid).checkpoint_sha256(conn))
+    assert kept.exists()  # the worker (embed_all) wrote it
+    img = tmp_path / "q.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30), np.uint8)).save(img)
+    query = ["search", "--image-file", str(img), "-k", "5", "--json"]
+    assert imported_by(query, db_url, tmp_path) == []
+    by_onnx = answer(query, db_url, tmp_path)
+    kept.unlink()
+    assert "torch" in imported_by(query, db_url, tmp_path)  # nothing kept: torch, then keeps it
+    assert kept.exists() and imported_by(query, db_url, tmp_path) == []
+    by_torch = answer(query, db_url, tmp_path, MEDSIM_RUNTIME="torch")
+    assert [h["image_id"] for h in by_onnx["neighbours"]] == [h["image_id"] for h in by_torch["neighbours"]]
+    assert [h["distance"] for h in by_onnx["neighbours"]] == pytest.approx(
+        [h["distance"] for h in by_torch["neighbours"]], abs=1e-4)
+
+
+def answer(args, db_url, cwd, **env) -> dict:
+    p = subprocess.run([sys.executable, "-m", "medsim.cli", *args], capture_output=True, text=True, timeout=120,
+                       cwd=cwd, env={**os.environ, "DATABASE_URL": db_url, **env})
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)[0]
 
 
 def test_ingest_summary_and_index_list_read_named_rows(embedded, tmp_path, capsys):

@@ -39,13 +39,16 @@ class Context:
         return registry.get(self.conn, ref)
 
     def network(self, model: registry.ModelRow):
-        """The model's runtime. One CLI call embeds one image: torch, since an ONNX export
-        and its parity check would cost more than they save; the service's context keeps
-        an ONNX Runtime session warm instead."""
+        """The model's runtime. One CLI call embeds one image: the ONNX export the worker
+        (or an earlier call) kept, through ONNX Runtime and without importing torch (2-3 s);
+        torch only where none is kept yet. The service's context keeps a session warm."""
         from medsim.training import runtime
+        from medsim.training.config import ModelConfig
 
         if model.id not in self._nets:
-            self._nets[model.id] = runtime.TorchRuntime(model.load(self.owner))
+            self._nets[model.id] = runtime.for_query(ModelConfig.from_dict(model.config),
+                                                     model.checkpoint_sha256(self.owner),
+                                                     lambda: model.load(self.owner))
         return self._nets[model.id]
 
     def embed(self, model: registry.ModelRow, x: np.ndarray) -> np.ndarray:

@@ -10,14 +10,19 @@ differs by more than PARITY_COSINE.
 
 The exporter is torch's TorchScript-based one (dynamo=False): the network is a plain
 feed-forward graph, and the dynamo exporter would add onnxscript as a dependency for no
-gain here. The ONNX bytes live in memory for the life of the process; nothing is written.
+gain here. An export that passed the parity check is kept under MEDSIM_HOME/onnx, named
+by the checkpoint's sha256 (keep()): a later process opens it with ONNX Runtime alone, so
+a one-image search from the shell (`medsim search --image-file`) never imports torch,
+whose import alone costs 2-3 s (for_query()).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -72,13 +77,87 @@ class OnnxRuntime:
         self.threads = n
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        from medsim.training import network
-
         out = []
         for i in range(0, len(images), self.batch):
-            x = network.to_input(images[i:i + self.batch]).numpy()  # the one input path, as torch's
-            out.append(self.session.run(None, {"x": x})[0])
+            out.append(self.session.run(None, {"x": onnx_input(images[i:i + self.batch])})[0])
         return np.concatenate(out) if out else np.zeros((0, self.cfg.embedding_dim), np.float32)
+
+
+class StoredOnnxRuntime(OnnxRuntime):
+    """An export kept on disk, opened without torch. ``load_net``: how to get the torch
+    module if someone asks for it (an explanation needs its gradients)."""
+
+    def __init__(self, path: Path, cfg, load_net, threads: int = 1):
+        self.cfg, self._load_net, self._net = cfg, load_net, None
+        self.batch = cfg.inference_batch("cpu") * ONNX_BATCH_FACTOR
+        self.model = str(path)
+        self.threads = None
+        self.set_threads(threads)
+
+    @property
+    def net(self):
+        if self._net is None:
+            self._net = self._load_net()
+        return self._net
+
+
+def onnx_input(images: np.ndarray) -> np.ndarray:
+    """network.to_input without torch: uint8 (N, H, W) or (N, H, W, C in {1, 3}) -> float32
+    (N, 3, H, W) in [-1, 1], the same float32 operations (x / 127.5 - 1), so the same bits."""
+    x = np.asarray(images)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.shape[-1] == 1:
+        x = np.broadcast_to(x, (*x.shape[:-1], 3))
+    if x.shape[-1] != 3:
+        raise ValueError(f"expected 1 or 3 channels, got {x.shape[-1]}")
+    x = np.ascontiguousarray(x.transpose(0, 3, 1, 2), np.float32)
+    x /= np.float32(127.5)
+    x -= np.float32(1.0)
+    return x
+
+
+def export_path(checkpoint_sha256: str) -> Path:
+    from medsim import settings
+
+    return settings.get().home / "onnx" / f"{checkpoint_sha256}.onnx"
+
+
+def keep(rt, checkpoint_sha256: str) -> None:
+    """Write an ONNX Runtime's export (one that passed the parity check) where for_query()
+    finds it, once per checkpoint: under a temporary name, then renamed, so a reader never
+    opens half a file. A home that cannot be written only costs later searches the torch
+    import."""
+    if not isinstance(rt, OnnxRuntime) or isinstance(rt, StoredOnnxRuntime):
+        return
+    path = export_path(checkpoint_sha256)
+    if path.exists():
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(rt.model)
+        os.replace(tmp, path)
+    except OSError as err:
+        log.warning("could not keep the ONNX export at %s (%s); searches by file will import torch", path, err)
+
+
+def for_query(cfg, checkpoint_sha256: str, load_net, threads: int = 1):
+    """The runtime for a process that embeds a few images and exits (the CLI): the kept
+    export through ONNX Runtime, no torch import; else the torch network, exported and
+    checked once (prepare) and kept for the next process. MEDSIM_RUNTIME=torch: torch."""
+    from medsim import settings
+
+    path = export_path(checkpoint_sha256)
+    if settings.get().runtime == "onnx" and path.exists():
+        try:
+            return StoredOnnxRuntime(path, cfg, load_net, threads)
+        except Exception as err:  # a damaged file: torch still works, and writes it again
+            log.warning("the kept ONNX export %s cannot be opened (%s); embedding with torch", path, err)
+            path.unlink(missing_ok=True)
+    rt = prepare(load_net(), threads=threads)
+    keep(rt, checkpoint_sha256)
+    return rt
 
 
 def cpu_session(model, threads: int):

@@ -56,7 +56,8 @@ class Worker:
         conn = self.conns[0]
         migrate.check(conn)
         row = registry.get(conn, self.cfg.model)
-        rt = self.threads.runtime_for(row.load(conn, self.cfg.device), self.cfg.runtime, self.cfg.device)
+        rt = self.threads.runtime_for(row.load(conn, self.cfg.device), self.cfg.runtime, self.cfg.device,
+                                      keep_as=row.checkpoint_sha256(conn))
         log.info("model %s embeds with %s", row.id, rt.name)
         compute = threading.Lock() if self.cfg.lanes > 1 else contextlib.nullcontext()
         self.model_row = row
