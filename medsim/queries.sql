@@ -709,8 +709,9 @@ VALUES (%(handle)s, now() + make_interval(secs => %(hours)s * 3600), %(user_name
         %(height)s, %(width)s, %(channels)s, %(bit_depth)s);
 
 -- name: kept_upload
--- A kept upload's pixels, shaped as a stored image's row (StoredRow; the id is 0).
-SELECT 0 AS id, pixels, height, width, channels, bit_depth FROM medsim.uploads
+-- A kept upload's pixels, shaped as a stored image's row (StoredRow; the id is 0), whose
+-- it is and its sha256 (uploads.Kept).
+SELECT 0 AS id, pixels, height, width, channels, bit_depth, user_name, sha256 FROM medsim.uploads
 WHERE handle = %(handle)s AND expires_at > now();
 
 -- name: purge_uploads

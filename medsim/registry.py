@@ -67,10 +67,13 @@ def model_id(ref: int | str | None) -> int | None:
     """--model as given -> an id, or None for 'current'."""
     if ref is None or ref == "current":
         return None
-    try:
+    if isinstance(ref, int) and 0 < ref < 2**31:
+        return ref
+    # ASCII digits that fit the id's integer column: int() also reads '١٢' (other scripts'
+    # digits) and a number past 2**31 reached the database as an error
+    if isinstance(ref, str) and ref.isascii() and ref.isdigit() and 0 < int(ref) < 2**31:
         return int(ref)
-    except ValueError:
-        raise NotFound(f"model {ref!r}: expected a model id (see `medsim models`) or 'current'") from None
+    raise NotFound(f"model {ref!r}: expected a model id (see `medsim models`) or 'current'")
 
 
 def get(conn, ref: int | str | None = "current") -> ModelRow:

@@ -20,7 +20,7 @@ def cmd_serve(args) -> int:
     cfg = ServeConfig(host=args.host, port=args.port, database_url=args.database_url, read_url=args.read_url,
                       max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), pool_size=args.pool_size,
                       max_image_pixels=args.max_image_pixels or settings.get().max_image_pixels,
-                      auth=not args.no_auth, torch_threads=args.threads,
+                      auth=not args.no_auth, no_auth_public=args.no_auth_public, torch_threads=args.threads,
                       runtime=args.runtime, upload_retention_h=args.upload_retention_hours)
     print(f"medsim serve: http://{args.host}:{args.port}/ (the page), /docs (the API); database: {db.source()}",
           flush=True)
@@ -40,15 +40,11 @@ DEFAULT_PASSWORDS = {"medsim", "postgres", "password", "admin"}  # what compose 
 
 def warn_default_password(host: str) -> None:
     """A database password everyone knows, on a service others can reach: say so."""
-    import ipaddress
-
     from psycopg.conninfo import conninfo_to_dict
 
-    try:
-        local = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        local = host == "localhost"
-    if not local and conninfo_to_dict(db.database_url()).get("password") in DEFAULT_PASSWORDS:
+    from medsim.service.state import loopback_host
+
+    if not loopback_host(host) and conninfo_to_dict(db.database_url()).get("password") in DEFAULT_PASSWORDS:
         print("WARNING: the database password is a well-known default; set a real one (POSTGRES_PASSWORD in the "
               "compose file) before this service is reachable from other machines", flush=True)
 
@@ -95,7 +91,11 @@ def register(sub) -> None:
     s.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
     s.add_argument("--no-auth", action="store_true",
                    help="serve without tokens: every request sees every dataset as medsim_reader (for a "
-                        "one-person machine; said in capitals at start and in every log line)")
+                        "one-person machine; said in capitals at start and in every log line); refused on a "
+                        "--host other machines reach unless --no-auth-public is given too")
+    s.add_argument("--no-auth-public", action="store_true",
+                   help="with --no-auth, allow a --host other machines reach (0.0.0.0, a LAN address): everyone "
+                        "who reaches it sees every dataset")
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("demo", parents=[DATA, OUT_DIR, QUIET],

@@ -4,10 +4,52 @@ and by the HTTP service alike; checked here, before any work."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from medsim.errors import BadArgument
 from medsim.search import ENGINES, GALLERY_SPLITS, MAX_K, SPLITS
+
+# What a filter may hold, checked before any SQL: a hostile list (100,000 labels, 0.7 MB)
+# held a backend for the whole statement timeout. A real filter names a few labels or
+# sites; an archive's label names and metadata values are short.
+MAX_FILTER_KEYS = 20
+MAX_FILTER_VALUES = 1_000  # per key
+MAX_FILTER_VALUE_CHARS = 200  # per key and per value
+FILTER_LIMITS = (f"a filter takes at most {MAX_FILTER_KEYS} keys, at most {MAX_FILTER_VALUES:,} values per key and "
+                 f"at most {MAX_FILTER_VALUE_CHARS} characters per key or value")
+
+# a request body other than an image upload (JSON, checked by the service before it is
+# parsed): 25 times a vector of 2,048 numbers, 5 times a filter key at the limits above
+MAX_JSON_BYTES = 2**20
+
+MAX_ID = 2**63 - 1  # PostgreSQL's bigint: a larger number is no image's id, refused before SQL
+ASCII_ID = re.compile(r"[0-9]{1,19}")
+
+
+def parse_id(text: str) -> int | None:
+    """An image id written in ASCII digits -> the id; None for anything else. Not
+    str.isdigit, which takes '²' (that int() then refuses: a 500) and other scripts' digits
+    (that int() reads: '١٢' was image 12)."""
+    if ASCII_ID.fullmatch(text) and int(text) <= MAX_ID:
+        return int(text)
+    return None
+
+
+def check_where(where: dict) -> dict:
+    """A filter's keys and values (strings, or lists of strings), bounded: BadArgument in
+    one sentence naming the limits, before any SQL sees it."""
+    bad = [k for k, v in where.items()
+           if not isinstance(v, str) and not (isinstance(v, list) and all(isinstance(x, str) for x in v))]
+    if bad:
+        raise BadArgument(f"filter values must be strings or lists of strings: {', '.join(map(str, bad[:5]))}")
+    values = [[v] if isinstance(v, str) else v for v in where.values()]
+    longest = max([len(str(k)) for k in where] + [len(x) for v in values for x in v], default=0)
+    most = max(map(len, values), default=0)
+    if len(where) > MAX_FILTER_KEYS or most > MAX_FILTER_VALUES or longest > MAX_FILTER_VALUE_CHARS:
+        raise BadArgument(f"{FILTER_LIMITS}; this one has {len(where)} key(s), {most:,} value(s) under one of them "
+                          f"and {longest:,} characters in its longest")
+    return where
 
 
 @dataclass(frozen=True)
@@ -69,10 +111,7 @@ class Filters:
         self.splits = tuple(s for s in SPLITS if s in names)
         if self.per_patient is not None and not 1 <= self.per_patient <= MAX_K:
             raise BadArgument(f"per_patient must be between 1 and {MAX_K}, got {self.per_patient}")
-        bad = [k for k, v in self.where.items()
-               if not isinstance(v, str) and not (isinstance(v, list) and all(isinstance(x, str) for x in v))]
-        if bad:
-            raise BadArgument(f"filter values must be strings or lists of strings: {', '.join(bad)}")
+        check_where(self.where)
         if "split" in self.where:
             wanted = [self.where["split"]] if isinstance(self.where["split"], str) else self.where["split"]
             outside = sorted(set(wanted) - set(self.splits))

@@ -37,6 +37,7 @@ from medsim.errors import (
     TooLarge,
     Unauthorized,
 )
+from medsim.search.request import MAX_JSON_BYTES
 from medsim.service.guard import SecurityHeaders
 from medsim.service.routes import explain as explain_routes
 from medsim.service.routes import images, search, state, uploads
@@ -60,7 +61,9 @@ def error_response(err: MedsimError, **headers) -> JSONResponse:
 
 class BodyLimit:
     """Refuses a request body over the limit before it is read: by Content-Length when
-    the client sends one, else while it streams in (chunked uploads)."""
+    the client sends one, else while it streams in (chunked uploads). Only a multipart
+    body (an image upload) may reach the upload limit; any other (JSON) stops at
+    MAX_JSON_BYTES, far more than a search needs, so that parsing it costs little."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -68,25 +71,34 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            response = error_response(TooLarge(self.message(int(declared))), connection="close")
+        headers = dict(scope["headers"])
+        upload = headers.get(b"content-type", b"").startswith(b"multipart/")
+        limit = self.limit if upload else min(self.limit, MAX_JSON_BYTES)
+        message = self.message if limit == self.limit else self.json_message
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            response = error_response(TooLarge(message(int(declared))), connection="close")
             return await response(scope, receive, send)
         seen = 0
 
         async def limited():
             nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
+            received = await receive()
+            if received["type"] == "http.request":
+                seen += len(received.get("body", b""))
+                if seen > limit:
                     # FastAPI turns any error while it parses a body into a plain 400; the
                     # refusal is noted for the error handlers, which answer 413 with it
-                    scope.setdefault("state", {})["too_large"] = self.message(seen)
-                    raise TooLarge(self.message(seen))
-            return message
+                    scope.setdefault("state", {})["too_large"] = message(seen)
+                    raise TooLarge(message(seen))
+            return received
 
         await self.app(scope, limited, send)
+
+    @staticmethod
+    def json_message(n: int) -> str:
+        return (f"the request body is {n:,} bytes, over the limit of {MAX_JSON_BYTES // 2**20} MB for a request "
+                f"that is not an image upload (an image goes to POST /search/upload)")
 
     def message(self, n: int) -> str:
         return (f"the request body is {n:,} bytes, over the limit of {self.limit:,} "

@@ -20,20 +20,37 @@ result.csv   one row per neighbour, nearest first: {columns}
              distance: Euclidean distance between embeddings (model {model}); p_same: the
              calibrated probability that it shares the query's diagnosis (empty where none
              is fitted); same_label: it has the query's label (empty: the query has none);
-             patient_key: a keyed pseudonym, never the patient's identifier.
+             patient_key: a keyed pseudonym, never the patient's identifier. A text cell
+             that begins with = + - @, a tab or a CR carries a ' before it, so that a
+             spreadsheet shows it rather than running it as a formula.
 result.json  the API's answer (POST /search), with the query, the vote and its notes.
 thumbnails/  each neighbour's stored pixels as PNG, named rank-image_id.png; query.png
              is the query when it is a stored image or a kept upload.
 """
 
 
+# OWASP's CSV-injection rule: a spreadsheet runs a cell that begins with one of these as a
+# formula (=HYPERLINK(...) in an archive's label opens a link, or worse).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value):
+    """A text cell that a spreadsheet would run gets a ' before it. Only text: numbers
+    (ids, distances, p_same) keep their value, and a number cannot hold a formula."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return "" if value is None else value
+
+
 def csv_text(res: SearchResponse) -> str:
     buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
+    # every text cell quoted, numbers bare: an escaped cell cannot be ended early by a quote
+    # or a separator inside it, and a spreadsheet still reads the numbers as numbers
+    w = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
     w.writerow(COLUMNS)
     for n in res.neighbours:
         row = n.model_dump()
-        w.writerow(["" if row[c] is None else row[c] for c in COLUMNS])
+        w.writerow([_cell(row[c]) for c in COLUMNS])
     return buf.getvalue()
 
 

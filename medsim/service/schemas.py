@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, Json
 
 from medsim.search import ENGINES, MAX_K
 from medsim.search.pipeline import Result
+from medsim.search.request import MAX_ID
 
 FILTERS_HELP = ('only neighbours matching: {"dataset": ..., "label": [...], "split": "train"|"val"|"test", '
                 '"modality": ..., any metadata key}')
@@ -30,7 +31,7 @@ class SearchOptions(BaseModel):
     include_own_patient: bool = Field(False, description="also return other images of the query's patient")
     per_patient: int | None = Field(None, ge=1, le=MAX_K, description="at most this many neighbours per patient")
     max_distance: float | None = Field(None, ge=0, description="drop neighbours farther than this")
-    model: int | None = Field(None, description="a model id (default: the current model)")
+    model: int | None = Field(None, ge=1, le=2**31 - 1, description="a model id (default: the current model)")
     splits: str | None = Field(None, max_length=40, description="the splits to search among, comma-separated: "
                                                                 "train,val,test (the default: every image on "
                                                                 "file), train,val, or train (the evaluation protocol)")
@@ -41,7 +42,7 @@ class SearchRequest(SearchOptions):
     embedding of the model's dimension) or `upload` (the handle of an upload the service
     kept). Uploads themselves go to POST /search/upload."""
 
-    image_id: int | None = Field(None, description="a stored image to search from")
+    image_id: int | None = Field(None, ge=1, le=MAX_ID, description="a stored image to search from")
     upload: str | None = Field(None, max_length=64, description="the handle POST /search/upload returned")
     box: list[int] | None = Field(None, description=BOX_HELP)
     vector: list[float] | None = Field(None, description="a raw embedding of the model's dimension")
@@ -86,7 +87,8 @@ class QueryInfo(BaseModel):
     label_names: list[str]
     in_gallery: list[int]
     handle: str | None = Field(None, description="an upload kept by the service: search it again with "
-                                                 "{\"upload\": handle}, preview it at preview_url, share /?upload=handle")
+                                                 "{\"upload\": handle}, preview it at preview_url, open "
+                                                 "/?upload=handle again (the uploader's own token only)")
     preview_url: str | None = None
     size: list[int] | None = Field(None, description="[width, height] of the query image, where it was decoded "
                                                      "(an upload): a box is in these pixels")

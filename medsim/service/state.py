@@ -31,15 +31,17 @@ import psycopg
 from psycopg import sql
 
 from medsim import access, db, migrate, registry, settings
-from medsim.errors import DatabaseUnavailable, NotFound, StaleIndex
+from medsim.errors import BadArgument, DatabaseUnavailable, NotFound, StaleIndex
 from medsim.images import StoredRow
 from medsim.queries import Q, one
 from medsim.search import GALLERY_SPLITS
 from medsim.search.context import Context
 from medsim.service.guard import FailureLimiter
 from medsim.service.metrics import Metrics
+from medsim.sources.pacs_log import hide_uids
 
 log = logging.getLogger("medsim.serve")
+hide_uids(log.name)  # a failed request's traceback can hold a PACS's URL, and the UIDs in it
 
 
 @dataclass
@@ -50,6 +52,8 @@ class ServeConfig:
     read_url: str | None = None  # default: $DATABASE_READ_URL, then database_url
     reader_role: str | None = "medsim_reader"  # with auth off; None: search as the login role (not advised)
     auth: bool = True  # every request needs a token (medsim token create); False: --no-auth
+    # auth off on an address other machines reach: refused unless this says it is meant
+    no_auth_public: bool = False
     max_upload_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = settings.DEFAULT_MAX_IMAGE_PIXELS
     pool_size: int = 8
@@ -63,6 +67,23 @@ class ServeConfig:
     torch_threads: int | None = None
     runtime: str | None = None  # what runs the network (medsim.training.runtime); None: the setting
     upload_retention_h: float = 24.0  # uploads kept for their URL (medsim.service.uploads); 0: none
+
+
+    def __post_init__(self):
+        if not self.auth and not self.no_auth_public and not loopback_host(self.host):
+            raise BadArgument(f"--no-auth on {self.host} would serve every dataset, without a token, to every machine "
+                              f"that reaches it: listen on 127.0.0.1, use tokens (medsim token create), or give "
+                              f"--no-auth-public if that is truly meant")
+
+
+def loopback_host(host: str) -> bool:
+    """Only this machine reaches an address it listens on (127.0.0.1, ::1, localhost)."""
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 class Service:

@@ -2,16 +2,18 @@
 
 An uploaded image is kept in its stored form (the pixels an ingest would store: decoded,
 windowed, never the file's bytes or name, which may carry a patient's name) under a
-random handle, for ServeConfig.upload_retention_h (default 24 h). With the handle a user
-holding a search token can see its preview and search it again (`POST /search` with
-`{"upload": HANDLE}`, or `/?upload=HANDLE` on the page). Past its time it is deleted, at
-the next upload or start, and the access log notes each deletion ("upload_deleted", with
-the upload's sha256). Only the service's owner login reads the table: an analyst's SQL
-login and a user's role see nothing of it.
+random handle, for ServeConfig.upload_retention_h (default 24 h). With the handle the user
+who uploaded it (no one else: another user's token gets the 404 of a handle that never
+existed) can see its preview and search it again (`POST /search` with `{"upload": HANDLE}`,
+or `/?upload=HANDLE` on the page); each use is logged with the upload's sha256. Past its
+time it is deleted, at the next upload or start, and the access log notes each deletion
+("upload_deleted", with the upload's sha256). Only the service's owner login reads the
+table: an analyst's SQL login and a user's role see nothing of it.
 """
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass
 
@@ -23,6 +25,16 @@ from medsim.images import StoredRow
 from medsim.queries import Q, one, rows
 
 HANDLE_BYTES = 16  # 128 random bits: a handle cannot be guessed
+HANDLE_RULE = re.compile(r"[A-Za-z0-9_-]{1,64}")  # what token_urlsafe makes, with room to spare
+
+
+@dataclass
+class Kept(StoredRow):
+    """A kept upload: its stored-form pixels (StoredRow's columns), whose it is, and the
+    sha256 of the bytes uploaded (what the access log records for each use of it)."""
+
+    user_name: str
+    sha256: str
 
 
 @dataclass
@@ -46,14 +58,18 @@ def keep(svc, user: str, x: np.ndarray, sha256: str) -> str | None:
     return handle
 
 
-def load(svc, handle: str) -> np.ndarray:
-    """A kept upload's stored-form pixels; NotFound, saying why, when it is not (or no longer) kept."""
-    with svc.owner.connection() as conn:
-        r = one(conn, Q.kept_upload, {"handle": handle}, as_=StoredRow)
-    if r is None:
+def load(svc, handle: str, who: access.Principal) -> Kept:
+    """The principal's own kept upload; NotFound, saying why, when it is not (or no longer)
+    kept. Another user's upload is answered exactly as a handle that never existed: a
+    handle seen over a shoulder or in a shared screenshot is not a grant."""
+    r = None
+    if HANDLE_RULE.fullmatch(handle):
+        with svc.owner.connection() as conn:
+            r = one(conn, Q.kept_upload, {"handle": handle}, as_=Kept)
+    if r is None or r.user_name != who.name:
         raise NotFound(f"no upload kept under that handle: uploads are kept {svc.cfg.upload_retention_h:g} h, "
                        f"then deleted; upload the image again")
-    return r.array()
+    return r
 
 
 def purge(conn) -> int:

@@ -27,6 +27,7 @@ from requests.adapters import HTTPAdapter
 
 from medsim import settings
 from medsim.errors import BadArgument, PacsUnavailable, Unreadable
+from medsim.sources.pacs_log import CHATTY_LOGGERS, hide_uids
 
 RETRIES = 3
 # Instances as the PACS stores them, whatever their transfer syntax: medsim decodes JPEG,
@@ -38,6 +39,10 @@ PAGE = 1000  # QIDO results per request (Orthanc answers at most what it is conf
 # labels need, and enough to refuse a non-image object or an oversized one unfetched.
 FIELDS = ("PatientID", "StudyDate", "StudyTime", "Modality", "BodyPartExamined", "ViewPosition", "SOPClassUID",
           "NumberOfFrames", "Rows", "Columns")
+
+
+# dicomweb-client and urllib3 log the UIDs they ask for: the log gets keyed hashes instead
+hide_uids(*CHATTY_LOGGERS)
 
 
 class FetchFailed(Unreadable):
@@ -62,7 +67,7 @@ def _refuse_big(limit: int):
 
     def hook(response, *args, **kwargs):
         size = response.headers.get("Content-Length")
-        if size and size.isdigit():
+        if size and size.isascii() and size.isdigit():
             if int(size) > limit:
                 response.close()
                 raise too_big(int(size), True)

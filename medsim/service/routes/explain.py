@@ -13,7 +13,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from medsim import images, registry
-from medsim.errors import NotFound
+from medsim.errors import BadArgument, NotFound
+from medsim.search.request import MAX_ID, parse_id
 from medsim.service import reads, uploads
 from medsim.service.deps import ServiceDep, Viewer, client_address
 from medsim.service.schemas import ERRORS
@@ -24,13 +25,15 @@ WHAT = ("how much of the pair's closeness each pixel of this image holds, the ot
         "removing the detail (blurring it) would move the two apart; not the reason for a diagnosis")
 
 
-def _pixels(svc, who, ref: str) -> np.ndarray:
-    """A stored image (as the user may see it) or a kept upload -> stored-form pixels."""
-    if not ref.isdigit():
-        return uploads.load(svc, ref)
-    if reads.sha256(svc, who, int(ref)) is None:  # not on file, or not the user's to see
-        raise NotFound(f"no image with id {ref}")
-    return reads.stored(svc, int(ref)).array()
+def _pixels(svc, who, image_id: int | None, handle: str | None = None) -> tuple[np.ndarray, str | None]:
+    """A stored image (as the user may see it) or the user's kept upload -> (stored-form
+    pixels, the upload's sha256 for the log)."""
+    if image_id is None:
+        kept = uploads.load(svc, handle, who)
+        return kept.array(), kept.sha256
+    if reads.sha256(svc, who, image_id) is None:  # not on file, or not the user's to see
+        raise NotFound(f"no image with id {image_id}")
+    return reads.stored(svc, image_id).array(), None
 
 
 def _overlay(x: np.ndarray, m: np.ndarray, size: int) -> bytes:
@@ -51,7 +54,7 @@ def _overlay(x: np.ndarray, m: np.ndarray, size: int) -> bytes:
                              "description": "an overlay (PNG) or both maps (JSON)"}})
 async def explain_pair(request: Request, svc: ServiceDep, who: Viewer,
                        query: Annotated[str, Query(max_length=64, description="a stored image id or an upload's handle")],
-                       neighbour: int, format: Literal["json", "png"] = "json",
+                       neighbour: Annotated[int, Query(ge=1, le=MAX_ID)], format: Literal["json", "png"] = "json",
                        which: Literal["query", "neighbour"] = "neighbour",
                        method: Literal["integrated_gradients", "occlusion", "gradient"] = "integrated_gradients",
                        size: Annotated[int, Query(ge=64, le=1024)] = 256, model: str = "current"):
@@ -63,20 +66,25 @@ async def explain_pair(request: Request, svc: ServiceDep, who: Viewer,
     order's, and whether it is at most half of it)."""
     from medsim.training import explain
 
+    query_id = parse_id(query)
+    if query_id is None and not uploads.HANDLE_RULE.fullmatch(query):
+        raise BadArgument(f"query is an image id (ASCII digits) or an upload's handle, got {query!r}")
+
     def work():
         with svc.owner.connection() as conn:
             row = registry.get(conn, model)
         rt = svc.net(row)
         s = rt.cfg.image_size
-        xa, xb = _pixels(svc, who, query), _pixels(svc, who, str(neighbour))
+        (xa, sha), (xb, _) = _pixels(svc, who, query_id, query), _pixels(svc, who, neighbour)
         a, b = images.model_input(xa, s), images.model_input(xb, s)
         svc.size_threads()
         ma, mb = explain.pair_maps(rt.net, a, b, method)
         check = explain.faithfulness(rt.net, a, b, ma, mb) if format == "json" else None
-        return row, xa, xb, explain.display(ma), explain.display(mb), check
+        return row, xa, xb, explain.display(ma), explain.display(mb), check, sha
 
-    row, xa, xb, ma, mb, check = await run_in_threadpool(work)
-    svc.log(who, client_address(request), "explain", [neighbour] + ([int(query)] if query.isdigit() else []),
+    row, xa, xb, ma, mb, check, sha = await run_in_threadpool(work)
+    svc.log(who, client_address(request), "explain", [neighbour] + ([query_id] if query_id is not None else []),
+            query_kind="upload" if query_id is None else "image_id", query_image_id=query_id, query_sha256=sha,
             model_id=row.id)
     if format == "png":
         png = await run_in_threadpool(_overlay, *((xa, ma) if which == "query" else (xb, mb)), size)

@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
 from medsim.errors import BadArgument, NotFound
+from medsim.search.request import MAX_FILTER_VALUE_CHARS, MAX_ID, check_where
 from medsim.service import reads
 from medsim.service.deps import Admin, Searcher, ServiceDep, Viewer, client_address
 from medsim.service.schemas import ERRORS
@@ -21,15 +22,18 @@ router = APIRouter(prefix="/images", tags=["images"], responses=ERRORS)
 THUMBNAIL_MAX = 512
 PREVIEW_MAX = 1024
 BROWSE_MAX = 200
+# an id is a bigint: a larger number is refused here (400), never sent to the database
+ImageId = Annotated[int, Path(ge=1, le=MAX_ID, description="a stored image's id")]
 
 
 @router.get("")
 def list_images(request: Request, svc: ServiceDep, who: Viewer, dataset: str | None = None,
                 split: Literal["train", "val", "test"] | None = None, label: str | None = None,
-                modality: str | None = None, patient_key: str | None = None,
+                modality: str | None = None,
+                patient_key: Annotated[str | None, Query(max_length=MAX_FILTER_VALUE_CHARS)] = None,
                 filters: Annotated[str | None, Query(description='more metadata filters as a JSON object, '
                                                      'e.g. {"site": "north"}')] = None,
-                offset: Annotated[int, Query(ge=0)] = 0,
+                offset: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
                 limit: Annotated[int, Query(ge=1, le=BROWSE_MAX)] = 48) -> dict:
     """Browse what is on file: images in id order, any split, filtered as searches are
     (dataset, split, label, modality, any metadata key) and by patient key; `total` counts
@@ -37,6 +41,7 @@ def list_images(request: Request, svc: ServiceDep, who: Viewer, dataset: str | N
     where = _filters(filters)
     where.update({k: v for k, v in (("dataset", dataset), ("split", split), ("label", label),
                                     ("modality", modality)) if v})
+    check_where(where)
     page = reads.list_images(svc, who, where, patient_key, offset, limit)
     svc.log(who, client_address(request), "browse", [d["id"] for d in page["images"]])
     return page
@@ -62,7 +67,7 @@ def random_image(svc: ServiceDep, who: Searcher, split: Literal["train", "val", 
 
 
 @router.get("/{image_id}")
-def image(request: Request, svc: ServiceDep, who: Viewer, image_id: int) -> dict:
+def image(request: Request, svc: ServiceDep, who: Viewer, image_id: ImageId) -> dict:
     """An image's metadata: dataset, split, labels, size, patient key, DICOM tags kept."""
     d = reads.image(svc, who, image_id)
     svc.log(who, client_address(request), "image", [image_id])
@@ -75,7 +80,7 @@ def image(request: Request, svc: ServiceDep, who: Viewer, image_id: int) -> dict
 
 @router.get("/{image_id}/original", response_class=Response,
             responses={200: {"content": {"application/dicom": {}}, "description": "the original DICOM instance"}})
-def original(request: Request, svc: ServiceDep, who: Admin, image_id: int) -> Response:
+def original(request: Request, svc: ServiceDep, who: Admin, image_id: ImageId) -> Response:
     """The original DICOM instance of an image a PACS sync stored, fetched from the PACS
     now (Postgres keeps a rendition at model size). Admins only: the file carries every tag
     the PACS holds, names included. 404 for an image medsim holds whole; 502 when the PACS
@@ -90,7 +95,7 @@ def original(request: Request, svc: ServiceDep, who: Admin, image_id: int) -> Re
 
 @router.get("/{image_id}/thumbnail.png", response_class=Response,
             responses={200: {"content": {"image/png": {}}, "description": "the stored pixels as PNG"}})
-def thumbnail(request: Request, svc: ServiceDep, who: Viewer, image_id: int,
+def thumbnail(request: Request, svc: ServiceDep, who: Viewer, image_id: ImageId,
                     size: Annotated[int, Query(ge=16, le=THUMBNAIL_MAX)] = 256) -> Response:
     """The stored pixels as a PNG, at most `size` px on the long side (never enlarged:
     the page scales small images up without smoothing). Cached by ETag (the
@@ -101,7 +106,7 @@ def thumbnail(request: Request, svc: ServiceDep, who: Viewer, image_id: int,
 
 @router.get("/{image_id}/preview.png", response_class=Response,
             responses={200: {"content": {"image/png": {}}, "description": "the stored pixels, scaled, as PNG"}})
-def preview(request: Request, svc: ServiceDep, who: Viewer, image_id: int,
+def preview(request: Request, svc: ServiceDep, who: Viewer, image_id: ImageId,
             size: Annotated[int, Query(ge=64, le=PREVIEW_MAX)] = 384, smooth: bool = False,
             window: Literal["stored", "auto"] = "stored") -> Response:
     """The stored pixels at `size` px on the long side, for a closer look: scaled up by
@@ -128,7 +133,7 @@ def _cached_png(request: Request, svc, who, image_id: int, action: str, variant:
 
 
 @router.get("/{image_id}/embedding")
-def embedding(request: Request, svc: ServiceDep, who: Viewer, image_id: int, model: str = "current") -> dict:
+def embedding(request: Request, svc: ServiceDep, who: Viewer, image_id: ImageId, model: str = "current") -> dict:
     """The image's stored embedding for a model (default: the current one), to search by
     vector (`POST /search` with `{"vector": [...]}`) or to use elsewhere."""
     found = reads.embedding(svc, who, image_id, model)

@@ -46,15 +46,18 @@ def _request(query, opts: SearchOptions, filters: dict | None) -> Request:
                    box=tuple(box) if box is not None else None)
 
 
-def _run(svc, who: access.Principal, req: Request, client: str | None, sha256: str | None = None) -> pipeline.Result:
-    """The pipeline as the principal, then its access-log row (before the answer leaves)."""
+def _run(svc, who: access.Principal, req: Request, client: str | None, sha256: str | None = None,
+         action: str = "search") -> pipeline.Result:
+    """The pipeline as the principal, then its one access-log row (before the answer
+    leaves): `search`, or `export` for a search whose answer leaves as a file. sha256: the
+    uploaded bytes', for a query by upload (a new one or a kept one)."""
     with svc.context(who) as ctx:
         if ctx.restricted:
             _check_grants(ctx.conn, who, req.filters.where)
         result = pipeline.run(ctx, req)
     reads.attach_viewer_links(svc, who, result.hits)
     q = result.query
-    svc.log(who, client, "search", [h.image_id for h in result.hits], query_kind=q.kind, query_image_id=q.image_id,
+    svc.log(who, client, action, [h.image_id for h in result.hits], query_kind=q.kind, query_image_id=q.image_id,
             query_sha256=sha256, model_id=result.model.id, engine=result.engine)
     return result
 
@@ -81,18 +84,26 @@ def _check_grants(conn, who: access.Principal, where: dict) -> None:
 async def search(body: SearchRequest, svc: ServiceDep, who: Searcher, http: HttpRequest) -> SearchResponse:
     """Search the gallery (every split by default) for the k images nearest a stored image (`image_id`)
     or a raw embedding (`vector`)."""
+    return (await _search(body, svc, who, http, "search"))[0]
+
+
+async def _search(body: SearchRequest, svc, who: access.Principal, http: HttpRequest,
+                  action: str) -> tuple[SearchResponse, uploads.Kept | None]:
+    """A JSON search, logged once as `action` -> its answer, and the kept upload it was by."""
     t0 = time.perf_counter()
     given = [name for name in ("image_id", "vector", "upload") if getattr(body, name) is not None]
     if len(given) != 1:
         raise BadArgument("give exactly one query: an image_id, a vector or an upload's handle (an image file "
                           "goes to POST /search/upload)" + (f"; got {' and '.join(given)}" if given else ""))
+    kept = None
     if body.upload is not None:
-        pixels = await run_in_threadpool(uploads.load, svc, body.upload)
-        query = ByPixels(pixels, "a kept upload")
+        kept = await run_in_threadpool(uploads.load, svc, body.upload, who)
+        query = ByPixels(kept.array(), "a kept upload")
     else:
         query = ById(body.image_id) if body.image_id is not None else ByVector(tuple(body.vector))
-    result = await run_in_threadpool(_run, svc, who, _request(query, body, body.filters), client_address(http))
-    return SearchResponse.of(result, (time.perf_counter() - t0) * 1000, body.upload)
+    result = await run_in_threadpool(_run, svc, who, _request(query, body, body.filters), client_address(http),
+                                     kept.sha256 if kept else None, action)
+    return SearchResponse.of(result, (time.perf_counter() - t0) * 1000, body.upload), kept
 
 
 @router.post("/search/upload", response_model=SearchResponse)
@@ -121,18 +132,14 @@ async def search_export(body: SearchRequest, svc: ServiceDep, who: Searcher, htt
     """The same search as `POST /search` (a stored image, a vector or a kept upload), as a
     file: `csv` (a row per neighbour), `json` (the search's answer), or `zip` (both, the
     thumbnails and a README)."""
-    res = await search(body, svc, who, http)
-    ids = [n.image_id for n in res.neighbours]
+    res, kept = await _search(body, svc, who, http, "export")  # one log row: the export, with what it holds
     if format == "csv":
         content = export.csv_text(res).encode()
     elif format == "json":
         content = res.model_dump_json(indent=2).encode()
     else:
-        kept = uploads.load(svc, body.upload) if body.upload else None
-        query_png = (lambda: reads.render(to_display(kept), 256)) if kept is not None else None
+        query_png = (lambda: reads.render(to_display(kept.array()), 256)) if kept is not None else None
         content = await run_in_threadpool(export.zip_bytes, res, lambda i: reads.thumbnail(svc, i, 256), query_png)
-    svc.log(who, client_address(http), "export", ids, query_kind=res.query.kind, query_image_id=res.query.image_id,
-            model_id=res.model.id, engine=res.engine)
     name = f"medsim-search-{res.query.image_id or res.query.kind}.{format}"
     return Response(content, media_type=export.FORMATS[format],
                     headers={"Content-Disposition": f'attachment; filename="{name}"'})
