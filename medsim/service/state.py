@@ -72,7 +72,7 @@ class ServeConfig:
     def __post_init__(self):
         if not self.auth and not self.no_auth_public and not loopback_host(self.host):
             raise BadArgument(f"--no-auth on {self.host} would serve every dataset, without a token, to every machine "
-                              f"that reaches it: listen on 127.0.0.1, use tokens (medsim token create), or give "
+                              f"that reaches it: listen on 127.0.0.1, use tokens (`medsim token create NAME`), or give "
                               f"--no-auth-public if that is truly meant")
 
 
