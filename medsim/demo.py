@@ -13,7 +13,7 @@ from pathlib import Path
 
 from medsim import db, migrate, registry
 from medsim.errors import DataMissing, DataRefused, MedsimError, NotFound, StaleIndex
-from medsim.search import faiss_index, pipeline, present, recall
+from medsim.search import faiss_index, pipeline, present, promotion, recall
 from medsim.search.context import Context
 from medsim.search.index_kinds import KINDS
 from medsim.search.request import ById, Request
@@ -73,7 +73,6 @@ def run(cfg: DemoConfig, log=print) -> dict:
         model_id = registry.reusable(conn, tcfg)
         if model_id is not None:
             log(f"reusing model {model_id} ({tcfg.preset}, {tcfg.mode} mode, trained on {', '.join(tcfg.flags)})")
-            registry.set_current(conn, model_id)
             outputs["curves"] = train.plot_curves(registry.epoch_history(conn, model_id), out / f"model-{model_id}")
         else:
             model_id = train.train(conn, tcfg, out_dir=out, progress=cfg.progress, log=log)
@@ -84,6 +83,9 @@ def run(cfg: DemoConfig, log=print) -> dict:
 
         s = Worker(WorkerConfig(model=str(model_id), once=True, database_url=url, progress=cfg.progress)).run()
         log(f"worker: {s.line()}")
+        if not registry.get(conn, model_id).is_current:  # a retrain: searches used the old model until now
+            p = promotion.promote(conn, model_id, by="(medsim demo)", say=log)
+            log(f"model {model_id} promoted: its gallery is complete (it replaced model {p.previous_id})")
 
         step("FAISS indexes (from medsim.gallery) and recall vs pgvector exact search", log)
         builds = []

@@ -160,6 +160,44 @@ SELECT id FROM medsim.datasets WHERE flag = %(name)s LIMIT 1;
 -- name: images_of_patient
 SELECT id FROM medsim.images WHERE patient_key = %(patient_key)s;
 
+-- name: lock_patient_exclusive
+-- A deletion of a patient takes this first, before it looks for their images, and holds it
+-- to commit; every chunk of an ingest or a sync holds the shared form (lock_patients_shared)
+-- for the patients of the chunk while it checks their tombstones and stores.
+-- Why: a sync listed a patient's instances, the deletion committed (640 images), and the
+-- sync's next chunks stored 80 more of theirs 1.1 s later (issue 34). With the lock, a
+-- chunk in flight commits before the deletion looks (the deletion then finds and deletes
+-- what it stored), and a chunk that comes later waits for the deletion's commit and then
+-- sees its tombstone (READ COMMITTED: the check is a new statement, a new snapshot).
+-- Why an advisory lock: it is keyed by the patient, so it covers datasets a sync has not
+-- created yet (a row lock needs a row), and PostgreSQL queues advisory requests fairly (a
+-- shared request waits behind a queued exclusive one), so back-to-back chunks of several
+-- ingests cannot starve a deletion as FOR SHARE row locks can. Any login can take an
+-- advisory lock; one that held a stripe would stall the deletions of its patients and the
+-- chunks holding their images, nothing else.
+-- Why 64 stripes (the patient key's hash & 63) and not one lock per patient: a chunk of 500
+-- images of 500 patients took 500 locks, and the server's lock table is shared by every
+-- session (max_locks_per_transaction x max_connections, 6,400 by default). A deletion
+-- blocks the chunks of 1/64 of the patients for the moment it runs.
+SELECT pg_advisory_xact_lock(hashtext('medsim.patient'), (hashtextextended(%(key)s, 0) & 63)::int);
+
+-- name: lock_patients_shared
+-- Taken by every chunk of an ingest or a sync (sources/deletion.py refuse_withdrawn, inside
+-- archive.write_chunk's transaction, after the dataset's row), for the patients of the
+-- chunk, held to commit: see lock_patient_exclusive. Shared locks never block one another
+-- (ingests of the same patients into other datasets run side by side); the stripes go in
+-- one order, though no deletion holds one stripe and waits for another.
+SELECT pg_advisory_xact_lock_shared(hashtext('medsim.patient'), t.stripe)
+FROM (SELECT DISTINCT (hashtextextended(k, 0) & 63)::int AS stripe FROM unnest(%(keys)s::text[]) AS k
+      ORDER BY 1) t;
+
+-- name: withdrawn_patients
+-- The tombstones: a patient deleted from medsim (their keyed hash), with the deletion that
+-- withdrew them. Read under lock_patients_shared, in the transaction that stores.
+SELECT target, min(id) FROM medsim.deletions
+WHERE kind = 'patient' AND target = ANY(%(keys)s)
+GROUP BY target;
+
 -- name: existing_images
 SELECT id FROM medsim.images WHERE id = ANY(%(ids)s);
 
@@ -281,11 +319,47 @@ SELECT id, flag, task FROM medsim.datasets;
 
 -- name: insert_model
 INSERT INTO medsim.models (name, preset, mode, config, train_config, datasets, embedding_dim,
-                           checkpoint, checkpoint_sha256, best_epoch, best_val_loss, train_seconds)
+                           checkpoint, checkpoint_sha256, best_epoch, best_val_loss, train_seconds,
+                           candidate, promote_when_ready)
 VALUES (%(name)s, %(preset)s, %(mode)s, %(config)s, %(train_config)s, %(datasets)s,
         %(embedding_dim)s, %(checkpoint)s, %(sha256)s, %(best_epoch)s, %(best_val_loss)s,
-        %(train_seconds)s)
+        %(train_seconds)s, %(candidate)s, %(promote_when_ready)s)
 RETURNING id;
+
+-- name: candidate_models
+SELECT id FROM medsim.models WHERE candidate ORDER BY id;
+
+-- name: models_in_line
+SELECT id FROM medsim.models WHERE is_current OR candidate ORDER BY is_current DESC, id;
+
+-- name: gallery_missing
+-- Images the model has no embedding for (what a promotion would leave unsearchable), and
+-- all images: one pass over images with an index probe per row.
+SELECT count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM medsim.embeddings e
+                                          WHERE e.model_id = %(model_id)s AND e.image_id = i.id)),
+       count(*)
+FROM medsim.images i;
+
+-- name: lock_models_for_promotion
+-- The rows of the model to promote and of the current one, locked in id order (two
+-- promotions at once take turns instead of deadlocking; the partial unique index on
+-- is_current would refuse the second's switch anyway).
+SELECT id, is_current, candidate FROM medsim.models WHERE id = %(id)s OR is_current ORDER BY id FOR UPDATE;
+
+-- name: make_current
+-- after unset_current, in the same transaction (the unique index on is_current is checked
+-- row by row: one UPDATE switching both rows can meet the old one still set)
+UPDATE medsim.models SET is_current = true, candidate = false WHERE id = %(id)s;
+
+-- name: insert_promotion
+INSERT INTO medsim.model_promotions (model_id, previous_id, kind, missing, by_user)
+VALUES (%(model_id)s, %(previous_id)s, %(kind)s, %(missing)s, %(by)s) RETURNING id;
+
+-- name: last_promotion
+SELECT model_id, previous_id, kind, at FROM medsim.model_promotions ORDER BY id DESC LIMIT 1;
+
+-- name: set_candidate
+UPDATE medsim.models SET candidate = %(candidate)s WHERE id = %(id)s AND NOT is_current;
 
 -- name: insert_epoch
 INSERT INTO medsim.training_epochs (model_id, epoch, train_loss, train_acc, val_loss, val_acc,
@@ -294,15 +368,20 @@ VALUES (%(model_id)s, %(epoch)s, %(train_loss)s, %(train_acc)s, %(val_loss)s, %(
         %(val_auc)s, %(seconds)s);
 
 -- name: current_model
-SELECT id, name, preset, mode, embedding_dim, datasets, config, is_current
-FROM medsim.models WHERE is_current;
+-- model_catalog: a user's role sees only the granted datasets among those it was trained on
+SELECT id, name, preset, mode, embedding_dim, datasets, config, is_current, candidate
+FROM medsim.model_catalog WHERE is_current;
 
 -- name: model_by_id
-SELECT id, name, preset, mode, embedding_dim, datasets, config, is_current
-FROM medsim.models WHERE id = %(id)s;
+SELECT id, name, preset, mode, embedding_dim, datasets, config, is_current, candidate
+FROM medsim.model_catalog WHERE id = %(id)s;
 
 -- name: model_checkpoint
 SELECT checkpoint, checkpoint_sha256 FROM medsim.models WHERE id = %(id)s;
+
+-- name: model_checkpoint_sha256
+-- The checkpoint's name without its bytes: a kept ONNX export is found by it.
+SELECT checkpoint_sha256 FROM medsim.models WHERE id = %(id)s;
 
 -- name: unset_current
 UPDATE medsim.models SET is_current = false WHERE is_current;
@@ -311,9 +390,9 @@ UPDATE medsim.models SET is_current = false WHERE is_current;
 UPDATE medsim.models SET is_current = true WHERE id = %(id)s;
 
 -- name: list_models
-SELECT m.id, m.name, m.preset, m.mode, m.embedding_dim, m.datasets, m.config, m.is_current,
+SELECT m.id, m.name, m.preset, m.mode, m.embedding_dim, m.datasets, m.config, m.is_current, m.candidate,
        m.best_epoch, m.best_val_loss, m.train_seconds, m.created_at
-FROM medsim.models m ORDER BY m.id;
+FROM medsim.model_catalog m ORDER BY m.id;
 
 -- name: insert_evaluation
 INSERT INTO medsim.evaluations (model_id, seed, results) VALUES (%(model_id)s, %(seed)s, %(results)s)
@@ -339,10 +418,6 @@ SELECT 1 FROM medsim.models WHERE id = %(model_id)s FOR SHARE;
 
 -- name: lock_queue_exclusive
 -- FOR NO KEY UPDATE: conflicts with the batches' FOR SHARE, not with foreign-key checks.
--- name: model_checkpoint_sha256
--- The checkpoint's name without its bytes: a kept ONNX export is found by it.
-SELECT checkpoint_sha256 FROM medsim.models WHERE id = %(id)s;
-
 SELECT 1 FROM medsim.models WHERE id = %(model_id)s FOR NO KEY UPDATE;
 
 -- name: enqueue_model
@@ -422,6 +497,37 @@ SELECT model_id, model_name, is_current, dataset, total, embedded, pending, fail
 FROM medsim.embedding_status
 WHERE (%(model_id)s::int IS NULL OR model_id = %(model_id)s::int)
 ORDER BY model_id, dataset;
+
+-- name: not_embedded_by_dataset
+-- A model's images in these splits that have no embedding yet, per dataset: the model's
+-- queue rows whose image is not embedded (waiting or failed), and every image newer than
+-- anything the model has embedded or queued (ingested since a worker last queued: none
+-- ran yet, or none is running). Asked on every search (the service keeps the answer a few
+-- seconds), so it costs what is missing, never the gallery: two descents of primary keys
+-- for the mark, a range of the images' primary key past it, the model's queue rows, and
+-- a dataset's image count only for a dataset with something missing. Not seen: an image
+-- under the mark whose embedding was deleted (revision 0014) and that no worker has
+-- queued again yet; medsim.embedding_status counts those (it reads every image).
+-- As the caller's role: row-level security leaves out what it may not see.
+WITH mark AS (
+    SELECT greatest(
+        coalesce((SELECT max(e.image_id) FROM medsim.embeddings e WHERE e.model_id = %(model_id)s), 0),
+        coalesce((SELECT max(q.image_id) FROM medsim.embedding_queue q WHERE q.model_id = %(model_id)s), 0)) AS id
+), missing AS (
+    SELECT q.image_id, q.failed_at IS NOT NULL AS failed FROM medsim.embedding_queue q
+    WHERE q.model_id = %(model_id)s
+      AND NOT EXISTS (SELECT 1 FROM medsim.embeddings e WHERE e.model_id = q.model_id AND e.image_id = q.image_id)
+    UNION ALL
+    SELECT i.id, false FROM medsim.images i WHERE i.id > (SELECT id FROM mark)
+)
+SELECT d.flag AS dataset, count(*) AS missing, count(*) FILTER (WHERE m.failed) AS failed,
+       (SELECT count(*) FROM medsim.images t JOIN medsim.datasets td ON td.id = t.dataset_id
+        WHERE td.flag = d.flag AND t.split = ANY(%(splits)s::text[])) AS total
+FROM missing m
+JOIN medsim.images i ON i.id = m.image_id
+JOIN medsim.datasets d ON d.id = i.dataset_id
+WHERE i.split = ANY(%(splits)s::text[])
+GROUP BY d.flag ORDER BY d.flag;
 
 -- name: failures
 SELECT model_id, image_id, attempts, last_error, failed_at FROM medsim.embedding_queue
@@ -563,6 +669,45 @@ WHERE model_id = %(model_id)s ORDER BY epoch;
 -- name: latest_evaluation
 SELECT id, results FROM medsim.evaluations WHERE model_id = %(model_id)s ORDER BY id DESC LIMIT 1;
 
+-- name: evaluable_datasets
+-- What evaluation needs of each dataset asked for: images per split and how many distinct
+-- label vectors (an empty vector is no label). MedMNIST at the size evaluation reads, as
+-- load_images does; archives at any size.
+SELECT d.flag AS dataset,
+       count(i.id) FILTER (WHERE i.split = 'train') AS train,
+       count(i.id) FILTER (WHERE i.split = 'val') AS val,
+       count(i.id) FILTER (WHERE i.split = 'test') AS test,
+       count(DISTINCT i.labels) FILTER (WHERE cardinality(i.labels) > 0) AS labels
+FROM medsim.datasets d LEFT JOIN medsim.images i ON i.dataset_id = d.id
+WHERE d.flag = ANY(%(flags)s::text[]) AND (d.source_kind <> 'medmnist' OR d.image_size = %(size)s)
+GROUP BY d.flag ORDER BY d.flag;
+
+-- name: compare_models
+-- The registry's facts `medsim models compare` shows: octet_length reads the checkpoint's
+-- size from its TOAST header, not the bytes.
+SELECT m.id, m.name, m.is_current, m.datasets, (m.config ->> 'image_size')::int AS input_size,
+       octet_length(m.checkpoint) AS checkpoint_bytes
+FROM medsim.models m WHERE (%(ids)s::int[] IS NULL OR m.id = ANY(%(ids)s::int[])) ORDER BY m.id;
+
+-- name: compare_evaluations
+-- Per model and dataset, the latest stored evaluation that measured that dataset (an
+-- evaluation of one archive must not hide the model's figures on the others), in the
+-- literature's definitions.
+SELECT DISTINCT ON (e.model_id, l.key) e.model_id, l.key AS dataset, e.id AS evaluation_id,
+       (l.value ->> 'map@5')::float8 AS map5, (l.value ->> 'acc@1')::float8 AS acc1,
+       (l.value ->> 'n_queries')::int AS queries
+FROM medsim.evaluations e CROSS JOIN LATERAL jsonb_each(coalesce(e.results -> 'literature', '{}')) l
+WHERE e.model_id = ANY(%(ids)s::int[])
+ORDER BY e.model_id, l.key, e.id DESC;
+
+-- name: compare_calibrations
+SELECT model_id, dataset, (report ->> 'ece_test')::float8 AS ece, (report ->> 'vote_ece_test')::float8 AS vote_ece
+FROM medsim.calibrations WHERE model_id = ANY(%(ids)s::int[]) ORDER BY model_id, dataset;
+
+-- name: probe_images
+-- The fixed batch `medsim models compare` times every model on: the first stored images by id.
+SELECT id, pixels, height, width, channels, bit_depth FROM medsim.images ORDER BY id LIMIT %(n)s;
+
 -- name: first_test_image_per_dataset
 SELECT min(i.id) FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
 WHERE i.split = 'test' AND d.flag = ANY(%(flags)s)
@@ -658,6 +803,32 @@ SELECT u.name, u.role_name, u.created_at,
        (SELECT max(t.last_used_at) FROM medsim.tokens t WHERE t.user_id = u.id) AS last_used_at
 FROM medsim.users u ORDER BY u.name;
 
+-- name: user_delete
+-- its tokens go with it (ON DELETE CASCADE); its access-log rows stay (they name it by name)
+DELETE FROM medsim.users WHERE id = %(id)s;
+
+-- name: user_grants_delete
+-- grants are rows keyed by role name: left behind, a new user of the same name inherited them
+DELETE FROM medsim.dataset_grants WHERE role_name = %(role)s;
+
+-- name: user_set_disabled
+UPDATE medsim.users SET disabled_at = CASE WHEN %(disabled)s THEN now() END WHERE id = %(id)s;
+
+-- name: role_sessions_end
+-- a deleted or disabled SQL login's open sessions end now, not when it next reconnects
+SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+WHERE usename = %(role)s AND pid <> pg_backend_pid();
+
+-- name: advisory_lock_holder
+-- who holds an advisory lock taken as pg_advisory_xact_lock(hashtext(KEY)): one key, the
+-- classid/objid pair the server shows is its high and low 32 bits (objsubid 1)
+SELECT a.pid, a.usename, coalesce(nullif(a.application_name, ''), 'no application name')
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtext(%(key)s)::bigint
+LIMIT 1;
+
 -- name: token_insert
 INSERT INTO medsim.tokens (user_id, secret_sha256, scope, expires_at)
 VALUES (%(user_id)s, %(digest)s, %(scope)s, %(expires_at)s) RETURNING id;
@@ -665,7 +836,7 @@ VALUES (%(user_id)s, %(digest)s, %(scope)s, %(expires_at)s) RETURNING id;
 -- name: token_check
 -- One row per request: the token, its user and whether the user's role sees every dataset.
 SELECT t.id AS token_id, t.secret_sha256, t.scope, t.expires_at, t.revoked_at, t.last_used_at,
-       u.id AS user_id, u.name, u.role_name,
+       u.id AS user_id, u.name, u.role_name, u.disabled_at,
        EXISTS (SELECT 1 FROM medsim.dataset_grants g
                WHERE g.role_name = u.role_name AND g.dataset_id IS NULL) AS sees_all,
        EXISTS (SELECT 1 FROM medsim.dataset_grants g WHERE g.role_name = u.role_name) AS granted
@@ -718,10 +889,46 @@ WHERE handle = %(handle)s AND expires_at > now();
 DELETE FROM medsim.uploads WHERE expires_at <= now() RETURNING user_name, sha256;
 
 -- name: log_access
-INSERT INTO medsim.access_log (user_name, token_id, client, action, query_kind, query_image_id,
+-- chain_seq, prev_hash, row_hash and at are the chain trigger's (sql/007_access_log.sql)
+INSERT INTO medsim.access_log (user_name, token_id, client, forwarded, action, query_kind, query_image_id,
                                query_sha256, model_id, engine, image_ids)
-VALUES (%(user_name)s, %(token_id)s, %(client)s, %(action)s, %(query_kind)s, %(query_image_id)s,
+VALUES (%(user_name)s, %(token_id)s, %(client)s, %(forwarded)s, %(action)s, %(query_kind)s, %(query_image_id)s,
         %(query_sha256)s, %(model_id)s, %(engine)s, %(image_ids)s);
+
+-- name: log_access_detail
+-- an administrator's act on the log or on users (a purge, a user deleted): no image shown
+INSERT INTO medsim.access_log (user_name, action, detail, image_ids)
+VALUES (%(user_name)s, %(action)s, %(detail)s, '{}');
+
+-- ===================================================================== the access log's chain (access_log.py)
+
+-- name: access_log_head
+SELECT chain_seq, row_hash FROM medsim.access_log_head;
+
+-- name: access_log_lock_head
+-- Held to the purge's commit: the chain trigger waits on the same row, so no row is
+-- chained between the purge's choice of range and its own record.
+SELECT chain_seq FROM medsim.access_log_head FOR UPDATE;
+
+-- name: access_log_triggers
+SELECT tgname, tgenabled FROM pg_trigger WHERE tgrelid = 'medsim.access_log'::regclass AND NOT tgisinternal;
+
+-- name: access_log_unchained
+SELECT id FROM medsim.access_log WHERE chain_seq IS NULL OR prev_hash IS NULL OR row_hash IS NULL
+ORDER BY id LIMIT 1;
+
+-- name: access_log_walk
+SELECT l.chain_seq, l.id, l.at, l.prev_hash, l.row_hash, medsim.access_log_digest(l)
+FROM medsim.access_log l ORDER BY l.chain_seq;
+
+-- name: access_log_purges
+SELECT detail FROM medsim.access_log WHERE action = 'purge' ORDER BY chain_seq DESC;
+
+-- name: access_log_last_before
+SELECT chain_seq, row_hash FROM medsim.access_log WHERE at < %(before)s ORDER BY chain_seq DESC LIMIT 1;
+
+-- name: access_log_delete_through
+DELETE FROM medsim.access_log WHERE chain_seq <= %(through)s;
 
 -- ===================================================================== PACS sync (sources/pacs.py)
 
@@ -768,6 +975,26 @@ SELECT sop_uid, image_id FROM medsim.pacs_instances WHERE source_id = %(source_i
 -- name: pacs_forget
 DELETE FROM medsim.pacs_instances WHERE source_id = %(source_id)s AND sop_uid = ANY(%(sops)s);
 
+-- name: pacs_rows_of_patient
+-- A deleted patient's settled instances, still in clear: those that became their images,
+-- and every other instance of the same studies (refused, duplicates). Read before the
+-- images go (their image_id becomes NULL then).
+SELECT p.source_id, p.study_uid, p.series_uid, p.sop_uid, p.frame FROM medsim.pacs_instances p
+WHERE left(p.sop_uid, 2) <> 'k:'
+  AND (p.image_id = ANY(%(ids)s)
+       OR (p.source_id, p.study_uid) IN (SELECT source_id, study_uid FROM medsim.pacs_instances
+                                         WHERE image_id = ANY(%(ids)s)));
+
+-- name: pacs_hash_rows
+-- Their UIDs replaced by keyed hashes ('k:' + keys.uid), Orthanc's study id (a digest of
+-- the patient id and study UID) dropped: the rows stay, so a sync still knows the
+-- instances as settled (pacs.py looks each listed UID up in clear and hashed).
+UPDATE medsim.pacs_instances p
+SET study_uid = m.study, series_uid = m.series, sop_uid = m.sop, orthanc_study = NULL
+FROM unnest(%(source_ids)s::int[], %(old_sops)s::text[], %(frames)s::int[], %(studies)s::text[],
+            %(series)s::text[], %(sops)s::text[]) AS m(source_id, old_sop, frame, study, series, sop)
+WHERE p.source_id = m.source_id AND p.sop_uid = m.old_sop AND p.frame = m.frame;
+
 -- name: pacs_links
 -- the way back to the PACS for stored images: one row per image (its first instance)
 SELECT DISTINCT ON (p.image_id) p.image_id, p.study_uid, p.series_uid, p.sop_uid, p.orthanc_study,
@@ -798,3 +1025,29 @@ DELETE FROM medsim.source_files WHERE dataset_id = %(dataset_id)s AND path = %(p
 
 -- name: image_source_path
 SELECT source_path, metadata FROM medsim.images WHERE id = %(id)s;
+
+-- ===================================================================== SQL logins' limits (service/reaper.py)
+
+-- name: reap_sql_logins
+-- A SQL login can SET its own statement_timeout away (PostgreSQL lets any role change its
+-- session's settings), so what runs past the limits medsim gives it is ended from outside:
+-- a statement running too long is cancelled, a transaction left idle too long ends its
+-- session. Only sessions that logged in as a medsim user's role: the service's own
+-- connections log in as the owner and SET ROLE per request, so they never match.
+SELECT a.pid, a.usename, a.state,
+       CASE WHEN a.state = 'active' THEN pg_cancel_backend(a.pid) ELSE pg_terminate_backend(a.pid) END
+FROM pg_stat_activity a JOIN medsim.users u ON u.role_name = a.usename
+WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+  AND ((a.state = 'active' AND a.query_start < now() - make_interval(secs => %(statement_s)s))
+    OR (a.state LIKE 'idle in transaction%%' AND a.state_change < now() - make_interval(secs => %(idle_s)s)));
+
+-- ===================================================================== promotions (search/promotion.py)
+
+-- name: model_build_kinds
+-- The FAISS index kinds (and split sets) a model has builds of, with the newest build's
+-- file: a candidate gets the same before it is promoted, in the same folder.
+SELECT DISTINCT ON (kind, splits) kind, splits, path FROM medsim.index_builds
+WHERE model_id = %(model_id)s ORDER BY kind, splits, id DESC;
+
+-- name: promote_when_ready
+SELECT promote_when_ready AND candidate FROM medsim.models WHERE id = %(id)s;

@@ -25,6 +25,7 @@ class ModelRow:
     datasets: list
     config: dict  # the ModelConfig as JSON (the checkpoint carries it too)
     is_current: bool
+    candidate: bool
 
     def load(self, conn, device="cpu"):
         """The network, rebuilt from the checkpoint bytes alone (imports torch)."""
@@ -91,8 +92,11 @@ def get(conn, ref: int | str | None = "current") -> ModelRow:
 
 
 def register(conn, net, *, mode: str, datasets: list, train_config: dict,
-             name: str | None = None, best_epoch=None, best_val_loss=None, train_seconds=None) -> int:
-    """Store a model (config + checkpoint bytes + sha256) and return its id."""
+             name: str | None = None, best_epoch=None, best_val_loss=None, train_seconds=None,
+             candidate: bool = False, promote_when_ready: bool = False) -> int:
+    """Store a model (config + checkpoint bytes + sha256) and return its id. A candidate
+    is embedded by the workers after the current model's backlog and made current by
+    search/promotion.py once its gallery is complete; searches keep the current model."""
     from medsim.training import network
 
     cfg = net.cfg
@@ -102,7 +106,7 @@ def register(conn, net, *, mode: str, datasets: list, train_config: dict,
         "config": json.dumps(asdict(cfg)), "train_config": json.dumps(train_config),
         "datasets": list(datasets), "embedding_dim": cfg.embedding_dim, "checkpoint": blob,
         "sha256": sha, "best_epoch": best_epoch, "best_val_loss": best_val_loss,
-        "train_seconds": train_seconds,
+        "train_seconds": train_seconds, "candidate": candidate, "promote_when_ready": promote_when_ready,
     })
 
 
@@ -116,6 +120,16 @@ def set_current(conn, model_id: int) -> None:
         conn.execute(Q.unset_current)
         conn.execute(Q.set_current, {"id": model_id})
         queue.enqueue(conn, model_id)
+
+
+def candidates(conn) -> list[int]:
+    """Candidate model ids, oldest first (the order workers embed them in)."""
+    return [r[0] for r in conn.execute(Q.candidate_models)]
+
+
+def in_line(conn) -> list[int]:
+    """What workers embed for: the current model first, then the candidates, oldest first."""
+    return [r[0] for r in conn.execute(Q.models_in_line)]
 
 
 def list_models(conn) -> list[ModelInfo]:

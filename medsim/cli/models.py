@@ -19,7 +19,9 @@ def cmd_train(args) -> int:
     except BadArgument as err:
         raise BadArgument(f"train: {err}") from None
     with connect(args) as conn:
-        train.train(conn, tcfg, out_dir=args.out_dir, set_current=not args.no_set_current, progress=not args.quiet)
+        train.train(conn, tcfg, out_dir=args.out_dir, progress=not args.quiet,
+                    set_current=True if args.set_current else (False if args.no_set_current else None),
+                    candidate=not args.no_set_current, promote_when_ready=args.promote_when_ready)
     return 0
 
 
@@ -28,25 +30,51 @@ def cmd_evaluate(args) -> int:
 
     with connect(args) as conn:
         r = evaluate.evaluate(conn, args.model, device=args.device, exclude_leaked=args.exclude_leaked,
-                              out_dir=args.out_dir)
+                              out_dir=args.out_dir, datasets=args.datasets)
     print(evaluate.format_table(r))
     print(f"stored as medsim.evaluations id {r['evaluation_id']}")
     return 0
 
 
+def cmd_compare(args) -> int:
+    from medsim.training import compare
+
+    if args.threads < 1:
+        raise BadArgument(f"--threads must be at least 1, got {args.threads}")
+    with connect(args) as conn:
+        c = compare.run(conn, args.ids or None, measure=not args.no_timing, threads=args.threads)
+    print(compare.format_table(c))
+    return 0
+
+
 def cmd_models(args) -> int:
     from medsim import registry
+    from medsim.search import promotion
 
+    command = getattr(args, "models_command", None)
     with connect(args) as conn:
-        if args.set_current is not None:
-            registry.set_current(conn, args.set_current)
-            print(f"model {args.set_current} is now current")
+        if command in ("promote", "rollback") or args.set_current is not None:
+            by = "(admin)"
+            if command == "rollback":
+                p = promotion.rollback(conn, force=args.force, by=by)
+            else:
+                ref = args.id if command == "promote" else args.set_current
+                p = promotion.promote(conn, ref, force=getattr(args, "force", False), by=by,
+                                      kind="promote" if command == "promote" else "set")
+            gap = f"; {p.missing:,} of {p.total:,} images still have no embedding for it" if p.missing else ""
+            print(f"model {p.model_id} is now current (it replaced model {p.previous_id}){gap}; running services "
+                  f"follow at their next request; `medsim models rollback` returns to model {p.previous_id}")
+            return 0
         for m in registry.list_models(conn):
             loss = "-" if m.best_val_loss is None else f"{m.best_val_loss:.4f}"
             secs = "-" if m.train_seconds is None else f"{m.train_seconds:.1f}"
+            missing, total = promotion.missing(conn, m.id) if m.is_current or m.candidate else (None, None)
+            state = "current" if m.is_current else "candidate" if m.candidate else ""
+            if total:
+                state += f" ({total - missing:,}/{total:,} embedded)"
             print(f"{'*' if m.is_current else ' '} {m.id:4d} {m.name:18s} dim {m.embedding_dim:3d} "
                   f"on {','.join(m.datasets)}  best epoch {m.best_epoch} val loss {loss}  {secs}s  "
-                  f"{m.created_at:%Y-%m-%d %H:%M}")
+                  f"{m.created_at:%Y-%m-%d %H:%M}  {state}".rstrip())
     return 0
 
 
@@ -78,7 +106,13 @@ def register(sub) -> None:
     s.add_argument("--datasets", nargs="+", default=None, metavar="FLAG",
                    help="subsets to train on (default: every ingested one)")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to train")
-    s.add_argument("--no-set-current", action="store_true", help="register without making it current")
+    s.add_argument("--no-set-current", action="store_true",
+                   help="register only: neither current nor a candidate (workers do not embed it)")
+    s.add_argument("--set-current", action="store_true",
+                   help="make it current at once, before its gallery is embedded (searches see only what is "
+                        "done); default: a candidate, promoted without downtime (medsim models promote)")
+    s.add_argument("--promote-when-ready", action="store_true",
+                   help="make the candidate current as soon as the workers have embedded its whole gallery")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("evaluate", parents=[MODEL, OUT_DIR],
@@ -86,8 +120,28 @@ def register(sub) -> None:
     s.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run the model")
     s.add_argument("--exclude-leaked", action="store_true",
                    help="leave out test queries the latest `medsim audit` paired with a train/val image")
+    s.add_argument("--datasets", nargs="+", default=None, metavar="FLAG",
+                   help="datasets to evaluate and calibrate, trained on or not (default: those the model was "
+                        "trained on and every one it has embeddings for); each needs labels, a val and a test split")
     s.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("models", help="list registered models; --set-current switches")
-    s.add_argument("--set-current", type=int, default=None, metavar="ID", help="make model ID current")
+    s = sub.add_parser("models", help="list registered models (current, candidates, how far embedded); promote, "
+                                      "roll back")
+    s.add_argument("--set-current", type=int, default=None, metavar="ID",
+                   help="make model ID current, as `medsim models promote ID` does")
     s.set_defaults(func=cmd_models)
+    msub = s.add_subparsers(dest="models_command")
+    p = msub.add_parser("promote", help="make a candidate current once its whole gallery is embedded (its HNSW "
+                                        "and FAISS indexes are built first); running services follow")
+    p.add_argument("id", nargs="?", type=int, default=None, help="the model (default: the newest candidate)")
+    p.add_argument("--force", action="store_true", help="promote although images lack its embedding (says how many)")
+    p.set_defaults(func=cmd_models)
+    r = msub.add_parser("rollback", help="make current again the model the last promotion replaced")
+    r.add_argument("--force", action="store_true", help="even if images ingested since lack its embedding")
+    r.set_defaults(func=cmd_models)
+    c = msub.add_parser("compare", help="every model (or those named) by dataset: mAP@5, ACC@1, ECE, embedding "
+                                        "coverage, checkpoint size, input size, embedding time per image")
+    c.add_argument("ids", nargs="*", type=int, metavar="ID", help="models to compare (default: every model on file)")
+    c.add_argument("--no-timing", action="store_true", help="leave out the embedding time (it loads every model)")
+    c.add_argument("--threads", type=int, default=1, help="CPU threads the embedding time is measured on (default 1)")
+    c.set_defaults(func=cmd_compare)

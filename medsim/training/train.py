@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medsim import registry
+from medsim import queue, registry
 from medsim.errors import BadArgument
 from medsim.queries import Q
 from medsim.training import augment, data, evaluate, metrics, network, pretrain
@@ -246,8 +246,13 @@ def fit(tr: data.Split, va: data.Split, tcfg: TrainConfig, device=None, progress
     return net.cpu(), history, best
 
 
-def train(conn, tcfg: TrainConfig, out_dir: Path | str = "medsim_out", set_current: bool = True,
-          progress: bool = True, log=print) -> int:
+def train(conn, tcfg: TrainConfig, out_dir: Path | str = "medsim_out", set_current: bool | None = None,
+          progress: bool = True, log=print, candidate: bool = True, promote_when_ready: bool = False) -> int:
+    """Train and register a model -> its id. set_current None (the default): current at once
+    only when there is no current model; otherwise a candidate (when `candidate`), which
+    the workers embed and `medsim models promote` makes current, so searches never go
+    down for a retrain (search/promotion.py). True: current now (its gallery then
+    embeds while searches see only what is done)."""
     device = resolve_device(tcfg.device)
     size = preset(tcfg.preset).image_size  # the network's input; tcfg.image_size: which MedMNIST size to read
     tr = data.load_split(conn, ["train"], tcfg.flags, tcfg.image_size, size)
@@ -261,15 +266,25 @@ def train(conn, tcfg: TrainConfig, out_dir: Path | str = "medsim_out", set_curre
     t_start = time.perf_counter()
     net, history, best = fit(tr, va, tcfg, device, progress, log)
     train_seconds = time.perf_counter() - t_start
+    first = conn.execute(Q.current_model).fetchone() is None
+    make_current = first if set_current is None else set_current
+    as_candidate = candidate and not make_current
     with conn.transaction():
         model_id = registry.register(conn, net, mode=tcfg.mode, datasets=flags,
                                      train_config={**asdict(tcfg), "skipped_images": [i for i, _ in skipped]},
-                                     best_epoch=best["epoch"],
-                                     best_val_loss=best["val_loss"], train_seconds=train_seconds)
+                                     best_epoch=best["epoch"], best_val_loss=best["val_loss"],
+                                     train_seconds=train_seconds, candidate=as_candidate,
+                                     promote_when_ready=as_candidate and promote_when_ready)
         for row in history:
             conn.execute(Q.insert_epoch, {"model_id": model_id, **{k: v for k, v in row.items() if k != "val_map"}})
-    if set_current:
+        if as_candidate:
+            queue.enqueue(conn, model_id)  # the workers embed its gallery after the current model's backlog
+    if make_current:
         registry.set_current(conn, model_id)
+    elif as_candidate:
+        log(f"model {model_id} is a candidate: searches keep the current model while workers embed its gallery; "
+            + ("it becomes current as soon as that is complete" if promote_when_ready else
+               f"`medsim models promote {model_id}` makes it current once that is complete"))
     paths = plot_curves(history, Path(out_dir) / f"model-{model_id}")
     log(f"model {model_id} registered ({train_seconds:.1f}s, best epoch {best['epoch']}); curves: "
         + ", ".join(map(str, paths)))

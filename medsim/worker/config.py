@@ -15,7 +15,8 @@ DESCRIPTION = ("Embedding worker: claims images pending for a model (FOR UPDATE 
 
 @dataclass
 class WorkerConfig:
-    model: str = "current"  # model id or "current"
+    model: str = "current"  # model id, or "current": the current model, then the candidates
+    promote_when_ready: bool = False  # make a candidate current once its gallery is complete
     batch_size: int = 256
     once: bool = False  # drain and exit
     poll_interval: float = 5.0  # seconds between polls when LISTEN hears nothing
@@ -66,7 +67,10 @@ class WorkerConfig:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="current", help="model id, or 'current' (default)")
+    p.add_argument("--model", default="current",
+                   help="model id, or 'current' (default): the current model's backlog, then each candidate's")
+    p.add_argument("--promote-when-ready", action="store_true",
+                   help="make a candidate current as soon as its whole gallery is embedded (medsim models promote)")
     p.add_argument("--batch-size", type=int, default=256, help="images claimed per transaction")
     p.add_argument("--once", action="store_true", help="drain the pending work, then exit 0")
     p.add_argument("--poll-interval", type=float, default=5.0, help="seconds between polls when idle")
@@ -94,7 +98,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def from_args(a: argparse.Namespace) -> WorkerConfig:
-    return WorkerConfig(model=a.model, batch_size=a.batch_size, once=a.once, poll_interval=a.poll_interval,
+    return WorkerConfig(model=a.model, promote_when_ready=a.promote_when_ready, batch_size=a.batch_size, once=a.once, poll_interval=a.poll_interval,
                         max_attempts=a.max_attempts, db_retries=a.db_retries, throttle_s=a.throttle,
                         lock_timeout_s=a.lock_timeout, bulk_threshold=a.bulk_threshold, threads=a.threads,
                         prefetch=a.prefetch, build_index=not a.no_index, device=a.device, runtime=a.runtime,

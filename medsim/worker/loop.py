@@ -13,7 +13,7 @@ import psycopg
 
 from medsim import db, migrate, queue, registry
 from medsim.errors import DatabaseUnavailable, NotFound
-from medsim.worker import policy
+from medsim.worker import models, policy
 from medsim.worker.batch import Job, forward, one_line
 from medsim.worker.config import WorkerConfig
 from medsim.worker.lanes import Lanes
@@ -52,10 +52,10 @@ class Worker:
                 c.close()
         self.conns, self.listener = [], None
 
-    def load_model(self) -> None:
+    def load_model(self, ref=None) -> None:
         conn = self.conns[0]
         migrate.check(conn)
-        row = registry.get(conn, self.cfg.model)
+        row = registry.get(conn, ref or self.cfg.model)
         rt = self.threads.runtime_for(row.load(conn, self.cfg.device), self.cfg.runtime, self.cfg.device,
                                       keep_as=row.checkpoint_sha256(conn))
         log.info("model %s embeds with %s", row.id, rt.name)
@@ -135,6 +135,9 @@ class Worker:
                     if added:
                         bar.total += added
                         continue
+                    if models.next_in_line(self):  # the current model done: a candidate's gallery
+                        bar.reset(total=queue.pending_count(self.conns[0], self.model_row.id))
+                        continue
                     if self.cfg.once:
                         break
                     self.wait_for_work()
@@ -169,14 +172,7 @@ class Worker:
         while not self.stopping and time.monotonic() < deadline:
             for _ in self.listener.notifies(timeout=min(1.0, self.cfg.poll_interval), stop_after=1):
                 return
-        if self.cfg.model == "current":
-            try:
-                current = registry.get(self.conns[0], "current").id
-            except NotFound:  # no current model for now: keep serving the one we have
-                return
-            if current != self.model_row.id:
-                log.info("current model changed to %s", current)
-                self.load_model()
+        models.follow_current(self)
 
 
 def sessions(url: str, cfg: WorkerConfig, stopping) -> list:

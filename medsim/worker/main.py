@@ -42,6 +42,8 @@ def run(cfg: WorkerConfig, prog: str = "embed_worker") -> int:
         return err.exit_code
     model = worker.model_row.id if worker.model_row else "none"
     print(f"{prog}: model {model}: {summary.line()}")
+    for mid in summary.promoted:
+        print(f"{prog}: promoted model {mid}: its gallery is complete, searches use it now")
     if summary.phases:
         print(f"{prog}: time: {summary.breakdown()}")
     return 0

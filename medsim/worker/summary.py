@@ -16,6 +16,7 @@ class Summary:
     # copy (binary COPY), dequeue (and failure rows), commit, after (ANALYZE, HNSW build)
     phases: dict = field(default_factory=dict)
     retry_ids: set = field(default_factory=set)  # images that failed this run, not for good
+    promoted: list = field(default_factory=list)  # candidates this worker made current (--promote-when-ready)
 
     @property
     def retrying(self) -> int:

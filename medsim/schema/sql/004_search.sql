@@ -193,7 +193,7 @@ REVOKE SELECT ON medsim.models, medsim.images, medsim.datasets, medsim.index_bui
 -- A model's training datasets name archives a user may not be granted: readers get them
 -- through medsim.model_catalog (005_access.sql), which shows only the granted ones.
 GRANT SELECT (id, name, preset, mode, config, embedding_dim, checkpoint_sha256,
-              best_epoch, best_val_loss, train_seconds, is_current, created_at)
+              best_epoch, best_val_loss, train_seconds, is_current, created_at, candidate, promote_when_ready)
     ON medsim.models TO medsim_reader;
 GRANT SELECT (id, dataset_id, split, split_index, labels, height, width, channels, sha256, created_at,
               bit_depth, patient_key, study_id, metadata, original_height, original_width)

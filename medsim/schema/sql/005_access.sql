@@ -80,7 +80,7 @@ $$;
 -- (and a superuser) sees the lists whole: training and evaluation read them here too.
 CREATE OR REPLACE VIEW medsim.model_catalog WITH (security_invoker = false) AS
 SELECT m.id, m.name, m.preset, m.mode, m.config, m.embedding_dim, m.checkpoint_sha256, m.best_epoch,
-       m.best_val_loss, m.train_seconds, m.is_current, m.created_at,
+       m.best_val_loss, m.train_seconds, m.is_current, m.created_at, m.candidate, m.promote_when_ready,
        CASE WHEN w.whole THEN m.datasets
             ELSE ARRAY(SELECT f FROM unnest(m.datasets) f
                        WHERE f IN (SELECT d.flag FROM medsim.datasets d
