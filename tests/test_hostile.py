@@ -250,12 +250,17 @@ def test_deleting_a_patient_reports_the_same_pixels_elsewhere(conn, tmp_path, ca
     assert "deleted 3 image(s)" in out and "1 image(s) elsewhere hold the same pixels (in export" in out
     assert conn.execute("SELECT count(*) FROM medsim.images").fetchone() == (1,)
     # a plain re-run does not bring the withdrawn patient back (the files are settled and
-    # unchanged: ledger.py); --recheck reads them again, deliberately
+    # unchanged: ledger.py), nor does --recheck, which reads them again: the deletion is
+    # their tombstone
     again = archive.ingest_archive(conn, FolderSource(tmp_path, manifest=tmp_path / "m.csv"), "ward", progress=False)
     assert (again.added, again.unchanged_files) == (0, 3)
-    archive.ingest_archive(conn, FolderSource(tmp_path, manifest=tmp_path / "m.csv"), "ward", progress=False,
-                           recheck=True)
-    assert cli.main(["delete", "--patient", "PAT", "--with-copies"]) == 0
+    again = archive.ingest_archive(conn, FolderSource(tmp_path, manifest=tmp_path / "m.csv"), "ward", progress=False,
+                                   recheck=True)
+    assert again.added == 0 and [why for *_, why in again.problems] == ["patient withdrawn (deletion 1)"] * 3
+    # the same pictures under another patient id, and the copy without one, go together
+    (tmp_path / "m2.csv").write_text("path,label,patient_id\n" + "".join(f"img/{i}.png,x,PAT2\n" for i in range(3)))
+    archive.ingest_archive(conn, FolderSource(tmp_path, manifest=tmp_path / "m2.csv"), "ward2", progress=False)
+    assert cli.main(["delete", "--patient", "PAT2", "--with-copies"]) == 0
     assert "deleted 4 image(s)" in capsys.readouterr().out
     assert conn.execute("SELECT count(*) FROM medsim.images").fetchone() == (0,)
 

@@ -159,7 +159,9 @@ def test_a_second_key_is_refused_and_rotation_rewrites_every_hash(conn, tmp_path
     same = conn.execute("SELECT count(DISTINCT patient_key) FROM medsim.images WHERE dataset_id = "
                         "(SELECT id FROM medsim.datasets WHERE flag = 'ward2')").fetchone()[0]
     shared = conn.execute("SELECT count(DISTINCT patient_key) FROM medsim.images").fetchone()[0]
-    assert same == 3 and shared == 3  # P0 and P2 carry one hash in both datasets (P1 was deleted, now back)
+    # P0 and P2 carry one hash in both datasets; P1 was deleted, and the chain finds their
+    # tombstone: refused
+    assert same == 2 and shared == 2
 
 
 # ---------------------------------------------------------------- 10. no identifiers in clear

@@ -14,6 +14,8 @@ input gets a clear reason. What differs is that an archive is large, grows and i
   with on_conflict="relabel" and only when all of the source's files agree, so re-running
   an unchanged source never changes a label;
 - file paths, patient ids, study ids and DICOM UIDs are stored as keyed hashes (keys.py);
+- a patient deleted from medsim stays deleted: each chunk checks the patients' tombstones
+  under their lock, in its own transaction, and refuses their images (deletion.py);
 - without a split from the source, splits are assigned (splits.py) grouped by patient and
   stratified by label, and an already-known patient keeps their split.
 """
@@ -33,7 +35,7 @@ from psycopg.types.json import Jsonb
 from medsim import images
 from medsim.errors import BadArgument, DataRefused, Unreadable
 from medsim.queries import Q, rows, scalar
-from medsim.sources import keys, ledger
+from medsim.sources import deletion, keys, ledger
 from medsim.sources import report as reports
 from medsim.sources import splits as splitting
 from medsim.sources.base import Entry
@@ -201,6 +203,7 @@ def write_chunk(conn, dataset_id: int, fresh: list, report: ArchiveReport, chang
     settled = [] if settled is None else settled
     with conn.transaction():
         conn.execute(Q.lock_dataset, {"id": dataset_id})
+        fresh = deletion.refuse_withdrawn(conn, fresh, settled, report)  # under the patients' locks
         stored = {s.sha256: s for s in rows(conn, Q.images_with_digests, {
             "dataset_id": dataset_id, "digests": [d for _, _, d, _ in fresh]}, as_=Stored)}
         nxt = {r[0]: r[1] + 1 for r in conn.execute(Q.max_split_index, {"dataset_id": dataset_id})}

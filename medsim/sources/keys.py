@@ -124,6 +124,10 @@ ROTATED = (
     ("source_files", "path", "path"),
 )
 UID_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+# medsim.pacs_instances keeps UIDs in clear (the way back to the PACS), but a deleted
+# patient's as HASHED + uid(...): the rows stay, so a sync still knows them as settled
+PACS_HASHED = ("study_uid", "series_uid", "sop_uid")
+HASHED = "k:"
 
 
 def rotate(conn, new_key: str) -> dict:
@@ -156,5 +160,14 @@ def rotate(conn, new_key: str) -> dict:
         old = [r[0] for r in conn.execute(Q.deleted_patients).fetchall()]
         counts["deletions.target"] = conn.execute(Q.rewrite_deleted_patients, {
             "old": old, "new": [ring.step("patient", v, new_key) for v in old]}).rowcount
+        for column in PACS_HASHED:  # a withdrawn patient's PACS instances: "k:" + the keyed UID
+            c = sql.Identifier(column)
+            old = [r[0] for r in conn.execute(sql.SQL(
+                "SELECT DISTINCT {c} FROM medsim.pacs_instances WHERE starts_with({c}, %(p)s)").format(c=c),
+                {"p": HASHED}).fetchall()]
+            new = [HASHED + ring.step("uid", v[len(HASHED):], new_key) for v in old]
+            counts[f"pacs_instances.{column}"] = conn.execute(sql.SQL(
+                "UPDATE medsim.pacs_instances x SET {c} = m.new FROM unnest(%(old)s::text[], %(new)s::text[]) "
+                "AS m(old, new) WHERE x.{c} = m.old").format(c=c), {"old": old, "new": new}).rowcount
         conn.execute(Q.set_key_fingerprints, {"fingerprints": [*ring.fingerprints, fingerprint(new_key)]})
     return counts

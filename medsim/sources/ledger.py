@@ -9,8 +9,9 @@ refused for its content (damaged, a report, an unknown codec) is settled too, wi
 reason: it is not read again until it changes, or until `ingest-folder --recheck`. A file
 whose pixels are a label finding (the source labels them otherwise, or two ways) is not
 settled: every run reports it again, and --on-conflict relabel can still apply it. A file
-whose images were deleted stays settled: a re-run does not bring a withdrawn patient back
-(--recheck does, deliberately).
+whose images were deleted stays settled: a re-run does not bring them back (--recheck
+reads it again; a withdrawn patient's images are then refused again by their deletion's
+tombstone, sources/deletion.py, and images deleted by id or with their dataset come back).
 """
 
 from __future__ import annotations

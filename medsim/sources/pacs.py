@@ -11,8 +11,10 @@ What a sync does, in order:
    class of masks, doses, reports) or is over MEDSIM_MAX_IMAGE_PIXELS;
 4. fetches the rest by WADO-RS and stores them through the archive ingest (sources/
    archive.py: the same DICOM rendering as ingest-folder, keyed patients, splits grouped by
-   patient, one transaction per chunk). Postgres keeps the rendition at --max-side (256 by
-   default: model size, not the full DICOM) and, per instance, its UIDs for the way back;
+   patient, one transaction per chunk, which refuses the images of a patient deleted since
+   the listing: deletion.py). Postgres keeps the rendition at --max-side (256 by default:
+   model size, not the full DICOM) and, per instance, its UIDs for the way back (a withdrawn
+   patient's only as keyed hashes);
 5. moves the cursor only when nothing failed, so a sync that stopped (PACS down) or
    skipped instances (5xx, timeouts) is simply run again and picks up where it was.
 --prune removes, through the deletion path, images whose instances the PACS no longer has.
@@ -103,7 +105,7 @@ def sync(conn, url: str, name: str, *, label_tag: str, filters: dict | None = No
         source = PacsSource(server, items, label_tag, max_side, per_series)
         unsettled: list = []  # fetches that failed this time (_record counts them)
         recorder = partial(_record, server.url, root is not None, template, {
-            (i.sop, i.frame or 0): orthanc_study_id(i.patient_id or "", i.study) for i in items}, unsettled)
+            (i.sop, i.frame or 0): orthanc_study_id(i.patient_id or "", i.study) for i in items}, unsettled, ring)
         try:
             if items:
                 report.archive = ingest_archive(conn, source, name, progress=progress, workers=workers,
@@ -124,7 +126,7 @@ def sync(conn, url: str, name: str, *, label_tag: str, filters: dict | None = No
                     conn.execute(Q.pacs_set_cursor, {"id": sid, "cursor": json.dumps(mark)})
                     report.cursor = mark
             if prune:
-                report.pruned = _prune(conn, server, sid, name)
+                report.pruned = _prune(conn, server, sid, name, ring)
     finally:
         conn.execute(Q.pacs_unlock, {"key": f"{name}\n{server.url}"})
     report.seconds = time.perf_counter() - t0
@@ -162,10 +164,13 @@ def _listing(server: Server, root, cursor: dict, filters: dict, studies: list, l
 
 
 def _not_settled(conn, source_id, items: list[Item], ring, report: SyncReport) -> list[Item]:
+    """A listed instance is settled under its UID in clear, or, once its patient was deleted,
+    under its keyed hash (deletion.hashed_uid)."""
     settled = set()
     if source_id is not None:
-        settled = {(r[0], r[1]) for r in conn.execute(Q.pacs_settled, {
-            "source_id": source_id, "sops": sorted({i.sop for i in items})})}
+        hashed = {deletion.hashed_uid(ring, sop): sop for sop in {i.sop for i in items}}
+        settled = {(hashed.get(r[0], r[0]), r[1]) for r in conn.execute(Q.pacs_settled, {
+            "source_id": source_id, "sops": sorted({i.sop for i in items} | set(hashed))})}
     withdrawn = {r[0] for r in conn.execute(Q.deleted_patients)}
     out = []
     for it in items:
@@ -178,10 +183,12 @@ def _not_settled(conn, source_id, items: list[Item], ring, report: SyncReport) -
     return out
 
 
-def _record(url: str, is_orthanc: bool, viewer: str | None, orthanc_ids: dict, unsettled: list, conn,
+def _record(url: str, is_orthanc: bool, viewer: str | None, orthanc_ids: dict, unsettled: list, ring, conn,
             dataset_id: int, settled: list) -> None:
     """Inside each chunk's transaction: what became of each instance (ingest_archive's hook).
-    A fetch that failed this time is not settled: the next sync tries it again."""
+    A fetch that failed this time is not settled: the next sync tries it again. An instance
+    of a withdrawn patient (refused in this transaction, deletion.refuse_withdrawn) is settled
+    by the keyed hashes of its UIDs, as their deletion left the others."""
     sid = _source_row(conn, None, url, is_orthanc, viewer, dataset_id)
     for e, image_id, outcome, reason in settled:
         if outcome == "refused" and isinstance(reason, FetchFailed):
@@ -191,10 +198,14 @@ def _record(url: str, is_orthanc: bool, viewer: str | None, orthanc_ids: dict, u
             outcome, reason = "duplicate", f"the same pixels as {reason}, labelled otherwise"
         outcome = "unchanged" if outcome == "label_changed" else outcome
         study, series, sop = (e.metadata[t] for t in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"))
+        orthanc_study = orthanc_ids.get((sop, e.frame or 0))
+        if isinstance(reason, deletion.Withdrawn):
+            study, series, sop = (deletion.hashed_uid(ring, u) for u in (study, series, sop))
+            orthanc_study = None
         conn.execute(Q.pacs_settle, {"source_id": sid, "study": study, "series": series, "sop": sop,
                                      "frame": e.frame or 0, "image_id": image_id, "outcome": outcome,
                                      "reason": str(reason) if reason is not None else None,
-                                     "orthanc_study": orthanc_ids.get((sop, e.frame or 0))})
+                                     "orthanc_study": orthanc_study})
 
 
 def _source_row(conn, name, url, is_orthanc, viewer, dataset_id=None) -> int:
@@ -215,10 +226,11 @@ def _viewer(viewer: str | None, root: str | None) -> str | None:
     return template.replace("{root}", root or "{root}") if template else None
 
 
-def _prune(conn, server: Server, source_id: int, name: str) -> int:
+def _prune(conn, server: Server, source_id: int, name: str, ring) -> int:
     """Images whose instance the PACS no longer lists go, through the deletion path."""
     present = {o["00080018"]["Value"][0] for o in server.instances({}, ("SOPInstanceUID",))
                if o.get("00080018", {}).get("Value")}
+    present |= {deletion.hashed_uid(ring, sop) for sop in present}  # a withdrawn patient's, kept hashed
     stored = conn.execute(Q.pacs_stored_sops, {"source_id": source_id}).fetchall()
     if not present and stored:
         raise DataRefused(f"the PACS lists no instances at all; refusing to prune every image of {name} "
