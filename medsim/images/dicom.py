@@ -15,12 +15,20 @@ What is kept of a file's tags, and patients' keyed hashes, are the sources' busi
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import os
 import warnings
 
 import numpy as np
 
 from medsim.errors import Unreadable
+from medsim.images import chatter
 from medsim.images.convert import as_stored
+from medsim.images.dicom_frames import data_refusal, frame_count, frame_refusal
+
+__all__ = ["data_refusal", "frame_count", "frame_refusal", "header", "read", "read_frames", "refusal", "render",
+           "render_frames"]
 
 # What pydicom raises for a file that is not (or not entirely) DICOM
 NOT_DICOM = (OSError, ValueError, KeyError, AttributeError, EOFError, TypeError)
@@ -135,25 +143,43 @@ NON_IMAGE_FAMILIES = (
 RT_IMAGE = "1.2.840.10008.5.1.4.1.1.481.1"
 
 
-def read(fp, frame: int | None, max_pixels: int) -> np.ndarray:
+def read(fp, frame: int | None, max_pixels: int, notes: list | None = None) -> np.ndarray:
     """One frame's display values in stored form (H, W, C) uint8/uint16, or Unreadable."""
-    return read_frames(fp, [frame], max_pixels)[0]
+    return read_frames(fp, [frame], max_pixels, notes=notes)[0]
 
 
-def read_frames(fp, frames: list, max_pixels: int) -> list[np.ndarray]:
+def read_frames(fp, frames: list, max_pixels: int, each=None, notes: list | None = None) -> list:
     """The display values of several frames of one file (or pydicom Dataset), each in stored
     form, decoding the file once and each wanted frame once: a 120-frame JPEG cine decoded
-    the whole file for every frame (3.3 s a frame). The size is checked from the header
-    before any pixel is decoded; a non-image SOP class is refused before it too."""
+    the whole file for every frame (3.3 s a frame). The size and the frame count are checked
+    from the header before any pixel is read (the frames against the file's size), then
+    against the pixel data itself before any is decoded; a non-image SOP class is refused
+    before it too. ``each``: applied to each frame as soon as it is decoded (an ingest
+    shrinks it there, so a long cine is never held at full size). ``notes`` gets what the
+    decoders said (chatter.py) when they said anything."""
     ds = fp if _is_dataset(fp) else header(fp)
-    why = refusal(ds, max_pixels)
+    why = refusal(ds, max_pixels) or frame_refusal(ds, max_pixels, None if _is_dataset(fp) else _size(fp))
     if why:
         raise Unreadable(why)
     if not _is_dataset(fp):
         if hasattr(fp, "seek"):
             fp.seek(0)
         ds = header(fp, pixels=True)
-    return [as_stored(x) for x in render_frames(ds, frames)]
+    return render_frames(ds, frames, lambda x: (each or _same)(as_stored(x)), notes)
+
+
+def _same(x):
+    return x
+
+
+def _size(fp) -> int | None:
+    """The bytes a file (a path or an open file) holds: what its pixel data cannot exceed."""
+    try:
+        if hasattr(fp, "getbuffer"):
+            return fp.getbuffer().nbytes
+        return os.stat(fp).st_size if isinstance(fp, str | os.PathLike) else None
+    except OSError:
+        return None
 
 
 def _is_dataset(x) -> bool:
@@ -167,24 +193,55 @@ def render(ds, frame: int | None) -> np.ndarray:
     return render_frames(ds, [frame])[0]
 
 
-def render_frames(ds, frames: list) -> list[np.ndarray]:
-    """Display values of the given frames (None: the first), each decoded once."""
+def render_frames(ds, frames: list, each=None, notes: list | None = None) -> list:
+    """Display values of the given frames (None: the first), each decoded once and passed
+    through ``each`` at once. The frame count is held against the pixel data first
+    (data_refusal). What the decoders print is captured (chatter.py): on a failure it ends
+    the sentence, otherwise it goes to ``notes``."""
     from pydicom.pixels import iter_pixels
 
-    n = int(ds.get("NumberOfFrames", 1) or 1)
+    n = frame_count(ds)
+    why = data_refusal(ds, n)
+    if why:
+        raise Unreadable(why)
+    each = each or _same
     wanted = sorted({min(max(f or 0, 0), n - 1) for f in frames})
+    _without_gdcm()
+    said = None
     try:
-        with warnings.catch_warnings():
+        with chatter.captured() as said, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             if n == 1:
-                decoded = {0: ds.pixel_array}
-            else:
-                decoded = dict(zip(wanted, iter_pixels(ds, indices=wanted), strict=True))
-            return [_display(ds, decoded[min(max(f or 0, 0), n - 1)]) for f in frames]
-    except Unreadable:
-        raise
+                done = {0: each(_display(ds, ds.pixel_array))}
+            else:  # one frame at a time: decoded, displayed and passed on before the next
+                done = {i: each(_display(ds, arr)) for i, arr in zip(wanted, iter_pixels(ds, indices=wanted),
+                                                                        strict=True)}
+    except Unreadable as err:
+        raise Unreadable(_with(str(err), said)) from None
     except Exception as err:  # pydicom raises many kinds for a missing codec or bad data
-        raise Unreadable(cannot_decode(ds, err)) from None
+        raise Unreadable(_with(cannot_decode(ds, err), said)) from None
+    if said and notes is not None:
+        notes.append(f"the decoder said: {said.text}")
+    return [done[min(max(f or 0, 0), n - 1)] for f in frames]
+
+
+def _with(reason: str, said) -> str:
+    return f"{reason} (the decoder said: {said.text})" if said else reason
+
+
+@functools.cache
+def _without_gdcm() -> None:
+    """GDCM is kept as a decoder only where nothing else is installed for a syntax: on a
+    corrupt JPEG its bundled libjpeg throws a C++ exception that nothing catches, and the
+    whole process aborts (an upload took the service down; an ingest died with its report
+    'running'). pylibjpeg and Pillow decode every syntax GDCM does here and fail in Python."""
+    from pydicom.pixels.decoders.base import get_decoder
+
+    for uid in DECODERS:
+        with contextlib.suppress(Exception):  # a syntax this pydicom has no decoder for
+            decoder = get_decoder(uid)
+            if "gdcm" in decoder.available_plugins and len(decoder.available_plugins) > 1:
+                decoder.remove_plugin("gdcm")
 
 
 # Which installed package decodes a compressed transfer syntax (pydicom's pixel data

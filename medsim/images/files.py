@@ -13,7 +13,7 @@ import numpy as np
 
 from medsim import settings
 from medsim.errors import Unreadable
-from medsim.images import dicom
+from medsim.images import chatter, dicom
 from medsim.images.convert import as_stored
 
 # What an image is, by its first bytes (the filename and a declared content type say
@@ -37,13 +37,14 @@ def sniff(head: bytes) -> str | None:
 
 
 def read(source: Path | str | bytes, *, name: str | None = None, max_pixels: int | None = None,
-         frame: int | None = None, kind: str | None = None) -> np.ndarray:
+         frame: int | None = None, kind: str | None = None, notes: list | None = None) -> np.ndarray:
     """A file (path) or its bytes -> stored-form pixels (H, W, C) uint8/uint16.
 
     The format is sniffed from the content (``kind`` forces one: sources know DICOM files
     without a preamble by their suffix); the pixel count is checked from the header before
     decoding. ``frame``: which frame of a multi-frame DICOM (default the first). Unreadable
-    otherwise, named by ``name`` when given."""
+    otherwise, named by ``name`` when given. ``notes`` gets what a decoder printed while it
+    decoded (images/chatter.py), when it printed anything."""
     limit = settings.get().max_image_pixels if max_pixels is None else max_pixels
     try:
         if isinstance(source, bytes | bytearray | memoryview):
@@ -59,25 +60,26 @@ def read(source: Path | str | bytes, *, name: str | None = None, max_pixels: int
                 kind = "dicom"
         kind = kind or sniff(head)
         if kind == "dicom":
-            return dicom.read(fp, frame, limit)
+            return dicom.read(fp, frame, limit, notes=notes)
         if kind is None:
             raise Unreadable(f"not a readable image: not {READS} (recognised by content, not by file name)")
-        return _raster(fp, limit)
+        return _raster(fp, limit, notes)
     except Unreadable as err:
         raise (err.named(name) if name else err) from None
 
 
-def read_dicom_frames(source, frames: list, *, max_pixels: int | None = None) -> list[np.ndarray]:
+def read_dicom_frames(source, frames: list, *, max_pixels: int | None = None, each=None,
+                      notes: list | None = None) -> list:
     """Several frames of one DICOM file (a path, its bytes, or a pydicom Dataset already
     read, as WADO-RS gives it) in stored form, the file read and each frame decoded once;
-    Unreadable otherwise."""
+    Unreadable otherwise. ``each`` is applied to each frame as it is decoded (dicom.read_frames)."""
     limit = settings.get().max_image_pixels if max_pixels is None else max_pixels
     if isinstance(source, bytes | bytearray | memoryview):
-        return dicom.read_frames(io.BytesIO(bytes(source)), frames, limit)
-    if isinstance(source, str | Path):
+        source = io.BytesIO(bytes(source))
+    elif isinstance(source, str | Path):
         regular_file(Path(source))
-        return dicom.read_frames(Path(source), frames, limit)
-    return dicom.read_frames(source, frames, limit)
+        source = Path(source)
+    return dicom.read_frames(source, frames, limit, each=each, notes=notes)
 
 
 def regular_file(path: Path) -> os.stat_result:
@@ -96,9 +98,10 @@ def regular_file(path: Path) -> os.stat_result:
     return st
 
 
-def _raster(fp, limit: int) -> np.ndarray:
+def _raster(fp, limit: int, notes: list | None = None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
+    said = None
     try:
         # Pillow warns about harmless oddities (corrupt EXIF, odd TIFF tags); the pixel
         # limit below is medsim's own, so its bomb warning would say nothing new either
@@ -112,7 +115,7 @@ def _raster(fp, limit: int) -> np.ndarray:
                                  f"(MEDSIM_MAX_IMAGE_PIXELS)")
             if getattr(img, "n_frames", 1) > 1:
                 raise Unreadable(f"a multi-page image ({img.n_frames} pages); save each page as its own file")
-            with warnings.catch_warnings():
+            with chatter.captured() as said, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 img.load()
             x = _array(img)
@@ -120,7 +123,10 @@ def _raster(fp, limit: int) -> np.ndarray:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError,
             EOFError) as err:
-        raise Unreadable(f"not a readable image ({err})") from None
+        raise Unreadable(f"not a readable image ({err})" + (f" (the decoder said: {said.text})" if said else "")) \
+            from None
+    if said and notes is not None:
+        notes.append(f"the decoder said: {said.text}")
     return as_stored(x)
 
 

@@ -155,6 +155,8 @@ def ingest_archive(conn, source, name: str, *, strict: bool = False, on_conflict
                     report.add(e.path, "skipped", str(r))
                     settled.append((e, None, "refused", r))
                     continue
+                if r.note:  # what a decoder printed: the file's report line, not the terminal (images/chatter.py)
+                    report.add(e.path, "decoder", r.note)
                 digest = hashlib.sha256(r.pixels.tobytes()).digest()
                 labels = label_vector(e.labels, vocab, multi)
                 if digest in seen:

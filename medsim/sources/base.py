@@ -40,6 +40,7 @@ class Loaded:
     original_size: tuple[int, int] | None = None  # (h, w) before shrinking to max_side
     metadata: dict = field(default_factory=dict)  # found while decoding (DICOM tags)
     stamp: tuple | None = None  # the file's (size, mtime_ns, sha256), read with the same bytes
+    note: str | None = None  # what a decoder printed while decoding it: its report line, not the terminal
 
     @classmethod
     def shrunk(cls, x: np.ndarray, max_side: int) -> Loaded:

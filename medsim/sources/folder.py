@@ -204,5 +204,9 @@ def nifti_entries(path: Path, entry: Entry) -> list[Entry]:
 
 
 def load_image(path: Path | bytes, max_side: int) -> Loaded:
-    """One image file (or its bytes) -> pixels as they will be stored, or Unreadable."""
-    return Loaded.shrunk(images.read(path), max_side)
+    """One image file (or its bytes) -> pixels as they will be stored, or Unreadable; what
+    the decoder printed, if anything, is its note (the file's report line)."""
+    notes: list[str] = []
+    out = Loaded.shrunk(images.read(path, notes=notes), max_side)
+    out.note = "; ".join(notes) or None
+    return out

@@ -27,6 +27,7 @@ from requests.adapters import HTTPAdapter
 
 from medsim import settings
 from medsim.errors import BadArgument, PacsUnavailable, Unreadable
+from medsim.sources.pacs_answers import INSTANCE_UIDS, change_log_fault, dicom_json_fault, shape
 from medsim.sources.pacs_log import CHATTY_LOGGERS, hide_uids
 
 RETRIES = 3
@@ -43,6 +44,12 @@ FIELDS = ("PatientID", "StudyDate", "StudyTime", "Modality", "BodyPartExamined",
 
 # dicomweb-client and urllib3 log the UIDs they ask for: the log gets keyed hashes instead
 hide_uids(*CHATTY_LOGGERS)
+
+
+class Malformed(PacsUnavailable):
+    """The PACS answered, but not in the shape DICOMweb (or Orthanc's REST API) promises:
+    the sync stops in a sentence naming the server, never a traceback, and nothing is
+    taken for an empty PACS."""
 
 
 class FetchFailed(Unreadable):
@@ -146,14 +153,15 @@ class Server:
 
     # -- DICOMweb -----------------------------------------------------------------
     def instances(self, filters: dict, fields: tuple, limit: int | None = None) -> list[dict]:
-        """Every instance matching QIDO filters, in pages: DICOM JSON objects."""
+        """Every instance matching QIDO filters, in pages: DICOM JSON objects, each checked
+        to be one and to carry its three UIDs (Malformed otherwise)."""
         found: list[dict] = []
         client = self.client
         while limit is None or len(found) < limit:
             page = PAGE if limit is None else min(PAGE, limit - len(found))
             got = self.call("searching instances", client.search_for_instances, search_filters=filters,
                              fields=list(fields), offset=len(found), limit=page)
-            found += got
+            found += checked(self, got, "searching instances", INSTANCE_UIDS)
             if len(got) < page:
                 break
         return found
@@ -164,7 +172,7 @@ class Server:
         while True:
             got = self.call("searching studies", client.search_for_studies, search_filters=filters,
                              fields=["StudyInstanceUID"], offset=len(out), limit=PAGE)
-            out += [g["0020000D"]["Value"][0] for g in got if g.get("0020000D", {}).get("Value")]
+            out += [g["0020000D"]["Value"][0] for g in checked(self, got, "searching studies", INSTANCE_UIDS[:1])]
             if len(got) < PAGE:
                 return out
 
@@ -201,6 +209,8 @@ class Server:
         for attempt in range(RETRIES):
             try:
                 return fn(*args, **kwargs)
+            except Malformed:
+                raise
             except (FetchFailed, TooBig, Gone) as err:  # already one sentence
                 if one:
                     raise
@@ -216,7 +226,9 @@ class Server:
                 if status < 500 or attempt == RETRIES - 1:
                     if one:
                         raise FetchFailed(f"the PACS answered {status} while {what}") from None
-                    raise PacsUnavailable(f"the PACS at {self.url} answered {status} while {what}") from None
+                    query = f"{status} to a QIDO-RS query" if what.startswith("searching") else status
+                    hint_ = hint(self.url) if status in (400, 404, 405) else ""
+                    raise PacsUnavailable(f"the PACS at {self.url} answered {query} while {what}{hint_}") from None
             except requests.Timeout:
                 if attempt == RETRIES - 1:
                     if one:
@@ -232,10 +244,28 @@ class Server:
                 if one:
                     raise FetchFailed(f"a malformed answer while {what} ({type(err).__name__}: "
                                       f"{str(err)[:200]})") from None
-                raise PacsUnavailable(f"the PACS at {self.url} sent a malformed answer while {what} "
-                                      f"({str(err)[:200]})") from None
+                raise Malformed(f"the PACS at {self.url} sent a malformed answer while {what} "
+                                f"({str(err)[:200]}){hint(self.url)}") from None
             time.sleep(0.2 * 2**attempt)
         raise AssertionError("unreachable")
+
+
+def checked(server: Server, got, what: str, needs: tuple) -> list[dict]:
+    """A QIDO-RS answer in the DICOM JSON model, each object with the UIDs medsim reads
+    (pacs_answers.py), or Malformed naming the server. dicomweb-client passes a lone object
+    on as a list of one: `{}` arrives as [{}] and holds no UID (it was read as an empty PACS)."""
+    why = dicom_json_fault(got, needs)
+    if why:
+        raise Malformed(f"the PACS at {server.url} sent a malformed answer while {what}: {why}{hint(server.url)}")
+    return got
+
+
+def hint(url: str) -> str:
+    """What to try when a QIDO-RS query is refused, or answered in nonsense, by a URL that is
+    not a DICOMweb root (a PACS's web page, its REST API)."""
+    if urlsplit(url).path.rstrip("/").endswith("dicom-web"):
+        return ""
+    return "; is the URL the DICOMweb root (often ending in /dicom-web)?"
 
 
 def _root_cause(err: Exception) -> str:
@@ -269,7 +299,8 @@ def changes(server: Server, since: int) -> tuple[list[str], int]:
     """Orthanc's change log after `since`: (new instances' Orthanc ids, the last seq)."""
     root, ids, last = server.url[: -len("/dicom-web")], [], since
     while True:
-        body = server.call("reading changes", server.get_json, f"{root}/changes", {"since": last, "limit": 1000})
+        body = _change_log(server, server.call("reading changes", server.get_json, f"{root}/changes",
+                                               {"since": last, "limit": 1000}))
         ids += [c["ID"] for c in body.get("Changes", []) if c.get("ChangeType") == "NewInstance"]
         last = int(body.get("Last", last))
         if body.get("Done", True) or not body.get("Changes"):
@@ -278,7 +309,16 @@ def changes(server: Server, since: int) -> tuple[list[str], int]:
 
 def last_change(server: Server) -> int:
     root = server.url[: -len("/dicom-web")]
-    return int(server.call("reading changes", server.get_json, f"{root}/changes", {"last": ""}).get("Last", 0))
+    return int(_change_log(server, server.call("reading changes", server.get_json, f"{root}/changes",
+                                               {"last": ""})).get("Last", 0))
+
+
+def _change_log(server: Server, body) -> dict:
+    """Orthanc's /changes answer as its REST API documents it, or Malformed."""
+    why = change_log_fault(body)
+    if why:
+        raise Malformed(f"the PACS at {server.url} sent a malformed answer while reading changes: {why}")
+    return body
 
 
 def orthanc_uids(server: Server, instance_id: str) -> tuple[str, str, str] | None:
@@ -289,6 +329,9 @@ def orthanc_uids(server: Server, instance_id: str) -> tuple[str, str, str] | Non
                            {"simplify": ""}, one=True)
     except (FetchFailed, Gone):
         return None
+    if not isinstance(tags, dict):
+        raise Malformed(f"the PACS at {server.url} sent a malformed answer while reading an instance: "
+                        f"{shape(tags)} where Orthanc gives an object of its tags")
     try:
         return tags["StudyInstanceUID"], tags["SeriesInstanceUID"], tags["SOPInstanceUID"]
     except KeyError:

@@ -134,8 +134,10 @@ def listed(raw: list[dict], label_tag: str) -> list[Item]:
                                                                "SOPInstanceUID"))
         except (KeyError, ValueError, TypeError):
             continue  # an answer without its UIDs cannot be fetched or kept: nothing to settle
-        refused = render.refusal(ds, limit, size_required=False)  # the same sentences a file gets
-        frames = int(ds.get("NumberOfFrames") or 1) if not refused else 1
+        # the same sentences a file gets; the frame count bounded before an item is made for
+        # each (a listing of 1,000,000 frames never finished), a refused instance one item
+        refused = render.refusal(ds, limit, size_required=False) or render.frame_refusal(ds, limit)
+        frames = render.frame_count(ds) if not refused else 1
         meta = {t: str(ds.get(t)) for t in dicom_source.KEPT_TAGS if ds.get(t) not in (None, "")}
         meta.update(StudyInstanceUID=study, SeriesInstanceUID=series, SOPInstanceUID=sop)
         label = str(ds.get(label_tag, "") or "").strip() or None

@@ -14,11 +14,16 @@ from dataclasses import dataclass, field
 
 from medsim.queries import Q, scalar
 
+# What medsim.ingest_problems.kind accepts (its CHECK constraint). A decoder's note (what a C
+# decoder printed while reading a file it did decode) is printed with the report until the
+# schema takes it too.
+STORED_KINDS = ("skipped", "duplicate", "label_changed", "label_conflict")
+
 
 @dataclass
 class Finding:
     path: str  # the file (or frame), relative to the archive, in clear
-    kind: str  # skipped, duplicate, label_changed, label_conflict
+    kind: str  # skipped, duplicate, label_changed, label_conflict; decoder (printed only: STORED_KINDS)
     reason: str  # may name another file as {other}
     other: str | None = None
 
@@ -85,6 +90,8 @@ def flush(conn, report: ArchiveReport, ring, scrub) -> None:
     """Write the findings not written yet (inside the caller's transaction): the file by its
     keyed hash, the reason with file names and server paths taken out (scrub)."""
     for p in report.problems[report.flushed:]:
+        if p.kind not in STORED_KINDS:
+            continue
         other = ring.path(p.other) if p.other else None
         conn.execute(Q.insert_ingest_problem, {"report_id": report.report_id, "path": ring.path(p.path),
                                                "kind": p.kind, "reason": scrub(p.reason.format(other=other), p.path)})
