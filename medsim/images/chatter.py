@@ -51,7 +51,11 @@ def captured():
             yield said
             return
         _flush()
-        saved = os.dup(2)
+        try:
+            saved = os.dup(2)
+        except OSError:  # no fd 2 at all (a daemon closed it): nothing can reach a terminal
+            yield said
+            return
         try:
             with tempfile.TemporaryFile() as tmp:
                 os.dup2(tmp.fileno(), 2)
