@@ -48,7 +48,7 @@ def _target(conn, ref) -> registry.ModelRow:
     if ref is None:
         found = registry.candidates(conn)
         if not found:
-            raise NotFound("no candidate model to promote (medsim train registers one; medsim models lists them)")
+            raise NotFound("no candidate model to promote (`medsim train` registers one; `medsim models` lists them)")
         ref = found[-1]  # the newest
     return registry.get(conn, ref)
 
@@ -111,7 +111,7 @@ def rollback(conn, force: bool = False, by: str | None = None, say=print) -> Pro
     """Return to the model the last promotion (or rollback) replaced."""
     last = conn.execute(Q.last_promotion).fetchone()
     if last is None or last[1] is None:
-        raise NotFound("nothing to roll back to: no promotion replaced a model yet (medsim models lists them)")
+        raise NotFound("nothing to roll back to: no promotion replaced a model yet (`medsim models` lists them)")
     return promote(conn, last[1], force=force, by=by, kind="rollback", say=say)
 
 
