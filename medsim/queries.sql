@@ -1051,3 +1051,13 @@ WHERE model_id = %(model_id)s ORDER BY kind, splits, id DESC;
 
 -- name: promote_when_ready
 SELECT promote_when_ready AND candidate FROM medsim.models WHERE id = %(id)s;
+
+-- name: train_image_sides
+-- The training datasets' stored sizes (train split, read as load_images reads them): the
+-- median of each image's shorter side is the archive's own size, the default network input.
+SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY least(i.height, i.width)) AS median_side,
+       max(greatest(i.height, i.width)) AS largest_side, count(*) AS images
+FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
+WHERE i.split = 'train'
+  AND (%(flags)s::text[] IS NULL OR d.flag = ANY(%(flags)s::text[]))
+  AND (d.source_kind <> 'medmnist' OR d.image_size = %(size)s);

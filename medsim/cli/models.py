@@ -15,7 +15,7 @@ def cmd_train(args) -> int:
     try:
         given = {k: getattr(args, k) for k in TRAIN_FIELDS if getattr(args, k) is not None}
         tcfg = train.TrainConfig(mode=args.mode, preset=args.preset, seed=args.seed, flags=args.datasets,
-                                 device=args.device, **given)
+                                 device=args.device, input_size=args.image_size, **given)
     except BadArgument as err:
         raise BadArgument(f"train: {err}") from None
     with connect(args) as conn:
@@ -83,8 +83,14 @@ def register(sub) -> None:
                        help="train the Siamese network and register it as the current model")
     s.add_argument("--mode", choices=["label", "dataset"], default="label",
                    help="positive pairs: same subset and label (label), or same subset (dataset)")
-    s.add_argument("--preset", default="default", choices=["default", "seed"],
-                   help="network: default (28 px CNN) or seed (the published notebook's, 128 px)")
+    s.add_argument("--preset", default=None, choices=["default", "resnet", "seed"],
+                   help="network: default (the 28 px CNN), resnet (ResNet-18 from scratch, for larger inputs) or "
+                        "seed (the published notebook's, 128 px); default: chosen from the input size "
+                        "(28 px: default, larger: resnet)")
+    s.add_argument("--image-size", type=int, default=None, metavar="N",
+                   help="the network's input size in px, 16 to 512 (larger than the stored images: upscaled, with "
+                        "a warning); default: the training images' median stored size, rounded down to a multiple "
+                        "of 16 and capped at 128 px on a CPU and 224 on a GPU (28 for MedMNIST's 28 px subsets)")
     s.add_argument("--epochs", type=int, default=None, help="maximum epochs (default: the recipe's)")
     s.add_argument("--sampler", choices=["pk", "pairs"], default=None,
                    help="pk (default): batches of --per-class images of every diagnosis, every pair used; "

@@ -7,10 +7,13 @@ import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
+from psycopg.rows import class_row
 
 from medsim.errors import NotFound
 from medsim.images import StoredRow
 from medsim.queries import Q, rows
+
+CHUNK = 256  # rows per fetch from Postgres while the uint8 cache is built
 
 
 @dataclass
@@ -72,27 +75,33 @@ def load_split(conn, splits, flags=None, image_size: int = 28, input_size: int |
     MedMNIST size to read (each size is its own dataset); archive images come at any size.
     Every image is resized by the one resize path when its size is not input_size."""
     input_size = input_size or image_size
-    found = rows(conn, Q.load_images, {"splits": list(splits), "flags": flags, "size": image_size},
-                 as_=ImageRow)
-    if not found:
+    params = {"splits": list(splits), "flags": flags, "size": image_size}
+    usable, images, skipped, seen = [], [], [], 0
+    # A server-side cursor, CHUNK rows at a time: the stored pixels (a 512 px archive's are
+    # ~0.8 MB an image) never sit in memory all at once, only the uint8 cache at input size.
+    with conn.transaction(), conn.cursor(name="medsim_load_split", row_factory=class_row(ImageRow)) as cur:
+        cur.itersize = CHUNK
+        cur.execute(Q.load_images, params)
+        for r in cur:
+            seen += 1
+            # one broken row is skipped and named, never the end of training or evaluation
+            try:
+                x = r.model_input(input_size)
+            except ValueError as err:
+                skipped.append((r.id, str(err)))
+                continue
+            r.pixels = b""  # decoded: the row keeps its id and labels only
+            usable.append(r)
+            images.append(x)
+    if not seen:
         raise NotFound(
             f"no {'/'.join(splits)} images at size {image_size}"
             + (f" for {', '.join(flags)}" if flags else "")
             + f" in the database; run `medsim ingest {' '.join(flags) if flags else 'FLAG'}"
             + (f" --size {image_size}" if image_size in (64, 128, 224) else "") + "` first"
         )
-    usable, images, skipped = [], [], []
-    for r in found:
-        # one broken row is skipped and named, never the end of training or evaluation
-        try:
-            x = r.model_input(input_size)
-        except ValueError as err:
-            skipped.append((r.id, str(err)))
-            continue
-        usable.append(r)
-        images.append(x)
     if not usable:
-        raise NotFound(f"none of the {len(found)} {'/'.join(splits)} images can be used "
+        raise NotFound(f"none of the {seen} {'/'.join(splits)} images can be used "
                        f"(e.g. image {skipped[0][0]}: {skipped[0][1]})")
     ids = np.array([r.id for r in usable], dtype=np.int64)
     ds = np.array([r.dataset_id for r in usable], dtype=np.int64)

@@ -41,6 +41,10 @@ class EmbeddingNet(nn.Module):
                 raise ValueError(f"embedding_dim {cfg.embedding_dim} is not a multiple of members {cfg.members}")
             bodies = [_convnet(cfg.widths, cfg.embedding_dim // cfg.members) for _ in range(cfg.members)]
             self.body = bodies[0] if cfg.members == 1 else _Members(bodies)
+        elif cfg.arch == "resnet18":
+            if cfg.members != 1:
+                raise ValueError("the resnet preset is one network (members=1)")
+            self.body = _resnet18(cfg.embedding_dim)
         else:
             raise ValueError(f"unknown arch {cfg.arch!r}")
 
@@ -77,6 +81,17 @@ def _convnet(widths, dim: int) -> nn.Sequential:
         *_conv_bn_relu(w2, w3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         nn.Linear(w3, dim),
     )
+
+
+def _resnet18(dim: int) -> nn.Module:
+    """torchvision's ResNet-18 from scratch (weights=None: nothing is downloaded), its own
+    global average pool, and a linear projection head to dim in place of the classifier.
+    (batch, 3, S, S) -> stem and four stages, S / 32 -> avgpool (batch, 512) -> (batch, dim)"""
+    from torchvision.models import resnet18
+
+    body = resnet18(weights=None)
+    body.fc = nn.Linear(body.fc.in_features, dim)
+    return body
 
 
 class _Members(nn.Module):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medsim.training import augment
+from medsim.training import augment, network
 
 # Views stronger than the supervised stage's: SimCLR learns what the augmentations leave
 # unchanged, and mild ones make the task trivial (a view finds its twin by brightness).
@@ -35,9 +35,10 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
     return F.cross_entropy(sim, twin)
 
 
-def pretrain(net: nn.Module, x: torch.Tensor, epochs: int, seed: int, device, batch_size: int = 256,
+def pretrain(net: nn.Module, x: np.ndarray, epochs: int, seed: int, device, batch_size: int = 256,
              lr: float = 3e-3, temperature: float = 0.2, log=print) -> list[dict]:
-    """Train net in place on images x (N, C, S, S; labels unused) -> one row per epoch."""
+    """Train net in place on images x (the uint8 cache, (N, S, S, 3); labels unused) -> one row
+    per epoch. Floats are made one batch at a time, so memory stays that of the cache."""
     dim = net.cfg.embedding_dim
     head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim)).to(device)
     params = list(net.parameters()) + list(head.parameters())
@@ -54,7 +55,9 @@ def pretrain(net: nn.Module, x: torch.Tensor, epochs: int, seed: int, device, ba
         order = rng.permutation(len(x))
         losses = []
         for s in range(steps):
-            batch = x[order[s * batch_size : (s + 1) * batch_size]]
+            batch = network.to_input(x[order[s * batch_size : (s + 1) * batch_size]])
+            if next(net.parameters()).is_contiguous(memory_format=torch.channels_last) and batch.shape[-1] > 28:
+                batch = batch.contiguous(memory_format=torch.channels_last)
             v1 = augment.augment(batch, "affine", gen, **VIEW).to(device, non_blocking=True)
             v2 = augment.augment(batch, "affine", gen, **VIEW).to(device, non_blocking=True)
             loss = nt_xent(head(net(v1)), head(net(v2)), temperature)
