@@ -137,6 +137,24 @@ def models(svc, who) -> list:
     return found
 
 
+def compare_models(svc, who, model_ids, measure: bool) -> dict:
+    """medsim.training.compare as the owner (checkpoints and pixels are not the reader's),
+    showing only the datasets the user may see."""
+    from medsim.training import compare
+
+    with svc.owner.connection() as conn:
+        c = compare.run(conn, model_ids or None, measure=measure)
+    if not who.sees_all:
+        with svc.connection(who) as conn:
+            visible = set(access.visible_datasets(conn))
+        for m in c.models:
+            m.datasets = [d for d in m.datasets if d in visible]
+            m.by_dataset = [d for d in m.by_dataset if d.dataset in visible]
+        c.not_evaluable = {f: why for f, why in c.not_evaluable.items() if f in visible}
+        c.to_fill = compare.fill_commands(c.models, c.not_evaluable)
+    return c.as_dict()
+
+
 def datasets(svc, who) -> list[dict]:
     with svc.connection(who) as conn:
         return dicts(conn, Q.datasets_overview)

@@ -148,3 +148,39 @@ class ErrorBody(BaseModel):
 
 
 ERRORS = {s: {"model": ErrorBody} for s in (400, 404, 409, 413, 422, 503)}
+
+
+class DatasetFigures(BaseModel):
+    """One model on one dataset (medsim.training.compare.DatasetFigures); null: not measured."""
+
+    dataset: str
+    images: int = Field(description="images of the dataset on file")
+    embedded: int = Field(description="of those, embedded for this model")
+    coverage: float = Field(description="embedded / images")
+    map5: float | None = Field(description="mAP@5 (AP@5 over the hits in the top 5), the latest stored evaluation")
+    acc1: float | None = Field(description="ACC@1, the same evaluation")
+    queries: int | None = Field(description="test queries behind map5 and acc1")
+    evaluation_id: int | None = Field(description="the medsim.evaluations row they come from")
+    ece: float | None = Field(description="test ECE of the stored calibration's P(same | distance)")
+    vote_ece: float | None = Field(description="test ECE of the stored calibration's P(the vote is right)")
+
+
+class ModelFigures(BaseModel):
+    id: int
+    name: str
+    is_current: bool
+    datasets: list[str] = Field(description="trained on")
+    input_size: int | None = Field(description="the model's input size (its config's image_size), px")
+    checkpoint_bytes: int
+    ms_per_image: float | None = Field(description="embedding time per image (null: not measured)")
+    runtime: str | None = Field(description="the runtime that was timed: onnx or torch")
+    by_dataset: list[DatasetFigures]
+
+
+class ModelComparison(BaseModel):
+    """GET /models/compare: what `medsim models compare` prints."""
+
+    models: list[ModelFigures]
+    timing: str | None = Field(description="how ms_per_image was measured (null: not measured)")
+    not_evaluable: dict[str, str] = Field(description="datasets no model can be evaluated on, and why")
+    to_fill: list[str] = Field(description="the `medsim evaluate` commands that fill the missing figures")

@@ -5,6 +5,8 @@
 - Retrieval: test images query the train split (all subsets together), per subset:
   modality precision@10, label mAP@5, ACC@1, kNN-11 accuracy, next to a raw-pixel
   cosine baseline computed by the same code.
+- Which datasets: any labelled one on file, trained on or not (evaluable.py), so an
+  archive ingested after training is calibrated too.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from medsim import registry
+from medsim.errors import NotFound
 from medsim.queries import Q, one, scalar
-from medsim.training import calibration, data, metrics, network
+from medsim.training import calibration, data, evaluable, metrics, network
 from medsim.training.pairs import sample_pairs
 
 PAIR_SEED_VAL, PAIR_SEED_TEST = 11, 12
@@ -60,10 +63,15 @@ def raw_pixels(split: data.Split) -> np.ndarray:
 
 
 def evaluate(conn, model_ref="current", device="cpu", store: bool = True, exclude_leaked: bool = False,
-             out_dir="medsim_out") -> dict:
+             out_dir="medsim_out", datasets=None) -> dict:
+    """datasets: the flags to evaluate, trained on or not (default: evaluable.default_datasets);
+    one that cannot be evaluated is a sentence in results["not_evaluated"], and none at all
+    is a NotFound that says why for each."""
     row = registry.get(conn, model_ref)
+    flags, not_evaluated = evaluable.choose(conn, row, datasets)
+    if not flags:
+        raise NotFound(f"nothing to evaluate for model {row.id}: " + "; ".join(not_evaluated.values()))
     net = row.load(conn, device)
-    flags = row.datasets
     size = net.cfg.image_size
     train, val, test = (data.load_split(conn, [s], flags, input_size=size) for s in ("train", "val", "test"))
     excluded = 0
@@ -78,6 +86,7 @@ def evaluate(conn, model_ref="current", device="cpu", store: bool = True, exclud
          (("train", train), ("val", val), ("test", test))}
     results = {
         "model_id": row.id, "preset": row.preset, "mode": row.mode, "datasets": flags,
+        "trained_on": row.datasets, "not_evaluated": not_evaluated,
         "skipped_images": [i for s in (train, val, test) for i, _ in s.skipped],
         "excluded_leaked_queries": excluded if exclude_leaked else None,
         "pairs": {mode: pair_verification(z["val"], val, z["test"], test, mode)
@@ -118,7 +127,10 @@ def latest(conn, model_id: int) -> dict | None:
 
 
 def format_table(r: dict) -> str:
-    lines = [f"model {r['model_id']} ({r['preset']}, {r['mode']} mode) on {', '.join(r['datasets'])}", ""]
+    trained = r.get("trained_on")
+    lines = [f"model {r['model_id']} ({r['preset']}, {r['mode']} mode) on {', '.join(r['datasets'])}"
+             + (f" (trained on {', '.join(trained)})" if trained is not None and trained != r["datasets"] else ""),
+             *(r.get("not_evaluated") or {}).values(), ""]
     if r.get("excluded_leaked_queries") is not None:
         lines[-1:-1] = [f"test queries left out as leaked (latest medsim audit): {r['excluded_leaked_queries']}"]
     lines.append("pair verification (threshold chosen on val pairs, applied to test pairs)")

@@ -3,11 +3,15 @@ Prometheus metrics."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse, PlainTextResponse
 
+from medsim.access import Principal
 from medsim.service import reads
-from medsim.service.deps import Anyone, Operator, Searcher, ServiceDep
+from medsim.service.deps import Anyone, Operator, Searcher, ServiceDep, scope
+from medsim.service.schemas import ERRORS, ModelComparison
 
 router = APIRouter(tags=["state"])
 
@@ -16,6 +20,22 @@ router = APIRouter(tags=["state"])
 def models(svc: ServiceDep, who: Searcher) -> list[dict]:
     """Registered models, the current one marked."""
     return [vars(m) for m in reads.models(svc, who)]
+
+
+# it loads and runs every model, and shows every model's figures: an admin's token only
+Comparer = Annotated[Principal, Depends(scope("admin", "comparing models"))]
+
+
+@router.get("/models/compare", response_model=ModelComparison, responses={k: ERRORS[k] for k in (400, 404)})
+def models_compare(svc: ServiceDep, who: Comparer,
+                   model: Annotated[list[int] | None, Query(description="model ids (repeat; default: every model)")]
+                   = None,
+                   timing: Annotated[bool, Query(description="measure the embedding time per image (loads every "
+                                                          "model)")] = True) -> ModelComparison:
+    """Every model on file (or those named) by dataset: mAP@5, ACC@1, calibration ECE,
+    embedding coverage, checkpoint size, input size, embedding time per image; what
+    `medsim models compare` prints."""
+    return ModelComparison(**reads.compare_models(svc, who, model, timing))
 
 
 @router.get("/datasets")
