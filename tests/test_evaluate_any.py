@@ -124,15 +124,14 @@ def test_a_dataset_without_labels_a_val_split_or_test_queries_is_one_sentence(cx
     sentences = {
         "noval": "noval is not evaluated: it has no val split to fit the calibration on",
         "notest": "notest is not evaluated: it has no test queries (no image in its test split)",
-        "ct": "ct is not evaluated: every image carries the same label, so a neighbour is always 'right' and "
-              "there is nothing to calibrate",
         "bare": "bare is not evaluated: its images carry no labels, so there is no diagnosis to retrieve or calibrate",
         "breastmnist": "breastmnist is not evaluated: no dataset of that name is on file",
     }
     for s in sentences.values():
         assert s in out.splitlines(), (s, out[:2000])
     r = evaluate.latest(conn, mid)
-    assert r["datasets"] == ["cxr"] and set(r["calibration"]) == {"cxr"}
+    # one label on every image is still a diagnosis (every vote for it is right, and P(right) says so)
+    assert r["datasets"] == ["ct", "cxr"] and set(r["calibration"]) == {"ct", "cxr"}
     assert r["not_evaluated"] == {**sentences,
                                   "retinamnist": "retinamnist is not evaluated: no dataset of that name is on file"}
 
@@ -143,6 +142,9 @@ def test_a_dataset_without_labels_a_val_split_or_test_queries_is_one_sentence(cx
     # and beside one that can be, the other is still evaluated
     r = evaluate.evaluate(conn, datasets=["noval", "cxr"], out_dir=tmp_path / "out")
     assert r["datasets"] == ["cxr"] and r["not_evaluated"] == {"noval": sentences["noval"]}
+    # a single-label archive alone has no pairs to tell apart, and is evaluated all the same
+    r = evaluate.evaluate(conn, datasets=["ct"], out_dir=tmp_path / "out")
+    assert r["pairs"] == {} and r["literature"]["ct"]["acc@1"] == 1.0 and set(r["calibration"]) == {"ct"}
 
 
 def test_models_compare_lists_every_model_with_its_figures_and_dashes_where_none(cxr, db_url, tmp_path, capsys):

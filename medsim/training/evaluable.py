@@ -32,9 +32,6 @@ def why_not(r: Readiness | None, flag: str) -> str | None:
         return f"{flag} is not evaluated: no dataset of that name is on file"
     if r.labels == 0:
         return f"{flag} is not evaluated: its images carry no labels, so there is no diagnosis to retrieve or calibrate"
-    if r.labels == 1:
-        return (f"{flag} is not evaluated: every image carries the same label, so a neighbour is always 'right' "
-                f"and there is nothing to calibrate")
     missing = []
     if r.test == 0:
         missing.append("no test queries (no image in its test split)")

@@ -35,6 +35,14 @@ def pair_verification(z_val, val: data.Split, z_test, test: data.Split, mode: st
             "test_auc": metrics.roc_auc(-dt, ts), "n_pairs": n_pairs}
 
 
+def pairs_possible(mode: str, *splits: data.Split) -> bool:
+    """Negative pairs need two subsets (dataset mode) or two labels (label mode) in every
+    split: one archive whose images all carry one label (a PACS labelled by Modality) has
+    no label-mode pairs, though its retrieval and calibration are still measured."""
+    return all(len(np.unique(s.dataset_ids)) > 1 or (mode == "label" and len(np.unique(s.label_keys)) > 1)
+               for s in splits)
+
+
 def retrieval(xq, q: data.Split, xb, b: data.Split, metric: str) -> dict:
     _, I = metrics.knn_search(xq, xb, k=11, metric=metric)
     out = {}
@@ -90,7 +98,7 @@ def evaluate(conn, model_ref="current", device="cpu", store: bool = True, exclud
         "skipped_images": [i for s in (train, val, test) for i, _ in s.skipped],
         "excluded_leaked_queries": excluded if exclude_leaked else None,
         "pairs": {mode: pair_verification(z["val"], val, z["test"], test, mode)
-                  for mode in ("dataset", "label") if len(np.unique(test.dataset_ids)) > 1 or mode == "label"},
+                  for mode in ("dataset", "label") if pairs_possible(mode, val, test)},
         "retrieval": retrieval(z["test"], test, z["train"], train, "l2"),
         "baseline_raw_pixel_cosine": retrieval(raw_pixels(test), test, raw_pixels(train), train, "cosine"),
         # the published anchors' definitions (metrics.literature_metrics), with intervals
