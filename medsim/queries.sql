@@ -19,7 +19,7 @@ VALUES (%(flag)s, %(size)s, %(python_class)s, %(description)s, %(task)s, %(n_cha
 RETURNING id;
 
 -- name: copy_images
-COPY medsim.images (dataset_id, split, split_index, labels, height, width, channels, pixels, sha256)
+COPY medsim.images (dataset_id, split, split_index, labels, height, width, channels, pixels, sha256, phash)
 FROM STDIN WITH (FORMAT BINARY);
 
 -- name: dataset_summary
@@ -73,7 +73,8 @@ SELECT split, max(split_index) FROM medsim.images WHERE dataset_id = %(dataset_i
 
 -- name: copy_archive_images
 COPY medsim.images (dataset_id, split, split_index, labels, height, width, channels, pixels, sha256,
-                    bit_depth, patient_key, study_id, metadata, source_path, original_height, original_width)
+                    bit_depth, patient_key, study_id, metadata, source_path, original_height, original_width,
+                    phash)
 FROM STDIN WITH (FORMAT BINARY);
 
 -- name: relabel_image
@@ -601,6 +602,48 @@ FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
 WHERE i.sha256 = %(sha256)s
 ORDER BY i.id;
 
+-- name: images_by_phash
+-- Stored images whose perceptual hash is within max_bits of a query's: candidates for "the
+-- query is this image at another size", confirmed by their pixels (search/pipeline.py).
+-- Multi-index hashing: hashes within 3 bits agree on at least one of the four 16-bit bands
+-- (revision 0021 indexes each), so the inner scan is four index lookups; it stops at `scan`
+-- rows, so a band that thousands of images share costs at most that many bit counts.
+SELECT i.id, d.flag AS dataset, i.split, medsim.label_name(i.dataset_id, i.labels) AS label_name,
+       medsim.label_names(i.dataset_id, i.labels) AS label_names, i.patient_key, NULL::vector AS embedding,
+       c.bits
+FROM (SELECT id, bit_count((phash # %(phash)s::bigint)::bit(64)) AS bits
+      FROM medsim.images
+      WHERE ((phash >> 48) & 65535) = %(b0)s::bigint OR ((phash >> 32) & 65535) = %(b1)s::bigint
+         OR ((phash >> 16) & 65535) = %(b2)s::bigint OR (phash & 65535) = %(b3)s::bigint
+      LIMIT %(scan)s) c
+JOIN medsim.images i ON i.id = c.id JOIN medsim.datasets d ON d.id = i.dataset_id
+WHERE c.bits <= %(max_bits)s
+ORDER BY c.bits, i.id
+LIMIT %(k)s;
+
+-- name: images_near_phash
+-- images_by_phash for a query smaller than the hash (a thumbnail, whose hash a 0.5x
+-- nearest-neighbour shrink moves up to 18 bits, often past every band): every stored hash's
+-- bit count, one pass over the column, run only for such queries.
+SELECT i.id, d.flag AS dataset, i.split, medsim.label_name(i.dataset_id, i.labels) AS label_name,
+       medsim.label_names(i.dataset_id, i.labels) AS label_names, i.patient_key, NULL::vector AS embedding,
+       c.bits
+FROM (SELECT id, bit_count((phash # %(phash)s::bigint)::bit(64)) AS bits FROM medsim.images
+      WHERE phash IS NOT NULL) c
+JOIN medsim.images i ON i.id = c.id JOIN medsim.datasets d ON d.id = i.dataset_id
+WHERE c.bits <= %(max_bits)s
+ORDER BY c.bits, i.id
+LIMIT %(k)s;
+
+-- name: images_without_phash
+-- A batch of rows stored before revision 0021 (or by hand), for `medsim migrate` to hash.
+SELECT id, pixels, height, width, channels, bit_depth FROM medsim.images
+WHERE phash IS NULL AND id > %(after)s ORDER BY id LIMIT %(n)s;
+
+-- name: set_phashes
+UPDATE medsim.images i SET phash = v.phash
+FROM unnest(%(ids)s::bigint[], %(phashes)s::bigint[]) AS v(id, phash) WHERE i.id = v.id;
+
 -- name: search_gallery
 SELECT image_id, dataset, split, label_name, label_names, distance, patient_key, study_id
 FROM medsim.search_gallery(%(q)s, %(k)s, %(model_id)s, %(filter)s, %(exclude_patient)s, %(exclude)s,
@@ -782,8 +825,15 @@ SET a = EXCLUDED.a, b = EXCLUDED.b, vote_a = EXCLUDED.vote_a, vote_b = EXCLUDED.
     report = EXCLUDED.report, created_at = now();
 
 -- name: calibrations_of
-SELECT dataset, a, b, vote_a, vote_b, report -> 'vote_by_k' AS vote_by_k, (report ->> 'ood_d1')::float8 AS ood_d1
+SELECT dataset, a, b, vote_a, vote_b, report -> 'vote_by_k' AS vote_by_k, (report ->> 'ood_d1')::float8 AS ood_d1,
+       report -> 'vote_iso_by_k' AS vote_iso_by_k, report -> 'conformal' AS conformal
 FROM medsim.calibrations WHERE model_id = %(model_id)s ORDER BY dataset;
+
+-- name: image_facts
+-- What calibration needs of its queries and gallery beyond pixels and labels: the patient
+-- (left out of its own neighbours) and the label's name as a search shows it.
+SELECT id, patient_key, medsim.label_name(dataset_id, labels) AS label_name
+FROM medsim.images WHERE id = ANY(%(ids)s);
 
 -- ===================================================================== access
 

@@ -127,6 +127,11 @@ def candidates(conn) -> list[int]:
     return [r[0] for r in conn.execute(Q.candidate_models)]
 
 
+def promote_when_ready(conn, model_id: int) -> bool:
+    """A candidate registered with --promote-when-ready."""
+    return bool(scalar(conn, Q.promote_when_ready, {"id": model_id}))
+
+
 def in_line(conn) -> list[int]:
     """What workers embed for: the current model first, then the candidates, oldest first."""
     return [r[0] for r in conn.execute(Q.models_in_line)]

@@ -39,7 +39,7 @@ def test_evaluate_fits_stores_and_searches_return_calibrated_numbers(embedded, t
     # a briefly trained model: an untrained one maps every image to nearly one point, where
     # distances are float noise and "unlike anything on file" would be noise too
     mid = train.train(conn, train.TrainConfig(epochs=2, steps_per_epoch=6, per_class=8, device="cpu", seed=0),
-                      out_dir=tmp_path, progress=False, log=lambda *a: None)
+                      out_dir=tmp_path, progress=False, log=lambda *a: None, set_current=True)
     embed_all(db_url)
     r = evaluate.evaluate(conn, mid, out_dir=tmp_path)
     cal = r["calibration"]

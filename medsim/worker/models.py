@@ -9,7 +9,6 @@ import logging
 
 from medsim import queue, registry
 from medsim.errors import NotFound
-from medsim.queries import Q, scalar
 from medsim.search import promotion
 from medsim.worker import policy
 
@@ -56,7 +55,7 @@ def follow_current(worker) -> None:
 
 
 def _maybe_promote(worker, conn, model_id: int) -> None:
-    wanted = worker.cfg.promote_when_ready or scalar(conn, Q.promote_when_ready, {"id": model_id})
+    wanted = worker.cfg.promote_when_ready or registry.promote_when_ready(conn, model_id)
     if not wanted or queue.pending_count(conn, model_id) or not promotion.ready_to_promote(conn, model_id):
         return
     p = promotion.promote(conn, model_id, by="(worker --promote-when-ready)", say=log.info)
