@@ -57,8 +57,21 @@ def cmd_migrate(args) -> int:
     at = migrate.current(url)
     print(f"database at revision {at}")
     if at == migrate.HEAD:
+        rehash(url)
         waiting(url)
     return 0
+
+
+def rehash(url: str) -> None:
+    """Revision 0021's perceptual hashes for the rows stored before it (a revision cannot
+    compute them: they need the one image path); a second run finds none left."""
+    from medsim.sources import ingest
+
+    with db.connect(url, autocommit=True) as conn:
+        n = ingest.backfill_phashes(conn)
+    if n:
+        print(f"perceptual hashes computed for {n:,} images stored before revision 0021 (a copy of one at "
+              f"another size is now recognised as that image)")
 
 
 def waiting(url: str) -> None:

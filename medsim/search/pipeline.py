@@ -8,7 +8,8 @@ a Result comes out, and only the presenters differ.
 Cost follows need: a stored image that is already embedded is searched with its stored
 vector, so search by id through pgvector imports neither torch nor FAISS, and no step
 reads the whole gallery (the count that says "the gallery is empty" runs only when a
-search found nothing). A query that is itself on file (the same id, or the same pixels)
+search found nothing). A query that is itself on file (the same id, the same pixels, or
+the same picture at another size: a perceptual hash near its own, confirmed by the pixels)
 takes that image's identity: its dataset, label and patient, and it is left out of its
 own neighbours.
 """
@@ -45,6 +46,7 @@ class Query:
     on_file: list = field(default_factory=list)  # (id, split) of every stored copy of it, whatever the gallery
     patient_key: str | None = None  # the query's patient, excluded from its neighbours by default
     pixels: np.ndarray | None = None  # stored-form pixels of a file or upload (a montage shows them)
+    resized: str | None = None  # how a file or upload was recognised as a stored image at another size
     vote: dict | None = None  # the neighbours' label vote and its calibrated confidence
 
 
@@ -88,7 +90,10 @@ def run(ctx, req: Request) -> Result:
         out.notes.append(f"{len(hits) - len(out.hits)} of {len(hits)} neighbours were farther than max_distance "
                          f"{req.max_distance}")
     calibrate(ctx.calibrations(model.id), q, out.hits)
-    if q.in_gallery and q.kind != "image_id":
+    if q.in_gallery and q.resized:
+        out.notes.append(f"the query is image {q.image_id} at another size ({q.resized}); left out of its "
+                         f"neighbours")
+    elif q.in_gallery and q.kind != "image_id":
         out.notes.append(f"the {'uploaded image' if q.kind == 'upload' else 'query file'} is itself in the "
                          f"gallery (image id {', '.join(map(str, q.in_gallery))}); left out of its neighbours")
     return out
@@ -142,10 +147,76 @@ def resolve(ctx, model, spec, box: tuple | None = None) -> Query:
     # the same pixels on file (as an ingest would store them): that image's identity
     digest = hashlib.sha256(images.stored.to_bytes(x)).digest()  # as an ingest would store it
     same = rows(ctx.conn, Q.images_by_sha256, {"sha256": digest}, as_=_Stored)
+    if not same:  # the same picture at another size (or re-encoded): its hash, then its pixels
+        with ctx.stage("fetch"):
+            same = resized_copies(ctx, x)
+        q.resized = same[0].how if same else None
+        stored = scalar(ctx.conn, Q.image_embedding, {"id": same[0].id, "model_id": model.id}) if same else None
+        if stored is not None:  # the picture at its stored size: the same neighbours as a search by its id
+            q.vector = stored.to_numpy().astype(np.float32)
+            q.resized += ", searched with its stored embedding"
     if same:
         _take_identity(q, same[0])
         q.on_file = [(s.id, s.split) for s in same]
     return q
+
+
+@dataclass
+class _Near(_Stored):
+    bits: int = 0  # Hamming distance between the query's perceptual hash and this image's
+    how: str = ""  # what identifies it: sizes, bits apart, correlation
+
+
+MAX_BITS = 6  # resized copies of BreastMNIST images: 0-4 bits from their original; two different ones 20+
+MAX_BITS_THUMBNAIL = 18  # a copy under the hash's 32 px: a 0.5x nearest-neighbour one is 2-18 bits off
+CANDIDATES = 8
+
+
+def resized_copies(ctx, x: np.ndarray) -> list:
+    """The stored images this one is a copy of at another size -> [_Near], the best first.
+
+    Candidates: stored perceptual hashes within MAX_BITS of the query's (images/perceptual.py;
+    four index lookups on the hash's 16-bit bands, the bit counts on the rows they find, at
+    most `scan` of them, whatever the gallery's size). A query smaller than the hash's
+    32 px (a thumbnail: its hash moves further, and more often past a band) is compared with
+    every stored hash instead, up to MAX_BITS_THUMBNAIL bits: one pass over a bigint column,
+    taken only for such queries.
+    Each candidate is confirmed by the leakage audit's pixel rule (audit.aligned_correlation
+    at audit.MIN_CORRELATION), both images at a common size: half the smaller one's shorter
+    side (7 to 32 px), where a resampling filter's traces are gone (a 0.5x bilinear copy:
+    r 0.990 at 14 px, 0.9975 at 7), or, for a copy smaller than the stored image, its own
+    size with the stored image shrunk by each usual filter (perceptual.renderings).
+    """
+    from medsim.audit import MIN_CORRELATION, aligned_correlation
+    from medsim.images import perceptual
+
+    h = perceptual.phash(x)
+    args = {"phash": h, "max_bits": MAX_BITS, "scan": 5000, "k": CANDIDATES,
+            **{f"b{n}": (h >> s) & 0xFFFF for n, s in enumerate((48, 32, 16, 0))}}
+    if min(x.shape[:2]) < perceptual.HASH_SIZE:
+        near = rows(ctx.conn, Q.images_near_phash, {**args, "max_bits": MAX_BITS_THUMBNAIL}, as_=_Near)
+    else:
+        near = rows(ctx.conn, Q.images_by_phash, args, as_=_Near)
+    found = []
+    for c in near:
+        try:
+            y = ctx.stored(c.id).array()
+        except ValueError:  # stored broken: nothing to compare with
+            continue
+        side = max(7, min(32, min(*x.shape[:2], *y.shape[:2]) // 2))
+        pairs = [(side, perceptual.grey(x, side), [perceptual.grey(y, side)])]
+        q_side = min(x.shape[:2])
+        if q_side < min(y.shape[:2]):
+            pairs.append((q_side, perceptual.grey(x, q_side), perceptual.renderings(y, q_side)))
+        best = (-1.0, side)
+        for at, a, bs in pairs:
+            r = aligned_correlation(np.repeat(a[None], len(bs), 0), np.stack(bs))
+            best = max(best, (float(r.max()), at))
+        if best[0] >= MIN_CORRELATION:
+            c.how = (f"{x.shape[1]} x {x.shape[0]} px against {y.shape[1]} x {y.shape[0]} stored: perceptual hashes "
+                     f"{c.bits} bits apart, pixels correlating at {best[0]:.4f} at {best[1]} px")
+            found.append((-best[0], c.id, c))
+    return [c for _, _, c in sorted(found, key=lambda t: t[:2])]
 
 
 def _stored_query(ctx, model, image_id: int, box: tuple | None = None) -> Query:

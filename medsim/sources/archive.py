@@ -34,6 +34,7 @@ from psycopg.types.json import Jsonb
 
 from medsim import images
 from medsim.errors import BadArgument, DataRefused, Unreadable
+from medsim.images import perceptual
 from medsim.queries import Q, rows, scalar
 from medsim.sources import deletion, keys, ledger
 from medsim.sources import report as reports
@@ -51,7 +52,7 @@ from medsim.sources.report import ArchiveReport
 
 CHUNK = 500
 COPY_TYPES = ["int4", "text", "int4", "int2[]", "int4", "int4", "int2", "bytea", "bytea", "int2", "text",
-              "text", "jsonb", "text", "int4", "int4"]
+              "text", "jsonb", "text", "int4", "int4", "int8"]
 ON_CONFLICT = ("keep", "relabel")
 UID_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 
@@ -230,7 +231,7 @@ def write_chunk(conn, dataset_id: int, fresh: list, report: ArchiveReport, chang
                 copy.write_row((dataset_id, e.split, idx, labels, h, w, c, images.stored.to_bytes(x), digest,
                                 16 if x.dtype.itemsize == 2 else 8, e.patient_key,
                                 ring.uid(e.study_id) if e.study_id else None, Jsonb(meta), ring.path(e.path),
-                                orig[0], orig[1]))
+                                orig[0], orig[1], perceptual.phash(x)))
                 report.per_split[e.split] = report.per_split.get(e.split, 0) + 1
                 written += 1
         if record is not None:

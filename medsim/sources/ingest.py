@@ -17,6 +17,7 @@ import psycopg
 
 from medsim import pgcopy
 from medsim.errors import DataRefused
+from medsim.images import perceptual
 from medsim.queries import Q, one, rows, scalar
 from medsim.sources import medmnist
 
@@ -84,6 +85,7 @@ def copy_rows_dtype(split: str, n_labels: int, n_pixels: int) -> np.dtype:
             ("l_c", ">i4"), ("channels", ">i2"),
             ("l_pix", ">i4"), ("pixels", "u1", (n_pixels,)),
             ("l_sha", ">i4"), ("sha256", "u1", (32,)),
+            ("l_phash", ">i4"), ("phash", ">i8"),
         ]
     )
 
@@ -98,7 +100,7 @@ def encode_copy_rows(dataset_id: int, split: str, images: np.ndarray, labels: np
     flat = np.ascontiguousarray(images.reshape(n, h * w * c))
     n_labels = labels.shape[1]
     rows = np.zeros(n, dtype=copy_rows_dtype(split, n_labels, h * w * c))
-    rows["nfields"] = 9
+    rows["nfields"] = 10
     rows["l_ds"], rows["dataset_id"] = 4, dataset_id
     rows["l_split"], rows["split"] = len(split), split.encode()
     rows["l_idx"], rows["split_index"] = 4, np.arange(start, start + n)
@@ -111,6 +113,7 @@ def encode_copy_rows(dataset_id: int, split: str, images: np.ndarray, labels: np
     rows["l_sha"] = 32
     rows["sha256"] = np.frombuffer(b"".join(hashlib.sha256(x).digest() for x in flat),
                                    dtype=np.uint8).reshape(n, 32)
+    rows["l_phash"], rows["phash"] = 8, perceptual.phashes(images if images.ndim == 4 else images[..., None])
     return rows
 
 
@@ -197,3 +200,27 @@ def ingest(conn, flag: str, size: int = 28, data_dir=None, accept_unofficial=Fal
     result = ingest_verified(conn, e, v, show_progress=show_progress)
     result.read_s = read_s
     return result
+
+
+def backfill_phashes(conn, batch: int = 1000) -> int:
+    """Perceptual hashes for rows stored without one (before revision 0021) -> how many.
+    One transaction per batch, so an interrupted run keeps what it did and resumes; a row
+    stored broken gets none (it could never be a query's match)."""
+    from medsim.images import StoredRow
+
+    done, after = 0, 0
+    while True:
+        with conn.transaction():
+            got = rows(conn, Q.images_without_phash, {"after": after, "n": batch}, as_=StoredRow)
+            if not got:
+                return done
+            ids, hashes = [], []
+            for r in got:
+                try:
+                    hashes.append(perceptual.phash(r.array()))
+                    ids.append(r.id)
+                except ValueError:
+                    continue
+            conn.execute(Q.set_phashes, {"ids": ids, "phashes": hashes})
+        done += len(ids)
+        after = got[-1].id
