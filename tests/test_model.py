@@ -220,7 +220,7 @@ def ingested(conn, synth_dir):
     ("batch_size", -4, "batch_size must be a positive integer"),
     ("lr", 0.0, "lr must be positive"),
     ("mode", "diagnosis", "mode must be 'label' or 'dataset'"),
-    ("preset", "resnet", "unknown preset 'resnet'"),
+    ("preset", "vit", "unknown preset 'vit'"),
     ("sampler", "triplets", "sampler must be one of"),
     ("per_class", 0, "per_class must be a positive integer"),
     ("augment", "mixup", "augment must be one of"),

@@ -287,7 +287,9 @@ def train(conn, tcfg: TrainConfig, out_dir: Path | str = "medsim_out", set_curre
                                          sizing.stored_sides(conn, tcfg.flags, tcfg.image_size), str(device))
     if warning:
         log(f"warning: {warning}")
-    tcfg = replace(tcfg, preset=name, input_size=size)  # stored with the model as resolved
+    # the run as resolved; the recipe is stored as asked (the model's config records the size),
+    # so registry.reusable matches a recipe that asks the same way
+    run = replace(tcfg, preset=name, input_size=size)
     # the network's input size; tcfg.image_size: which MedMNIST size to read
     tr = data.load_split(conn, ["train"], tcfg.flags, tcfg.image_size, size)
     va = data.load_split(conn, ["val"], tcfg.flags, tcfg.image_size, size)
@@ -295,10 +297,10 @@ def train(conn, tcfg: TrainConfig, out_dir: Path | str = "medsim_out", set_curre
     skipped = tr.skipped + va.skipped
     if skipped:
         log(data.describe_skipped(skipped))
-    log(f"training {tcfg.preset} at {size} px ({tcfg.mode} mode) on {', '.join(flags)}: {len(tr)} train, "
+    log(f"training {name} at {size} px ({tcfg.mode} mode) on {', '.join(flags)}: {len(tr)} train, "
         f"{len(va)} val images, device {device}")
     t_start = time.perf_counter()
-    net, history, best = fit(tr, va, tcfg, device, progress, log)
+    net, history, best = fit(tr, va, run, device, progress, log)
     train_seconds = time.perf_counter() - t_start
     first = conn.execute(Q.current_model).fetchone() is None
     make_current = first if set_current is None else set_current
