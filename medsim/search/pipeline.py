@@ -91,8 +91,10 @@ def run(ctx, req: Request) -> Result:
                          f"{req.max_distance}")
     calibrate(ctx.calibrations(model.id), q, out.hits)
     if q.in_gallery and q.resized:
+        also = [i for i in q.in_gallery if i != q.image_id]  # near duplicates on file: the same picture, by the rule
         out.notes.append(f"the query is image {q.image_id} at another size ({q.resized}); left out of its "
-                         f"neighbours")
+                         f"neighbours" + (f", with {', '.join(map(str, also))} (the same picture by the leakage "
+                                          f"audit's pixel rule)" if also else ""))
     elif q.in_gallery and q.kind != "image_id":
         out.notes.append(f"the {'uploaded image' if q.kind == 'upload' else 'query file'} is itself in the "
                          f"gallery (image id {', '.join(map(str, q.in_gallery))}); left out of its neighbours")
