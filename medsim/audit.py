@@ -96,14 +96,24 @@ def verified_pairs(conn, model, ids: np.ndarray, xb: np.ndarray, datasets) -> li
             grey[row_of[r.id]] = r.model_input(size).mean(axis=2).round().astype(np.uint8)
         except ValueError:  # a row stored broken: nothing to compare (it stays all zeros, r = -1)
             continue
+    return [(int(ids[x]), int(ids[y]), float(dist), float(c)) for x, y, dist, c in near_copies(grey, xb)]
+
+
+def near_copies(grey: np.ndarray, xb: np.ndarray, keep=None) -> list:
+    """The pixel rule on (N, S, S) grey images, candidates from their vectors xb ->
+    [(row a, row b, embedding distance, correlation)]. keep(a, b) -> mask: only those
+    candidate pairs are compared (calibration: a validation query with a training image)."""
     a, b, d = candidates(xb)
+    if keep is not None:
+        m = keep(a, b)
+        a, b, d = a[m], b[m], d[m]
     out = []
     for s in range(0, len(a), CHUNK):
         ia, ib = a[s: s + CHUNK], b[s: s + CHUNK]
         r = aligned_correlation(grey[ia].astype(np.float32), grey[ib].astype(np.float32))
         hit = r >= MIN_CORRELATION
-        out += [(int(ids[x]), int(ids[y]), float(dist), float(c))
-                for x, y, dist, c in zip(ia[hit], ib[hit], d[s: s + CHUNK][hit], r[hit], strict=True)]
+        out += list(zip(ia[hit].tolist(), ib[hit].tolist(), d[s: s + CHUNK][hit].tolist(), r[hit].tolist(),
+                        strict=True))
     return out
 
 

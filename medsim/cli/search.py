@@ -29,7 +29,8 @@ def cmd_search(args) -> int:
     if not queries:
         raise BadArgument("give --image-id or --image-file")
     box = tuple(args.box) if args.box else None
-    requests = [Request(q, k=args.k, engine=args.engine, filters=filters, model=args.model, box=box) for q in queries]
+    requests = [Request(q, k=args.k, engine=args.engine, filters=filters, model=args.model, box=box,
+                        coverage=args.coverage) for q in queries]
     with connect(args, read=True) as conn:
         ctx = Context(conn, index_path=args.index)
         results = [pipeline.run(ctx, r) for r in requests]
@@ -123,6 +124,9 @@ def register(sub) -> None:
     s.add_argument("--index", default=None, help="FAISS index file (default: latest build for the model)")
     s.add_argument("--box", type=int, nargs=4, metavar=("X0", "Y0", "X1", "Y1"), default=None,
                    help="search with this region of the query (its own pixels; X1, Y1 excluded)")
+    s.add_argument("--coverage", type=float, default=0.9, metavar="P",
+                   help="the diagnosis set's coverage, 0.5-0.99 (default 0.9): the labels that hold the query's "
+                        "with this probability (fitted by `medsim evaluate`)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.add_argument("--montage", default=None, metavar="PNG", help="also write the query/neighbour figure")
     s.add_argument("--explain", action="store_true",

@@ -50,6 +50,7 @@ class Query:
     vote: dict | None = None  # the neighbours' label vote and its calibrated confidence
 
 
+    diagnosis_set: dict | None = None  # the labels that hold the query's at a stated coverage (conformal)
 @dataclass
 class Result:
     model: object  # registry.ModelRow
@@ -89,7 +90,7 @@ def run(ctx, req: Request) -> Result:
         out.hits = [h for h in hits if h.distance <= req.max_distance]
         out.notes.append(f"{len(hits) - len(out.hits)} of {len(hits)} neighbours were farther than max_distance "
                          f"{req.max_distance}")
-    calibrate(ctx.calibrations(model.id), q, out.hits)
+    calibrate(ctx.calibrations(model.id), q, out.hits, req.coverage)
     if q.in_gallery and q.resized:
         also = [i for i in q.in_gallery if i != q.image_id]  # near duplicates on file: the same picture, by the rule
         out.notes.append(f"the query is image {q.image_id} at another size ({q.resized}); left out of its "
@@ -276,10 +277,13 @@ def nothing_found(conn, model_id: int, where: dict) -> str:
             + ", ".join(f"{k}={v if isinstance(v, str) else '|'.join(v)}" for k, v in where.items()))
 
 
-def calibrate(cals: dict, q: Query, hits: list) -> None:
+def calibrate(cals: dict, q: Query, hits: list, coverage: float | None = None) -> None:
     """Each neighbour's calibrated P(same diagnosis), whether it shares the query's label,
-    and the query's vote (the model's medsim.calibrations rows; none fitted, no numbers)."""
-    from medsim.training import calibration
+    the query's vote and its diagnosis set at `coverage` (the model's medsim.calibrations
+    rows; none fitted, no numbers). No P(same) beside a label known to differ from the
+    query's (a probability of sameness next to a known difference reads as a contradiction)
+    nor for a query unlike anything on file (its distances are outside what was fitted)."""
+    from medsim.training import calibration, conformal
 
     wanted = set(q.label_names)
     for h in hits:
@@ -287,7 +291,13 @@ def calibrate(cals: dict, q: Query, hits: list) -> None:
         h.p_same = c.p_same(h.distance) if c else None
         if wanted:
             h.same_label = h.dataset == q.dataset and bool(wanted & set(h.label_names or []))
-    q.vote = calibration.vote(hits, cals, q.dataset) if cals else None
+            if not h.same_label:
+                h.p_same = None
+    q.vote = calibration.vote(hits, cals, q.dataset, coverage or conformal.DEFAULT_COVERAGE) if cals else None
+    q.diagnosis_set = q.vote.pop("diagnosis_set", None) if q.vote else None
+    if q.vote and q.vote["unlike_anything_on_file"]:
+        for h in hits:
+            h.p_same = None
 
 
 def example_queries(conn, flags) -> list[int]:

@@ -19,8 +19,32 @@ def as_json(results) -> list[dict]:
                               "label_name": q.label_name, "label_names": q.label_names,
                               "in_gallery": q.in_gallery},
                     "model_id": r.model.id, "engine": r.engine, "index_build": r.index_build,
-                    "vote": q.vote, "notes": r.notes, "neighbours": [dict(vars(h)) for h in r.hits]})
+                    "vote": q.vote, "diagnosis_set": q.diagnosis_set, "notes": r.notes, "neighbours": [dict(vars(h)) for h in r.hits]})
     return out
+
+
+def vote_text(v: dict | None) -> str:
+    """The vote as a person reads it: "malignant (3 of 4; calibrated P(right) 0.81)", or a
+    tie, which claims no label: "tie (2 of 4 each: benign, malignant)"."""
+    if not v:
+        return ""
+    if v.get("tie"):
+        return f"tie ({v['votes']} of {v['of']} each: {', '.join(map(str, v['tie']))})"
+    conf = f"; calibrated P(right) {v['confidence']:.2f}" if v["confidence"] is not None else ""
+    return f"{v['label_name']} ({v['votes']} of {v['of']} neighbours{conf})"
+
+
+def set_text(ds: dict | None) -> str:
+    from medsim.training.conformal import described
+
+    return described(ds)
+
+
+def neighbour_text(h) -> str:
+    """P(same), or why there is none: a label known to differ is said as such."""
+    if h.same_label is False:
+        return "  different label"
+    return f"  P(same) {h.p_same:.2f}" if h.p_same is not None else ""
 
 
 def table(results) -> str:
@@ -34,22 +58,24 @@ def table(results) -> str:
                          f"{', '.join(map(str, q.in_gallery))}); left out of its neighbours")
         lines += [f"  note: {n}" for n in r.notes if "itself in the gallery" not in n]
         for rank, h in enumerate(r.hits, 1):
-            p = f"  P(same) {h.p_same:.2f}" if h.p_same is not None else ""
+            p = neighbour_text(h)
             lines.append(f"  {rank:2d}. image {h.image_id:<7d} {h.dataset:16s} {h.split:5s} "
                          f"{h.label_name[:40]:40s} distance {h.distance:.4f}{p}")
             if h.viewer_url:
                 lines.append(f"      in the PACS: {h.viewer_url}")
         if q.vote:
             v = q.vote
-            conf = f"; calibrated P(right) {v['confidence']:.2f}" if v["confidence"] is not None else ""
             # a stored query's label is known: say whether the vote got it, so an example
             # (the demo's montage) is not a showcase picked for being right
-            verdict = ("" if not q.label_name or v["dataset"] != q.dataset else
+            verdict = ("" if not q.label_name or v["dataset"] != q.dataset or v.get("tie") else
                        "  -> right" if v["label_name"] == q.label_name else f"  -> wrong (it is {q.label_name})")
-            lines.append(f"  vote: {v['label_name']} ({v['dataset']}; {v['votes']} of {v['of']} neighbours{conf})"
-                         f"{verdict}")
-            if v.get("no_confidence_because"):
+            lines.append(f"  vote: {v['dataset']}: {vote_text(v)}{verdict}")
+            if v.get("no_confidence_because") and not v.get("tie"):
                 lines.append(f"  no P(right): {v['no_confidence_because']}")
+        if q.diagnosis_set:
+            held = ("" if not q.label_name or q.vote["dataset"] != q.dataset else
+                    "  -> holds it" if q.label_name in q.diagnosis_set["labels"] else "  -> misses it")
+            lines.append(f"  diagnosis set: {set_text(q.diagnosis_set)}{held}")
     return "\n".join(lines)
 
 
@@ -73,7 +99,10 @@ def montage(conn, results, out: Path | str, explain_net=None) -> Path:
         pix = {i: p.display_or_refuse() for i, p in stored.items()}
         query_pixels = to_display(q.pixels) if q.pixels is not None else pix.get(q.image_id)
         maps = _maps(explain_net, q, r.hits, stored) if explain_net is not None else {}
-        panels = [(query_pixels, f"QUERY {q.label}\n{q.dataset or ''} {q.label_name or ''}".strip())]
+        said = "\n".join(x for x in ("vote: " + vote_text(q.vote) if q.vote else "",
+                                      set_text(q.diagnosis_set)) if x)
+        panels = [(query_pixels, f"QUERY {q.label}\n{q.dataset or ''} {q.label_name or ''}".strip()
+                   + (f"\n{said}" if said else ""))]
         panels += [(pix[h.image_id], f"{h.dataset}\n{h.label_name[:22]} d={h.distance:.3f}") for h in r.hits]
         for c in range(k + 1):
             ax = axes[row, c]

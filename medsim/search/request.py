@@ -135,10 +135,13 @@ class Request:
     # a region of the query, [x0, y0, x1, y1] in its own pixel coordinates (x1, y1 excluded):
     # only that part is embedded (resized by the one resize path); not for a vector
     box: tuple | None = None
+    coverage: float = 0.9  # the diagnosis set's: P(the query's label is in it), 0.5-0.99
 
     def __post_init__(self):
         if not isinstance(self.k, int) or not 1 <= self.k <= MAX_K:
             raise BadArgument(f"k must be between 1 and {MAX_K}, got {self.k}")
+        if not isinstance(self.coverage, int | float) or not 0.5 <= self.coverage <= 0.99:
+            raise BadArgument(f"coverage must be between 0.5 and 0.99, got {self.coverage}")
         if self.engine not in ENGINES:
             raise BadArgument(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.max_distance is not None and not self.max_distance >= 0:

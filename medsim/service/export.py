@@ -13,16 +13,20 @@ from medsim.service.schemas import SearchResponse
 
 FORMATS = {"csv": "text/csv; charset=utf-8", "json": "application/json", "zip": "application/zip"}
 COLUMNS = ("rank", "image_id", "dataset", "split", "label_name", "distance", "p_same", "same_label",
-           "patient_key", "study_id", "thumbnail_url")
+           "patient_key", "study_id", "thumbnail_url", "vote", "diagnosis_set")
 ABOUT = """medsim search export
 
 result.csv   one row per neighbour, nearest first: {columns}
              distance: Euclidean distance between embeddings (model {model}); p_same: the
              calibrated probability that it shares the query's diagnosis (empty where none
-             is fitted); same_label: it has the query's label (empty: the query has none);
+             is fitted, where same_label is False: a label known to differ, and for a
+             query unlike anything on file); same_label: it has the query's label (empty: the query has none);
              patient_key: a keyed pseudonym, never the patient's identifier. A text cell
              that begins with = + - @, a tab or a CR carries a ' before it, so that a
              spreadsheet shows it rather than running it as a formula.
+             vote and diagnosis_set are the query's, the same on every row: the vote
+             ("tie (2 of 4 each: ...)" claims no label) and the labels that hold the
+             query's at the stated coverage ("one of {{a, b}} at 90%").
 result.json  the API's answer (POST /search), with the query, the vote and its notes.
 thumbnails/  each neighbour's stored pixels as PNG, named rank-image_id.png; query.png
              is the query when it is a stored image or a kept upload.
@@ -48,8 +52,12 @@ def csv_text(res: SearchResponse) -> str:
     # or a separator inside it, and a spreadsheet still reads the numbers as numbers
     w = csv.writer(buf, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
     w.writerow(COLUMNS)
+    from medsim.search.present import set_text, vote_text
+
+    about = {"vote": vote_text(res.vote.model_dump()) if res.vote else "",
+             "diagnosis_set": set_text(res.diagnosis_set.model_dump()) if res.diagnosis_set else ""}
     for n in res.neighbours:
-        row = n.model_dump()
+        row = {**n.model_dump(), **about}
         w.writerow([_cell(row[c]) for c in COLUMNS])
     return buf.getvalue()
 

@@ -35,6 +35,9 @@ class SearchOptions(BaseModel):
     splits: str | None = Field(None, max_length=40, description="the splits to search among, comma-separated: "
                                                                 "train,val,test (the default: every image on "
                                                                 "file), train,val, or train (the evaluation protocol)")
+    coverage: float = Field(0.9, ge=0.5, le=0.99, description="the diagnosis set's coverage: the probability that "
+                                                             "the query's label is in it (the nearest fitted level "
+                                                             "at or above is used and returned)")
 
 
 class SearchRequest(SearchOptions):
@@ -68,7 +71,9 @@ class Neighbour(BaseModel):
     label_names: list[str]
     distance: float
     p_same: float | None = Field(description="calibrated probability that it shares the query's diagnosis "
-                                             "(fitted by `medsim evaluate` on validation pairs; None if not fitted)")
+                                             "(fitted by `medsim evaluate` on validation pairs); None if not "
+                                             "fitted, where its label is known to differ from the query's "
+                                             "(same_label false) and for a query unlike anything on file")
     same_label: bool | None = Field(description="it has the query's label, in the query's dataset (None: the "
                                                 "query has no label)")
     patient_key: str | None
@@ -96,7 +101,9 @@ class QueryInfo(BaseModel):
 
 class Vote(BaseModel):
     dataset: str
-    label_name: str
+    label_name: str | None = Field(description="the label most neighbours carry; null for a tie")
+    tie: list[str] | None = Field(None, description="the labels tied for the most votes (each has `votes` of `of`): "
+                                                    "no single label and no probability are claimed")
     votes: int
     of: int
     share: float
@@ -108,6 +115,16 @@ class Vote(BaseModel):
                                                              "validation queries' and training images' "
                                                              "nearest: no vote probability")
     no_confidence_because: str | None = None
+
+
+class DiagnosisSet(BaseModel):
+    labels: list[str] = Field(description="the labels that hold the query's with probability `coverage` (split "
+                                          "conformal over the neighbours' labels, fitted on validation queries); "
+                                          "one label is the confident case, every label an honest 'cannot tell'")
+    coverage: float = Field(description="the level the set holds at: the nearest fitted one at or above the asked")
+    of: list[str] = Field(description="every label of the dataset")
+    calibrated_at_k: int
+    method: str = Field(description="mondrian (one threshold per true label: unbalanced classes) or marginal")
 
 
 class ModelBrief(BaseModel):
@@ -122,6 +139,9 @@ class SearchResponse(BaseModel):
     index_build: int | None = Field(description="the FAISS build that answered (engine faiss)")
     query: QueryInfo
     vote: Vote | None = Field(None, description="the label the neighbours vote for")
+    diagnosis_set: DiagnosisSet | None = Field(None, description="the labels that hold the query's at a stated "
+                                                                 "coverage; null where none is fitted or the "
+                                                                 "query is unlike anything on file")
     neighbours: list[Neighbour]
     notes: list[str]
     timing_ms: float
@@ -136,7 +156,7 @@ class SearchResponse(BaseModel):
                                    handle=handle, preview_url=f"/uploads/{handle}/preview.png" if handle else None,
                                    size=[int(q.pixels.shape[1]), int(q.pixels.shape[0])]
                                    if q.pixels is not None else None),
-                   vote=q.vote, notes=r.notes, timing_ms=round(timing_ms, 3),
+                   vote=q.vote, diagnosis_set=q.diagnosis_set, notes=r.notes, timing_ms=round(timing_ms, 3),
                    neighbours=[Neighbour(rank=i, thumbnail_url=f"/images/{h.image_id}/thumbnail.png",
                                          **{k: v for k, v in vars(h).items()})
                                for i, h in enumerate(r.hits, 1)])

@@ -8,6 +8,12 @@ fits (monotone, two parameters each, so they cannot overfit a small validation s
 - **vote**: P(the majority label of the 10 nearest is the query's label | the share of
   the 10 that voted for it), on the same validation queries.
 
+Since issue 37 the vote's P(right) is isotonic in the vote share per k (vote_model.
+fit_isotonic: checked per share against held-out accuracy), a tie claims no label, a
+diagnosis set with a coverage guarantee stands beside the vote (conformal.py), and the
+validation and test queries' neighbours leave out their own patient's images and near
+copies of them (unseen.py), as a new patient's search would.
+
 Fitted on validation only; expected calibration error (10 equal-width bins) and a
 reliability diagram come from the test split, queried the same way. Stored per model and
 dataset in medsim.calibrations; searches (CLI, JSON, HTTP) and the SQL function
@@ -23,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from medsim.queries import Q, rows
-from medsim.training import vote_model
+from medsim.training import conformal, unseen, vote_model
 
 K_FIT = 10
 BINS = 10
@@ -78,6 +84,8 @@ class Calibration:
     vote_b: float
     vote_by_k: dict | None = None  # {k: weights}: the vote at every k (vote_model); None: fitted before it
     ood_d1: float | None = None  # nearest-neighbour distance past which a query is unlike anything on file
+    vote_iso_by_k: dict | None = None  # {k: isotonic P(right | share)} (issue 37); None: fitted before it
+    conformal: dict | None = None  # the diagnosis set's thresholds (conformal.fit); None: fitted before it
 
     def p_same(self, distance: float) -> float:
         return float(sigmoid(self.a, self.b, distance))
@@ -85,6 +93,9 @@ class Calibration:
     def vote_confidence(self, share: float, distance: float, k: int) -> tuple[float | None, int | None]:
         """P(the vote of k neighbours is right) -> (probability, the k it was fitted at),
         or (None, None) where no fit holds for this k."""
+        iso = vote_model.weights_at(self.vote_iso_by_k or {}, k)
+        if iso is not None and iso[1]["x"]:
+            return float(vote_model.predict_isotonic(iso[1], share)), iso[0]
         found = vote_model.weights_at(self.vote_by_k or {}, k)
         if found is not None:
             return float(vote_model.predict(found[1], [share, distance])[0]), found[0]
@@ -93,10 +104,13 @@ class Calibration:
         return None, None
 
 
-def fit(z: dict, splits: dict, out_dir: Path | str | None = None, model_id: int | None = None) -> dict:
+def fit(z: dict, splits: dict, out_dir: Path | str | None = None, model_id: int | None = None,
+        facts: dict | None = None) -> dict:
     """Per dataset: fit on val -> train, measure on test -> train. `z` and `splits` are
-    evaluate()'s embeddings and data.Split objects by split name -> {flag: figures}."""
-    from medsim.training import metrics
+    evaluate()'s embeddings and data.Split objects by split name -> {flag: figures}.
+    facts: image id -> (patient key, label name) (evaluate reads them): a query's own
+    patient is left out of its neighbours, and the diagnosis set names labels as a search
+    shows them (without: the label vector as text)."""
 
     train, val, test = splits["train"], splits["val"], splits["test"]
     out = {}
@@ -107,8 +121,9 @@ def fit(z: dict, splits: dict, out_dir: Path | str | None = None, model_id: int 
             continue
         # one kNN per split, as deep as the deepest k any fit or report needs
         kmax = min(max(vote_model.K_GRID), int(bm.sum()))
-        Dv, Iv = metrics.knn_search(z["val"][vm], z["train"][bm], k=kmax)
-        Dt, It = metrics.knn_search(z["test"][tm], z["train"][bm], k=kmax)
+        # as a new patient: no image of the query's own patient, no near copy of it
+        Dv, Iv, left_v = _as_new_patient(z, splits, "val", vm, bm, kmax, facts)
+        Dt, It, left_t = _as_new_patient(z, splits, "test", tm, bm, kmax, facts)
         b_keys = train.label_keys[bm]
         dv, sv, share_v, right_v = neighbour_pairs(Dv, Iv, val.label_keys[vm], b_keys)
         dt, st, share_t, right_t = neighbour_pairs(Dt, It, test.label_keys[tm], b_keys)
@@ -128,11 +143,42 @@ def fit(z: dict, splits: dict, out_dir: Path | str | None = None, model_id: int 
                      "vote_by_k": by_k, "ood_d1": ood, "ood_share_test": float(np.mean(Dt[:, 0] > ood)),
                      "by_k_test": vote_model.report_by_k(Dt, b_keys[It], test.label_keys[tm], by_k,
                                                          lambda x, a=a, b=b: sigmoid(a, b, x), ece)}
+        names = _label_names(splits, facts, (bm, vm, tm))
+        conf = conformal.fit(b_keys[Iv], val.label_keys[vm], names, Dv)
+        iso = vote_model.fit_isotonic_by_k(Dv, b_keys[Iv], val.label_keys[vm])
+        out[flag].update({
+            "vote_iso_by_k": iso, "conformal": conf, "left_out_val": left_v, "left_out_test": left_t,
+            "checks_test": {"set": {str(c): conformal.check(conf, b_keys[It], test.label_keys[tm], names,
+                                                            conformal.CHECK_KS, c, Dt)
+                                    for c in conformal.CHECK_LEVELS} if conf else {},
+                            "vote": vote_model.overclaim_by_k(Dt, b_keys[It], test.label_keys[tm], iso)}})
     if out_dir is not None and out:
         png = reliability_png(out, Path(out_dir), model_id)
         vote_model.reliability_by_k_png(out, png.with_name("reliability-by-k.png"))
         out[next(iter(out))]["diagram_png"] = str(png)
     return out
+
+
+def _as_new_patient(z, splits, name, qm, bm, k, facts):
+    """The split's queries (mask qm) against the train gallery (mask bm), leaving out each
+    query's own patient and near copies (unseen.knn)."""
+    q, b = splits[name], splits["train"]
+    grey = lambda s, m: s.images[m].mean(axis=-1)  # noqa: E731 (the audit's grey: channel mean at the model's input)
+    copies = unseen.near_copy_rows(grey(q, qm), z[name][qm], grey(b, bm), z["train"][bm])
+    patient = (lambda s, m: [(facts.get(int(i)) or (None,))[0] for i in s.ids[m]]) if facts else None
+    return unseen.knn(z[name][qm], z["train"][bm], k, patient(q, qm) if patient else None,
+                      patient(b, bm) if patient else None, copies)
+
+
+def _label_names(splits, facts, masks) -> dict:
+    """label key -> the name a search shows for it (facts), or the label vector as text."""
+    names = {}
+    for s, m in zip((splits["train"], splits["val"], splits["test"]), masks, strict=True):
+        for i, key, lab in zip(s.ids[m], s.label_keys[m], [x for x, keep in zip(s.labels, m, strict=True) if keep],
+                               strict=True):
+            name = (facts or {}).get(int(i), (None, None))[1]
+            names.setdefault(int(key), name if name is not None else ",".join(map(str, lab)))
+    return names
 
 
 def reliability_png(cal: dict, out_dir: Path, model_id: int | None) -> Path:
@@ -182,18 +228,23 @@ def load(conn, model_id: int) -> dict[str, Calibration]:
     return {c.dataset: c for c in rows(conn, Q.calibrations_of, {"model_id": model_id}, as_=Calibration)}
 
 
-def vote(hits, cals: dict[str, Calibration], dataset: str | None) -> dict | None:
+def vote(hits, cals: dict[str, Calibration], dataset: str | None,
+         coverage: float = conformal.DEFAULT_COVERAGE) -> dict | None:
     """The label the neighbours vote for (those of the query's dataset, or all when the
     query has none), the calibrated probability that it is the query's label at this
     many neighbours, and whether the query is unlike anything on file (then no
-    probability: a vote of strangers is not evidence)."""
+    probability: a vote of strangers is not evidence). Top labels with equal votes are a
+    tie: no label and no probability are claimed ("tie (2 of 4 each)"). Beside it, the
+    diagnosis set at `coverage` (conformal.label_set), where one is fitted."""
     pool = [h for h in hits if dataset is None or h.dataset == dataset]
     if not pool:
         return None
     counts: dict[tuple, list] = {}
     for h in pool:
         counts.setdefault((h.dataset, h.label_name), []).append(h.distance)
-    (ds, label), near = max(counts.items(), key=lambda kv: len(kv[1]))  # a tie: the nearer label (seen first)
+    ranked = sorted(counts.items(), key=lambda kv: -len(kv[1]))  # stable: the nearer label first among equals
+    (ds, label), near = ranked[0]
+    tied = [lab for (_, lab), n in ranked if len(n) == len(near)]
     share = len(near) / len(pool)
     cal = cals.get(ds)
     # the threshold is ds's, so it is held against ds's nearest: a CT query with CTs of an
@@ -201,9 +252,12 @@ def vote(hits, cals: dict[str, Calibration], dataset: str | None) -> dict | None
     # and a breastmnist vote for it is a vote of strangers
     nearest = min(h.distance for h in hits if h.dataset == ds)
     unlike = bool(cal and cal.ood_d1 is not None and nearest > cal.ood_d1)
-    confidence, at_k = (None, None) if cal is None or unlike else cal.vote_confidence(
+    tie = len(tied) > 1
+    confidence, at_k = (None, None) if cal is None or unlike or tie else cal.vote_confidence(
         share, float(np.mean(near)), len(pool))
-    if cal is None:
+    if tie:
+        why = f"a tie ({len(near)} of {len(pool)} each: {', '.join(map(str, tied))}): no single label is claimed"
+    elif cal is None:
         why = f"no calibration for {ds} (`medsim evaluate` fits one; it needs labels and a validation split)"
     elif unlike:
         why = (f"unlike anything on file: the nearest {ds} neighbour is farther ({nearest:.3f}) "
@@ -212,6 +266,17 @@ def vote(hits, cals: dict[str, Calibration], dataset: str | None) -> dict | None
         why = f"the calibration for {ds} was fitted at k = {K_FIT} only: run `medsim evaluate` again"
     else:
         why = None
-    return {"dataset": ds, "label_name": label, "votes": len(near), "of": len(pool), "share": share,
+    return {"dataset": ds, "label_name": None if tie else label, "tie": tied if tie else None,
+            "votes": len(near), "of": len(pool), "share": share,
             "confidence": confidence, "calibrated_at_k": at_k, "unlike_anything_on_file": unlike,
-            "no_confidence_because": why}
+            "no_confidence_because": why, "diagnosis_set": diagnosis_set(pool, cal, ds, unlike, coverage)}
+
+
+def diagnosis_set(pool, cal: Calibration | None, ds: str, unlike: bool, coverage: float) -> dict | None:
+    """The conformal set of ds's labels at `coverage` from the pool's ds neighbours; None
+    where none is fitted or the query is unlike anything on file (its neighbours are not
+    what the calibration queries had)."""
+    if cal is None or not cal.conformal or unlike:
+        return None
+    voters = [(h.label_name, h.distance) for h in pool if h.dataset == ds]
+    return conformal.label_set(cal.conformal, voters, coverage)

@@ -106,7 +106,8 @@ def evaluate(conn, model_ref="current", device="cpu", store: bool = True, exclud
         "literature_baseline_raw_pixel_cosine": literature(raw_pixels(test), test, raw_pixels(train), train,
                                                            "cosine"),
         # distance -> P(same diagnosis), vote share -> P(vote right): fitted on val, ECE on test
-        "calibration": calibration.fit(z, {"train": train, "val": val, "test": test}, out_dir, row.id),
+        "calibration": calibration.fit(z, {"train": train, "val": val, "test": test}, out_dir, row.id,
+                                       facts=image_facts(conn, train, val, test)),
     }
     if store:
         calibration.store(conn, row.id, results["calibration"])
@@ -114,6 +115,12 @@ def evaluate(conn, model_ref="current", device="cpu", store: bool = True, exclud
             conn, Q.insert_evaluation, {"model_id": row.id, "seed": PAIR_SEED_TEST,
                                         "results": json.dumps(calibration.without_files(results))})
     return results
+
+
+def image_facts(conn, *splits: data.Split) -> dict:
+    """image id -> (patient key, label name as a search shows it), for calibration."""
+    ids = [int(i) for s in splits for i in s.ids]
+    return {r[0]: (r[1], r[2]) for r in conn.execute(Q.image_facts, {"ids": ids})}
 
 
 def leaked_test_images(conn, model_id: int, datasets: list[str]) -> set[int]:
@@ -183,8 +190,35 @@ def format_table(r: dict) -> str:
                     vo = f"{m['vote_ece']:.3f} [{m['vote_ece_ci95'][0]:.3f},{m['vote_ece_ci95'][1]:.3f}]"
                     lines.append(f"  {flag:16s}{k:>4s}{ps:>24s}{vo:>24s}{m['vote_claimed']:9.3f}{m['vote_right']:7.3f}"
                                  f"{c['ood_share_test']:8.1%}")
+        lines += checks_table(r["calibration"])
         png = next((c["diagram_png"] for c in r["calibration"].values() if c.get("diagram_png")), None)
         if png:
             lines.append(f"  reliability diagram: {png}; the vote at each k: "
                          f"{png.rsplit('/', 1)[0]}/reliability-by-k.png")
     return "\n".join(lines)
+
+
+def checks_table(cal: dict) -> list[str]:
+    """Issue 37's checks on test, per subset and k: the diagnosis set's coverage at 80/90/95%
+    and its mean size, the vote's ECE (isotonic P(right)) and its worst over-claim (claimed -
+    right) over vote shares with >= 20 queries."""
+    if not any(c.get("checks_test") for c in cal.values()):
+        return []
+    lines = ["", "diagnosis set (conformal, fitted on val; queries see no image of their own patient nor a near "
+                 "copy) and the vote's P(right) (isotonic), on test",
+             f"  {'subset':16s}{'k':>4s}" + "".join(f"{'cov@' + format(lv, '.0%'):>9s}{'size':>6s}"
+                                                    for lv in (0.8, 0.9, 0.95))
+             + f"{'vote ECE':>10s}{'worst claimed-right':>21s}{'ties':>6s}"]
+    for flag, c in cal.items():
+        ch = c.get("checks_test") or {}
+        sets, vote = ch.get("set") or {}, ch.get("vote") or {}
+        for k in sorted({*next(iter(sets.values()), {}), *vote}, key=int):
+            cells = ""
+            for lv in ("0.8", "0.9", "0.95"):
+                m = (sets.get(lv) or {}).get(k)
+                cells += f"{m['coverage']:9.1%}{m['mean_size']:6.2f}" if m else f"{'':>15s}"
+            v = vote.get(k) or {}
+            worst = f"{v['worst']:+.3f}" if v.get("worst") is not None else "-"
+            ece = f"{v['ece']:.3f}" if v.get("ece") is not None else "-"
+            lines.append(f"  {flag:16s}{k:>4s}{cells}{ece:>10s}{worst:>21s}{v.get('ties', 0):>6d}")
+    return lines

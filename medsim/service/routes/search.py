@@ -43,7 +43,7 @@ def _request(query, opts: SearchOptions, filters: dict | None) -> Request:
     return Request(query, k=opts.k, engine=opts.engine, model=opts.model, max_distance=opts.max_distance,
                    filters=Filters(dict(filters or {}), opts.include_own_patient, opts.per_patient,
                                    opts.splits or GALLERY_SPLITS),
-                   box=tuple(box) if box is not None else None)
+                   box=tuple(box) if box is not None else None, coverage=opts.coverage)
 
 
 def _run(svc, who: access.Principal, req: Request, client: str | None, sha256: str | None = None,

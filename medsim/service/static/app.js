@@ -237,9 +237,9 @@ function render(res, queryImgSrc) {
   $("summary").textContent = `${res.neighbours.length} nearest from ${among}, by ` +
     `${engines[res.engine] || res.engine}, in ${res.timing_ms.toFixed(1)} ms` +
     (q.label_name ? `; ${same} of ${res.neighbours.length} share the query's label` : "") +
-    (res.vote ? `. Vote: ${res.vote.label_name} (${res.vote.votes} of ${res.vote.of}` +
-      (res.vote.confidence !== null ? `, calibrated P(right) ${res.vote.confidence.toFixed(2)})` : ")") +
-      (res.vote.no_confidence_because ? `. No P(right): ${res.vote.no_confidence_because}` : "") : "");
+    (res.vote ? `. Vote: ${voteText(res.vote)}` +
+      (res.vote.no_confidence_because && !res.vote.tie ? `. No P(right): ${res.vote.no_confidence_because}` : "")
+      : "") + (res.diagnosis_set ? `. Diagnosis set: ${setText(res.diagnosis_set)}` : "");
   const cards = res.neighbours.map((n) => {
     const li = document.createElement("li");
     li.className = "card" + (n.same_label ? " same" : "");
@@ -453,7 +453,22 @@ async function load() {
 // export (the same answer, logged as an export); an upload the service did not keep is
 // written from what the page holds (CSV and JSON; a ZIP needs the server's copy).
 const CSV_COLUMNS = ["rank", "image_id", "dataset", "split", "label_name", "distance", "p_same", "same_label",
-  "patient_key", "study_id", "thumbnail_url"];
+  "patient_key", "study_id", "thumbnail_url", "vote", "diagnosis_set"];
+
+// the vote and the diagnosis set as the CLI and the CSV say them (medsim/search/present.py):
+// a tie claims no label, a set of every label is "cannot tell"
+function voteText(v) {
+  if (v.tie) return `tie (${v.votes} of ${v.of} each: ${v.tie.join(", ")})`;
+  return `${v.label_name} (${v.votes} of ${v.of}` +
+    (v.confidence !== null ? `, calibrated P(right) ${v.confidence.toFixed(2)})` : ")");
+}
+function setText(d) {
+  const pct = `${+(d.coverage * 100).toFixed(1)}%`;
+  if (!d.labels.length) return `no label fits at ${pct} (a query unlike the calibration queries)`;
+  if (d.labels.length === 1) return `${d.labels[0]} at ${pct}`;
+  if (d.labels.length === d.of.length) return `cannot tell at ${pct}: one of {${d.labels.join(", ")}}`;
+  return `one of {${d.labels.join(", ")}} at ${pct}`;
+}
 async function exportResult(format) {
   const res = state.last;
   if (!res) return;
@@ -471,8 +486,10 @@ async function exportResult(format) {
   } else {
     const cell = (v) => (v === null || v === undefined ? "" : /[",\n]/.test(String(v)) ?
       `"${String(v).replace(/"/g, '""')}"` : String(v));
-    const lines = [CSV_COLUMNS.join(","), ...res.neighbours.map((n) => CSV_COLUMNS.map((c) => cell(
-      typeof n[c] === "boolean" ? (n[c] ? "True" : "False") : n[c])).join(","))];
+    const about = { vote: res.vote ? voteText(res.vote) : "",
+      diagnosis_set: res.diagnosis_set ? setText(res.diagnosis_set) : "" };
+    const lines = [CSV_COLUMNS.join(","), ...res.neighbours.map((n) => ({ ...n, ...about })).map((n) =>
+      CSV_COLUMNS.map((c) => cell(typeof n[c] === "boolean" ? (n[c] ? "True" : "False") : n[c])).join(","))];
     blob = new Blob([lines.join("\n") + "\n"], { type: "text/csv" });
   }
   const a = document.createElement("a");
