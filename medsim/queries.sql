@@ -1111,3 +1111,19 @@ FROM medsim.images i JOIN medsim.datasets d ON d.id = i.dataset_id
 WHERE i.split = 'train'
   AND (%(flags)s::text[] IS NULL OR d.flag = ANY(%(flags)s::text[]))
   AND (d.source_kind <> 'medmnist' OR d.image_size = %(size)s);
+
+-- name: calibration_check_vectors
+-- `medsim calibration check`: a model's embedded, labelled images of one dataset: those
+-- ingested before `since` in the train split (the gallery, as the fit saw it) and those
+-- ingested at or after it, any split (the queries a calibration has not seen).
+SELECT e.image_id, i.created_at >= %(since)s AS recent, i.patient_key,
+       medsim.label_name(i.dataset_id, i.labels) AS label_name, e.embedding
+FROM medsim.embeddings e JOIN medsim.images i ON i.id = e.image_id JOIN medsim.datasets d ON d.id = i.dataset_id
+WHERE e.model_id = %(model_id)s AND d.flag = %(dataset)s AND cardinality(i.labels) > 0
+  AND ((i.split = 'train' AND i.created_at < %(since)s) OR i.created_at >= %(since)s)
+ORDER BY e.image_id;
+
+-- name: store_calibration_check
+-- The latest check on recent images beside the fit it checked (report.recent_check).
+UPDATE medsim.calibrations SET report = report || jsonb_build_object('recent_check', %(check)s::jsonb)
+WHERE model_id = %(model_id)s AND dataset = %(dataset)s;

@@ -298,3 +298,32 @@ def test_evaluate_stores_the_set_and_the_checks_and_a_search_returns_them(embedd
             assert body["diagnosis_set"]["coverage"] == 0.8
         bad = client.post("/search", json={"image_id": gid, "coverage": 0.3})
         assert bad.status_code == 400 and "coverage" in bad.text
+
+
+def test_calibration_check_on_recent_images_says_when_coverage_falls_short(embedded, tmp_path, capsys):
+    """Images labelled after the fit are queries it never saw; where the set covers them
+    less than asked (here their labels are swapped: a drifted archive), the check says
+    "not verified on recent images" and keeps the result beside the fit."""
+    from datetime import datetime, timedelta, timezone
+
+    from medsim import cli
+    from medsim.training import evaluate, recheck
+
+    conn, mid = embedded
+    evaluate.evaluate(conn, mid, out_dir=tmp_path)
+    conn.execute("UPDATE medsim.images SET created_at = now() - interval '10 days'")
+    conn.execute("UPDATE medsim.images i SET created_at = now(), labels = ARRAY[1 - i.labels[1]]::smallint[] "
+                 "FROM medsim.datasets d WHERE d.id = i.dataset_id AND d.flag = 'breastmnist' AND i.split = 'test'")
+    since = datetime.now(timezone.utc) - timedelta(days=1)
+    r = recheck.check(conn, mid, since)
+    breast = r["datasets"]["breastmnist"]
+    assert breast["n"] > 20 and not breast["verified"]
+    assert breast["verdict"].startswith("not verified on recent images: the set covered")
+    assert r["datasets"]["retinamnist"]["verdict"].startswith("no labelled retinamnist image ingested since")
+    stored = conn.execute("SELECT report -> 'recent_check' FROM medsim.calibrations WHERE model_id = %s AND "
+                          "dataset = 'breastmnist'", (mid,)).fetchone()[0]
+    assert stored["verified"] is False and set(stored["set"]) == {"5", "10", "20"}
+    assert cli.main(["calibration", "check", "--since", since.date().isoformat(), "--model", str(mid)]) == 0
+    assert "breastmnist: not verified on recent images" in capsys.readouterr().out
+    assert cli.main(["calibration", "check", "--since", "yesterday"]) == 2
+    assert "--since must be a date" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from medsim.cli.common import MODEL, OUT_DIR, QUIET, connect
 from medsim.errors import BadArgument
 
@@ -33,6 +35,24 @@ def cmd_evaluate(args) -> int:
                               out_dir=args.out_dir, datasets=args.datasets)
     print(evaluate.format_table(r))
     print(f"stored as medsim.evaluations id {r['evaluation_id']}")
+    return 0
+
+
+def cmd_calibration_check(args) -> int:
+    from datetime import datetime, timezone
+
+    from medsim.training import recheck
+
+    try:
+        since = datetime.fromisoformat(args.since)
+    except ValueError:
+        raise BadArgument(f"--since must be a date like 2026-12-01 (or an ISO time), got {args.since!r}") from None
+    since = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
+    if not 0.5 <= args.coverage <= 0.99:
+        raise BadArgument(f"--coverage must be between 0.5 and 0.99, got {args.coverage}")
+    with connect(args) as conn:
+        r = recheck.check(conn, args.model, since, coverage=args.coverage)
+    print(json.dumps(r, indent=2) if args.json else recheck.format_check(r))
     return 0
 
 
@@ -130,6 +150,17 @@ def register(sub) -> None:
                    help="datasets to evaluate and calibrate, trained on or not (default: those the model was "
                         "trained on and every one it has embeddings for); each needs labels, a val and a test split")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("calibration", help="the stored calibration checked where it is used")
+    csub = s.add_subparsers(dest="calibration_command", required=True)
+    c = csub.add_parser("check", parents=[MODEL],
+                        help="the diagnosis set's coverage and the vote's over-claim on labelled images ingested "
+                             "since a date, against the train images before it; says 'not verified on recent "
+                             "images' where coverage falls short")
+    c.add_argument("--since", required=True, metavar="DATE", help="images ingested at or after this date (UTC)")
+    c.add_argument("--coverage", type=float, default=0.9, help="the set's level to check (default 0.9)")
+    c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    c.set_defaults(func=cmd_calibration_check)
 
     s = sub.add_parser("models", help="list registered models (current, candidates, how far embedded); promote, "
                                       "roll back")
