@@ -29,12 +29,16 @@ import numpy as np
 from medsim import registry
 from medsim.errors import NotFound
 from medsim.images import StoredRow
+from medsim.images.copies import (  # noqa: F401 (the pixel rule's names, as the search pipeline imports them)
+    CANDIDATES,
+    CHUNK,
+    MAX_SHIFT,
+    MIN_CORRELATION,
+    aligned_correlation,
+    candidates,
+    near_copies,
+)
 from medsim.queries import Q, rows, scalar
-
-CANDIDATES = 10  # nearest neighbours per image checked by their pixels
-MIN_CORRELATION = 0.995  # 0.98 let different fundus photos through (RetinaMNIST: same camera, same framing)
-MAX_SHIFT = 2  # pixels, at the model's input size
-CHUNK = 20_000  # pairs compared at once (memory: a few arrays of CHUNK x S x S floats)
 
 
 @dataclass
@@ -53,39 +57,6 @@ class Pair:
     labels_differ: bool | None = None
 
 
-def candidates(xb: np.ndarray, k: int = CANDIDATES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each vector's k nearest others -> (i, j, distance) with i < j, each pair once."""
-    import faiss
-
-    index = faiss.IndexFlatL2(xb.shape[1])
-    index.add(xb)
-    D, I = index.search(xb, min(k + 1, len(xb)))
-    i = np.repeat(np.arange(len(xb)), I.shape[1])
-    j, d = I.ravel(), np.sqrt(np.maximum(D.ravel(), 0))
-    keep = (j >= 0) & (i != j)
-    a, b = np.minimum(i, j)[keep], np.maximum(i, j)[keep]
-    pairs, first = np.unique(np.stack([a, b], 1), axis=0, return_index=True)
-    return pairs[:, 0], pairs[:, 1], d[keep][first]
-
-
-def aligned_correlation(A: np.ndarray, B: np.ndarray, shift: int = MAX_SHIFT) -> np.ndarray:
-    """(P, S, S) grey images, pairwise -> (P,) the highest normalised correlation of A with B
-    or B mirrored, B shifted by up to `shift` pixels (computed over the overlap)."""
-    best = np.full(len(A), -1.0, np.float32)
-    s = A.shape[1]
-    for Bt in (B, B[:, :, ::-1]):
-        for dy in range(-shift, shift + 1):
-            for dx in range(-shift, shift + 1):
-                a = A[:, max(dy, 0): s + min(dy, 0), max(dx, 0): s + min(dx, 0)].reshape(len(A), -1)
-                b = Bt[:, max(-dy, 0): s + min(-dy, 0), max(-dx, 0): s + min(-dx, 0)].reshape(len(A), -1)
-                a = a - a.mean(1, keepdims=True)
-                b = b - b.mean(1, keepdims=True)
-                den = np.sqrt((a * a).sum(1) * (b * b).sum(1))
-                r = np.where(den > 0, (a * b).sum(1) / np.maximum(den, 1e-12), -1.0)
-                np.maximum(best, r, out=best)
-    return best
-
-
 def verified_pairs(conn, model, ids: np.ndarray, xb: np.ndarray, datasets) -> list:
     """Near duplicates by the pixel rule -> [(id a, id b, embedding distance, correlation)]."""
     size = int(model.config.get("image_size", 28))
@@ -97,24 +68,6 @@ def verified_pairs(conn, model, ids: np.ndarray, xb: np.ndarray, datasets) -> li
         except ValueError:  # a row stored broken: nothing to compare (it stays all zeros, r = -1)
             continue
     return [(int(ids[x]), int(ids[y]), float(dist), float(c)) for x, y, dist, c in near_copies(grey, xb)]
-
-
-def near_copies(grey: np.ndarray, xb: np.ndarray, keep=None) -> list:
-    """The pixel rule on (N, S, S) grey images, candidates from their vectors xb ->
-    [(row a, row b, embedding distance, correlation)]. keep(a, b) -> mask: only those
-    candidate pairs are compared (calibration: a validation query with a training image)."""
-    a, b, d = candidates(xb)
-    if keep is not None:
-        m = keep(a, b)
-        a, b, d = a[m], b[m], d[m]
-    out = []
-    for s in range(0, len(a), CHUNK):
-        ia, ib = a[s: s + CHUNK], b[s: s + CHUNK]
-        r = aligned_correlation(grey[ia].astype(np.float32), grey[ib].astype(np.float32))
-        hit = r >= MIN_CORRELATION
-        out += list(zip(ia[hit].tolist(), ib[hit].tolist(), d[s: s + CHUNK][hit].tolist(), r[hit].tolist(),
-                        strict=True))
-    return out
 
 
 def distance_pairs(ids: np.ndarray, xb: np.ndarray, threshold: float) -> list:

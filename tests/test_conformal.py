@@ -87,7 +87,7 @@ def test_no_vote_share_claims_more_than_it_gets_held_out():
         Dv, Lv, qv = make(6000, seed)
         Dt, Lt, qt = make(6000, seed + 1)
         iso = vote_model.fit_isotonic_by_k(Dv, Lv, qv)
-        for k, r in vote_model.overclaim_by_k(Dt, Lt, qt, iso).items():
+        for k, r in vote_model.overclaim_by_k(Dt, Lt, qt, iso, calibration.ece).items():
             assert r["worst"] is None or r["worst"] <= 0.05, (make.__name__, k, r["bins"])
             ys = iso[k]["y"]
             assert all(a <= b + 1e-12 for a, b in zip(ys, ys[1:], strict=False)), k  # more agreement never claims less

@@ -151,7 +151,7 @@ def fit(z: dict, splits: dict, out_dir: Path | str | None = None, model_id: int 
             "checks_test": {"set": {str(c): conformal.check(conf, b_keys[It], test.label_keys[tm], names,
                                                             conformal.CHECK_KS, c, Dt)
                                     for c in conformal.CHECK_LEVELS} if conf else {},
-                            "vote": vote_model.overclaim_by_k(Dt, b_keys[It], test.label_keys[tm], iso)}})
+                            "vote": vote_model.overclaim_by_k(Dt, b_keys[It], test.label_keys[tm], iso, ece)}})
     if out_dir is not None and out:
         png = reliability_png(out, Path(out_dir), model_id)
         vote_model.reliability_by_k_png(out, png.with_name("reliability-by-k.png"))

@@ -49,7 +49,7 @@ def check(conn, model_ref, since: datetime, coverage: float = conformal.DEFAULT_
         names = {n: n for n in cal.conformal["labels"]}
         doc["set"] = conformal.check(cal.conformal, L, q, names, ks, coverage, D)
         doc["vote"] = {k: {x: v[x] for x in ("worst", "ece", "ties")}
-                       for k, v in vote_model.overclaim_by_k(D, L, q, cal.vote_iso_by_k or {}, ks).items()}
+                       for k, v in vote_model.overclaim_by_k(D, L, q, cal.vote_iso_by_k or {}, calibration.ece, ks).items()}
         doc["left_out"] = left
         short = [k for k, m in doc["set"].items() if m["coverage"] < m["level"] - TOLERANCE]
         doc["verified"] = not short

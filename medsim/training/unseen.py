@@ -1,6 +1,6 @@
 """Calibration queries seen as a new patient would be: a validation (or test) query's
 neighbours leave out the gallery images of its own patient and near copies of it (the
-leakage audit's pixel rule, medsim.audit.near_copies), as a search leaves out the query's
+leakage audit's pixel rule, medsim.images.copies.near_copies), as a search leaves out the query's
 own patient. Without this a split seeded with copies of training images finds its copy
 at distance ~0, votes right, and the fit promises a new patient more than it gets
 (the audit found 62 BreastMNIST pairs across splits, 2,364 on an MRI archive)."""
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from medsim import audit
+from medsim.images import copies as pixel_rule
 from medsim.training import metrics
 
 EXTRA = 10  # neighbours fetched past k besides the largest patient's images, to fill in for those left out
@@ -21,7 +21,7 @@ def near_copy_rows(grey_q: np.ndarray, zq: np.ndarray, grey_b: np.ndarray, zb: n
         return []
     nq = len(zq)
     grey = np.concatenate([grey_q, grey_b])
-    found = audit.near_copies(grey, np.ascontiguousarray(np.concatenate([zq, zb]), np.float32),
+    found = pixel_rule.near_copies(grey, np.ascontiguousarray(np.concatenate([zq, zb]), np.float32),
                               keep=lambda a, b: (a < nq) != (b < nq))
     return [(min(a, b), max(a, b) - nq) for a, b, _, _ in found]
 

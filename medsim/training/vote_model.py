@@ -262,12 +262,10 @@ def fit_isotonic_by_k(D: np.ndarray, L: np.ndarray, q_keys: np.ndarray) -> dict:
     return out
 
 
-def overclaim_by_k(Dt, Lt, t_keys, iso_by_k: dict, ks=REPORT_KS) -> dict:
+def overclaim_by_k(Dt, Lt, t_keys, iso_by_k: dict, ece, ks=REPORT_KS) -> dict:
     """Per k: per vote share (test queries, ties left out) claimed vs right -> {k: {"worst":
     the largest claimed - right over shares with >= OVERCLAIM_MIN_N queries, "bins":
-    [(share, claimed, right, n)], "ece"}}."""
-    from medsim.training.calibration import ece
-
+    [(share, claimed, right, n)], "ece"}}. ece: calibration.ece (passed in, as to report_by_k)."""
     out = {}
     for k in [k for k in ks if k <= Dt.shape[1]]:
         found = weights_at(iso_by_k, k)
