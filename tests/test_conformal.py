@@ -62,9 +62,9 @@ def test_the_set_covers_as_promised_at_each_k():
     one = conformal.label_set(doc, [("grade 2", 0.01)] * 10, 0.8)
     assert one["labels"] == ["grade 2"] and conformal.described(one) == "grade 2 at 80%"
     spread = conformal.label_set(doc, [(f"grade {i}", 0.5) for i in range(5)] * 2, 0.99)
-    assert conformal.described(spread).startswith("cannot tell at 99%: one of {grade 0, grade 1")
-    two = {"labels": ["benign", "malignant"], "coverage": 0.9, "of": ["benign", "malignant", "normal"]}
-    assert conformal.described(two) == "one of {benign, malignant} at 90%"
+    assert conformal.described(spread).startswith("cannot tell at 99%: one of {grade 0 | grade 1")
+    two = {"labels": ["malignant", "normal, benign"], "coverage": 0.9, "of": ["malignant", "normal, benign", "x"]}
+    assert conformal.described(two) == "one of {malignant | normal, benign} at 90%"
 
 
 def test_unbalanced_classes_get_one_threshold_per_label_and_the_rare_ones_are_covered():
@@ -121,7 +121,7 @@ def test_a_tie_claims_no_label_and_no_probability():
     cal = retina_calibration()
     v = calibration.vote(hits_of(["grade 0", "grade 1", "grade 0", "grade 1"]), {"retinamnist": cal}, "retinamnist")
     assert v["label_name"] is None and v["tie"] == ["grade 0", "grade 1"] and v["confidence"] is None
-    assert present.vote_text(v) == "tie (2 of 4 each: grade 0, grade 1)"
+    assert present.vote_text(v) == "tie (2 of 4 each: grade 0 | grade 1)"
     assert v["no_confidence_because"].startswith("a tie (2 of 4 each")
     # not a tie: 2 of 4 against 1 and 1
     v = calibration.vote(hits_of(["grade 0", "grade 1", "grade 0", "grade 2"]), {"retinamnist": cal}, "retinamnist")
@@ -184,7 +184,7 @@ def test_the_diagnosis_set_in_json_cli_csv_and_the_requested_coverage():
     text = export.csv_text(res)
     header, first = text.splitlines()[:2]
     assert header.endswith('"vote","diagnosis_set"')
-    assert '"tie (2 of 4 each: grade 0, grade 1)"' in first and " at 90%" in first
+    assert '"tie (2 of 4 each: grade 0 | grade 1)"' in first and " at 90%" in first
     assert ',"",False,' in text.splitlines()[2]  # rank 2: grade 1, a known different label: no p_same
 
 
@@ -209,7 +209,7 @@ def test_the_montage_says_the_tie_and_the_set(monkeypatch, tmp_path):
     monkeypatch.setattr(present, "rows", lambda *a, **k: [])  # no stored pixels needed for this panel
     r.hits = []
     present.montage(None, [r], tmp_path / "m.png")
-    assert "vote: tie (2 of 4 each: grade 0, grade 1)" in titles[0]
+    assert "vote: tie (2 of 4 each: grade 0 | grade 1)" in titles[0]
     assert " at 90%" in titles[0]
 
 

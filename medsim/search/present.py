@@ -9,6 +9,7 @@ import numpy as np
 
 from medsim.images import StoredRow, to_display
 from medsim.queries import Q, rows
+from medsim.training.conformal import SEP
 
 
 def as_json(results) -> list[dict]:
@@ -29,7 +30,7 @@ def vote_text(v: dict | None) -> str:
     if not v:
         return ""
     if v.get("tie"):
-        return f"tie ({v['votes']} of {v['of']} each: {', '.join(map(str, v['tie']))})"
+        return f"tie ({v['votes']} of {v['of']} each: {SEP.join(map(str, v['tie']))})"
     conf = f"; calibrated P(right) {v['confidence']:.2f}" if v["confidence"] is not None else ""
     return f"{v['label_name']} ({v['votes']} of {v['of']} neighbours{conf})"
 

@@ -256,7 +256,7 @@ def vote(hits, cals: dict[str, Calibration], dataset: str | None,
     confidence, at_k = (None, None) if cal is None or unlike or tie else cal.vote_confidence(
         share, float(np.mean(near)), len(pool))
     if tie:
-        why = f"a tie ({len(near)} of {len(pool)} each: {', '.join(map(str, tied))}): no single label is claimed"
+        why = f"a tie ({len(near)} of {len(pool)} each: {conformal.SEP.join(map(str, tied))}): no single label is claimed"
     elif cal is None:
         why = f"no calibration for {ds} (`medsim evaluate` fits one; it needs labels and a validation split)"
     elif unlike:

@@ -43,7 +43,10 @@ MONDRIAN_RATIO = 1.5
 MONDRIAN_MIN = 19  # queries per class for a threshold at 95%: ceil((n + 1) 0.95) <= n
 CHECK_KS = (1, 5, 10, 20, 50)  # evaluate's report
 CHECK_LEVELS = (0.8, 0.9, 0.95)
-EPS = 1e-9  # shares are ratios of small ints: equal scores must compare equal
+EPS = 1e-9
+# between label names when a person reads several: a name may hold a comma itself
+# (BreastMNIST's "normal, benign"), so "{malignant, normal, benign}" read as three labels
+SEP = " | "  # shares are ratios of small ints: equal scores must compare equal
 
 
 def threshold(scores: np.ndarray, level: float) -> float:
@@ -161,5 +164,5 @@ def described(ds: dict | None) -> str:
     if len(labels) == 1:
         return f"{labels[0]} at {pct}"
     if len(labels) == len(ds.get("of") or ()):
-        return f"cannot tell at {pct}: one of {{{', '.join(labels)}}}"
-    return f"one of {{{', '.join(labels)}}} at {pct}"
+        return f"cannot tell at {pct}: one of {{{SEP.join(labels)}}}"
+    return f"one of {{{SEP.join(labels)}}} at {pct}"

@@ -456,9 +456,10 @@ const CSV_COLUMNS = ["rank", "image_id", "dataset", "split", "label_name", "dist
   "patient_key", "study_id", "thumbnail_url", "vote", "diagnosis_set"];
 
 // the vote and the diagnosis set as the CLI and the CSV say them (medsim/search/present.py):
-// a tie claims no label, a set of every label is "cannot tell"
+// a tie claims no label, a set of every label is "cannot tell"; " | " between names (a name
+// may hold a comma: "normal, benign")
 function voteText(v) {
-  if (v.tie) return `tie (${v.votes} of ${v.of} each: ${v.tie.join(", ")})`;
+  if (v.tie) return `tie (${v.votes} of ${v.of} each: ${v.tie.join(" | ")})`;
   return `${v.label_name} (${v.votes} of ${v.of}` +
     (v.confidence !== null ? `, calibrated P(right) ${v.confidence.toFixed(2)})` : ")");
 }
@@ -466,8 +467,8 @@ function setText(d) {
   const pct = `${+(d.coverage * 100).toFixed(1)}%`;
   if (!d.labels.length) return `no label fits at ${pct} (a query unlike the calibration queries)`;
   if (d.labels.length === 1) return `${d.labels[0]} at ${pct}`;
-  if (d.labels.length === d.of.length) return `cannot tell at ${pct}: one of {${d.labels.join(", ")}}`;
-  return `one of {${d.labels.join(", ")}} at ${pct}`;
+  if (d.labels.length === d.of.length) return `cannot tell at ${pct}: one of {${d.labels.join(" | ")}}`;
+  return `one of {${d.labels.join(" | ")}} at ${pct}`;
 }
 async function exportResult(format) {
   const res = state.last;
