@@ -34,6 +34,28 @@ class StatusRow:
     failed: int
     oldest_pending: datetime | None
 
+    @property
+    def note(self) -> str | None:
+        """The row in a sentence when something is not embedded yet (pending or failed)."""
+        missing = self.total - self.embedded
+        return not_embedded_sentence(self.model_id, self.dataset, missing, self.total, self.failed) if missing else None
+
+
+@dataclass
+class Missing:
+    """A dataset's images (in some splits) that a model has not embedded yet."""
+
+    dataset: str
+    missing: int  # waiting, failed, or not queued yet
+    failed: int  # of those, failed for good (medsim status lists why)
+    total: int  # the dataset's images in those splits
+
+
+def not_embedded_sentence(model_id: int, dataset: str, missing: int, total: int, failed: int = 0) -> str:
+    """The one wording of a partial state, for every door (search notes, status)."""
+    return (f"{missing} of {total} images of {dataset} are not embedded yet for model {model_id} (run `medsim worker`)"
+            + (f"; {failed} of them failed (`medsim status` lists why)" if failed else ""))
+
 
 @dataclass
 class Failure:
@@ -76,6 +98,14 @@ def embedded_count(conn, model_id: int) -> int:
 
 def status(conn, model_id: int | None = None) -> list[StatusRow]:
     return rows(conn, Q.embedding_status, {"model_id": model_id}, as_=StatusRow)
+
+
+def not_embedded(conn, model_id: int, splits) -> list[Missing]:
+    """Per dataset the caller may see, the model's images in these splits without an
+    embedding: cheap where little is missing (Q.not_embedded_by_dataset says how)."""
+    mark = scalar(conn, Q.not_embedded_mark, {"model_id": model_id})
+    return rows(conn, Q.not_embedded_by_dataset, {"model_id": model_id, "mark": mark, "splits": list(splits)},
+                as_=Missing)
 
 
 def failures(conn, model_id: int | None = None) -> list[Failure]:

@@ -579,3 +579,101 @@ def test_the_page_fits_a_phone(server, browser):
     browser.execute_script("const d = document.createElement('div'); d.style.width = '900px'; "
                            "d.style.height = '1px'; document.body.append(d);")
     assert browser.execute_script(overflow) > 0
+
+
+# ---------------------------------------------------------------- issue 34 (4, 5): honest states on the page
+def ingest_unembedded(conn, root: Path, flag: str = "cxr", n: int = 6) -> None:
+    """A folder archive ingested after the worker ran: on file, embedded for no model."""
+    from medsim.sources import archive
+    from medsim.sources.folder import FolderSource
+
+    (root / flag / "normal").mkdir(parents=True)
+    rng = np.random.default_rng(3)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (30, 30), dtype=np.uint8)).save(root / flag / "normal" / f"{i}.png")
+    assert archive.ingest_archive(conn, FolderSource(root / flag), flag, progress=False).added == n
+
+
+def test_status_and_health_open_on_the_page_signed_in(server, browser, tmp_path):
+    """The footer's "embedding status" and "health" work for a signed-in user (they were
+    plain links: a raw 401): a panel shows the status with its sentence for what is not
+    embedded yet, and a search filtered to that dataset says so instead of "no image
+    matches"; a user granted one dataset hears of no other."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    base, conn, (token, retina_only) = server
+    ingest_unembedded(conn, tmp_path)
+    mid = conn.execute("SELECT id FROM medsim.models WHERE is_current").fetchone()[0]
+    said = f"6 of 6 images of cxr are not embedded yet for model {mid} (run `medsim worker`)"
+    qid = conn.execute("SELECT min(id) FROM medsim.images WHERE split = 'test'").fetchone()[0]
+    browser.get(f"{base}/?image_id={qid}&k=4&dataset=cxr")
+    wait = WebDriverWait(browser, 30)
+    sign_in(browser, wait, token)
+    wait.until(lambda d: "No neighbours" in d.find_element(By.ID, "summary").text)
+    assert browser.find_element(By.ID, "summary").text == f"No neighbours: {said}"
+
+    browser.find_element(By.ID, "status-btn").click()
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-panel") == "status")
+    panel = browser.find_element(By.ID, "status-panel")
+    assert panel.is_displayed()
+    datasets = {r.find_elements(By.TAG_NAME, "td")[1].text for r in panel.find_elements(By.CSS_SELECTOR, "tr")[1:]}
+    assert datasets == {"breastmnist", "retinamnist", "cxr"}
+    assert [li.text for li in panel.find_elements(By.CSS_SELECTOR, "#status-notes li")] == [said]
+    browser.find_element(By.ID, "health-btn").click()
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-panel") == "health")
+    assert "reachable" in panel.text and "401" not in panel.text
+    browser.find_element(By.ID, "status-close").click()
+    assert not panel.is_displayed()
+
+    browser.find_element(By.ID, "logout").click()
+    sign_in(browser, wait, retina_only)
+    browser.find_element(By.ID, "status-btn").click()
+    wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-panel") == "status")
+    assert "retinamnist" in panel.text and "cxr" not in panel.text and "breastmnist" not in panel.text
+
+
+def test_a_user_granted_nothing_is_told_at_sign_in(server, browser):
+    """A user with no grant signs in to one sentence naming `medsim grant`, not to "no test
+    image" and empty results without a word of why; a granted user sees no such notice."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from medsim import access
+
+    base, conn, (token, _) = server
+    access.add_user(conn, "newcomer")
+    bare = access.create_token(conn, "newcomer")[0]
+    browser.get(base + "/")
+    wait = WebDriverWait(browser, 30)
+    sign_in(browser, wait, bare)
+    wait.until(lambda d: d.find_element(By.ID, "notice").is_displayed())
+    said = "user newcomer sees no dataset yet: an administrator runs `medsim grant newcomer DATASET`"
+    assert browser.find_element(By.ID, "notice").text == said
+    browser.find_element(By.ID, "random").click()
+    wait.until(lambda d: d.find_element(By.ID, "error").is_displayed())
+    assert "medsim grant newcomer DATASET" in browser.find_element(By.ID, "error").text
+
+    browser.find_element(By.ID, "logout").click()
+    assert not browser.find_element(By.ID, "notice").is_displayed()
+    sign_in(browser, wait, token)
+    assert not browser.find_element(By.ID, "notice").is_displayed()
+
+
+def test_card_text_is_wrapped_never_cut(server, browser):
+    """A card's dataset, split and id are shown whole (wrapped where they must be): an
+    ellipsis cut browse's "retinamnist · train · image 123" to "retinamnist · train · im…"."""
+    from selenium.webdriver.common.by import By
+
+    base, conn, (token, _) = server
+    cut = """return [...document.querySelectorAll(arguments[0])].filter(e => e.scrollWidth > e.clientWidth + 1)
+                 .map(e => e.textContent)"""
+    qid = conn.execute("SELECT min(id) FROM medsim.images WHERE split = 'test'").fetchone()[0]
+    wait = open_search(browser, f"{base}/?image_id={qid}&k=8", token, 8)
+    assert browser.execute_script(cut, "#grid .card .body > *") == []
+    browser.get(f"{base}/?browse=1&dataset=retinamnist")
+    wait.until(lambda d: (d.find_element(By.TAG_NAME, "body").get_attribute("data-browsed") or "").startswith("0:"))
+    cards = browser.find_elements(By.CSS_SELECTOR, "#b-grid .card")
+    assert cards and all(c.find_element(By.CSS_SELECTOR, ".where").text.endswith(
+        f"image {c.get_attribute('data-image-id')}") for c in cards)
+    assert browser.execute_script(cut, "#b-grid .card .body > *") == []

@@ -28,6 +28,9 @@ def cmd_status(args) -> int:
                   f"{r.total:7d} {r.embedded:9d} {r.pending:8d} {r.failed:7d}  {since}")
         if not rows:
             print("(no models or no images yet)")
+        for r in rows:  # what a search cannot see yet, in the words a search uses
+            if r.note:
+                print(r.note)
         for f in queue.failures(conn, args.model):
             state = "FAILED" if f.failed_at else "retrying"
             print(f"  model {f.model_id} image {f.image_id}: {state} after {f.attempts} attempt(s): {f.last_error}")

@@ -14,7 +14,7 @@ import json
 import numpy as np
 from psycopg.types.json import Jsonb
 
-from medsim import registry
+from medsim import queue, registry
 from medsim.errors import BadArgument
 from medsim.images import StoredRow
 from medsim.queries import Q, one
@@ -26,7 +26,7 @@ class Context:
         self.conn = conn  # where searches read (a replica, or the service's reader role)
         self.owner = owner or conn  # where checkpoints and pixels are read (the reader may not)
         self.index_path = index_path  # a FAISS file to search instead of the model's latest build
-        self._nets, self._indexes, self._cals, self._selectors = {}, {}, {}, {}
+        self._nets, self._indexes, self._cals, self._selectors, self._missing = {}, {}, {}, {}, {}
         # the connection's role sees only some datasets (row-level security): FAISS, which
         # knows nothing of roles, then searches only the ids that role can read
         self.restricted = False
@@ -82,6 +82,14 @@ class Context:
         if model_id not in self._cals:
             self._cals[model_id] = calibration.load(self.conn, model_id)
         return self._cals[model_id]
+
+    def not_embedded(self, model_id: int, splits: tuple = GALLERY_SPLITS) -> list[queue.Missing]:
+        """Per dataset the connection's role sees: its images in these splits that the model
+        has not embedded yet (read once per context, on the searching connection)."""
+        key = (model_id, tuple(splits))
+        if key not in self._missing:
+            self._missing[key] = queue.not_embedded(self.conn, model_id, splits)
+        return self._missing[key]
 
     def selector(self, model_id: int, where: dict, exclude_patient: str | None, splits: tuple = GALLERY_SPLITS):
         """FAISS search parameters allowing only the gallery rows that pass the filter (the

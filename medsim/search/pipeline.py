@@ -3,15 +3,17 @@ a Result comes out, and only the presenters differ.
 
     run(): the model -> the query (a stored image's vector, or an image embedded the way
     training inputs were) -> the engine -> why nothing came back (only then)
-    -> max_distance -> calibration (P(same), the vote) -> notes
+    -> max_distance -> calibration (P(same), the vote) -> notes (among them what the
+    filtered gallery holds that the model has not embedded yet: a search cannot see it)
 
 Cost follows need: a stored image that is already embedded is searched with its stored
 vector, so search by id through pgvector imports neither torch nor FAISS, and no step
 reads the whole gallery (the count that says "the gallery is empty" runs only when a
-search found nothing). A query that is itself on file (the same id, the same pixels, or
-the same picture at another size: a perceptual hash near its own, confirmed by the pixels)
-takes that image's identity: its dataset, label and patient, and it is left out of its
-own neighbours.
+search found nothing; what is not embedded yet is counted from the embedding queue and
+the images past the model's newest, at the cost of what is missing). A query that is
+itself on file (the same id, the same pixels, or the same picture at another size: a
+perceptual hash near its own, confirmed by the pixels) takes that image's identity: its
+dataset, label and patient, and it is left out of its own neighbours.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from psycopg.types.json import Jsonb
 
-from medsim import images
+from medsim import images, queue
 from medsim.errors import BadArgument, NotFound
 from medsim.queries import Q, one, rows, scalar
 from medsim.search import engines
@@ -84,8 +86,11 @@ def run(ctx, req: Request) -> Result:
         else:
             hits = engines.pgvector(ctx, model.id, q, req.k, req.filters, exact=req.engine == "exact")
     out = Result(model, req.engine, q, hits, build)
+    missing = not_embedded(ctx, model.id, req.filters)
     if not hits:
-        out.notes.append(nothing_found(ctx.conn, model.id, req.filters.where))
+        out.notes.append(nothing_found(ctx.conn, model.id, req.filters.where, missing))
+    else:  # what the answer could not hold: images of the filtered gallery not embedded yet
+        out.notes.extend("not searched: " + _sentence(model.id, m) for m in missing)
     if req.max_distance is not None:
         out.hits = [h for h in hits if h.distance <= req.max_distance]
         out.notes.append(f"{len(hits) - len(out.hits)} of {len(hits)} neighbours were farther than max_distance "
@@ -259,22 +264,56 @@ def _take_identity(q: Query, r: _Stored) -> None:
 FILTER_KEYS = ("dataset", "split", "label", "modality")  # besides any metadata key on file
 
 
-def nothing_found(conn, model_id: int, where: dict) -> str:
+def _values(v) -> list:
+    return [v] if isinstance(v, str) else list(v or [])
+
+
+def not_embedded(ctx, model_id: int, filters: Filters) -> list:
+    """The datasets of the filtered gallery (its splits, the filter's datasets) holding
+    images the model has not embedded yet: what a search cannot see. Cheap where nothing
+    is missing (queue.not_embedded); the service keeps the answer a few seconds."""
+    splits = filters.splits
+    if "split" in filters.where:
+        splits = tuple(s for s in splits if s in _values(filters.where["split"]))
+    found = ctx.not_embedded(model_id, splits) if splits else []
+    if "dataset" in filters.where:
+        found = [m for m in found if m.dataset in _values(filters.where["dataset"])]
+    return found
+
+
+def _sentence(model_id: int, m) -> str:
+    return queue.not_embedded_sentence(model_id, m.dataset, m.missing, m.total, m.failed)
+
+
+def nothing_found(conn, model_id: int, where: dict, missing: list = ()) -> str:
     """Why a search found nothing -> the sentence to show with the empty result; NotFound
     (what to do) when the model's gallery is empty, BadArgument for a filter key that no
-    image has. Counts over the gallery: run only when a search found nothing."""
+    image has. `missing`: not_embedded's datasets, said instead of "no image matches" (an
+    archive still being embedded is not empty). Counts over the gallery: run only when a
+    search found nothing."""
+    gone = "; ".join(_sentence(model_id, m) for m in missing)
     if scalar(conn, Q.gallery_count, {"model_id": model_id, "filter": Jsonb({})}) == 0:
-        raise NotFound(f"the gallery is empty for model {model_id}: ingest images and run the embedding "
-                       f"worker first")
+        raise NotFound(f"the gallery is empty for model {model_id}: "
+                       + (gone or "ingest images and run the embedding worker first"))
     known = [*FILTER_KEYS, *(r[0] for r in conn.execute(Q.gallery_metadata_keys, {"model_id": model_id}))]
     unknown = sorted(set(where) - set(known))
-    if unknown:
+    if unknown and not gone:
         raise BadArgument(f"unknown filter key {', '.join(map(repr, unknown))}; the keys on file are "
                           f"{', '.join(dict.fromkeys(known))}")
+    if unknown:  # the key may be on the images not embedded yet
+        return f"no embedded image has the filter key {', '.join(map(repr, unknown))} yet; {gone}"
+    if gone and set(where) <= {"dataset"} and all(m.missing == m.total for m in missing):
+        return gone  # nothing of what was asked for is embedded: that is the whole answer
+    if gone:
+        return (f"no embedded image matches the filter {_described(where)}; " if where
+                else "nothing embedded besides the query and its own patient's images; ") + gone
     if not where:  # the query itself and its own patient's images are left out
         return "nothing on file besides the query and its own patient's images"
-    return ("no image on file matches the filter "
-            + ", ".join(f"{k}={v if isinstance(v, str) else '|'.join(v)}" for k, v in where.items()))
+    return "no image on file matches the filter " + _described(where)
+
+
+def _described(where: dict) -> str:
+    return ", ".join(f"{k}={v if isinstance(v, str) else '|'.join(v)}" for k, v in where.items())
 
 
 def calibrate(cals: dict, q: Query, hits: list, coverage: float | None = None) -> None:

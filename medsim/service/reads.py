@@ -121,8 +121,22 @@ def random_image(svc, who, split: str, dataset: str | None) -> int:
         args = {"split": split, "dataset": dataset}
         found = scalar(conn, Q.random_image, args)
     if found is None:
-        raise NotFound(f"no {split} image" + (f" in {dataset}" if dataset else ""))
+        raise NotFound(f"no {split} image" + (f" in {dataset}" if dataset else "")
+                       + (f": {ungranted(who.name)}" if who is not None and not who.granted else ""))
     return found
+
+
+def ungranted(name: str) -> str:
+    """Why a user granted nothing finds nothing: said at sign-in (/me) and where it shows."""
+    return f"user {name} sees no dataset yet: an administrator runs `medsim grant {name} DATASET`"
+
+
+def me(svc, who) -> dict:
+    """Who the token is, what it sees, and what the user must hear at sign-in."""
+    with svc.connection(who) as conn:
+        seen = access.visible_datasets(conn)
+    return {"name": who.name, "scope": who.scope, "sees_all": who.sees_all, "granted": who.granted,
+            "datasets": seen, "notice": None if who.granted else ungranted(who.name)}
 
 
 def models(svc, who) -> list:
@@ -160,9 +174,10 @@ def datasets(svc, who) -> list[dict]:
         return dicts(conn, Q.datasets_overview)
 
 
-def status(svc, who) -> list:
+def status(svc, who) -> list[dict]:
+    """medsim.embedding_status as the user sees it, each partial row with its sentence."""
     with svc.connection(who) as conn:
-        return queue.status(conn)
+        return [{**vars(r), "note": r.note} for r in queue.status(conn)]
 
 
 def health(svc) -> tuple[bool, dict]:

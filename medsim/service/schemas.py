@@ -162,6 +162,18 @@ class SearchResponse(BaseModel):
                                for i, h in enumerate(r.hits, 1)])
 
 
+class Me(BaseModel):
+    """GET /me: who a token is (the page's sign-in)."""
+
+    name: str
+    scope: Literal["search", "images", "admin"]
+    sees_all: bool = Field(description="granted every dataset")
+    granted: bool = Field(description="granted any dataset at all")
+    datasets: list[str] = Field(description="the datasets this user sees")
+    notice: str | None = Field(None, description="what the user must know at sign-in: no dataset granted yet, "
+                                                 "and the command that grants one")
+
+
 class ErrorBody(BaseModel):
     error: str
     detail: str

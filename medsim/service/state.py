@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from medsim import access, db, migrate, registry, settings
+from medsim import access, db, migrate, queue, registry, settings
 from medsim.errors import BadArgument, DatabaseUnavailable, NotFound, StaleIndex
 from medsim.images import StoredRow
 from medsim.queries import Q, one
@@ -107,6 +107,7 @@ class Service:
         self.nets: dict[int, object] = {}  # model id -> network (torch), loaded once
         self.indexes: dict[tuple, object] = {}  # (model id, splits) -> faiss_index.Built
         self.cals: dict[int, tuple] = {}  # model id -> (loaded at, calibrations)
+        self.not_embedded = NotEmbedded(self.owner)
         self.lock = threading.Lock()  # loading a model or an index happens once, not per racing request
 
     def _configure_reader(self, conn: psycopg.Connection) -> None:
@@ -230,6 +231,28 @@ class Service:
         return hit[1]
 
 
+class NotEmbedded:
+    """What a model has not embedded yet, per dataset (queue.not_embedded). Every search asks
+    (its answer's notes) and it moves while a worker runs: counted as the owner at most once
+    per TTL_S per model and splits, for all users; each request keeps only the datasets its
+    own user sees (WarmContext.not_embedded)."""
+
+    TTL_S = 5.0
+
+    def __init__(self, owner_pool):
+        self.owner = owner_pool
+        self.kept: dict[tuple, tuple] = {}  # (model id, splits) -> (counted at, [queue.Missing])
+
+    def __call__(self, model_id: int, splits: tuple = GALLERY_SPLITS) -> list:
+        key = (model_id, tuple(splits))
+        hit = self.kept.get(key)
+        if hit is None or time.monotonic() - hit[0] > self.TTL_S:
+            with self.owner.connection() as conn:
+                hit = (time.monotonic(), queue.not_embedded(conn, model_id, splits))
+            self.kept[key] = hit
+        return hit[1]
+
+
 class WarmContext(Context):
     """The pipeline's context for one request: the reader connection it holds, and the
     service's warm network, FAISS index and calibrations instead of loading its own."""
@@ -266,3 +289,10 @@ class WarmContext(Context):
 
     def calibrations(self, model_id: int) -> dict:
         return self.service.calibrations(model_id)
+
+    def not_embedded(self, model_id: int, splits: tuple = GALLERY_SPLITS) -> list:
+        found = self.service.not_embedded(model_id, splits)
+        if found and self.restricted:  # counted as the owner: only the datasets this user sees
+            seen = set(access.visible_datasets(self.conn))
+            found = [m for m in found if m.dataset in seen]
+        return found

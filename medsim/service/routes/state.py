@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from medsim.access import Principal
 from medsim.service import reads
 from medsim.service.deps import Anyone, Operator, Searcher, ServiceDep, scope
-from medsim.service.schemas import ERRORS, ModelComparison
+from medsim.service.schemas import ERRORS, Me, ModelComparison
 
 router = APIRouter(tags=["state"])
 
@@ -47,8 +47,16 @@ def datasets(svc: ServiceDep, who: Searcher) -> list[dict]:
 
 @router.get("/status")
 def status(svc: ServiceDep, who: Searcher) -> list[dict]:
-    """Embedding progress per model and the user's datasets (the medsim.embedding_status view)."""
-    return [r.__dict__ for r in reads.status(svc, who)]
+    """Embedding progress per model and the user's datasets (the medsim.embedding_status view);
+    `note` says in a sentence what is not embedded yet."""
+    return reads.status(svc, who)
+
+
+@router.get("/me", response_model=Me)
+def me(svc: ServiceDep, who: Searcher) -> Me:
+    """Who the token is: its user, scope and the datasets it sees; `notice` is what the user
+    must hear at sign-in (no dataset granted yet, and who can change that)."""
+    return Me(**reads.me(svc, who))
 
 
 @router.get("/healthz", responses={503: {"description": "not ready; the body says why"}})

@@ -423,6 +423,7 @@ async function init() {
     state.token = "";
     sessionStorage.removeItem("medsim.token");
     clearResults();
+    $("notice").hidden = true;
     askForToken("");
   });
   await load();
@@ -432,8 +433,11 @@ async function init() {
 // what the user may see: their datasets (the filter) and the model; then the URL's query
 async function load() {
   try {
-    const [datasets, models] = await Promise.all([api("/datasets"), api("/models")]);
+    const [datasets, models, me] = await Promise.all([api("/datasets"), api("/models"), api("/me")]);
     $("login").hidden = true;
+    // a user granted nothing is told so now, not left to find "no test image" and no matches
+    $("notice").textContent = me.notice || "";
+    $("notice").hidden = !me.notice;
     $("logout").hidden = !state.token;
     document.body.dataset.auth = "ok";
     showError("");
