@@ -91,7 +91,7 @@ def montage(conn, results, out: Path | str, explain_net=None) -> Path:
     import matplotlib.pyplot as plt
 
     k = max((len(r.hits) for r in results), default=0)
-    fig, axes = plt.subplots(len(results), k + 1, figsize=(2 * (k + 1), 2.2 * len(results)), dpi=100,
+    fig, axes = plt.subplots(len(results), k + 1, figsize=(2 * (k + 1), 2.8 * len(results)), dpi=100,
                              squeeze=False)
     for row, r in enumerate(results):
         q = r.query
@@ -100,8 +100,7 @@ def montage(conn, results, out: Path | str, explain_net=None) -> Path:
         pix = {i: p.display_or_refuse() for i, p in stored.items()}
         query_pixels = to_display(q.pixels) if q.pixels is not None else pix.get(q.image_id)
         maps = _maps(explain_net, q, r.hits, stored) if explain_net is not None else {}
-        said = "\n".join(x for x in ("vote: " + vote_text(q.vote) if q.vote else "",
-                                      set_text(q.diagnosis_set)) if x)
+        said = _panel_text(q)
         panels = [(query_pixels, f"QUERY {q.label}\n{q.dataset or ''} {q.label_name or ''}".strip()
                    + (f"\n{said}" if said else ""))]
         panels += [(pix[h.image_id], f"{h.dataset}\n{h.label_name[:22]} d={h.distance:.3f}") for h in r.hits]
@@ -128,6 +127,20 @@ def montage(conn, results, out: Path | str, explain_net=None) -> Path:
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def _panel_text(q) -> str:
+    """The vote and the set under the query's panel, wrapped to its width (a panel is two
+    inches: a five-grade "cannot tell" set spelled out ran over three neighbours)."""
+    import textwrap
+
+    ds = q.diagnosis_set
+    if ds and len(ds["labels"]) > 1 and len(ds["labels"]) == len(ds.get("of") or ()):
+        set_line = f"set: cannot tell at {ds['coverage']:.0%} (any of {len(ds['labels'])})"
+    else:
+        set_line = "set: " + set_text(ds) if ds else ""
+    lines = ["vote: " + vote_text(q.vote) if q.vote else "", set_line]
+    return "\n".join(textwrap.fill(x, 34) for x in lines if x)
 
 
 def _maps(net, q, hits, stored) -> dict:
