@@ -195,8 +195,10 @@ REVOKE SELECT ON medsim.models, medsim.images, medsim.datasets, medsim.index_bui
 GRANT SELECT (id, name, preset, mode, config, embedding_dim, checkpoint_sha256,
               best_epoch, best_val_loss, train_seconds, is_current, created_at, candidate, promote_when_ready)
     ON medsim.models TO medsim_reader;
+-- phash (revision 0021): a search by file looks for the stored picture at another size
+-- with the user's own rights, as it does for the same pixels by sha256
 GRANT SELECT (id, dataset_id, split, split_index, labels, height, width, channels, sha256, created_at,
-              bit_depth, patient_key, study_id, metadata, original_height, original_width)
+              bit_depth, patient_key, study_id, metadata, original_height, original_width, phash)
     ON medsim.images TO medsim_reader;
 GRANT SELECT (id, flag, image_size, is_medmnist, python_class, description, task, n_channels, label_names,
               n_samples, license, url, source_md5, official_md5, md5_official, ingested_at, source_kind,
