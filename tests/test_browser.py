@@ -620,6 +620,7 @@ def test_status_and_health_open_on_the_page_signed_in(server, browser, tmp_path)
     datasets = {r.find_elements(By.TAG_NAME, "td")[1].text for r in panel.find_elements(By.CSS_SELECTOR, "tr")[1:]}
     assert datasets == {"breastmnist", "retinamnist", "cxr"}
     assert [li.text for li in panel.find_elements(By.CSS_SELECTOR, "#status-notes li")] == [said]
+    assert (v := axe_violations(browser)) == [], v
     browser.find_element(By.ID, "health-btn").click()
     wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-panel") == "health")
     assert "reachable" in panel.text and "401" not in panel.text
@@ -650,6 +651,7 @@ def test_a_user_granted_nothing_is_told_at_sign_in(server, browser):
     wait.until(lambda d: d.find_element(By.ID, "notice").is_displayed())
     said = "user newcomer sees no dataset yet: an administrator runs `medsim grant newcomer DATASET`"
     assert browser.find_element(By.ID, "notice").text == said
+    assert (v := axe_violations(browser)) == [], v
     browser.find_element(By.ID, "random").click()
     wait.until(lambda d: d.find_element(By.ID, "error").is_displayed())
     assert "medsim grant newcomer DATASET" in browser.find_element(By.ID, "error").text
