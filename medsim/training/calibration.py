@@ -134,6 +134,7 @@ def fit(z: dict, splits: dict, out_dir: Path | str | None = None, model_id: int 
         ev_test, vote_diagram = ece(sigmoid(va, vb, share_t), right_t)
         # the vote at every k, and the out-of-distribution rule
         by_k = vote_model.fit_by_k(Dv, b_keys[Iv], val.label_keys[vm])
+        iso = vote_model.fit_isotonic_by_k(Dv, b_keys[Iv], val.label_keys[vm])  # what searches claim (issue 37)
         ood = vote_model.ood_threshold(Dv[:, 0], vote_model.train_nearest(z["train"][bm]))
         out[flag] = {"method": "logistic", "a": a, "b": b, "vote_a": va, "vote_b": vb, "k_fit": K_FIT,
                      "n_val_pairs": int(len(dv)), "n_test_pairs": int(len(dt)),
@@ -142,10 +143,9 @@ def fit(z: dict, splits: dict, out_dir: Path | str | None = None, model_id: int 
                      "base_rate_test": float(np.mean(st)),
                      "vote_by_k": by_k, "ood_d1": ood, "ood_share_test": float(np.mean(Dt[:, 0] > ood)),
                      "by_k_test": vote_model.report_by_k(Dt, b_keys[It], test.label_keys[tm], by_k,
-                                                         lambda x, a=a, b=b: sigmoid(a, b, x), ece)}
+                                                         lambda x, a=a, b=b: sigmoid(a, b, x), ece, iso)}
         names = _label_names(splits, facts, (bm, vm, tm))
         conf = conformal.fit(b_keys[Iv], val.label_keys[vm], names, Dv)
-        iso = vote_model.fit_isotonic_by_k(Dv, b_keys[Iv], val.label_keys[vm])
         out[flag].update({
             "vote_iso_by_k": iso, "conformal": conf, "left_out_val": left_v, "left_out_test": left_t,
             "checks_test": {"set": {str(c): conformal.check(conf, b_keys[It], test.label_keys[tm], names,

@@ -130,14 +130,18 @@ def bootstrap_ece(p: np.ndarray, y: np.ndarray, ece, n: int = 200, seed: int = 0
     return [float(np.percentile(stats, 2.5)), float(np.percentile(stats, 97.5))]
 
 
-def report_by_k(Dt, Lt, t_keys, by_k: dict, p_same, ece) -> dict:
+def report_by_k(Dt, Lt, t_keys, by_k: dict, p_same, ece, iso_by_k: dict | None = None) -> dict:
     """Test ECE at the report's ks, for the vote and for P(same) of the k nearest, with
-    bootstrap intervals -> {k: {...}}."""
+    bootstrap intervals -> {k: {...}}. iso_by_k: the vote's P(right) is that fit (what a
+    search now claims, fit_isotonic) rather than the logistic's."""
     out = {}
     for k in [k for k in REPORT_KS if k <= Dt.shape[1]]:
         win, share, dist = votes(Dt, Lt, k)
         _, w = weights_at(by_k, k)
         pv, right = predict(w, np.column_stack([share, dist])), (win == t_keys).astype(float)
+        iso = weights_at(iso_by_k or {}, k)
+        if iso is not None and iso[1]["x"]:
+            pv = predict_isotonic(iso[1], share)
         ps = p_same(Dt[:, :k].ravel())
         same = (Lt[:, :k] == t_keys[:, None]).ravel().astype(float)
         ev, diagram = ece(pv, right)
