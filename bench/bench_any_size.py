@@ -3,7 +3,9 @@
 by file (the pipeline, as `medsim search --image-file` runs it) against the search by its id
 (`--dataset breastmnist`, k = 10). Per copy: % recognised as the image itself (its identity
 taken, left out of its neighbours), % whose first neighbour is the image itself (of those
-not recognised), and the mean overlap of the first 9 neighbours with the search by id.
+not recognised), and the mean overlap of the first 9 neighbours with the search by id; and
+the same two for the copy's own embedding searched as a vector (what the network alone
+does, before any identity: the figure augmented training moves).
 
 Then the real case: BUSI's originals (../shared/busi, 256 px) paired to the BreastMNIST
 images they were shrunk to by pixel correlation at 28 px (each BUSI image's best-
@@ -28,7 +30,7 @@ from medsim import db, images
 from medsim.images import from_bytes, perceptual
 from medsim.search import pipeline
 from medsim.search.context import Context
-from medsim.search.request import ByFile, ById, Filters, Request
+from medsim.search.request import ByFile, ById, ByVector, Filters, Request
 
 FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
            "bicubic": Image.Resampling.BICUBIC}
@@ -50,6 +52,12 @@ def copies(x: np.ndarray):
 
 def by_file(ctx, path: Path, k: int, where: dict):
     return pipeline.run(ctx, Request(ByFile(str(path)), k=k, filters=Filters(where)))
+
+
+def embed(ctx, model, path: Path) -> np.ndarray:
+    """The file's own embedding, as a search by file computes it before any identity."""
+    x = images.model_input(images.read(str(path), name=path.name), int(model.config.get("image_size", 28)))
+    return ctx.embed(model, x).astype(np.float32)
 
 
 def overlap9(ids_file: list, ids_id: list, self_id: int) -> int:
@@ -74,17 +82,24 @@ def resized(conn, n: int, k: int, tmp: Path) -> None:
             r = by_file(ctx, path, k, where)
             got = [h.image_id for h in r.hits]
             recognised = r.query.image_id == image_id
+            # the network alone: the copy's own embedding, searched as a vector (no identity)
+            own = pipeline.run(ctx, Request(ByVector(r.query.vector if not recognised else embed(ctx, ref.model, path)),
+                                            k=k + 1, filters=Filters(where)))
+            own_ids = [h.image_id for h in own.hits]
             stats.setdefault(name, []).append((recognised, not recognised and got[:1] == [image_id],
-                                               overlap9(got, ref_ids, image_id)))
+                                               overlap9(got, ref_ids, image_id), own_ids[:1] == [image_id],
+                                               overlap9(own_ids, ref_ids, image_id)))
     print(f"{len(ids)} BreastMNIST training images, model {ref.model.id}, k = {k}, --dataset breastmnist "
           f"({time.perf_counter() - t0:.0f} s)")
-    print("| copy | recognised as itself | itself first (not recognised) | overlap of first 9 with by id |")
-    print("| --- | --- | --- | --- |")
+    print("| copy | recognised as itself | itself first (not recognised) | overlap of first 9 with by id "
+          "| the copy's own embedding: itself first | its overlap of first 9 |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for name, v in stats.items():
         a = np.array(v, dtype=float)
         rest = (~a[:, 0].astype(bool)).sum()
         first = f"{a[:, 1].sum() / rest:.0%} of {rest:.0f}" if rest else "-"
-        print(f"| {name} | {a[:, 0].mean():.0%} | {first} | {a[:, 2].mean():.1f} of 9 |")
+        print(f"| {name} | {a[:, 0].mean():.0%} | {first} | {a[:, 2].mean():.1f} of 9 | {a[:, 3].mean():.0%} "
+              f"| {a[:, 4].mean():.1f} of 9 |")
 
 
 def busi_pairs(conn, pair_r: float):
