@@ -99,7 +99,7 @@ def test_montage_and_json_via_cli(embedded, tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert len(doc) == 2 and len(doc[0]["neighbours"]) == 3
     with Image.open(out) as img:
-        assert img.size == (2 * 4 * 100, int(2.2 * 2 * 100))  # (k+1) panels x 2 rows
+        assert img.size == (2 * 4 * 100, int(2.8 * 2 * 100))  # (k+1) panels x 2 rows, room for the vote and set
 
 
 def test_sql_functions_equal_exact_search(embedded):

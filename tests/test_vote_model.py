@@ -139,7 +139,9 @@ def test_the_unlike_threshold_pools_validation_with_training_images_leave_one_ou
     t = vote_model.ood_threshold(d_val, d)
     assert t < 10 and t == np.quantile(np.r_[d_val, d], 0.99)
     monkeypatch.setattr(vote_model, "KNN_BLOCK", 64)  # in blocks of queries: the same distances
-    assert np.array_equal(vote_model.train_nearest(zb), d)
+    # (to float32 rounding: BLAS may take another kernel for another block shape, and did
+    # once the process's torch held a different thread count)
+    np.testing.assert_allclose(vote_model.train_nearest(zb), d, rtol=1e-6, atol=1e-6)
     # a large archive: a bounded, seeded sample of training images
     monkeypatch.setattr(vote_model, "OOD_TRAIN_SAMPLE", 50)
     s1, s2 = vote_model.train_nearest(zb), vote_model.train_nearest(zb)

@@ -9,6 +9,7 @@ from medsim.errors import BadArgument
 
 def cmd_serve(args) -> int:
     from medsim.service.app import serve
+    from medsim.service.guard import TrustedProxies
     from medsim.service.state import ServeConfig
 
     if args.threads is not None and args.threads < 1:
@@ -21,7 +22,9 @@ def cmd_serve(args) -> int:
                       max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), pool_size=args.pool_size,
                       max_image_pixels=args.max_image_pixels or settings.get().max_image_pixels,
                       auth=not args.no_auth, no_auth_public=args.no_auth_public, torch_threads=args.threads,
-                      runtime=args.runtime, upload_retention_h=args.upload_retention_hours)
+                      runtime=args.runtime, upload_retention_h=args.upload_retention_hours,
+                      forwarded_allow_ips=args.forwarded_allow_ips)
+    TrustedProxies(args.forwarded_allow_ips)  # a malformed list is one sentence before the service starts
     print(f"medsim serve: http://{args.host}:{args.port}/ (the page), /docs (the API); database: {db.source()}",
           flush=True)
     warn_default_password(args.host)
@@ -89,6 +92,9 @@ def register(sub) -> None:
                    help="keep an upload's pixels this long so its search has a URL (default 24; 0: keep none); "
                         "then deleted, and the access log says so")
     s.add_argument("--access-log", action="store_true", help="log every request (uvicorn's access log)")
+    s.add_argument("--forwarded-allow-ips", default=None, metavar="IPS",
+                   help="proxies whose X-Forwarded-For header is believed for the client's address (addresses "
+                        "or networks, comma-separated, or '*'); default: none, the peer's address is the client's")
     s.add_argument("--no-auth", action="store_true",
                    help="serve without tokens: every request sees every dataset as medsim_reader (for a "
                         "one-person machine; said in capitals at start and in every log line); refused on a "

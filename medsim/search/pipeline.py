@@ -50,9 +50,9 @@ class Query:
     pixels: np.ndarray | None = None  # stored-form pixels of a file or upload (a montage shows them)
     resized: str | None = None  # how a file or upload was recognised as a stored image at another size
     vote: dict | None = None  # the neighbours' label vote and its calibrated confidence
-
-
     diagnosis_set: dict | None = None  # the labels that hold the query's at a stated coverage (conformal)
+
+
 @dataclass
 class Result:
     model: object  # registry.ModelRow

@@ -225,5 +225,8 @@ def serve(cfg: ServeConfig, access_log: bool = False) -> None:
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     for f in config["formatters"].values():  # uvicorn's own lines carry the prefix too
         f["fmt"] = prefix + f["fmt"]
+    # proxy_headers=False: uvicorn would otherwise believe X-Forwarded-For from any loopback
+    # peer; deps.client_address reads it, only from --forwarded-allow-ips, and logs both
     uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, access_log=access_log, log_level="info",
+                proxy_headers=False,
                 timeout_graceful_shutdown=5, log_config=config)

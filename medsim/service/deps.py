@@ -11,7 +11,7 @@ from fastapi.security import HTTPBearer
 from medsim import access
 from medsim.access import Principal
 from medsim.errors import Unauthorized
-from medsim.service.guard import is_loopback
+from medsim.service.guard import Client, TrustedProxies, is_loopback
 from medsim.service.state import Service
 
 # declared for the OpenAPI page (its Authorize button); the header is read below
@@ -26,23 +26,29 @@ ServiceDep = Annotated[Service, Depends(get_service)]
 BearerDoc = Annotated[object, Depends(bearer)]
 
 
-def client_address(request: Request) -> str | None:
-    return request.client.host if request.client else None
+def client_address(request: Request) -> Client:
+    """Who sent the request: the peer, or (only when the peer is a trusted proxy:
+    medsim serve --forwarded-allow-ips) the address X-Forwarded-For names. The chain as
+    received is kept apart for the access log either way."""
+    peer = request.client.host if request.client else None
+    svc = getattr(request.app.state, "service", None)
+    proxies = svc.proxies if svc is not None else TrustedProxies()
+    return proxies.client(peer, request.headers.get("x-forwarded-for"))
 
 
 def authenticate(request: Request, svc: Service) -> Principal:
     """The request's principal: one indexed lookup on the primary per request, so a token
-    revoked (or expired) a moment ago fails now, in every running service."""
+    revoked (or expired) a moment ago fails now, in every running service. The secret is
+    checked before any limit applies: a valid token is never refused because of someone
+    else's failures (guard.py says why)."""
     if not svc.cfg.auth:
         return access.NO_AUTH
-    address = client_address(request)
     header = request.headers.get("authorization")
-    svc.guard.check(address, access.token_id_of(header))
     try:
         with svc.owner.connection() as conn:
             return access.authenticate(conn, header)
     except Unauthorized as err:
-        svc.guard.failed(address, err.token_id)
+        svc.guard.failed(client_address(request).address, err.token_id)  # 429 past the limit
         raise
 
 
@@ -60,7 +66,7 @@ def local_or(needed: str, what: str):
     with_token = scope(needed, what)
 
     def dependency(request: Request, svc: ServiceDep, _: BearerDoc) -> Principal | None:
-        return None if is_loopback(client_address(request)) else with_token(request, svc, _)
+        return None if is_loopback(client_address(request).address) else with_token(request, svc, _)
 
     return dependency
 

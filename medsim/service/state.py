@@ -36,8 +36,9 @@ from medsim.images import StoredRow
 from medsim.queries import Q, one
 from medsim.search import GALLERY_SPLITS
 from medsim.search.context import Context
-from medsim.service.guard import FailureLimiter
+from medsim.service.guard import Client, FailureLimiter, TrustedProxies
 from medsim.service.metrics import Metrics
+from medsim.service.reaper import Reaper
 from medsim.sources.pacs_log import hide_uids
 
 log = logging.getLogger("medsim.serve")
@@ -67,6 +68,8 @@ class ServeConfig:
     torch_threads: int | None = None
     runtime: str | None = None  # what runs the network (medsim.training.runtime); None: the setting
     upload_retention_h: float = 24.0  # uploads kept for their URL (medsim.service.uploads); 0: none
+    # peers whose X-Forwarded-For is believed (uvicorn's --forwarded-allow-ips); None: none
+    forwarded_allow_ips: str | None = None
 
 
     def __post_init__(self):
@@ -100,6 +103,8 @@ class Service:
         self.read_is_replica = read_url != owner_url
         self.metrics = Metrics()
         self.guard = FailureLimiter()
+        self.proxies = TrustedProxies(cfg.forwarded_allow_ips)
+        self.reaper: Reaper | None = None
         self.reader = ConnectionPool(read_url, min_size=2, max_size=cfg.pool_size, open=False, name="medsim-read",
                                      kwargs={"autocommit": True}, configure=self._configure_reader, timeout=10)
         self.owner = ConnectionPool(owner_url, min_size=1, max_size=4, open=False, name="medsim-owner",
@@ -135,6 +140,8 @@ class Service:
             uploads.purge(conn)  # uploads whose retention passed while the service was down
         if self.cfg.preload:
             self.preload()
+        self.reaper = Reaper(self.owner)  # SQL logins' limits, enforced while the service runs
+        self.reaper.start()
 
     def preload(self) -> None:
         with self.owner.connection() as conn:
@@ -145,11 +152,12 @@ class Service:
                 return
             self.net(row)
             try:
-                self.faiss(conn, row.id)
+                self.faiss(row.id)
             except Exception as err:  # no build yet, or stale: pgvector still answers
                 log.info("FAISS not preloaded for model %s: %s", row.id, err)
 
     def close(self) -> None:
+        self.reaper and self.reaper.stop()
         self.reader.close()
         self.owner.close()
 
@@ -167,10 +175,12 @@ class Service:
         with self.connection(principal) as conn:
             yield WarmContext(self, conn, restricted=self.cfg.auth and not principal.sees_all)
 
-    def log(self, principal: access.Principal, client: str | None, action: str, image_ids, **query) -> None:
-        """One access-log row, on the primary, before the response leaves."""
+    def log(self, principal: access.Principal, client, action: str, image_ids, **query) -> None:
+        """One access-log row, on the primary, before the response leaves. `client` is
+        deps.client_address's Client (the address and the forwarded chain), or a string."""
+        address, forwarded = (client.address, client.forwarded) if isinstance(client, Client) else (client, None)
         with self.owner.connection() as conn:
-            access.log(conn, principal, client, action, image_ids, **query)
+            access.log(conn, principal, address, action, image_ids, forwarded=forwarded, **query)
 
     # ------------------------------------------------------------------ warm state
     def net(self, model: registry.ModelRow):
@@ -200,24 +210,25 @@ class Service:
             torch.set_num_threads(want)
             log.info("torch threads per search: %d", want)
 
-    def faiss(self, conn, model_id: int, splits: tuple = GALLERY_SPLITS):
+    def faiss(self, model_id: int, splits: tuple = GALLERY_SPLITS):
         """The model's loaded FAISS index over these splits, reloaded (the latest build) when
         the gallery version moved; StaleIndex when even the latest build no longer matches."""
         from medsim.search import faiss_index
 
         key = (model_id, tuple(splits))
         built = self.indexes.get(key)
-        if built is not None and faiss_index.still_fresh(conn, built):
-            return built
+        with self.owner.connection() as oc:  # a user's role may not read the gallery's version
+            if built is not None and faiss_index.still_fresh(oc, built):
+                return built
         with self.lock:
             built = self.indexes.get(key)
-            if built is None or not faiss_index.still_fresh(conn, built):
-                with self.owner.connection() as oc:  # the build's path is not the reader's to see
-                    built = faiss_index.load_build(oc, faiss_index.latest_build(oc, model_id, splits=splits),
-                                                   model_ref=model_id)
-                self.indexes[key] = built
-                log.info("FAISS build %s (%s) loaded for model %s", built.meta["build_id"], built.meta["kind"],
-                         model_id)
+            with self.owner.connection() as oc:  # the build's path is not the reader's to see either
+                if built is not None and faiss_index.still_fresh(oc, built):
+                    return built
+                built = faiss_index.load_build(oc, faiss_index.latest_build(oc, model_id, splits=splits),
+                                               model_ref=model_id)
+            self.indexes[key] = built
+            log.info("FAISS build %s (%s) loaded for model %s", built.meta["build_id"], built.meta["kind"], model_id)
         return built
 
     def calibrations(self, model_id: int) -> dict:
@@ -278,7 +289,7 @@ class WarmContext(Context):
 
     def faiss(self, model_id: int, splits: tuple = GALLERY_SPLITS):
         try:
-            return self.service.faiss(self.conn, model_id, splits)
+            return self.service.faiss(model_id, splits)
         except StaleIndex:
             if not self.restricted:
                 raise
