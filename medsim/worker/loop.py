@@ -97,7 +97,7 @@ class Worker:
         try:
             if not self.wait_for_model():
                 return self.summary
-            mid = self.model_row.id
+            mid = self.first_model = self.model_row.id
             pending = queue.pending_count(self.conns[0], mid)
             self.threads.fit(self.conns[0], force=True)
             if self.cfg.build_index:

@@ -40,8 +40,10 @@ def run(cfg: WorkerConfig, prog: str = "embed_worker") -> int:
     except MedsimError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return err.exit_code
-    model = worker.model_row.id if worker.model_row else "none"
-    print(f"{prog}: model {model}: {summary.line()}")
+    # a worker for "current" may have gone on to candidates: name every model it embedded for
+    first = [worker.first_model] if getattr(worker, "first_model", None) else []
+    models = list(dict.fromkeys(first + summary.models)) or [worker.model_row.id if worker.model_row else "none"]
+    print(f"{prog}: model{'s' if len(models) > 1 else ''} {', '.join(map(str, models))}: {summary.line()}")
     for mid in summary.promoted:
         print(f"{prog}: promoted model {mid}: its gallery is complete, searches use it now")
     if summary.phases:

@@ -32,6 +32,7 @@ def next_in_line(worker) -> bool:
             log.info("model %s has nothing pending; embedding for %s model %s", at_hand,
                      "the current" if mid == line[0] else "candidate", mid)
             worker.load_model(mid)
+            worker.summary.models.append(mid)
             return True
         _maybe_promote(worker, conn, mid)
     line = registry.in_line(conn)

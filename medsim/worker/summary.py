@@ -17,6 +17,7 @@ class Summary:
     phases: dict = field(default_factory=dict)
     retry_ids: set = field(default_factory=set)  # images that failed this run, not for good
     promoted: list = field(default_factory=list)  # candidates this worker made current (--promote-when-ready)
+    models: list = field(default_factory=list)  # the models it embedded for, in turn (current, then candidates)
 
     @property
     def retrying(self) -> int:
