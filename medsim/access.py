@@ -26,6 +26,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from medsim import migrate
 from medsim.errors import BadArgument, Busy, Forbidden, NotFound, Unauthorized
 from medsim.queries import Q, dicts, one, scalar
 
@@ -144,8 +145,7 @@ def _user_lock(conn, name: str) -> None:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (key,))
     except psycopg.errors.LockNotAvailable:  # rolled back to the savepoint: the transaction goes on
-        holder = conn.execute(Q.advisory_lock_holder, {"key": key}).fetchone()
-        who = f"session {holder[0]} (user {holder[1]}, {holder[2]})" if holder else "another session"
+        who = migrate.lock_holder(conn, key)
         raise Busy(f"waited {LOCK_WAIT_S:.0f} s for the lock on user {name!r}, which {who} holds: another medsim "
                    f"command is changing this user, or that session took the lock; end it or try again") from None
     conn.execute("SELECT set_config('lock_timeout', '0', true)")

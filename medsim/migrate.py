@@ -33,7 +33,6 @@ HEAD = "0021"
 # migrating first) would race on DDL; they take turns on this session lock instead. Any
 # login can take an advisory lock (a reader's psql once held this one and `medsim migrate`
 # hung without a word), so the wait is bounded and the answer names who holds it.
-MIGRATE_LOCK_KEY = "SELECT hashtext('medsim.migrate')::bigint"
 MIGRATE_TRY_LOCK = "SELECT pg_try_advisory_lock(hashtext('medsim.migrate'))"
 MIGRATE_UNLOCK = "SELECT pg_advisory_unlock(hashtext('medsim.migrate'))"
 LOCK_HOLDER = """
@@ -46,6 +45,15 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
 DEFAULT_LOCK_WAIT_S = 60.0
 
 
+def lock_holder(raw_conn, name: str) -> str:
+    """Who holds the advisory lock keyed hashtext(name): "session N (user U, app, connected
+    ...)" or "another session" (for the sentence a bounded lock wait ends with)."""
+    key = raw_conn.execute("SELECT hashtext(%s)::bigint", (name,)).fetchone()[0] & 0xFFFFFFFFFFFFFFFF
+    holder = raw_conn.execute(LOCK_HOLDER, {"high": key >> 32, "low": key & 0xFFFFFFFF}).fetchone()
+    return (f"session {holder[0]} (user {holder[1]}, {holder[2]}, connected {holder[3]:%Y-%m-%d %H:%M})"
+            if holder else "another session")
+
+
 def take_migration_lock(raw_conn, wait_s: float = DEFAULT_LOCK_WAIT_S) -> None:
     """The migration lock, or SchemaNotReady after wait_s naming the session that holds it."""
     import time
@@ -53,10 +61,7 @@ def take_migration_lock(raw_conn, wait_s: float = DEFAULT_LOCK_WAIT_S) -> None:
     deadline = time.monotonic() + wait_s
     while not raw_conn.execute(MIGRATE_TRY_LOCK).fetchone()[0]:
         if time.monotonic() >= deadline:
-            key = raw_conn.execute(MIGRATE_LOCK_KEY).fetchone()[0] & 0xFFFFFFFFFFFFFFFF
-            holder = raw_conn.execute(LOCK_HOLDER, {"high": key >> 32, "low": key & 0xFFFFFFFF}).fetchone()
-            who = (f"session {holder[0]} (user {holder[1]}, {holder[2]}, connected {holder[3]:%Y-%m-%d %H:%M})"
-                   if holder else "another session")
+            who = lock_holder(raw_conn, "medsim.migrate")
             raise SchemaNotReady(f"waited {wait_s:.0f}s for the migration lock, which {who} holds: another medsim "
                                  f"migrate is running, or that session took the lock; end it or wait")
         time.sleep(0.2)

@@ -880,16 +880,6 @@ UPDATE medsim.users SET disabled_at = CASE WHEN %(disabled)s THEN now() END WHER
 SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
 WHERE usename = %(role)s AND pid <> pg_backend_pid();
 
--- name: advisory_lock_holder
--- who holds an advisory lock taken as pg_advisory_xact_lock(hashtext(KEY)): one key, the
--- classid/objid pair the server shows is its high and low 32 bits (objsubid 1)
-SELECT a.pid, a.usename, coalesce(nullif(a.application_name, ''), 'no application name')
-FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
-  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-  AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtext(%(key)s)::bigint
-LIMIT 1;
-
 -- name: token_insert
 INSERT INTO medsim.tokens (user_id, secret_sha256, scope, expires_at)
 VALUES (%(user_id)s, %(digest)s, %(scope)s, %(expires_at)s) RETURNING id;

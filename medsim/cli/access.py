@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from medsim.cli.common import connect
+from medsim.cli.common import admin_name, connect
 
 
 def cmd_user(args) -> int:
@@ -19,7 +19,7 @@ def cmd_user(args) -> int:
             if args.sql_login:
                 print(f"as a SQL login: set its password in psql with \\password {role}")
         elif args.user_command == "delete":
-            d = access.delete_user(conn, args.name, by=_admin_name())
+            d = access.delete_user(conn, args.name, by=admin_name())
             print(f"user {args.name} deleted: {d['live_tokens']} live token(s) and {d['grants']} grant(s) removed, "
                   f"its role {'dropped' if d['role_dropped'] else 'closed (still used by another database)'}"
                   f"{', ' + str(d['sessions_ended']) + ' SQL session(s) ended' if d['sessions_ended'] else ''}; "
@@ -27,7 +27,7 @@ def cmd_user(args) -> int:
         elif args.user_command in ("disable", "enable"):
             disable = args.user_command == "disable"
             d = access.set_disabled(conn, args.name, disable, sql_login=getattr(args, "sql_login", False),
-                                    by=_admin_name())
+                                    by=admin_name())
             if disable:
                 ended = f" ({d['sessions_ended']} SQL session(s) ended)" if d["sessions_ended"] else ""
                 print(f"user {args.name} disabled: its tokens are refused and its SQL login closed{ended}; "
@@ -43,17 +43,6 @@ def cmd_user(args) -> int:
                 grants = ", ".join("every dataset" if d == "*" else d for d in u["datasets"]) or "nothing"
                 print(f"{u['name']:<20} sees {grants}; {u['live_tokens']} live token(s); last used {seen}")
     return 0
-
-
-def _admin_name() -> str:
-    """Who ran an administrative command, for the access log: the OS user (the database
-    login is the owner's, the same for every administrator)."""
-    import getpass
-
-    try:
-        return f"(admin: {getpass.getuser()})"
-    except Exception:  # no user name for this uid (a container)
-        return "(admin)"
 
 
 def cmd_log(args) -> int:
@@ -75,7 +64,7 @@ def cmd_log(args) -> int:
                 raise BadArgument(f"--before takes a date (2026-01-31) or a time; got {args.before!r}") from None
             if before.tzinfo is None:
                 before = before.astimezone()
-            d = access_log.purge(conn, before, by=_admin_name())
+            d = access_log.purge(conn, before, by=admin_name())
             print(f"purged {d['rows']:,} access-log row(s) older than {before:%Y-%m-%d %H:%M %Z} (through chain row "
                   f"{d['through']}); the purge is itself a row of the chain, and verify still checks what remains")
     return 0

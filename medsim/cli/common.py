@@ -100,3 +100,14 @@ def ks(text: str) -> tuple[int, ...]:
     if not found or found[0] < 1 or found[-1] > MAX_K:
         raise BadArgument(f"-k values must be between 1 and {MAX_K}")
     return found
+
+
+def admin_name() -> str:
+    """Who ran an administrative command, for the access log: the OS user (the database
+    login is the owner's, the same for every administrator)."""
+    import getpass
+
+    try:
+        return f"(admin: {getpass.getuser()})"
+    except Exception:  # no user name for this uid (a container)
+        return "(admin)"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from medsim.cli.common import MODEL, OUT_DIR, QUIET, connect
+from medsim.cli.common import MODEL, OUT_DIR, QUIET, admin_name, connect
 from medsim.errors import BadArgument
 
 TRAIN_FIELDS = ("epochs", "sampler", "per_class", "steps_per_epoch", "pairs_per_epoch", "batch_size", "lr",
@@ -74,7 +74,7 @@ def cmd_models(args) -> int:
     command = getattr(args, "models_command", None)
     with connect(args) as conn:
         if command in ("promote", "rollback") or args.set_current is not None:
-            by = "(admin)"
+            by = admin_name()
             if command == "rollback":
                 p = promotion.rollback(conn, force=args.force, by=by)
             else:
