@@ -1,4 +1,4 @@
-"""Faithfulness of the similarity maps (medsim.training.explain), measured as the deletion
+"""Faithfulness of the similarity maps (medsim.model.explain), measured as the deletion
 AUC on the pair distance (RISE, Petsiuk et al. 2018), and their cost.
 
 Per subset: up to --pairs test images (breast has 156) and each one's nearest train image
@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from medsim import db, registry
-from medsim.training import data, explain, metrics, network
+from medsim.model import explain, network
+from medsim.training import data, metrics
 
 
 def main() -> None:

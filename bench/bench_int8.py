@@ -1,6 +1,6 @@
 """int8 quantisation of the exported network, measured against the issue's parity rule.
 
-The worker and the service embed through ONNX Runtime in float32 (medsim.training.runtime).
+The worker and the service embed through ONNX Runtime in float32 (medsim.model.runtime).
 This measures what ONNX Runtime's int8 quantisation would give on the database's current
 model: static QDQ (per-channel int8 weights, activations calibrated on 1,024 seeded
 train images), static QOperator, and dynamic (weights only). For each: forward images/s
@@ -26,8 +26,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_rerank import current_model_splits  # noqa: E402
 
+from medsim.model import network, runtime  # noqa: E402
 from medsim.search.recall import tie_aware_recall  # noqa: E402
-from medsim.training import metrics, network, runtime  # noqa: E402
+from medsim.training import metrics  # noqa: E402
 
 N_CALIBRATION, BATCH, K = 1024, 1024, 10
 

@@ -26,8 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PRESENT, SHARED, fresh_database, machine  # noqa: E402
 
 from medsim import db  # noqa: E402
+from medsim.model import network  # noqa: E402
 from medsim.sources import ingest  # noqa: E402
-from medsim.training import calibration, data, evaluate, network, train, vote_model  # noqa: E402
+from medsim.training import calibration, data, evaluate, train, vote_model  # noqa: E402
 
 # The ablation: each recipe adds one change to the one before it, ending at the default
 # (what `medsim train` and the demo run: TrainConfig() and the "default" preset). Then

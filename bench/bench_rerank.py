@@ -18,8 +18,9 @@ import time
 import numpy as np
 
 from medsim import db, migrate, registry
+from medsim.model import network
 from medsim.search import rerank
-from medsim.training import data, metrics, network
+from medsim.training import data, metrics
 
 
 def lit(I, q, b, qm, bm) -> tuple[float, float]:

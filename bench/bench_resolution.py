@@ -35,7 +35,8 @@ BUSI = Path(__file__).resolve().parents[1].parent / "shared" / "busi"
 def one(url: str, size: int, seed: int, epochs: int, steps: int) -> dict:
     """Train and evaluate at one size, in this process -> a row of the table."""
     from medsim import db
-    from medsim.training import data, evaluate, network, sizing, train
+    from medsim.model import network
+    from medsim.training import data, evaluate, sizing, train
 
     tcfg = train.TrainConfig(preset=None, input_size=size, seed=seed, epochs=epochs, steps_per_epoch=steps,
                              flags=["busi"], device="cpu")

@@ -132,12 +132,12 @@ def percentiles(lat: list[float]) -> tuple[float, float]:
 # ------------------------------------------------------------------ one size
 def measure(url: str, n: int, archive: dict, checkpoint: tuple, out_dir: Path) -> dict:
     from medsim import db, queue, registry
+    from medsim.model import network
     from medsim.search import engines, faiss_index, pgvector_hnsw, recall
     from medsim.search.context import Context
     from medsim.search.pipeline import Query
     from medsim.search.request import Filters
     from medsim.sources import ingest
-    from medsim.training import network
 
     env = {**os.environ, "DATABASE_URL": url, "PYTHONUNBUFFERED": "1"}
     r: dict = {"n": n}
@@ -345,8 +345,9 @@ def main() -> int:
 def train_model(url: str, archive: dict) -> tuple[bytes, dict]:
     """Three epochs of the default recipe on the first archive -> (checkpoint, train_config)."""
     from medsim import db
+    from medsim.model import network
     from medsim.sources import ingest
-    from medsim.training import network, train
+    from medsim.training import train
 
     with db.connect(url, autocommit=True) as conn:
         for e, v in archive.values():

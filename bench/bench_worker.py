@@ -1,7 +1,7 @@
 """Embedding throughput on the real files (breast, retina, pneumonia: 8,236 images).
 
 (a) the model's forward pass alone, batched, on images already decoded in memory, with
-    torch eager and with ONNX Runtime (medsim.training.runtime), alternated in one run;
+    torch eager and with ONNX Runtime (medsim.model.runtime), alternated in one run;
 (b) the embedding worker end to end: claim (SKIP LOCKED) -> decode -> forward -> binary
     COPY -> dequeue -> commit, from process start to drained queue, once per runtime
     (two registered copies of the same network, so each has its own queue);
@@ -22,9 +22,10 @@ import torch  # noqa: E402
 from common import PRESENT, SHARED, fresh_database, machine  # noqa: E402
 
 from medsim import db, registry  # noqa: E402
+from medsim.model import network, runtime  # noqa: E402
+from medsim.model.config import preset  # noqa: E402
 from medsim.sources import ingest  # noqa: E402
-from medsim.training import data, network, runtime  # noqa: E402
-from medsim.training.config import preset  # noqa: E402
+from medsim.training import data  # noqa: E402
 from medsim.worker import Worker, WorkerConfig  # noqa: E402
 
 

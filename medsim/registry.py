@@ -29,7 +29,7 @@ class ModelRow:
 
     def load(self, conn, device="cpu"):
         """The network, rebuilt from the checkpoint bytes alone (imports torch)."""
-        from medsim.training import network
+        from medsim.model import network
 
         ck = one(conn, Q.model_checkpoint, {"id": self.id}, as_=Checkpoint)
         return network.load_checkpoint(bytes(ck.checkpoint), expected_sha256=ck.checkpoint_sha256,
@@ -97,7 +97,7 @@ def register(conn, net, *, mode: str, datasets: list, train_config: dict,
     """Store a model (config + checkpoint bytes + sha256) and return its id. A candidate
     is embedded by the workers after the current model's backlog and made current by
     search/promotion.py once its gallery is complete; searches keep the current model."""
-    from medsim.training import network
+    from medsim.model import network
 
     cfg = net.cfg
     blob, sha = network.save_checkpoint(net, extra={"train_config": train_config, "flags": datasets})

@@ -9,8 +9,8 @@ import sys
 import torch
 
 from medsim import registry
+from medsim.model import config, network
 from medsim.sources import ingest
-from medsim.training import config, network
 
 
 def ingest_synth(conn, synth_dir, flags=("breastmnist", "retinamnist")) -> int:

@@ -1,4 +1,4 @@
-"""Similarity maps (medsim.training.explain) where the answer is known, and the deletion
+"""Similarity maps (medsim.model.explain) where the answer is known, and the deletion
 metric on cases where faithful and unfaithful orders are known."""
 
 import numpy as np
@@ -7,8 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from medsim.training import explain, network
-from medsim.training.config import preset
+from medsim.model import explain, network
+from medsim.model.config import preset
 
 
 class LeftHalf(nn.Module):

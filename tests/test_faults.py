@@ -20,9 +20,9 @@ from PIL import Image
 
 from medsim import cli, db, queue
 from medsim.errors import DataRefused, NotFound, StaleIndex
+from medsim.model import network
 from medsim.search import faiss_index
 from medsim.sources import ingest, medmnist
-from medsim.training import network
 from medsim.worker import Worker, WorkerConfig
 from tests import synth
 from tests.helpers import embed_all, ingest_synth, register_model, run_worker, search, start_worker

@@ -19,12 +19,14 @@ LAYERS = {
     0: {"errors", "settings", "db", "queries", "migrate", "pgcopy", "schema"},  # the floor
     1: {"images"},  # pixels: read, convert, resize
     2: {"sources", "queue", "access", "access_log"},  # where images come from; the queue they fill; who may see them
-    3: {"training", "registry"},  # the network, its training and evaluation, stored models
-    4: {"search", "audit"},  # indexes, recall, the search pipeline
-    5: {"worker", "service", "cli", "demo", "embed_worker", "__main__"},  # the doors
+    3: {"model"},  # the network, its runtimes (an imported ONNX encoder too), its explanations
+    4: {"training", "registry"},  # training and evaluation, stored models
+    5: {"search", "audit"},  # indexes, recall, the search pipeline
+    6: {"worker", "service", "cli", "demo", "embed_worker", "__main__"},  # the doors
 }
 LAYER_OF = {part: level for level, parts in LAYERS.items() for part in parts}
-LAYER_NAMES = {0: "the floor", 1: "images", 2: "sources", 3: "training", 4: "search", 5: "worker/service/cli"}
+LAYER_NAMES = {0: "the floor", 1: "images", 2: "sources", 3: "model", 4: "training", 5: "search",
+               6: "worker/service/cli"}
 
 
 def module_name(path: Path) -> str:

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from medsim import registry
-from medsim.training import data, evaluate, metrics, network, train
-from medsim.training.config import preset
+from medsim.model import network
+from medsim.model.config import preset
+from medsim.training import data, evaluate, metrics, train
 from medsim.training.pairs import sample_pairs
 
 

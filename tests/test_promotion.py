@@ -21,8 +21,8 @@ from PIL import Image
 
 from medsim import queue, registry
 from medsim.errors import DataRefused, NotFound
+from medsim.model import config, network
 from medsim.search import faiss_index, pgvector_hnsw, promotion
-from medsim.training import config, network
 from tests.helpers import run_worker
 
 

@@ -12,12 +12,13 @@ from PIL import Image
 
 from medsim import cli, registry
 from medsim.errors import BadArgument
+from medsim.model import network, runtime
+from medsim.model.config import preset
 from medsim.service.app import create_app
 from medsim.service.state import ServeConfig
 from medsim.sources import archive
 from medsim.sources.folder import FolderSource
-from medsim.training import network, runtime, sizing, train
-from medsim.training.config import preset
+from medsim.training import sizing, train
 from tests.helpers import embed_all, image_by_path, ingest_synth, search
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from medsim.errors import BadArgument
+from medsim.model import network, runtime
+from medsim.model.config import preset
 from medsim.search import recall
-from medsim.training import network, runtime
-from medsim.training.config import preset
 from tests import synth
 
 

@@ -303,7 +303,7 @@ def test_search_by_file_imports_no_torch_once_an_onnx_export_is_kept(embedded, d
     from PIL import Image
 
     from medsim import registry
-    from medsim.training import runtime
+    from medsim.model import runtime
 
     conn, mid = embedded
     kept = runtime.export_path(registry.get(conn, mid).checkpoint_sha256(conn))

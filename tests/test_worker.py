@@ -8,9 +8,9 @@ import pytest
 
 from medsim import db, queue, registry
 from medsim.images import from_bytes, model_input
+from medsim.model import network
 from medsim.queries import Q
 from medsim.search import pgvector_hnsw
-from medsim.training import network
 from medsim.worker import Worker, WorkerConfig
 from medsim.worker.batch import run_batch
 from tests.helpers import ingest_synth, register_model, run_worker, start_worker

@@ -42,8 +42,8 @@ class Context:
         """The model's runtime. One CLI call embeds one image: the ONNX export the worker
         (or an earlier call) kept, through ONNX Runtime and without importing torch (2-3 s);
         torch only where none is kept yet. The service's context keeps a session warm."""
-        from medsim.training import runtime
-        from medsim.training.config import ModelConfig
+        from medsim.model import runtime
+        from medsim.model.config import ModelConfig
 
         if model.id not in self._nets:
             self._nets[model.id] = runtime.for_query(ModelConfig.from_dict(model.config),

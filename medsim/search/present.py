@@ -84,7 +84,7 @@ def montage(conn, results, out: Path | str, explain_net=None) -> Path:
     """The notebook's figure: one row per query, the query then its neighbours, each as
     stored (8-bit for display by the same bit-depth rule as the model's input). With
     explain_net (the torch network), each neighbour carries its similarity map against the
-    query in red, and the query its map against the nearest (medsim.training.explain)."""
+    query in red, and the query its map against the nearest (medsim.model.explain)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,7 +147,7 @@ def _maps(net, q, hits, stored) -> dict:
     """Panel index -> its map in [0, 1]: the query's against the nearest, each neighbour's
     against the query."""
     from medsim.images import model_input
-    from medsim.training import explain
+    from medsim.model import explain
 
     s = net.cfg.image_size
     if q.pixels is not None:

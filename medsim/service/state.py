@@ -66,7 +66,7 @@ class ServeConfig:
     # upload at a time ran 14-16 requests/s, against 154 with OMP_NUM_THREADS=1. None: 1,
     # or OMP_NUM_THREADS when set (the worker's rule for a user's own setting).
     torch_threads: int | None = None
-    runtime: str | None = None  # what runs the network (medsim.training.runtime); None: the setting
+    runtime: str | None = None  # what runs the network (medsim.model.runtime); None: the setting
     upload_retention_h: float = 24.0  # uploads kept for their URL (medsim.service.uploads); 0: none
     # peers whose X-Forwarded-For is believed (uvicorn's --forwarded-allow-ips); None: none
     forwarded_allow_ips: str | None = None
@@ -189,7 +189,7 @@ class Service:
                 if model.id not in self.nets:
                     with self.owner.connection() as conn:
                         net = model.load(conn)
-                    from medsim.training import runtime
+                    from medsim.model import runtime
 
                     # an ONNX Runtime session with this many threads, shared by the requests
                     # (its run() is thread-safe); torch's count is set per request thread below

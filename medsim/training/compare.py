@@ -162,7 +162,7 @@ def fill_commands(models: list[ModelFigures], not_evaluable: dict) -> list[str]:
 
 def embedding_time(conn, model_id: int, batch: list[StoredRow], threads: int) -> tuple[float | None, str, int]:
     """-> (ms per image, the runtime's name, images timed) for one model on the probe batch."""
-    from medsim.training import runtime
+    from medsim.model import runtime
 
     row = registry.get(conn, model_id)
     rt = runtime.prepare(row.load(conn), threads=threads)

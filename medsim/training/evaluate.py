@@ -18,8 +18,9 @@ import numpy as np
 
 from medsim import registry
 from medsim.errors import NotFound
+from medsim.model import network
 from medsim.queries import Q, one, scalar
-from medsim.training import calibration, data, evaluable, metrics, network
+from medsim.training import calibration, data, evaluable, metrics
 from medsim.training.pairs import sample_pairs
 
 PAIR_SEED_VAL, PAIR_SEED_TEST = 11, 12

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medsim.training import augment, network
+from medsim.model import network
+from medsim.training import augment
 
 # Views stronger than the supervised stage's: SimCLR learns what the augmentations leave
 # unchanged, and mild ones make the task trivial (a view finds its twin by brightness).

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from medsim.errors import BadArgument
+from medsim.model.config import MAX_INPUT, MIN_INPUT, PRESETS, SIZE_BUDGET, preset_for_size
 from medsim.queries import Q, one
-from medsim.training.config import MAX_INPUT, MIN_INPUT, PRESETS, SIZE_BUDGET, preset_for_size
 
 
 @dataclass

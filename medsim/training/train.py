@@ -21,9 +21,10 @@ import torch
 
 from medsim import queue, registry
 from medsim.errors import BadArgument
+from medsim.model import network
+from medsim.model.config import PRESETS, preset, preset_for_size
 from medsim.queries import Q
-from medsim.training import augment, data, evaluate, metrics, network, pretrain, sizing
-from medsim.training.config import PRESETS, preset, preset_for_size
+from medsim.training import augment, data, evaluate, metrics, pretrain, sizing
 from medsim.training.curves import plot_curves
 from medsim.training.pairs import sample_pairs
 

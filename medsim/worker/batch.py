@@ -145,7 +145,7 @@ def _bisect(embed, items: list, dim: int):
 
 
 def forward(rt) -> Callable[[np.ndarray], np.ndarray]:
-    """The network's runtime (medsim.training.runtime) as a batch's embed function: model
+    """The network's runtime (medsim.model.runtime) as a batch's embed function: model
     inputs -> vectors, with what it raises for inputs it cannot take turned into
     ImageFailure (bisected by embed_items)."""
 

@@ -41,7 +41,7 @@ class WorkerConfig:
     # beat both, 15.7 s)
     prefetch: bool | None = None
     device: str = "cpu"
-    runtime: str | None = None  # None: $MEDSIM_RUNTIME, else onnx (medsim.training.runtime)
+    runtime: str | None = None  # None: $MEDSIM_RUNTIME, else onnx (medsim.model.runtime)
     database_url: str | None = None
     progress: bool = True
 

@@ -42,12 +42,12 @@ class Threads:
         self.runtime = None  # the model's runtime (an ONNX Runtime session has its own pool)
 
     def runtime_for(self, net, runtime: str | None, device: str, keep_as: str | None = None):
-        """The network's runtime (medsim.training.runtime), kept so that fit() sizes its pool.
+        """The network's runtime (medsim.model.runtime), kept so that fit() sizes its pool.
         ``keep_as``: the checkpoint's sha256, under which an ONNX export is kept on disk
         (runtime.keep), so that a search by file from the shell needs no torch."""
         # imported here, not at the top: main() installs the SIGTERM handler first, so a stop
         # during the 2-3 s torch import is a clean exit 0 and not a kill
-        from medsim.training import runtime as runtimes
+        from medsim.model import runtime as runtimes
 
         self.runtime = runtimes.prepare(net, runtime, threads=self.now or 1, device=device)
         if keep_as is not None:

@@ -1,5 +1,5 @@
 """GET /explain: where a (query, neighbour) pair's closeness comes from, as two maps
-(medsim.training.explain): PNG overlays, or the arrays in JSON. The query is a stored
+(medsim.model.explain): PNG overlays, or the arrays in JSON. The query is a stored
 image id or a kept upload's handle; both images are read as the user (row-level
 security), then from the owner's pixels, and resized by the one resize path."""
 
@@ -64,7 +64,7 @@ async def explain_pair(request: Request, svc: ServiceDep, who: Viewer,
     method is). `format=png` returns one overlay (`which`), `json` both maps in [0, 1]
     with each map's deletion test run now (`faithfulness`: its deletion AUC, a random
     order's, and whether it is at most half of it)."""
-    from medsim.training import explain
+    from medsim.model import explain
 
     query_id = parse_id(query)
     if query_id is None and not uploads.HANDLE_RULE.fullmatch(query):

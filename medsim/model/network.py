@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from medsim.errors import DataRefused
-from medsim.training.config import ModelConfig
+from medsim.model.config import ModelConfig
 
 
 def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:

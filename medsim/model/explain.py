@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from medsim.training import network
+from medsim.model import network
 
 METHODS = ("occlusion", "integrated_gradients", "gradient")
 # chosen by bench/bench_explain.py (docs/results.md): integrated gradients from the blurred

@@ -52,7 +52,7 @@ class TorchRuntime:
             torch.set_num_threads(n)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
-        from medsim.training import network
+        from medsim.model import network
 
         return network.embed(self.net, images, batch_size=self.batch, device=self.device)
 
