@@ -27,7 +27,7 @@ SQL_DIR = SCHEMA_DIR / "sql"
 # touching the database costs no Alembic import (0.2 s of start-up: Alembic loads
 # SQLAlchemy); tests/test_migrations.py asserts it is Alembic's head. Alembic itself is
 # imported only where it runs migrations or explains a mismatch.
-HEAD = "0021"
+HEAD = "0022"
 
 # Concurrent `alembic upgrade head` runs (docker compose starts several workers, each
 # migrating first) would race on DDL; they take turns on this session lock instead. Any

@@ -28,12 +28,22 @@ class ModelRow:
     candidate: bool
 
     def load(self, conn, device="cpu"):
-        """The network, rebuilt from the checkpoint bytes alone (imports torch)."""
+        """The network, rebuilt from the checkpoint bytes alone (imports torch); an imported
+        encoder as a torch module over its ONNX Runtime session."""
         from medsim.model import network
 
         ck = one(conn, Q.model_checkpoint, {"id": self.id}, as_=Checkpoint)
+        if self.config.get("arch") == "onnx":
+            from medsim.model import imported
+            from medsim.model.config import ModelConfig
+
+            rt = imported.load(bytes(ck.checkpoint), ModelConfig.from_dict(self.config), ck.checkpoint_sha256)
+            return network.ImportedNet(rt)
         return network.load_checkpoint(bytes(ck.checkpoint), expected_sha256=ck.checkpoint_sha256,
                                        device=device)
+
+    def checkpoint(self, conn) -> Checkpoint:
+        return one(conn, Q.model_checkpoint, {"id": self.id}, as_=Checkpoint)
 
     def checkpoint_sha256(self, conn) -> str:
         return scalar(conn, Q.model_checkpoint_sha256, {"id": self.id})
@@ -106,6 +116,19 @@ def register(conn, net, *, mode: str, datasets: list, train_config: dict,
         "config": json.dumps(asdict(cfg)), "train_config": json.dumps(train_config),
         "datasets": list(datasets), "embedding_dim": cfg.embedding_dim, "checkpoint": blob,
         "sha256": sha, "best_epoch": best_epoch, "best_val_loss": best_val_loss,
+        "train_seconds": train_seconds, "candidate": candidate, "promote_when_ready": promote_when_ready,
+    })
+
+
+def register_encoder(conn, cfg, blob: bytes, sha: str, *, name: str, mode: str, datasets: list,
+                     train_config: dict, candidate: bool, promote_when_ready: bool = False,
+                     train_seconds=None, best_epoch=None) -> int:
+    """Store an imported ONNX encoder (medsim/model/imported.py's container: the file's
+    bytes, and a head if `medsim train --on` trained one) like a trained model."""
+    return scalar(conn, Q.insert_model, {
+        "name": name, "preset": cfg.preset, "mode": mode, "config": json.dumps(asdict(cfg)),
+        "train_config": json.dumps(train_config), "datasets": list(datasets), "embedding_dim": cfg.embedding_dim,
+        "checkpoint": blob, "sha256": sha, "best_epoch": best_epoch, "best_val_loss": None,
         "train_seconds": train_seconds, "candidate": candidate, "promote_when_ready": promote_when_ready,
     })
 

@@ -14,6 +14,8 @@ TRAIN_FIELDS = ("epochs", "sampler", "per_class", "steps_per_epoch", "pairs_per_
 def cmd_train(args) -> int:
     from medsim.training import train
 
+    if args.on is not None:
+        return _train_on(args)
     try:
         given = {k: getattr(args, k) for k in TRAIN_FIELDS if getattr(args, k) is not None}
         tcfg = train.TrainConfig(mode=args.mode, preset=args.preset, seed=args.seed, flags=args.datasets,
@@ -24,6 +26,36 @@ def cmd_train(args) -> int:
         train.train(conn, tcfg, out_dir=args.out_dir, progress=not args.quiet,
                     set_current=True if args.set_current else (False if args.no_set_current else None),
                     candidate=not args.no_set_current, promote_when_ready=args.promote_when_ready)
+    return 0
+
+
+def _train_on(args) -> int:
+    from medsim.training import encoders, train
+
+    given = {k: getattr(args, k) for k in ("epochs", "per_class", "steps_per_epoch") if getattr(args, k) is not None}
+    tcfg = train.TrainConfig(mode=args.mode, seed=args.seed, flags=args.datasets, **given)
+    with connect(args) as conn:
+        encoders.train_head(conn, args.on, tcfg, promote_when_ready=args.promote_when_ready,
+                            log=(lambda *a: None) if args.quiet else print)
+    return 0
+
+
+def _numbers(text: str | None, what: str):
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise BadArgument(f"--{what} takes numbers separated by commas (e.g. 0.485,0.456,0.406), got {text!r}") from None
+
+
+def cmd_import(args) -> int:
+    from medsim.training import encoders
+
+    with connect(args) as conn:
+        encoders.import_encoder(conn, args.file, name=args.name, input_size=args.input_size, channels=args.channels,
+                                mean=_numbers(args.mean, "mean"), std=_numbers(args.std, "std"),
+                                promote_when_ready=args.promote_when_ready)
     return 0
 
 
@@ -93,7 +125,7 @@ def cmd_models(args) -> int:
             if total:
                 state += f" ({total - missing:,}/{total:,} embedded)"
             print(f"{'*' if m.is_current else ' '} {m.id:4d} {m.name:18s} dim {m.embedding_dim:3d} "
-                  f"on {','.join(m.datasets)}  best epoch {m.best_epoch} val loss {loss}  {secs}s  "
+                  f"on {','.join(m.datasets) or '(none: imported)'}  best epoch {m.best_epoch} val loss {loss}  {secs}s  "
                   f"{m.created_at:%Y-%m-%d %H:%M}  {state}".rstrip())
     return 0
 
@@ -139,6 +171,9 @@ def register(sub) -> None:
                         "done); default: a candidate, promoted without downtime (medsim models promote)")
     s.add_argument("--promote-when-ready", action="store_true",
                    help="make the candidate current as soon as the workers have embedded its whole gallery")
+    s.add_argument("--on", default=None, metavar="MODEL",
+                   help="train a small contrastive head on an imported encoder's frozen features (`medsim models "
+                        "import`) instead of a network: features computed once, so minutes")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("evaluate", parents=[MODEL, OUT_DIR],
@@ -176,6 +211,20 @@ def register(sub) -> None:
     r = msub.add_parser("rollback", help="make current again the model the last promotion replaced")
     r.add_argument("--force", action="store_true", help="even if images ingested since lack its embedding")
     r.set_defaults(func=cmd_models)
+    i = msub.add_parser("import", help="register a frozen ONNX encoder (a model validated elsewhere); workers embed "
+                                       "with it through ONNX Runtime, and it is a candidate like a trained model")
+    i.add_argument("file", help="the .onnx file: one (batch, channels, height, width) float input, one vector out")
+    i.add_argument("--name", required=True, help="the model's name in `medsim models`")
+    i.add_argument("--input-size", type=int, default=None, metavar="N",
+                   help="its input size in px (default: the size fixed in the file)")
+    i.add_argument("--channels", type=int, choices=[1, 3], default=None,
+                   help="channels its input takes (default: the file's, else 3)")
+    i.add_argument("--mean", default=None, metavar="M", help="per-channel mean on [0, 1] pixels, one number or one "
+                                                             "per channel (default ImageNet's 0.485,0.456,0.406)")
+    i.add_argument("--std", default=None, metavar="S", help="per-channel std (default ImageNet's 0.229,0.224,0.225)")
+    i.add_argument("--promote-when-ready", action="store_true",
+                   help="make it current as soon as the workers have embedded its whole gallery")
+    i.set_defaults(func=cmd_import)
     c = msub.add_parser("compare", help="every model (or those named) by dataset: mAP@5, ACC@1, ECE, embedding "
                                         "coverage, checkpoint size, input size, embedding time per image")
     c.add_argument("ids", nargs="*", type=int, metavar="ID", help="models to compare (default: every model on file)")

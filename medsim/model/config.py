@@ -24,6 +24,12 @@ class ModelConfig:
     # all embed the same way; it doubles the forward cost.
     tta_flip: bool = False
     members: int = 1  # networks in the model, each with embedding_dim / members outputs
+    # An imported ONNX encoder (arch "onnx", medsim/model/imported.py): the channels its
+    # input takes and the per-channel mean and std it was trained with, on [0, 1] pixels
+    # (ImageNet's by default: what torchvision's and most foundation models' exports expect).
+    channels: int = 3
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
     def inference_batch(self, device: str = "cpu") -> int:
         """Images per forward pass at inference. On a CPU, batches whose first-layer
@@ -32,7 +38,8 @@ class ModelConfig:
         1k at 4 and 0.5k at 256), so aim at ~4 MB of them; a GPU wants big batches."""
         if str(device).startswith("cuda"):
             return 1024 if self.arch != "resnet18" else 256
-        if self.arch == "resnet18":  # its stem: 64 channels at half the input size
+        if self.arch in ("resnet18", "onnx"):  # its stem: 64 channels at half the input size (an
+            # imported encoder's is not known: a ResNet's is the common case)
             per_image = 4 * 64 * (self.image_size // 2) ** 2
         else:
             per_image = 4 * self.widths[0] * self.image_size**2  # float32 bytes
@@ -40,7 +47,11 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        return cls(**{**d, "widths": tuple(d["widths"])})
+        d = {**d, "widths": tuple(d["widths"])}
+        for k in ("mean", "std"):
+            if k in d:
+                d[k] = tuple(d[k])
+        return cls(**d)
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -62,6 +62,12 @@ def _closeness(net, other: torch.Tensor):
     return f
 
 
+def method_for(net, method: str) -> str:
+    """The method a network allows: an imported encoder runs in ONNX Runtime, which has no
+    gradients, so its maps are occlusion's whatever was asked (and the answer says so)."""
+    return method if getattr(net, "differentiable", True) else "occlusion"
+
+
 def attribute(net, x: torch.Tensor, other: torch.Tensor, method: str = DEFAULT,
               baseline: str = DEFAULT_BASELINE) -> np.ndarray:
     """x, other: (1, 3, S, S) model inputs -> (S, S) relevance of x's pixels for the pair's
@@ -70,6 +76,7 @@ def attribute(net, x: torch.Tensor, other: torch.Tensor, method: str = DEFAULT,
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    method = method_for(net, method)
     net.eval()
     f = _closeness(net, other)
     x = x.detach().clone()

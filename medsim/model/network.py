@@ -73,6 +73,28 @@ class EmbeddingNet(nn.Module):
         return [F.normalize(m(self.check_input(x)), dim=1) for m in self.body.members]
 
 
+class ImportedNet(nn.Module):
+    """An imported ONNX encoder (medsim/model/imported.py) where a torch module is expected:
+    evaluation, calibration, training a head on its features, explanations. The forward
+    pass is ONNX Runtime's, so there are no gradients (explain.method_for: occlusion)."""
+
+    differentiable = False
+
+    def __init__(self, rt):
+        super().__init__()
+        self.rt, self.cfg = rt, rt.cfg
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.cfg.image_size
+        if x.ndim != 4 or x.shape[1] != 3 or x.shape[-2:] != (s, s):
+            raise ValueError(f"the encoder takes (batch, 3, {s}, {s}) inputs, got {tuple(x.shape)}")
+        x01 = ((x.detach().float().cpu() + 1) / 2).numpy()  # to_input's [-1, 1] back to [0, 1]
+        return torch.from_numpy(self.rt.embed_unit(x01)).to(x.device)
+
+    def parts(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self(x)]
+
+
 def _convnet(widths, dim: int) -> nn.Sequential:
     w1, w2, w3 = widths
     return nn.Sequential(

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from medsim.errors import BadArgument
+from medsim.model.sessions import cpu_session, probe_images  # noqa: F401  (runtime.probe_images: tests, benches)
 
 log = logging.getLogger("medsim.runtime")
 
@@ -142,12 +143,17 @@ def keep(rt, checkpoint_sha256: str) -> None:
         log.warning("could not keep the ONNX export at %s (%s); searches by file will import torch", path, err)
 
 
-def for_query(cfg, checkpoint_sha256: str, load_net, threads: int = 1):
+def for_query(cfg, checkpoint_sha256: str, load_net, threads: int = 1, load_checkpoint=None):
     """The runtime for a process that embeds a few images and exits (the CLI): the kept
     export through ONNX Runtime, no torch import; else the torch network, exported and
-    checked once (prepare) and kept for the next process. MEDSIM_RUNTIME=torch: torch."""
+    checked once (prepare) and kept for the next process. MEDSIM_RUNTIME=torch: torch.
+    An imported encoder is ONNX already: its stored bytes, no torch (load_checkpoint)."""
     from medsim import settings
 
+    if cfg.arch == "onnx" and load_checkpoint is not None:
+        from medsim.model import imported
+
+        return imported.load(bytes(load_checkpoint()), cfg, checkpoint_sha256, threads)
     path = export_path(checkpoint_sha256)
     if settings.get().runtime == "onnx" and path.exists():
         try:
@@ -158,17 +164,6 @@ def for_query(cfg, checkpoint_sha256: str, load_net, threads: int = 1):
     rt = prepare(load_net(), threads=threads)
     keep(rt, checkpoint_sha256)
     return rt
-
-
-def cpu_session(model, threads: int):
-    """An ONNX Runtime session on the CPU for an ONNX model (bytes or a path), with this
-    many intra-op threads and no inter-op pool (the graph is one chain)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.log_severity_level = 3  # warnings about unused initialisers are not the user's business
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
 def export(net) -> bytes:
@@ -191,17 +186,6 @@ def export(net) -> bytes:
     return buf.getvalue()
 
 
-def probe_images(size: int, n: int = 32) -> np.ndarray:
-    """A fixed batch for the parity check: noise, ramps and flat images, grey and colour."""
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-    ramp = np.linspace(0, 255, size, dtype=np.float32)
-    x[: n // 4] = np.broadcast_to(ramp[None, None, :, None], (n // 4, size, size, 3)).astype(np.uint8)
-    x[n // 4: n // 2] = x[n // 4: n // 2, :, :, :1]  # grey noise
-    x[-1] = 128
-    return x
-
-
 def max_cosine_gap(a: np.ndarray, b: np.ndarray) -> float:
     na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
     cos = (a * b).sum(1) / np.maximum(na * nb, 1e-12)
@@ -216,6 +200,9 @@ def prepare(net, runtime: str | None = None, threads: int = 1, device="cpu"):
     runtime = runtime or settings.get().runtime
     if runtime not in RUNTIMES:
         raise BadArgument(f"unknown runtime {runtime!r}; choose from {', '.join(RUNTIMES)}")
+    if net.cfg.arch == "onnx":  # an imported encoder: ONNX Runtime on the CPU is all it has
+        net.rt.set_threads(threads)
+        return net.rt
     torch_rt = TorchRuntime(net, device)
     if runtime == "torch" or not str(device).startswith("cpu"):
         torch_rt.set_threads(threads)

@@ -48,7 +48,8 @@ class Context:
         if model.id not in self._nets:
             self._nets[model.id] = runtime.for_query(ModelConfig.from_dict(model.config),
                                                      model.checkpoint_sha256(self.owner),
-                                                     lambda: model.load(self.owner))
+                                                     lambda: model.load(self.owner),
+                                                     load_checkpoint=lambda: model.checkpoint(self.owner).checkpoint)
         return self._nets[model.id]
 
     def embed(self, model: registry.ModelRow, x: np.ndarray) -> np.ndarray:

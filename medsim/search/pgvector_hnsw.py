@@ -18,9 +18,16 @@ def index_name(model_id: int) -> str:
     return f"embeddings_hnsw_model_{int(model_id)}"
 
 
+# pgvector's HNSW indexes vector up to 2,000 dimensions and halfvec up to 4,000: an imported
+# encoder's wider output is indexed (and searched, schema/sql/004_search.sql) as halfvec
+VECTOR_INDEX_MAX = 2000
+
+
 def distance_expr(dim: int) -> sql.Composable:
-    """`embedding::vector(dim)`: the expression both the index and queries must use."""
-    return sql.SQL("embedding::vector({})").format(sql.Literal(int(dim)))
+    """`embedding::vector(dim)` (halfvec above 2,000 dimensions): the expression both the
+    index and queries must use."""
+    kind = "vector" if int(dim) <= VECTOR_INDEX_MAX else "halfvec"
+    return sql.SQL("embedding::{}({})").format(sql.SQL(kind), sql.Literal(int(dim)))
 
 
 def exists(conn, model_id: int) -> bool:
@@ -81,9 +88,10 @@ def ensure(conn, model_id: int, dim: int, m: int = DEFAULT_M,
         mem = build_memory_mb(scalar(conn, Q.count_model_embeddings, {"model_id": int(model_id)}), dim, m)
         conn.execute("SELECT set_config('maintenance_work_mem', %s, true)", (f"{mem}MB",))
         conn.execute(sql.SQL(
-            "CREATE INDEX {name} ON medsim.embeddings USING hnsw (({expr}) vector_l2_ops) "
+            "CREATE INDEX {name} ON medsim.embeddings USING hnsw (({expr}) {ops}) "
             "WITH (m = {m}, ef_construction = {efc}) WHERE model_id = {model_id}"
         ).format(name=sql.Identifier(index_name(model_id)), expr=distance_expr(dim),
+                 ops=sql.SQL("vector_l2_ops" if int(dim) <= VECTOR_INDEX_MAX else "halfvec_l2_ops"),
                  m=sql.Literal(int(m)), efc=sql.Literal(int(ef_construction)),
                  model_id=sql.Literal(int(model_id))))
     return True

@@ -78,12 +78,12 @@ BEGIN
     v_sql := format(
         'WITH cand AS (
              SELECT g.image_id, g.dataset, g.split, g.label_name, g.label_names, g.patient_key, g.study_id,
-                    (g.embedding::vector(%1$s) <-> $1::vector(%1$s))::double precision AS distance
+                    (g.embedding::%3$s(%1$s) <-> $1::%3$s(%1$s))::double precision AS distance
              FROM medsim.embedded_images g
              WHERE g.model_id = %2$s AND g.split = ANY($8)
                AND ($4::bigint IS NULL OR g.image_id <> $4)
                AND medsim.gallery_match(g.dataset, g.split, g.label_names, g.metadata, g.patient_key, $2, $3)
-             ORDER BY g.embedding::vector(%1$s) <-> $1::vector(%1$s)
+             ORDER BY g.embedding::%3$s(%1$s) <-> $1::%3$s(%1$s)
              LIMIT $5),
          ranked AS (
              SELECT c.*, row_number() OVER (PARTITION BY coalesce(c.patient_key, c.image_id::text)
@@ -93,7 +93,10 @@ BEGIN
              SELECT * FROM ranked WHERE $6::int IS NULL OR nth <= $6 ORDER BY distance LIMIT $7)
          SELECT (SELECT count(*) FROM cand)::int,
                 coalesce((SELECT jsonb_agg(to_jsonb(k) - ''nth'' ORDER BY k.distance) FROM kept k), ''[]'')',
-        v_dim, v_model);
+        v_dim, v_model,
+        -- above 2,000 dimensions (an imported encoder's) the HNSW index is on halfvec, which
+        -- pgvector indexes up to 4,000 (search/pgvector_hnsw.py's distance_expr)
+        CASE WHEN v_dim > 2000 THEN 'halfvec' ELSE 'vector' END);
     v_limit := CASE WHEN p_per_patient IS NULL THEN p_k ELSE p_k * 4 END;
     PERFORM set_config('hnsw.iterative_scan', 'strict_order', true);
     LOOP

@@ -78,11 +78,12 @@ async def explain_pair(request: Request, svc: ServiceDep, who: Viewer,
         (xa, sha), (xb, _) = _pixels(svc, who, query_id, query), _pixels(svc, who, neighbour)
         a, b = images.model_input(xa, s), images.model_input(xb, s)
         svc.size_threads()
-        ma, mb = explain.pair_maps(rt.net, a, b, method)
+        used = explain.method_for(rt.net, method)
+        ma, mb = explain.pair_maps(rt.net, a, b, used)
         check = explain.faithfulness(rt.net, a, b, ma, mb) if format == "json" else None
-        return row, xa, xb, explain.display(ma), explain.display(mb), check, sha
+        return row, xa, xb, explain.display(ma), explain.display(mb), check, sha, used
 
-    row, xa, xb, ma, mb, check, sha = await run_in_threadpool(work)
+    row, xa, xb, ma, mb, check, sha, method = await run_in_threadpool(work)
     svc.log(who, client_address(request), "explain", [neighbour] + ([query_id] if query_id is not None else []),
             query_kind="upload" if query_id is None else "image_id", query_image_id=query_id, query_sha256=sha,
             model_id=row.id)

@@ -1,0 +1,139 @@
+"""Encoders medsim did not train: `medsim models import FILE.onnx` registers one, and
+`medsim train --on MODEL` trains a small contrastive head on its frozen features.
+
+The head is the Siamese objective of every medsim model (the contrastive loss over a
+P x K batch's pairs, network.batch_contrastive_loss) on features computed once: the
+encoder never runs during training, so a head trains in seconds to minutes whatever the
+encoder costs, and the epoch kept is the one with the best validation mAP@5, as fit()
+keeps. Why a two-layer MLP and not a linear map: a linear head on L2-normalised features
+can only rotate and scale the encoder's cosine geometry; one hidden layer can pull apart
+what the encoder put together (the SimCLR projection head's shape, reversed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from medsim import queue, registry
+from medsim.errors import BadArgument
+from medsim.model import imported
+from medsim.queries import Q
+
+HIDDEN, OUT = 256, 64
+MARGIN = 1.0  # between diagnoses, as medsim's own networks (ModelConfig.margin)
+
+
+def _place(conn, model_id: int, first: bool, promote_when_ready: bool, log) -> None:
+    """A new model: current when there is none, else a candidate the workers embed after
+    the current model's backlog (search/promotion.py makes it current)."""
+    if first:
+        registry.set_current(conn, model_id)
+        log(f"model {model_id} is the current model")
+    else:
+        queue.enqueue(conn, model_id)
+        log(f"model {model_id} is a candidate: searches keep the current model while workers embed its gallery; "
+            + ("it becomes current as soon as that is complete" if promote_when_ready else
+               f"`medsim models promote {model_id}` makes it current once that is complete"))
+
+
+def import_encoder(conn, path: str | Path, *, name: str, input_size: int | None = None, channels: int | None = None,
+                   mean=None, std=None, promote_when_ready: bool = False, log=print) -> int:
+    """Check an ONNX file (imported.inspect) and register it -> its model id."""
+    onnx_bytes = imported.read_file(path)
+    cfg = imported.inspect(onnx_bytes, input_size=input_size, channels=channels, mean=mean, std=std)
+    blob, sha = imported.pack(onnx_bytes)
+    first = conn.execute(Q.current_model).fetchone() is None
+    with conn.transaction():
+        mid = registry.register_encoder(
+            conn, cfg, blob, sha, name=name, mode="imported", datasets=[],
+            train_config={"imported_from": imported.file_name(path),
+                          "file_sha256": hashlib.sha256(onnx_bytes).hexdigest()},
+            candidate=not first, promote_when_ready=promote_when_ready and not first)
+    log(f"model {mid} ({name}): imported {imported.file_name(path)}, {imported.describe(cfg)}")
+    _place(conn, mid, first, promote_when_ready, log)
+    return mid
+
+
+def train_head(conn, encoder_ref, tcfg, *, name: str | None = None, promote_when_ready: bool = False,
+               log=print) -> int:
+    """`medsim train --on MODEL`: a contrastive head on an imported encoder's features ->
+    the new model's id (the same ONNX bytes, the head beside them)."""
+    import torch
+
+    from medsim.model import network
+    from medsim.training import data, evaluate, train
+
+    row = registry.get(conn, encoder_ref)
+    if row.config.get("arch") != "onnx":
+        raise BadArgument(f"model {row.id} is medsim's own network; --on takes an imported encoder "
+                          f"(`medsim models import FILE.onnx --name NAME`): train medsim's network with `medsim train`")
+    encoder = row.load(conn)
+    if encoder.rt.head is not None:
+        raise BadArgument(f"model {row.id} already has a head; train on the encoder it was made from")
+    size = encoder.cfg.image_size
+    tr = data.load_split(conn, ["train"], tcfg.flags, tcfg.image_size, size)
+    va = data.load_split(conn, ["val"], tcfg.flags, tcfg.image_size, size)
+    if not len(tr) or not len(va):
+        raise BadArgument("--on needs labelled train and val images of the datasets asked")
+    t0 = time.perf_counter()
+    ftr, fva = (_features(encoder.rt, s.images) for s in (tr, va))
+    log(f"features of {len(tr)} train and {len(va)} val images from model {row.id} in "
+        f"{time.perf_counter() - t0:.0f}s ({ftr.shape[1]}-d)")
+    torch.manual_seed(tcfg.seed)
+    rng = np.random.default_rng(tcfg.seed)
+    head = torch.nn.Sequential(torch.nn.Linear(ftr.shape[1], HIDDEN), torch.nn.ReLU(), torch.nn.Linear(HIDDEN, OUT))
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3, weight_decay=tcfg.weight_decay)
+    keys, ds = torch.as_tensor(tr.label_keys), torch.as_tensor(tr.dataset_ids)
+    x = torch.as_tensor(ftr)
+    best, best_state = -1.0, None
+    for epoch in range(1, tcfg.epochs + 1):
+        head.train()
+        for idx in train.pk_batches(tr.label_keys, tcfg.per_class, tcfg.steps_per_epoch, rng):
+            z = torch.nn.functional.normalize(head(x[idx]), dim=1)
+            loss = network.batch_contrastive_loss(z, keys[idx], ds[idx], MARGIN,
+                                                  tcfg.dataset_margin or 1.4)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        state = _numpy(head)
+        score = _val_map(state, fva, va, ftr, tr, evaluate)
+        if score > best:
+            best, best_state, best_epoch = score, state, epoch
+    seconds = time.perf_counter() - t0
+    cfg = replace(encoder.cfg, preset="onnx+head", embedding_dim=OUT)
+    blob, sha = imported.pack(encoder.rt.onnx, best_state)
+    flags = sorted({tr.flags[int(d)] for d in np.unique(tr.dataset_ids)})
+    first = conn.execute(Q.current_model).fetchone() is None
+    with conn.transaction():
+        mid = registry.register_encoder(
+            conn, cfg, blob, sha, name=name or f"{row.name}+head", mode=tcfg.mode, datasets=flags,
+            train_config={"on_model": row.id, "epochs": tcfg.epochs, "steps_per_epoch": tcfg.steps_per_epoch,
+                          "per_class": tcfg.per_class, "seed": tcfg.seed, "flags": flags},
+            candidate=not first, promote_when_ready=promote_when_ready and not first,
+            train_seconds=seconds, best_epoch=best_epoch)
+    log(f"model {mid}: a {HIDDEN}-{OUT} contrastive head on model {row.id}'s features, best epoch {best_epoch} "
+        f"(val mAP@5 {100 * best:.1f}), {seconds:.0f}s")
+    _place(conn, mid, first, promote_when_ready, log)
+    return mid
+
+
+def _features(rt, images: np.ndarray, chunk: int = 256) -> np.ndarray:
+    return np.concatenate([rt.features(imported.to_unit(images[i:i + chunk]))
+                           for i in range(0, len(images), chunk)])
+
+
+def _numpy(head) -> dict:
+    w1, w2 = head[0], head[2]
+    return {"head_w1": w1.weight.detach().numpy().T.copy(), "head_b1": w1.bias.detach().numpy().copy(),
+            "head_w2": w2.weight.detach().numpy().T.copy(), "head_b2": w2.bias.detach().numpy().copy()}
+
+
+def _val_map(state, fva, va, ftr, tr, evaluate) -> float:
+    zq, zb = imported.apply_head(fva, state), imported.apply_head(ftr, state)
+    per = evaluate.literature(zq, va, zb, tr, "l2", intervals=False)
+    return float(np.mean([m["map@5"] for m in per.values()])) if per else float("nan")
