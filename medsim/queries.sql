@@ -417,6 +417,13 @@ RETURNING id;
 -- conflict with the FOR KEY SHARE that foreign-key checks take on the same row.
 SELECT 1 FROM medsim.models WHERE id = %(model_id)s FOR SHARE;
 
+-- name: lock_model_registry
+-- Two registrations at once on an empty registry: both saw "no current model" and made
+-- themselves current one after the other, leaving the first neither current nor a
+-- candidate (never embedded). Taken by encoders.register_and_place until commit; it
+-- conflicts with itself and with writes to medsim.models, not with reads.
+LOCK TABLE medsim.models IN SHARE ROW EXCLUSIVE MODE;
+
 -- name: lock_queue_exclusive
 -- FOR NO KEY UPDATE: conflicts with the batches' FOR SHARE, not with foreign-key checks.
 SELECT 1 FROM medsim.models WHERE id = %(model_id)s FOR NO KEY UPDATE;
@@ -837,7 +844,8 @@ SET a = EXCLUDED.a, b = EXCLUDED.b, vote_a = EXCLUDED.vote_a, vote_b = EXCLUDED.
 
 -- name: calibrations_of
 SELECT dataset, a, b, vote_a, vote_b, report -> 'vote_by_k' AS vote_by_k, (report ->> 'ood_d1')::float8 AS ood_d1,
-       report -> 'vote_iso_by_k' AS vote_iso_by_k, report -> 'conformal' AS conformal
+       report -> 'vote_iso_by_k' AS vote_iso_by_k, report -> 'conformal' AS conformal,
+       report -> 'recent_check' AS recent_check
 FROM medsim.calibrations WHERE model_id = %(model_id)s ORDER BY dataset;
 
 -- name: image_facts
@@ -1125,6 +1133,15 @@ WHERE e.model_id = %(model_id)s AND d.flag = %(dataset)s AND cardinality(i.label
 ORDER BY e.image_id;
 
 -- name: store_calibration_check
--- The latest check on recent images beside the fit it checked (report.recent_check).
-UPDATE medsim.calibrations SET report = report || jsonb_build_object('recent_check', %(check)s::jsonb)
+-- The latest check on recent images beside the fit it checked (report.recent_check), with
+-- the database's time of it (checked_at: /status and searches say when). A new fit
+-- (upsert_calibration) replaces the report, the check with it: it checked the old fit.
+UPDATE medsim.calibrations
+SET report = report || jsonb_build_object('recent_check', %(check)s::jsonb || jsonb_build_object('checked_at', now()))
 WHERE model_id = %(model_id)s AND dataset = %(dataset)s;
+
+-- name: recent_checks
+-- /status: the latest check on recent images of each calibration of these models (the
+-- datasets the caller sees: row security on medsim.calibrations); null where never checked.
+SELECT model_id, dataset, report -> 'recent_check' AS recent_check
+FROM medsim.calibrations WHERE model_id = ANY(%(model_ids)s::int[]);

@@ -207,3 +207,19 @@ def test_an_imported_model_embeds_a_search_by_file_without_torch(conn, db_url, s
                            load_checkpoint=lambda: row.checkpoint(conn).checkpoint)
     assert isinstance(rt, imported.ImportedRuntime)
     assert network.ImportedNet(rt)(torch.zeros(1, 3, 32, 32)).shape == (1, 512)
+
+
+def test_imports_at_once_on_an_empty_registry_leave_one_current_and_the_rest_candidates(conn, db_url, tmp_path):
+    """Run N copies at once: each saw "no current model" and made itself current, the
+    first left neither current nor a candidate (never embedded). The registry lock."""
+    import subprocess
+    import sys
+
+    path = export(resnet(8), tmp_path / "r.onnx", 32)
+    env = {**os.environ, "DATABASE_URL": db_url}
+    procs = [subprocess.Popen([sys.executable, "-m", "medsim", "models", "import", path, "--name", f"m{i}"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    rows = conn.execute("SELECT is_current, candidate FROM medsim.models ORDER BY id").fetchall()
+    assert sorted(rows) == [(False, True), (False, True), (True, False)]

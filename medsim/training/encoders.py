@@ -28,17 +28,26 @@ HIDDEN, OUT = 256, 64
 MARGIN = 1.0  # between diagnoses, as medsim's own networks (ModelConfig.margin)
 
 
-def _place(conn, model_id: int, first: bool, promote_when_ready: bool, log) -> None:
-    """A new model: current when there is none, else a candidate the workers embed after
-    the current model's backlog (search/promotion.py makes it current)."""
+def register_and_place(conn, register, promote_when_ready: bool, log) -> int:
+    """register(candidate, promote_when_ready) -> a new model id, in one transaction with its
+    place: current when there is none, else a candidate that the workers embed after the
+    current model's backlog (search/promotion.py makes it current). The registry is locked
+    first, so two registrations at once cannot both take "no current model" for theirs."""
+    with conn.transaction():
+        conn.execute(Q.lock_model_registry)
+        first = conn.execute(Q.current_model).fetchone() is None
+        mid = register(not first, promote_when_ready and not first)
+        if first:
+            registry.set_current(conn, mid)
+        else:
+            queue.enqueue(conn, mid)
     if first:
-        registry.set_current(conn, model_id)
-        log(f"model {model_id} is the current model")
+        log(f"model {mid} is the current model")
     else:
-        queue.enqueue(conn, model_id)
-        log(f"model {model_id} is a candidate: searches keep the current model while workers embed its gallery; "
+        log(f"model {mid} is a candidate: searches keep the current model while workers embed its gallery; "
             + ("it becomes current as soon as that is complete" if promote_when_ready else
-               f"`medsim models promote {model_id}` makes it current once that is complete"))
+               f"`medsim models promote {mid}` makes it current once that is complete"))
+    return mid
 
 
 def import_encoder(conn, path: str | Path, *, name: str, input_size: int | None = None, channels: int | None = None,
@@ -47,16 +56,11 @@ def import_encoder(conn, path: str | Path, *, name: str, input_size: int | None 
     onnx_bytes = imported.read_file(path)
     cfg = imported.inspect(onnx_bytes, input_size=input_size, channels=channels, mean=mean, std=std)
     blob, sha = imported.pack(onnx_bytes)
-    first = conn.execute(Q.current_model).fetchone() is None
-    with conn.transaction():
-        mid = registry.register_encoder(
-            conn, cfg, blob, sha, name=name, mode="imported", datasets=[],
-            train_config={"imported_from": imported.file_name(path),
-                          "file_sha256": hashlib.sha256(onnx_bytes).hexdigest()},
-            candidate=not first, promote_when_ready=promote_when_ready and not first)
-    log(f"model {mid} ({name}): imported {imported.file_name(path)}, {imported.describe(cfg)}")
-    _place(conn, mid, first, promote_when_ready, log)
-    return mid
+    log(f"{imported.file_name(path)}: {imported.describe(cfg)}")
+    return register_and_place(conn, lambda candidate, promote: registry.register_encoder(
+        conn, cfg, blob, sha, name=name, mode="imported", datasets=[],
+        train_config={"imported_from": imported.file_name(path), "file_sha256": hashlib.sha256(onnx_bytes).hexdigest()},
+        candidate=candidate, promote_when_ready=promote), promote_when_ready, log)
 
 
 def train_head(conn, encoder_ref, tcfg, *, name: str | None = None, promote_when_ready: bool = False,
@@ -108,18 +112,14 @@ def train_head(conn, encoder_ref, tcfg, *, name: str | None = None, promote_when
     cfg = replace(encoder.cfg, preset="onnx+head", embedding_dim=OUT)
     blob, sha = imported.pack(encoder.rt.onnx, best_state)
     flags = sorted({tr.flags[int(d)] for d in np.unique(tr.dataset_ids)})
-    first = conn.execute(Q.current_model).fetchone() is None
-    with conn.transaction():
-        mid = registry.register_encoder(
-            conn, cfg, blob, sha, name=name or f"{row.name}+head", mode=tcfg.mode, datasets=flags,
-            train_config={"on_model": row.id, "epochs": tcfg.epochs, "steps_per_epoch": tcfg.steps_per_epoch,
-                          "per_class": tcfg.per_class, "seed": tcfg.seed, "flags": flags},
-            candidate=not first, promote_when_ready=promote_when_ready and not first,
-            train_seconds=seconds, best_epoch=best_epoch)
-    log(f"model {mid}: a {HIDDEN}-{OUT} contrastive head on model {row.id}'s features, best epoch {best_epoch} "
+    log(f"a {HIDDEN}-{OUT} contrastive head on model {row.id}'s features: best epoch {best_epoch} "
         f"(val mAP@5 {100 * best:.1f}), {seconds:.0f}s")
-    _place(conn, mid, first, promote_when_ready, log)
-    return mid
+    return register_and_place(conn, lambda candidate, promote: registry.register_encoder(
+        conn, cfg, blob, sha, name=name or f"{row.name}+head", mode=tcfg.mode, datasets=flags,
+        train_config={"on_model": row.id, "epochs": tcfg.epochs, "steps_per_epoch": tcfg.steps_per_epoch,
+                      "per_class": tcfg.per_class, "seed": tcfg.seed, "flags": flags},
+        candidate=candidate, promote_when_ready=promote, train_seconds=seconds, best_epoch=best_epoch),
+        promote_when_ready, log)
 
 
 def _features(rt, images: np.ndarray, chunk: int = 256) -> np.ndarray:

@@ -145,7 +145,7 @@ def latest(conn, model_id: int) -> dict | None:
 def format_table(r: dict) -> str:
     trained = r.get("trained_on")
     lines = [f"model {r['model_id']} ({r['preset']}, {r['mode']} mode) on {', '.join(r['datasets'])}"
-             + (f" (trained on {', '.join(trained)})" if trained is not None and trained != r["datasets"] else ""),
+             + (f" (trained on {', '.join(trained) or 'nothing here: imported'})" if trained is not None and trained != r["datasets"] else ""),
              *(r.get("not_evaluated") or {}).values(), ""]
     if r.get("excluded_leaked_queries") is not None:
         lines[-1:-1] = [f"test queries left out as leaked (latest medsim audit): {r['excluded_leaked_queries']}"]
