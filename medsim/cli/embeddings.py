@@ -15,6 +15,7 @@ def cmd_worker(args) -> int:
 
 def cmd_status(args) -> int:
     from medsim import queue, registry
+    from medsim.training import recent
 
     with connect(args) as conn:
         if args.model is not None:
@@ -31,6 +32,11 @@ def cmd_status(args) -> int:
         for r in rows:  # what a search cannot see yet, in the words a search uses
             if r.note:
                 print(r.note)
+        checks = recent.of_models(conn, {r.model_id for r in rows})
+        for r in rows:  # a calibration whose coverage fell short on recent images, as a search says it
+            said = recent.note(checks.get((r.model_id, r.dataset)), r.dataset)
+            if said:
+                print(f"model {r.model_id} {said}")
         for f in queue.failures(conn, args.model):
             state = "FAILED" if f.failed_at else "retrying"
             print(f"  model {f.model_id} image {f.image_id}: {state} after {f.attempts} attempt(s): {f.last_error}")

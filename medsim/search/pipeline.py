@@ -51,6 +51,7 @@ class Query:
     resized: str | None = None  # how a file or upload was recognised as a stored image at another size
     vote: dict | None = None  # the neighbours' label vote and its calibrated confidence
     diagnosis_set: dict | None = None  # the labels that hold the query's at a stated coverage (conformal)
+    calibration_note: str | None = None  # "not verified on recent images: ..." (training.recent.note)
 
 
 @dataclass
@@ -334,6 +335,7 @@ def calibrate(cals: dict, q: Query, hits: list, coverage: float | None = None) -
                 h.p_same = None
     q.vote = calibration.vote(hits, cals, q.dataset, coverage or conformal.DEFAULT_COVERAGE) if cals else None
     q.diagnosis_set = q.vote.pop("diagnosis_set", None) if q.vote else None
+    q.calibration_note = q.vote.pop("calibration_note", None) if q.vote else None
     if q.vote and q.vote["unlike_anything_on_file"]:
         for h in hits:
             h.p_same = None

@@ -20,7 +20,8 @@ def as_json(results) -> list[dict]:
                               "label_name": q.label_name, "label_names": q.label_names,
                               "in_gallery": q.in_gallery},
                     "model_id": r.model.id, "engine": r.engine, "index_build": r.index_build,
-                    "vote": q.vote, "diagnosis_set": q.diagnosis_set, "notes": r.notes, "neighbours": [dict(vars(h)) for h in r.hits]})
+                    "vote": q.vote, "diagnosis_set": q.diagnosis_set, "calibration_note": q.calibration_note,
+                    "notes": r.notes, "neighbours": [dict(vars(h)) for h in r.hits]})
     return out
 
 
@@ -77,6 +78,8 @@ def table(results) -> str:
             held = ("" if not q.label_name or q.vote["dataset"] != q.dataset else
                     "  -> holds it" if q.label_name in q.diagnosis_set["labels"] else "  -> misses it")
             lines.append(f"  diagnosis set: {set_text(q.diagnosis_set)}{held}")
+        if q.calibration_note:  # under the numbers it qualifies: the set and P(right) were fitted elsewhere
+            lines.append(f"  calibration: {q.calibration_note}")
     return "\n".join(lines)
 
 

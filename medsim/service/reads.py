@@ -175,9 +175,15 @@ def datasets(svc, who) -> list[dict]:
 
 
 def status(svc, who) -> list[dict]:
-    """medsim.embedding_status as the user sees it, each partial row with its sentence."""
+    """medsim.embedding_status as the user sees it, each partial row with its sentence, and
+    each model's dataset with its calibration's latest check on recent images (recent)."""
+    from medsim.training import recent
+
     with svc.connection(who) as conn:
-        return [{**vars(r), "note": r.note} for r in queue.status(conn)]
+        found = queue.status(conn)
+        checks = recent.of_models(conn, {r.model_id for r in found})
+        return [{**vars(r), "note": r.note, **recent.status_fields(checks.get((r.model_id, r.dataset)), r.dataset)}
+                for r in found]
 
 
 def health(svc) -> tuple[bool, dict]:

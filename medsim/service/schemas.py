@@ -142,6 +142,10 @@ class SearchResponse(BaseModel):
     diagnosis_set: DiagnosisSet | None = Field(None, description="the labels that hold the query's at a stated "
                                                                  "coverage; null where none is fitted or the "
                                                                  "query is unlike anything on file")
+    calibration_note: str | None = Field(None, description="'DATASET: not verified on recent images: ...' where "
+                                                           "the latest `medsim calibration check` of the vote's "
+                                                           "dataset found the set covering less than asked; "
+                                                           "null where it passed or was never run")
     neighbours: list[Neighbour]
     notes: list[str]
     timing_ms: float
@@ -156,7 +160,8 @@ class SearchResponse(BaseModel):
                                    handle=handle, preview_url=f"/uploads/{handle}/preview.png" if handle else None,
                                    size=[int(q.pixels.shape[1]), int(q.pixels.shape[0])]
                                    if q.pixels is not None else None),
-                   vote=q.vote, diagnosis_set=q.diagnosis_set, notes=r.notes, timing_ms=round(timing_ms, 3),
+                   vote=q.vote, diagnosis_set=q.diagnosis_set,
+                   calibration_note=q.calibration_note, notes=r.notes, timing_ms=round(timing_ms, 3),
                    neighbours=[Neighbour(rank=i, thumbnail_url=f"/images/{h.image_id}/thumbnail.png",
                                          **{k: v for k, v in vars(h).items()})
                                for i, h in enumerate(r.hits, 1)])

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from medsim.queries import Q, rows
-from medsim.training import conformal, unseen, vote_model
+from medsim.training import conformal, recent, unseen, vote_model
 
 K_FIT = 10
 BINS = 10
@@ -86,6 +86,7 @@ class Calibration:
     ood_d1: float | None = None  # nearest-neighbour distance past which a query is unlike anything on file
     vote_iso_by_k: dict | None = None  # {k: isotonic P(right | share)} (issue 37); None: fitted before it
     conformal: dict | None = None  # the diagnosis set's thresholds (conformal.fit); None: fitted before it
+    recent_check: dict | None = None  # the latest `medsim calibration check` (recheck); None: never checked
 
     def p_same(self, distance: float) -> float:
         return float(sigmoid(self.a, self.b, distance))
@@ -235,7 +236,8 @@ def vote(hits, cals: dict[str, Calibration], dataset: str | None,
     many neighbours, and whether the query is unlike anything on file (then no
     probability: a vote of strangers is not evidence). Top labels with equal votes are a
     tie: no label and no probability are claimed ("tie (2 of 4 each)"). Beside it, the
-    diagnosis set at `coverage` (conformal.label_set), where one is fitted."""
+    diagnosis set at `coverage` (conformal.label_set), where one is fitted, and the
+    sentence where the calibration's latest check on recent images fell short (recent.note)."""
     pool = [h for h in hits if dataset is None or h.dataset == dataset]
     if not pool:
         return None
@@ -269,7 +271,8 @@ def vote(hits, cals: dict[str, Calibration], dataset: str | None,
     return {"dataset": ds, "label_name": None if tie else label, "tie": tied if tie else None,
             "votes": len(near), "of": len(pool), "share": share,
             "confidence": confidence, "calibrated_at_k": at_k, "unlike_anything_on_file": unlike,
-            "no_confidence_because": why, "diagnosis_set": diagnosis_set(pool, cal, ds, unlike, coverage)}
+            "no_confidence_because": why, "diagnosis_set": diagnosis_set(pool, cal, ds, unlike, coverage),
+            "calibration_note": recent.note(cal.recent_check, ds) if cal else None}
 
 
 def diagnosis_set(pool, cal: Calibration | None, ds: str, unlike: bool, coverage: float) -> dict | None:

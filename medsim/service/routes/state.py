@@ -48,7 +48,9 @@ def datasets(svc: ServiceDep, who: Searcher) -> list[dict]:
 @router.get("/status")
 def status(svc: ServiceDep, who: Searcher) -> list[dict]:
     """Embedding progress per model and the user's datasets (the medsim.embedding_status view);
-    `note` says in a sentence what is not embedded yet."""
+    `note` says in a sentence what is not embedded yet. `recent_check` is the model's
+    calibration's latest `medsim calibration check` on recent images (null: never checked),
+    and `calibration_note` says "not verified on recent images" where its coverage fell short."""
     return reads.status(svc, who)
 
 

@@ -87,6 +87,7 @@ function endSearch(ctl) {
 function clearResults() {
   $("grid").replaceChildren();
   $("summary").textContent = "";
+  $("calibration-note").hidden = true;
   $("query").hidden = true;
 }
 function failed(ctl, e) {
@@ -228,6 +229,9 @@ function render(res, queryImgSrc) {
   $("model").textContent = `model ${res.model.id} (${res.model.name}, ${res.model.embedding_dim}-d)`;
   const same = res.neighbours.filter((n) => n.same_label).length;
   const engines = { pgvector: "pgvector HNSW", exact: "pgvector exact", faiss: `FAISS build ${res.index_build}` };
+  // beside the set, not in the muted summary: the set's coverage was not met on recent images
+  $("calibration-note").textContent = res.calibration_note ? `Calibration ${res.calibration_note}` : "";
+  $("calibration-note").hidden = !res.calibration_note;
   if (!res.neighbours.length) {  // a filter or max_distance that left nothing: say why, show nothing
     $("summary").textContent = `No neighbours: ${res.notes.join(" ")}`;
     $("grid").replaceChildren();

@@ -40,6 +40,14 @@ async function showPanel(what) {
         ul.append(...notes.map((r) => cell("li", r.note)));
         parts.push(ul);
       } else if (rows.length) parts.push(cell("p", "every image is embedded for every model"));
+      // a calibration whose diagnosis set fell short on recent images (`medsim calibration check`)
+      const unverified = rows.filter((r) => r.calibration_note);
+      if (unverified.length) {
+        const ul = document.createElement("ul");
+        ul.id = "status-calibration";
+        ul.append(...unverified.map((r) => cell("li", `model ${r.model_id} ${r.calibration_note}`)));
+        parts.push(ul);
+      }
       body.replaceChildren(...parts);
     } else {
       // not api(): a 503 is an answer here, its body says which check failed
