@@ -32,14 +32,14 @@ from common import fresh_database, machine  # noqa: E402
 BUSI = Path(__file__).resolve().parents[1].parent / "shared" / "busi"
 
 
-def one(url: str, size: int, seed: int, epochs: int, steps: int) -> dict:
+def one(url: str, size: int, seed: int, epochs: int, steps: int, pretrain: int = 0) -> dict:
     """Train and evaluate at one size, in this process -> a row of the table."""
     from medsim import db
     from medsim.model import network
     from medsim.training import data, evaluate, sizing, train
 
     tcfg = train.TrainConfig(preset=None, input_size=size, seed=seed, epochs=epochs, steps_per_epoch=steps,
-                             flags=["busi"], device="cpu")
+                             flags=["busi"], device="cpu", pretrain_epochs=pretrain)
     with db.connect(url, autocommit=True) as conn:
         name, size, _ = sizing.resolve(None, size, sizing.stored_sides(conn, ["busi"], 28))
         tcfg = replace(tcfg, preset=name)
@@ -69,11 +69,12 @@ def main() -> None:
     p.add_argument("--seeds", default="0")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--steps", type=int, default=20, help="steps per epoch (P x K batches of 3 x 16 images)")
+    p.add_argument("--pretrain-epochs", type=int, default=0, help="SimCLR epochs before the supervised stage")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # url,size,seed: a child's run
     a = p.parse_args()
     if a.one:
         url, size, seed = a.one.rsplit(",", 2)
-        print(json.dumps(one(url, int(size), int(seed), a.epochs, a.steps)), flush=True)
+        print(json.dumps(one(url, int(size), int(seed), a.epochs, a.steps, a.pretrain_epochs)), flush=True)
         return
     from medsim import cli
 
@@ -84,7 +85,8 @@ def main() -> None:
     t0 = time.perf_counter()
     assert cli.main(["ingest-folder", str(BUSI), "--name", "busi", "--quiet"]) == 0
     print(f"ingest-folder: {time.perf_counter() - t0:.0f}s", flush=True)
-    print(f"recipe: pk sampler, {a.epochs} epochs x {a.steps} steps (3 classes x 16 images a step), affine "
+    print(f"recipe: {a.pretrain_epochs} SimCLR epochs, then pk sampler, {a.epochs} epochs x {a.steps} steps (3 "
+          f"classes x 16 images a step), affine "
           f"augmentation, epoch chosen on val mAP@5; fewer epochs than the default 40 x 40 on a shared 2-core "
           f"machine\n")
     print("| size | preset | seed | s / epoch | train s | peak RSS MB | mAP@5 | ACC@1 | 2-class mAP@5 | 2-class ACC@1 |")
@@ -93,7 +95,8 @@ def main() -> None:
     for size in (int(s) for s in a.sizes.split(",")):
         for seed in (int(s) for s in a.seeds.split(",")):
             r = subprocess.run([sys.executable, __file__, "--one", f"{url},{size},{seed}", "--epochs", str(a.epochs),
-                                "--steps", str(a.steps)], capture_output=True, text=True)
+                                "--steps", str(a.steps), "--pretrain-epochs", str(a.pretrain_epochs)],
+                               capture_output=True, text=True)
             if r.returncode:
                 print(f"| {size} | failed: {r.stderr.strip()[-2000:]} |", flush=True)
                 continue
