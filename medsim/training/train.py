@@ -56,7 +56,7 @@ class TrainConfig:
     # the network's input size, px (`medsim train --image-size`); None: the preset's own, or
     # with preset None the archive's stored size within a budget (training.sizing)
     input_size: int | None = None
-    augment: str = "affine"  # "none", "flip" or "affine" (medsim.training.augment)
+    augment: str = "affine"  # "none", "flip", "affine" or "any_size" (medsim.training.augment)
     # pk: margin between subsets, larger than the model's margin between diagnoses within a
     # subset, so one model separates subsets first (the notebook's dataset-pair protocol)
     dataset_margin: float | None = 1.4
