@@ -145,6 +145,15 @@ def test_a_wide_encoder_is_indexed_on_halfvec(conn, db_url, synth_dir, tmp_path)
     (lambda p: export(resnet(8), p, 32), ["--std", "0"], "above 0"),
     (lambda p: p.write_bytes(os.urandom(2048)) and str(p), [], "not an ONNX model ONNX Runtime can open"),
     (lambda p: p.write_bytes(b"") or str(p), [], "is empty"),
+    # probes that broke it: a loop of links was "no such file"; external data gave ONNX Runtime's paragraph;
+    # a mean past float32 a warning and "NaN on a probe batch"; one number per image was stored as an embedding
+    (lambda p: os.symlink(p, p) or str(p), [], "a symbolic link to nothing"),
+    (lambda p: _external(p), [], r"weights in another file \(ONNX external data\)"),
+    (lambda p: export(resnet(8), p, 32), ["--mean", "1e300"], "within float32's range"),
+    (lambda p: export(Shape(lambda h: h.mean((1, 2, 3))), p, 32), [], "one number per image"),
+    (lambda p: export(resnet(8), p, 32), ["--name", ""], "--name must be 1-100 printable characters"),
+    (lambda p: export(resnet(8), p, 32), ["--name", "a\nb"], "--name must be 1-100 printable characters"),
+    (lambda p: export(resnet(8), p, 32), ["--name", "a" * 10_000], "--name must be 1-100 printable characters"),
 ])
 def test_a_file_medsim_cannot_use_is_refused_in_a_sentence(conn, tmp_path, capsys, make, args, refusal):
     path = make(tmp_path / "m.onnx")
@@ -153,6 +162,49 @@ def test_a_file_medsim_cannot_use_is_refused_in_a_sentence(conn, tmp_path, capsy
     assert len(err.strip().splitlines()) == 1, err
     assert re.search(refusal, err), err
     assert conn.execute("SELECT count(*) FROM medsim.models").fetchone()[0] == 0  # nothing stored
+
+
+def _external(path) -> str:
+    """A model saved with its weights beside it (torch.onnx.export does so past 2 GB)."""
+    import onnx
+
+    full = export(resnet(8), path.with_suffix(".full"), 32)
+    onnx.save_model(onnx.load(full), str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.data", size_threshold=0)
+    return str(path)
+
+
+class _NaNWhenDark(torch.nn.Module):
+    """Finite on the probe batch (pixel means near 128), NaN for images darker than `below`
+    (on [0, 1] pixels, given --mean 0 --std 1)."""
+
+    def __init__(self, below: float):
+        super().__init__()
+        self.conv, self.below = torch.nn.Conv2d(3, 8, 3), below
+
+    def forward(self, x):
+        return self.conv(x).mean((2, 3)) + torch.sqrt(x.mean((1, 2, 3))[:, None] - self.below) * 0
+
+
+def test_train_on_leaves_out_images_the_encoder_gives_nan_for(conn, synth_dir, tmp_path, capsys):
+    """Three train images of eleven gave NaN features: every loss was NaN, and the head stored
+    with NaN weights (every embedding NaN). Now they are left out, said, and the head is finite."""
+    ingest_synth(conn, synth_dir, flags=("breastmnist",))
+    path = export(_NaNWhenDark(50.5 / 255), tmp_path / "dark.onnx", 32)
+    assert cli.main(["models", "import", path, "--name", "dark", "--mean", "0", "--std", "1"]) == 0
+    enc = registry.get(conn, "current").id
+    assert cli.main(["train", "--on", str(enc), "--epochs", "2", "--steps-per-epoch", "3"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"\d+ train image\(s\) left out: model \d+ gives NaN", out), out
+    head = registry.get(conn, registry.candidates(conn)[-1]).load(conn).rt.head
+    assert all(np.isfinite(v).all() for v in head.values())
+    # an encoder that gives NaN for every image: refused in a sentence, nothing stored
+    path = export(_NaNWhenDark(0.3), tmp_path / "all.onnx", 32)
+    assert cli.main(["models", "import", path, "--name", "all", "--mean", "0", "--std", "1"]) == 0
+    n = conn.execute("SELECT count(*) FROM medsim.models").fetchone()[0]
+    assert cli.main(["train", "--on", str(registry.candidates(conn)[-1]), "--epochs", "1"]) == 2
+    assert "gives NaN or infinite values for every train image" in capsys.readouterr().err
+    assert conn.execute("SELECT count(*) FROM medsim.models").fetchone()[0] == n
 
 
 def test_fixed_batch_sizes_symbolic_inputs_fifos_and_size_limits(conn, tmp_path, monkeypatch):

@@ -47,28 +47,53 @@ def read_file(path: str | Path) -> bytes:
     size is checked before anything is read, and the read is bounded in case it grows)."""
     p = Path(path)
     if not p.exists():
-        raise BadArgument(f"{path}: no such file")
+        # exists() is False for a link to nothing and for a loop of links, not only a missing name
+        raise BadArgument(f"{path}: a symbolic link to nothing (or a loop of links)" if p.is_symlink()
+                          else f"{path}: no such file")
     if not p.is_file():
         raise BadArgument(f"{path}: not a regular file (an ONNX model is one file)")
-    size = p.stat().st_size
-    if size == 0:
-        raise DataRefused(f"{path} is empty: not an ONNX model")
-    if size > MAX_BYTES:
-        raise DataRefused(f"{path} is {size / 2**30:.2f} GB: an encoder is stored in PostgreSQL as one value, "
-                          f"which holds at most 1 GB")
-    with open(p, "rb") as f:
-        data = f.read(MAX_BYTES + 1)
+    try:
+        size = p.stat().st_size
+        if size == 0:
+            raise DataRefused(f"{path} is empty: not an ONNX model")
+        if size > MAX_BYTES:
+            raise DataRefused(f"{path} is {size / 2**30:.2f} GB: an encoder is stored in PostgreSQL as one "
+                              f"value, which holds at most 1 GB")
+        with open(p, "rb") as f:
+            data = f.read(MAX_BYTES + 1)
+    except OSError as err:  # permission denied, removed between the checks and the read, I/O error
+        raise BadArgument(f"{path}: cannot be read ({err.strerror or type(err).__name__})") from None
     if len(data) > MAX_BYTES:
         raise DataRefused(f"{path} grew past 1 GB while it was read")
     return data
 
 
 def _session(onnx_bytes: bytes, threads: int = 1):
+    if _external_data(onnx_bytes):
+        raise DataRefused("the file keeps its weights in another file (ONNX external data), which medsim does not "
+                          "store: save it as one file (onnx.save_model(model, path, save_as_external_data=False))")
     try:
         return sessions.cpu_session(onnx_bytes, threads)
     except Exception as err:  # ONNX Runtime's InvalidProtobuf, Fail, NotImplemented...
         first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
         raise DataRefused(f"not an ONNX model ONNX Runtime can open ({first})") from None
+
+
+def _external_data(onnx_bytes: bytes) -> bool:
+    """Whether any tensor's data is in another file: only the file's bytes are stored, so
+    such a model opens nowhere (ONNX Runtime would look for that file beside the current
+    directory, and say so in a paragraph). The key "location" is in every such file, so
+    the protobuf is parsed only where the bytes hold it."""
+    if b"location" not in onnx_bytes:
+        return False
+    import onnx
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    try:
+        model = onnx.load_model_from_string(onnx_bytes)  # never reads external data
+    except Exception:  # not a protobuf: ONNX Runtime says so
+        return False
+    return any(uses_external_data(t) for t in _get_all_tensors(model))
 
 
 def _fixed(d) -> bool:
@@ -77,6 +102,8 @@ def _fixed(d) -> bool:
 
 def _per_channel(values, channels: int, what: str) -> tuple[float, ...]:
     v = tuple(float(x) for x in values)
+    if all(np.isfinite(v)) and max(map(abs, v)) > float(np.finfo(np.float32).max):  # in float32
+        raise BadArgument(f"--{what} must be within float32's range, got {v}")
     if len(v) == 1:
         v = v * channels
     if len(v) != channels:
@@ -131,6 +158,8 @@ def inspect(onnx_bytes: bytes, *, input_size: int | None = None, channels: int |
     if not np.isfinite(z).all():
         raise DataRefused("the model's output has NaN or infinite values on a probe batch of ordinary images")
     dim = z.shape[1]
+    if dim < 2:  # L2-normalised, one number is only its sign: a score, not an embedding
+        raise DataRefused("the model gives one number per image: medsim needs an embedding (a vector)")
     if dim > HALFVEC_INDEX_MAX:
         raise DataRefused(f"the model's output has {dim} dimensions; pgvector indexes at most {VECTOR_INDEX_MAX} "
                           f"(vector) or {HALFVEC_INDEX_MAX} (halfvec): export a smaller projection")

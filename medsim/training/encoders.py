@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from medsim import queue, registry
-from medsim.errors import BadArgument
+from medsim.errors import BadArgument, DataRefused
 from medsim.model import imported
 from medsim.queries import Q
 
@@ -50,9 +50,22 @@ def register_and_place(conn, register, promote_when_ready: bool, log) -> int:
     return mid
 
 
+MAX_NAME = 100
+
+
+def check_name(name: str) -> str:
+    """A model's name is one printed line of `medsim models` and the page: some text, no
+    line breaks or control characters, not a page long."""
+    if not name.strip() or not name.isprintable() or len(name) > MAX_NAME:
+        raise BadArgument(f"--name must be 1-{MAX_NAME} printable characters on one line, got {name[:40]!r}"
+                          + ("..." if len(name) > 40 else ""))
+    return name.strip()
+
+
 def import_encoder(conn, path: str | Path, *, name: str, input_size: int | None = None, channels: int | None = None,
                    mean=None, std=None, promote_when_ready: bool = False, log=print) -> int:
     """Check an ONNX file (imported.inspect) and register it -> its model id."""
+    name = check_name(name)
     onnx_bytes = imported.read_file(path)
     cfg = imported.inspect(onnx_bytes, input_size=input_size, channels=channels, mean=mean, std=std)
     blob, sha = imported.pack(onnx_bytes)
@@ -85,7 +98,8 @@ def train_head(conn, encoder_ref, tcfg, *, name: str | None = None, promote_when
     if not len(tr) or not len(va):
         raise BadArgument("--on needs labelled train and val images of the datasets asked")
     t0 = time.perf_counter()
-    ftr, fva = (_features(encoder.rt, s.images) for s in (tr, va))
+    (tr, ftr), (va, fva) = (_finite(s, _features(encoder.rt, s.images), what, row.id, log)
+                            for s, what in ((tr, "train"), (va, "val")))
     log(f"features of {len(tr)} train and {len(va)} val images from model {row.id} in "
         f"{time.perf_counter() - t0:.0f}s ({ftr.shape[1]}-d)")
     torch.manual_seed(tcfg.seed)
@@ -108,6 +122,9 @@ def train_head(conn, encoder_ref, tcfg, *, name: str | None = None, promote_when
         score = _val_map(state, fva, va, ftr, tr, evaluate)
         if score > best:
             best, best_state, best_epoch = score, state, epoch
+    if best_state is None or not all(np.isfinite(v).all() for v in best_state.values()):
+        raise DataRefused(f"the head on model {row.id}'s features did not train (no epoch gave a finite "
+                          f"validation score): nothing stored")
     seconds = time.perf_counter() - t0
     cfg = replace(encoder.cfg, preset="onnx+head", embedding_dim=OUT)
     blob, sha = imported.pack(encoder.rt.onnx, best_state)
@@ -125,6 +142,20 @@ def train_head(conn, encoder_ref, tcfg, *, name: str | None = None, promote_when
 def _features(rt, images: np.ndarray, chunk: int = 256) -> np.ndarray:
     return np.concatenate([rt.features(imported.to_unit(images[i:i + chunk]))
                            for i in range(0, len(images), chunk)])
+
+
+def _finite(split, feats: np.ndarray, what: str, model_id: int, log):
+    """Leave out the images the encoder gives NaN or infinite values for (the workers do not
+    embed them either): one would make every loss, and so the head's weights, NaN."""
+    ok = np.isfinite(feats).all(axis=1)
+    if ok.all():
+        return split, feats
+    if not ok.any():
+        raise DataRefused(f"model {model_id} gives NaN or infinite values for every {what} image: no head to train")
+    log(f"{int((~ok).sum())} {what} image(s) left out: model {model_id} gives NaN or infinite values for them")
+    keep = replace(split, ids=split.ids[ok], dataset_ids=split.dataset_ids[ok], label_keys=split.label_keys[ok],
+                   labels=[lab for lab, k in zip(split.labels, ok, strict=True) if k], images=split.images[ok])
+    return keep, feats[ok]
 
 
 def _numpy(head) -> dict:
