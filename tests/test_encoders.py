@@ -275,3 +275,18 @@ def test_imports_at_once_on_an_empty_registry_leave_one_current_and_the_rest_can
     assert [p.returncode for p in procs] == [0, 0, 0], outs
     rows = conn.execute("SELECT is_current, candidate FROM medsim.models ORDER BY id").fetchall()
     assert sorted(rows) == [(False, True), (False, True), (True, False)]
+
+
+def test_a_search_by_file_whose_embedding_is_nan_is_refused_in_a_sentence(conn, synth_dir, tmp_path, capsys):
+    """`medsim search --image-file black.png` on such a model: psycopg's 'NaN not allowed in
+    vector' traceback; now one sentence, exit 2."""
+    from PIL import Image
+
+    ingest_synth(conn, synth_dir, flags=("breastmnist",))
+    path = export(_NaNWhenDark(50.5 / 255), tmp_path / "dark.onnx", 32)
+    assert cli.main(["models", "import", path, "--name", "dark", "--mean", "0", "--std", "1"]) == 0
+    black = tmp_path / "black.png"
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(black)
+    assert cli.main(["search", "--image-file", str(black), "-k", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "gives NaN or infinite values for this image" in err and len(err.strip().splitlines()) == 1, err

@@ -15,7 +15,7 @@ import numpy as np
 from psycopg.types.json import Jsonb
 
 from medsim import queue, registry
-from medsim.errors import BadArgument
+from medsim.errors import BadArgument, DataRefused
 from medsim.images import StoredRow
 from medsim.queries import Q, one
 from medsim.search import GALLERY_SPLITS
@@ -53,8 +53,14 @@ class Context:
         return self._nets[model.id]
 
     def embed(self, model: registry.ModelRow, x: np.ndarray) -> np.ndarray:
-        """One model input (S, S, 3) uint8 -> its (dim,) float32 vector."""
-        return self.network(model).embed(x[None])[0]
+        """One model input (S, S, 3) uint8 -> its (dim,) float32 vector. A vector with NaN or
+        infinite values (an imported encoder on an image unlike its training data; pgvector
+        refuses them) is refused in a sentence, not sent to the database."""
+        v = self.network(model).embed(x[None])[0]
+        if not np.isfinite(v).all():
+            raise DataRefused(f"model {model.id} gives NaN or infinite values for this image: it cannot be "
+                              f"searched with that model")
+        return v
 
     def stored(self, image_id: int) -> StoredRow | None:
         return one(self.owner, Q.image_pixels_one, {"id": image_id}, as_=StoredRow)
