@@ -97,8 +97,9 @@ def load_split(conn, splits, flags=None, image_size: int = 28, input_size: int |
         raise NotFound(
             f"no {'/'.join(splits)} images at size {image_size}"
             + (f" for {', '.join(flags)}" if flags else "")
-            + f" in the database; run `medsim ingest {' '.join(flags) if flags else 'FLAG'}"
-            + (f" --size {image_size}" if image_size in (64, 128, 224) else "") + "` first"
+            + f" in the database; a MedMNIST subset: `medsim ingest {' '.join(flags) if flags else 'FLAG'}"
+            + (f" --size {image_size}" if image_size in (64, 128, 224) else "") + "`; an archive of your own: "
+            "`medsim ingest-folder DIR --name NAME` (its manifest may give each image its split)"
         )
     if not usable:
         raise NotFound(f"none of the {seen} {'/'.join(splits)} images can be used "
