@@ -32,7 +32,7 @@ from common import fresh_database, machine  # noqa: E402
 BUSI = Path(__file__).resolve().parents[1].parent / "shared" / "busi"
 
 
-def one(url: str, size: int, seed: int, epochs: int, steps: int, pretrain: int = 0) -> dict:
+def one(url: str, size: int, seed: int, epochs: int, steps: int, pretrain: int = 0, preset: str | None = None) -> dict:
     """Train and evaluate at one size, in this process -> a row of the table."""
     from medsim import db
     from medsim.model import network
@@ -41,7 +41,7 @@ def one(url: str, size: int, seed: int, epochs: int, steps: int, pretrain: int =
     tcfg = train.TrainConfig(preset=None, input_size=size, seed=seed, epochs=epochs, steps_per_epoch=steps,
                              flags=["busi"], device="cpu", pretrain_epochs=pretrain)
     with db.connect(url, autocommit=True) as conn:
-        name, size, _ = sizing.resolve(None, size, sizing.stored_sides(conn, ["busi"], 28))
+        name, size, _ = sizing.resolve(preset, size, sizing.stored_sides(conn, ["busi"], 28))
         tcfg = replace(tcfg, preset=name)
         tr, va, te = (data.load_split(conn, [s], ["busi"], input_size=size) for s in ("train", "val", "test"))
         names = dict(conn.execute("SELECT i.id, medsim.label_name(i.dataset_id, i.labels) FROM medsim.images i "
@@ -69,12 +69,13 @@ def main() -> None:
     p.add_argument("--seeds", default="0")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--steps", type=int, default=20, help="steps per epoch (P x K batches of 3 x 16 images)")
+    p.add_argument("--preset", default=None, help="the network (default: the size's, as `medsim train` picks it)")
     p.add_argument("--pretrain-epochs", type=int, default=0, help="SimCLR epochs before the supervised stage")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # url,size,seed: a child's run
     a = p.parse_args()
     if a.one:
         url, size, seed = a.one.rsplit(",", 2)
-        print(json.dumps(one(url, int(size), int(seed), a.epochs, a.steps, a.pretrain_epochs)), flush=True)
+        print(json.dumps(one(url, int(size), int(seed), a.epochs, a.steps, a.pretrain_epochs, a.preset)), flush=True)
         return
     from medsim import cli
 
@@ -95,7 +96,8 @@ def main() -> None:
     for size in (int(s) for s in a.sizes.split(",")):
         for seed in (int(s) for s in a.seeds.split(",")):
             r = subprocess.run([sys.executable, __file__, "--one", f"{url},{size},{seed}", "--epochs", str(a.epochs),
-                                "--steps", str(a.steps), "--pretrain-epochs", str(a.pretrain_epochs)],
+                                "--steps", str(a.steps), "--pretrain-epochs", str(a.pretrain_epochs)]
+                               + (["--preset", a.preset] if a.preset else []),
                                capture_output=True, text=True)
             if r.returncode:
                 print(f"| {size} | failed: {r.stderr.strip()[-2000:]} |", flush=True)
