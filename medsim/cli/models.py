@@ -151,8 +151,10 @@ def register(sub) -> None:
     s.add_argument("--steps-per-epoch", type=int, default=None, help="pk: optimisation steps per epoch")
     s.add_argument("--pairs-per-epoch", type=int, default=None, help="pairs: pairs sampled per epoch")
     s.add_argument("--batch-size", type=int, default=None, help="pairs: pairs per optimisation step")
-    s.add_argument("--augment", choices=["none", "flip", "affine"], default=None,
-                   help="training augmentation (default affine: shifts, turns, flips, intensity)")
+    s.add_argument("--augment", choices=["none", "flip", "affine", "any_size"], default=None,
+                   help="training augmentation (default affine: shifts, turns, flips, intensity; any_size adds "
+                        "what a query arriving at another size goes through: re-sampling at 0.5-4x by nearest, "
+                        "bilinear, bicubic or area, JPEG-like blocks, blur, mild crops)")
     s.add_argument("--lr", type=float, default=None, help="AdamW peak learning rate")
     s.add_argument("--patience", type=int, default=None,
                    help="epochs without improvement of the validation score before stopping "
