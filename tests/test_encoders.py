@@ -77,6 +77,13 @@ def test_a_torchvision_resnet_is_imported_embedded_searched_evaluated_and_explai
     ma, mb = explain.pair_maps(net, x[0], x[1])
     assert ma.shape == (32, 32) and np.abs(ma).sum() > 0
     assert cli.main(["models", "compare", str(row.id), "--no-timing"]) == 0
+    # recall: FAISS built from the SQL view, checked against pgvector's exact search
+    assert cli.main(["recall", "--model", str(row.id), "--all-kinds", "-k", "1,5", "--out-dir", str(tmp_path / "recall")]) == 0
+    import json
+
+    report = json.loads(next((tmp_path / "recall").glob("recall-model*-report*.json")).read_text())
+    flat = [r for r in report["rows"] if r["engine"] == "faiss" and r["kind"] == "flat"]
+    assert report["model_id"] == row.id and flat and flat[0]["recall"]["5"] >= 0.99
 
 
 def test_medsims_own_network_exported_and_imported_finds_the_same_neighbours(conn, db_url, synth_dir, tmp_path):
