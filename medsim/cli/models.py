@@ -125,7 +125,7 @@ def cmd_models(args) -> int:
             if total:
                 state += f" ({total - missing:,}/{total:,} embedded)"
             print(f"{'*' if m.is_current else ' '} {m.id:4d} {m.name:18s} dim {m.embedding_dim:3d} "
-                  f"on {','.join(m.datasets) or '(none: imported)'}  best epoch {m.best_epoch} val loss {loss}  {secs}s  "
+                  f"on {','.join(m.datasets) or '(none: imported)'}  best epoch {m.best_epoch or '-'} val loss {loss}  {secs}s  "
                   f"{m.created_at:%Y-%m-%d %H:%M}  {state}".rstrip())
     return 0
 
