@@ -32,7 +32,7 @@ class ModelRow:
         encoder as a torch module over its ONNX Runtime session."""
         from medsim.model import network
 
-        ck = one(conn, Q.model_checkpoint, {"id": self.id}, as_=Checkpoint)
+        ck = self.checkpoint(conn)
         if self.config.get("arch") == "onnx":
             from medsim.model import imported
             from medsim.model.config import ModelConfig
@@ -109,26 +109,23 @@ def register(conn, net, *, mode: str, datasets: list, train_config: dict,
     search/promotion.py once its gallery is complete; searches keep the current model."""
     from medsim.model import network
 
-    cfg = net.cfg
     blob, sha = network.save_checkpoint(net, extra={"train_config": train_config, "flags": datasets})
-    return scalar(conn, Q.insert_model, {
-        "name": name or f"{cfg.preset}-{mode}", "preset": cfg.preset, "mode": mode,
-        "config": json.dumps(asdict(cfg)), "train_config": json.dumps(train_config),
-        "datasets": list(datasets), "embedding_dim": cfg.embedding_dim, "checkpoint": blob,
-        "sha256": sha, "best_epoch": best_epoch, "best_val_loss": best_val_loss,
-        "train_seconds": train_seconds, "candidate": candidate, "promote_when_ready": promote_when_ready,
-    })
+    return register_bytes(conn, net.cfg, blob, sha, name=name or f"{net.cfg.preset}-{mode}", mode=mode,
+                          datasets=datasets, train_config=train_config, candidate=candidate,
+                          promote_when_ready=promote_when_ready, train_seconds=train_seconds,
+                          best_epoch=best_epoch, best_val_loss=best_val_loss)
 
 
-def register_encoder(conn, cfg, blob: bytes, sha: str, *, name: str, mode: str, datasets: list,
-                     train_config: dict, candidate: bool, promote_when_ready: bool = False,
-                     train_seconds=None, best_epoch=None) -> int:
-    """Store an imported ONNX encoder (medsim/model/imported.py's container: the file's
-    bytes, and a head if `medsim train --on` trained one) like a trained model."""
+def register_bytes(conn, cfg, blob: bytes, sha: str, *, name: str, mode: str, datasets: list,
+                   train_config: dict, candidate: bool, promote_when_ready: bool = False,
+                   train_seconds=None, best_epoch=None, best_val_loss=None) -> int:
+    """Store a model's config and checkpoint bytes -> its id: a torch checkpoint (register),
+    or an imported ONNX encoder (medsim/model/imported.py's container: the file's bytes,
+    and a head if `medsim train --on` trained one)."""
     return scalar(conn, Q.insert_model, {
         "name": name, "preset": cfg.preset, "mode": mode, "config": json.dumps(asdict(cfg)),
         "train_config": json.dumps(train_config), "datasets": list(datasets), "embedding_dim": cfg.embedding_dim,
-        "checkpoint": blob, "sha256": sha, "best_epoch": best_epoch, "best_val_loss": None,
+        "checkpoint": blob, "sha256": sha, "best_epoch": best_epoch, "best_val_loss": best_val_loss,
         "train_seconds": train_seconds, "candidate": candidate, "promote_when_ready": promote_when_ready,
     })
 

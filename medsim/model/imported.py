@@ -186,12 +186,7 @@ def _run(sess, inp, x: np.ndarray) -> np.ndarray:
 
 def to_unit(images: np.ndarray) -> np.ndarray:
     """uint8 (N, H, W) or (N, H, W, C in {1, 3}) -> float32 (N, 3, H, W) in [0, 1]."""
-    x = np.asarray(images)
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.shape[-1] == 1:
-        x = np.broadcast_to(x, (*x.shape[:-1], 3))
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2), np.float32) / np.float32(255)
+    return np.ascontiguousarray(sessions.as_nchw3(images), np.float32) / np.float32(255)
 
 
 def _normalise(x01: np.ndarray, cfg: ModelConfig) -> np.ndarray:

@@ -23,6 +23,15 @@ def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
+def check_input(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Inputs come at the model's size: resizing is medsim.images' job (one filter for
+    every path), never the network's (an imported encoder's either)."""
+    if x.ndim != 4 or x.shape[1] != 3 or x.shape[-2:] != (s, s):
+        raise ValueError(f"the network takes (batch, 3, {s}, {s}) inputs, got {tuple(x.shape)}: "
+                         f"resize with medsim.images.model_input first")
+    return x
+
+
 class EmbeddingNet(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -49,13 +58,7 @@ class EmbeddingNet(nn.Module):
             raise ValueError(f"unknown arch {cfg.arch!r}")
 
     def check_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Inputs come at the model's size: resizing is medsim.images' job (one filter for
-        every path), never the network's."""
-        s = self.cfg.image_size
-        if x.ndim != 4 or x.shape[1] != 3 or x.shape[-2:] != (s, s):
-            raise ValueError(f"the network takes (batch, 3, {s}, {s}) inputs, got {tuple(x.shape)}: "
-                             f"resize with medsim.images.model_input first")
-        return x
+        return check_input(x, self.cfg.image_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (batch, 3, S, S) float in [-1, 1] -> (batch, embedding_dim)
@@ -85,10 +88,7 @@ class ImportedNet(nn.Module):
         self.rt, self.cfg = rt, rt.cfg
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.cfg.image_size
-        if x.ndim != 4 or x.shape[1] != 3 or x.shape[-2:] != (s, s):
-            raise ValueError(f"the encoder takes (batch, 3, {s}, {s}) inputs, got {tuple(x.shape)}")
-        x01 = ((x.detach().float().cpu() + 1) / 2).numpy()  # to_input's [-1, 1] back to [0, 1]
+        x01 = ((check_input(x, self.cfg.image_size).detach().float().cpu() + 1) / 2).numpy()  # to_input's [-1, 1] back to [0, 1]
         return torch.from_numpy(self.rt.embed_unit(x01)).to(x.device)
 
     def parts(self, x: torch.Tensor) -> list[torch.Tensor]:

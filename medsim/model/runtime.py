@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from medsim.errors import BadArgument
-from medsim.model.sessions import cpu_session, probe_images  # noqa: F401  (runtime.probe_images: tests, benches)
+from medsim.model.sessions import as_nchw3, cpu_session, probe_images  # noqa: F401  (runtime.probe_images: tests, benches)
 
 log = logging.getLogger("medsim.runtime")
 
@@ -105,14 +105,7 @@ class StoredOnnxRuntime(OnnxRuntime):
 def onnx_input(images: np.ndarray) -> np.ndarray:
     """network.to_input without torch: uint8 (N, H, W) or (N, H, W, C in {1, 3}) -> float32
     (N, 3, H, W) in [-1, 1], the same float32 operations (x / 127.5 - 1), so the same bits."""
-    x = np.asarray(images)
-    if x.ndim == 3:
-        x = x[..., None]
-    if x.shape[-1] == 1:
-        x = np.broadcast_to(x, (*x.shape[:-1], 3))
-    if x.shape[-1] != 3:
-        raise ValueError(f"expected 1 or 3 channels, got {x.shape[-1]}")
-    x = np.ascontiguousarray(x.transpose(0, 3, 1, 2), np.float32)
+    x = np.ascontiguousarray(as_nchw3(images), np.float32)
     x /= np.float32(127.5)
     x -= np.float32(1.0)
     return x

@@ -27,3 +27,17 @@ def probe_images(size: int, n: int = 32) -> np.ndarray:
     x[n // 4: n // 2] = x[n // 4: n // 2, :, :, :1]  # grey noise
     x[-1] = 128
     return x
+
+
+def as_nchw3(images: np.ndarray) -> np.ndarray:
+    """uint8 (N, H, W) or (N, H, W, C in {1, 3}) -> a (N, 3, H, W) view, grey repeated to
+    three channels: the layout every ONNX input starts from (runtime.onnx_input in [-1, 1],
+    imported.to_unit in [0, 1])."""
+    x = np.asarray(images)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.shape[-1] == 1:
+        x = np.broadcast_to(x, (*x.shape[:-1], 3))
+    if x.shape[-1] != 3:
+        raise ValueError(f"expected 1 or 3 channels, got {x.shape[-1]}")
+    return x.transpose(0, 3, 1, 2)

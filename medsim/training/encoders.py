@@ -70,7 +70,7 @@ def import_encoder(conn, path: str | Path, *, name: str, input_size: int | None 
     cfg = imported.inspect(onnx_bytes, input_size=input_size, channels=channels, mean=mean, std=std)
     blob, sha = imported.pack(onnx_bytes)
     log(f"{imported.file_name(path)}: {imported.describe(cfg)}")
-    return register_and_place(conn, lambda candidate, promote: registry.register_encoder(
+    return register_and_place(conn, lambda candidate, promote: registry.register_bytes(
         conn, cfg, blob, sha, name=name, mode="imported", datasets=[],
         train_config={"imported_from": imported.file_name(path), "file_sha256": hashlib.sha256(onnx_bytes).hexdigest()},
         candidate=candidate, promote_when_ready=promote), promote_when_ready, log)
@@ -131,7 +131,7 @@ def train_head(conn, encoder_ref, tcfg, *, name: str | None = None, promote_when
     flags = sorted({tr.flags[int(d)] for d in np.unique(tr.dataset_ids)})
     log(f"a {HIDDEN}-{OUT} contrastive head on model {row.id}'s features: best epoch {best_epoch} "
         f"(val mAP@5 {100 * best:.1f}), {seconds:.0f}s")
-    return register_and_place(conn, lambda candidate, promote: registry.register_encoder(
+    return register_and_place(conn, lambda candidate, promote: registry.register_bytes(
         conn, cfg, blob, sha, name=name or f"{row.name}+head", mode=tcfg.mode, datasets=flags,
         train_config={"on_model": row.id, "epochs": tcfg.epochs, "steps_per_epoch": tcfg.steps_per_epoch,
                       "per_class": tcfg.per_class, "seed": tcfg.seed, "flags": flags},
