@@ -420,7 +420,7 @@ SELECT 1 FROM medsim.models WHERE id = %(model_id)s FOR SHARE;
 -- name: lock_model_registry
 -- Two registrations at once on an empty registry: both saw "no current model" and made
 -- themselves current one after the other, leaving the first neither current nor a
--- candidate (never embedded). Taken by encoders.register_and_place until commit; it
+-- candidate (never embedded). Taken by registry.register_and_place until commit; it
 -- conflicts with itself and with writes to medsim.models, not with reads.
 LOCK TABLE medsim.models IN SHARE ROW EXCLUSIVE MODE;
 

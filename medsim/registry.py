@@ -130,6 +130,31 @@ def register_bytes(conn, cfg, blob: bytes, sha: str, *, name: str, mode: str, da
     })
 
 
+def register_and_place(conn, register, *, current: bool | None = None, candidate: bool = True,
+                       promote_when_ready: bool = False, log=print) -> tuple[int, bool]:
+    """register(candidate, promote_when_ready) -> a new model id, in one transaction with its
+    place -> (the id, whether it is current). current None: current when there is no current
+    model, else a candidate (when `candidate`) that the workers embed after the current
+    model's backlog and search/promotion.py makes current; True: current at once; False:
+    not current. The registry is locked first, so two registrations at once cannot both
+    take "no current model" for theirs (three imports at once left one model neither
+    current nor a candidate)."""
+    with conn.transaction():
+        conn.execute(Q.lock_model_registry)
+        make_current = conn.execute(Q.current_model).fetchone() is None if current is None else current
+        as_candidate = candidate and not make_current
+        mid = register(as_candidate, as_candidate and promote_when_ready)
+        if make_current:
+            set_current(conn, mid)
+        elif as_candidate:
+            queue.enqueue(conn, mid)
+    if as_candidate:
+        log(f"model {mid} is a candidate: searches keep the current model while workers embed its gallery; "
+            + ("it becomes current as soon as that is complete" if promote_when_ready else
+               f"`medsim models promote {mid}` makes it current once that is complete"))
+    return mid, make_current
+
+
 def set_current(conn, model_id: int) -> None:
     """Make model_id the current model, atomically (one transaction, or a savepoint of the
     caller's; the partial unique index guarantees at most one current row). Its images

@@ -19,34 +19,19 @@ from pathlib import Path
 
 import numpy as np
 
-from medsim import queue, registry
+from medsim import registry
 from medsim.errors import BadArgument, DataRefused
 from medsim.model import imported
-from medsim.queries import Q
 
 HIDDEN, OUT = 256, 64
 MARGIN = 1.0  # between diagnoses, as medsim's own networks (ModelConfig.margin)
 
 
 def register_and_place(conn, register, promote_when_ready: bool, log) -> int:
-    """register(candidate, promote_when_ready) -> a new model id, in one transaction with its
-    place: current when there is none, else a candidate that the workers embed after the
-    current model's backlog (search/promotion.py makes it current). The registry is locked
-    first, so two registrations at once cannot both take "no current model" for theirs."""
-    with conn.transaction():
-        conn.execute(Q.lock_model_registry)
-        first = conn.execute(Q.current_model).fetchone() is None
-        mid = register(not first, promote_when_ready and not first)
-        if first:
-            registry.set_current(conn, mid)
-        else:
-            queue.enqueue(conn, mid)
-    if first:
+    """registry.register_and_place for a model made here, saying where it went."""
+    mid, current = registry.register_and_place(conn, register, promote_when_ready=promote_when_ready, log=log)
+    if current:
         log(f"model {mid} is the current model")
-    else:
-        log(f"model {mid} is a candidate: searches keep the current model while workers embed its gallery; "
-            + ("it becomes current as soon as that is complete" if promote_when_ready else
-               f"`medsim models promote {mid}` makes it current once that is complete"))
     return mid
 
 

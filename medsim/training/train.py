@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medsim import queue, registry
+from medsim import registry
 from medsim.errors import BadArgument
 from medsim.model import network
 from medsim.model.config import PRESETS, preset, preset_for_size
@@ -313,25 +313,17 @@ def train(conn, tcfg: TrainConfig, out_dir: Path | str = "medsim_out", set_curre
     t_start = time.perf_counter()
     net, history, best = fit(tr, va, run, device, progress, log)
     train_seconds = time.perf_counter() - t_start
-    first = conn.execute(Q.current_model).fetchone() is None
-    make_current = first if set_current is None else set_current
-    as_candidate = candidate and not make_current
-    with conn.transaction():
+    def register(as_candidate: bool, promote: bool) -> int:
         model_id = registry.register(conn, net, mode=tcfg.mode, datasets=flags,
                                      train_config={**asdict(tcfg), "skipped_images": [i for i, _ in skipped]},
                                      best_epoch=best["epoch"], best_val_loss=best["val_loss"],
-                                     train_seconds=train_seconds, candidate=as_candidate,
-                                     promote_when_ready=as_candidate and promote_when_ready)
+                                     train_seconds=train_seconds, candidate=as_candidate, promote_when_ready=promote)
         for row in history:
             conn.execute(Q.insert_epoch, {"model_id": model_id, **{k: v for k, v in row.items() if k != "val_map"}})
-        if as_candidate:
-            queue.enqueue(conn, model_id)  # the workers embed its gallery after the current model's backlog
-    if make_current:
-        registry.set_current(conn, model_id)
-    elif as_candidate:
-        log(f"model {model_id} is a candidate: searches keep the current model while workers embed its gallery; "
-            + ("it becomes current as soon as that is complete" if promote_when_ready else
-               f"`medsim models promote {model_id}` makes it current once that is complete"))
+        return model_id
+
+    model_id, _ = registry.register_and_place(conn, register, current=set_current, candidate=candidate,
+                                              promote_when_ready=promote_when_ready, log=log)
     paths = plot_curves(history, Path(out_dir) / f"model-{model_id}")
     log(f"model {model_id} registered ({train_seconds:.1f}s, best epoch {best['epoch']}); curves: "
         + ", ".join(map(str, paths)))
